@@ -1,0 +1,231 @@
+// CUDA backward: grad_input through the shared gather kernel, grad_weight and grad_bias through
+// deterministic split reductions.
+//
+// g = grad_output * grad_factor is formed in registers wherever a kernel loads it; it is never stored.
+//
+// grad_weight[ic, oc_local, kh, kw] = sum over (n, ih, iw) of x[n, ic, ih, iw] * g[n, oc, oh, ow] with
+// oh = ih*s - p + kh*d: per tap and group a GEMM of [in/group x pixels] by [pixels x out/group] with a
+// huge reduction over pixels. A block owns a 32 x 32 tile of (ic, oc) for one tap, one group and one
+// contiguous slice ("split") of the pixels; it stages 32 pixels of x and of g per step in shared memory.
+// The split count depends only on the problem, each split writes its own partial sums, and a second kernel
+// adds the splits in index order: results are bitwise reproducible, with no atomics.
+// grad_bias sums g over (n, oh, ow) the same way: per (channel, split) partials, then the ordered sum.
+#include <algorithm>
+
+#include "problems.cuh"
+
+namespace fused_convt {
+
+constexpr int kWeightTile = 32;      // ic and oc extent of a grad_weight block
+constexpr int kPixelStep = 32;       // pixels staged per step
+constexpr int kWeightThreads = 256;  // 16 x 16 threads, each a 2 x 2 micro-tile
+constexpr int kBiasThreads = 256;
+constexpr int64_t kTargetBlocks = 1024;  // fixed (device independent) so results do not depend on the GPU
+
+struct BackwardPlan {
+  int64_t pixels;          // N * H * W, the grad_weight reduction length
+  int64_t weight_splits, pixels_per_split;
+  int64_t bias_splits, outputs_per_bias_split;
+  int ic_tiles, oc_tiles;
+};
+
+inline BackwardPlan plan_backward(const ConvTransposeParams& p) {
+  BackwardPlan plan{};
+  plan.pixels = p.batch * p.in_h * p.in_w;
+  plan.ic_tiles = ceil_div_int(p.in_channels_per_group(), kWeightTile);
+  plan.oc_tiles = ceil_div_int(p.out_channels_per_group(), kWeightTile);
+  const int64_t tiles = int64_t(plan.ic_tiles) * plan.oc_tiles * p.kernel_h * p.kernel_w * p.groups;
+  const int64_t steps = std::max<int64_t>(1, (plan.pixels + kPixelStep - 1) / kPixelStep);
+  const int64_t splits = std::clamp<int64_t>(kTargetBlocks / tiles, 1, std::min<int64_t>(steps, 256));
+  plan.pixels_per_split = (steps + splits - 1) / splits * kPixelStep;
+  plan.weight_splits = std::max<int64_t>(1, (plan.pixels + plan.pixels_per_split - 1) / plan.pixels_per_split);
+
+  const int64_t per_channel = p.batch * p.out_h() * p.out_w();
+  const int64_t bias_splits = std::clamp<int64_t>(kTargetBlocks / p.out_channels, 1, 64);
+  plan.outputs_per_bias_split = std::max<int64_t>(1, (per_channel + bias_splits - 1) / bias_splits);
+  plan.bias_splits = std::max<int64_t>(1, (per_channel + plan.outputs_per_bias_split - 1) / plan.outputs_per_bias_split);
+  return plan;
+}
+
+template <typename T>
+struct GradLoader {
+  const T* grad_output;
+  const T* grad_factor;
+  __device__ __forceinline__ typename DeviceAcc<T>::type operator()(int64_t index) const {
+    auto grad = to_acc(grad_output[index]);
+    return grad_factor ? grad * to_acc(grad_factor[index]) : grad;
+  }
+};
+
+template <typename T>
+__global__ void __launch_bounds__(kWeightThreads)
+grad_weight_partial_kernel(ConvTransposeParams p, BackwardPlan plan, const T* __restrict__ x, GradLoader<T> g,
+                           typename DeviceAcc<T>::type* __restrict__ partial) {
+  using Acc = typename DeviceAcc<T>::type;
+  __shared__ Acc x_tile[kPixelStep][kWeightTile + 1];
+  __shared__ Acc g_tile[kPixelStep][kWeightTile + 1];
+
+  const int in_per_group = int(p.in_channels / p.groups), out_per_group = int(p.out_channels / p.groups);
+  const int ic0 = (blockIdx.x % plan.ic_tiles) * kWeightTile;
+  const int oc0 = (blockIdx.x / plan.ic_tiles) * kWeightTile;
+  const int tap = blockIdx.y, kh = tap / int(p.kernel_w), kw = tap % int(p.kernel_w);
+  const int group = int(blockIdx.z % p.groups);
+  const int64_t split = blockIdx.z / p.groups;
+  const int64_t pixel_begin = split * plan.pixels_per_split;
+  const int64_t pixel_end = min(plan.pixels, pixel_begin + plan.pixels_per_split);
+  const int in_h = int(p.in_h), in_w = int(p.in_w), out_h = int(p.out_h()), out_w = int(p.out_w());
+  const int in_plane = in_h * in_w;
+  const int64_t out_plane = int64_t(out_h) * out_w;
+  const int dh = int(kh * p.dil_h - p.pad_h), dw = int(kw * p.dil_w - p.pad_w);
+
+  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
+  Acc acc[2][2] = {{Acc(0), Acc(0)}, {Acc(0), Acc(0)}};
+
+  for (int64_t base = pixel_begin; base < pixel_end; base += kPixelStep) {
+    // Consecutive threads take consecutive pixels of one channel: coalesced along the image row.
+    for (int i = tid; i < kPixelStep * kWeightTile; i += kWeightThreads) {
+      const int q = i % kPixelStep, c = i / kPixelStep;
+      const int64_t pixel = base + q;
+      Acc xv = Acc(0), gv = Acc(0);
+      if (pixel < pixel_end) {
+        const int64_t n = pixel / in_plane;
+        const int hw = int(pixel % in_plane), ih = hw / in_w, iw = hw % in_w;
+        if (ic0 + c < in_per_group) {
+          xv = to_acc(x[(n * p.in_channels + group * in_per_group + ic0 + c) * in_plane + hw]);
+        }
+        const int oh = ih * int(p.stride_h) + dh, ow = iw * int(p.stride_w) + dw;
+        if (oc0 + c < out_per_group && oh >= 0 && oh < out_h && ow >= 0 && ow < out_w) {
+          gv = g((n * p.out_channels + group * out_per_group + oc0 + c) * out_plane + int64_t(oh) * out_w + ow);
+        }
+      }
+      x_tile[q][c] = xv;
+      g_tile[q][c] = gv;
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int q = 0; q < kPixelStep; ++q) {
+      const Acc a0 = x_tile[q][ty * 2], a1 = x_tile[q][ty * 2 + 1];
+      const Acc b0 = g_tile[q][tx * 2], b1 = g_tile[q][tx * 2 + 1];
+      acc[0][0] = fma(a0, b0, acc[0][0]);
+      acc[0][1] = fma(a0, b1, acc[0][1]);
+      acc[1][0] = fma(a1, b0, acc[1][0]);
+      acc[1][1] = fma(a1, b1, acc[1][1]);
+    }
+    __syncthreads();
+  }
+
+  const int64_t taps = p.kernel_h * p.kernel_w;
+  const int64_t weight_numel = p.in_channels * out_per_group * taps;
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+#pragma unroll
+    for (int j = 0; j < 2; ++j) {
+      const int ic_local = ic0 + ty * 2 + i, oc_local = oc0 + tx * 2 + j;
+      if (ic_local < in_per_group && oc_local < out_per_group) {
+        const int64_t ic = int64_t(group) * in_per_group + ic_local;
+        partial[split * weight_numel + (ic * out_per_group + oc_local) * taps + tap] = acc[i][j];
+      }
+    }
+  }
+}
+
+template <typename T>
+__global__ void __launch_bounds__(kBiasThreads)
+grad_bias_partial_kernel(ConvTransposeParams p, BackwardPlan plan, GradLoader<T> g,
+                         typename DeviceAcc<T>::type* __restrict__ partial) {
+  using Acc = typename DeviceAcc<T>::type;
+  __shared__ Acc sums[kBiasThreads];
+  const int64_t channel = blockIdx.x, split = blockIdx.y;
+  const int64_t out_plane = p.out_h() * p.out_w();
+  const int64_t per_channel = p.batch * out_plane;
+  const int64_t begin = split * plan.outputs_per_bias_split;
+  const int64_t end = min(per_channel, begin + plan.outputs_per_bias_split);
+  Acc acc = Acc(0);
+  for (int64_t i = begin + threadIdx.x; i < end; i += kBiasThreads) {
+    const int64_t n = i / out_plane;
+    acc += g((n * p.out_channels + channel) * out_plane + i % out_plane);
+  }
+  sums[threadIdx.x] = acc;
+  __syncthreads();
+  // Fixed-shape tree: the same additions in the same order on every run.
+  for (int width = kBiasThreads / 2; width > 0; width /= 2) {
+    if (threadIdx.x < width) sums[threadIdx.x] += sums[threadIdx.x + width];
+    __syncthreads();
+  }
+  if (threadIdx.x == 0) partial[split * p.out_channels + channel] = sums[0];
+}
+
+// result[i] = sum over s in order of partial[s * count + i].
+template <typename T>
+__global__ void sum_splits_kernel(const typename DeviceAcc<T>::type* __restrict__ partial, int64_t splits,
+                                  int64_t count, T* __restrict__ result) {
+  using Acc = typename DeviceAcc<T>::type;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
+    Acc acc = Acc(0);
+    for (int64_t s = 0; s < splits; ++s) acc += partial[s * count + i];
+    result[i] = from_acc<T>(acc);
+  }
+}
+
+template <typename T>
+void launch_sum_splits(const typename DeviceAcc<T>::type* partial, int64_t splits, int64_t count, T* result,
+                       cudaStream_t stream) {
+  const int blocks = int(std::min<int64_t>((count + 255) / 256, 65535));
+  sum_splits_kernel<T><<<blocks, 256, 0, stream>>>(partial, splits, count, result);
+  check_launch("sum_splits_kernel");
+}
+
+static size_t accumulator_size(DType dtype) { return dtype == DType::Float64 ? sizeof(double) : sizeof(float); }
+
+size_t backward_workspace_bytes(const ConvTransposeParams& params, DType dtype) {
+  validate(params);
+  const BackwardPlan plan = plan_backward(params);
+  const int64_t values = plan.weight_splits * params.weight_numel() + plan.bias_splits * params.out_channels;
+  return size_t(values) * accumulator_size(dtype);
+}
+
+void backward_cuda(const ConvTransposeParams& params, DType dtype, const BackwardArgs& args,
+                   const CudaContext& ctx) {
+  validate(params);
+  if (args.grad_bias && !params.has_bias)
+    throw std::invalid_argument("fused_convt: grad_bias requested but params.has_bias is false");
+  if ((args.grad_weight || args.grad_bias) && !args.workspace)
+    throw std::invalid_argument("fused_convt: backward_cuda needs a workspace of backward_workspace_bytes() bytes");
+  DeviceGuard guard(ctx.device);
+  const auto stream = static_cast<cudaStream_t>(ctx.stream);
+  const BackwardPlan plan = plan_backward(params);
+
+  dispatch_device_dtype(dtype, [&](auto tag) {
+    using T = decltype(tag);
+    using Acc = typename DeviceAcc<T>::type;
+    const GradLoader<T> g{static_cast<const T*>(args.grad_output), static_cast<const T*>(args.grad_factor)};
+    Acc* weight_partial = static_cast<Acc*>(args.workspace);
+    Acc* bias_partial = weight_partial ? weight_partial + plan.weight_splits * params.weight_numel() : nullptr;
+
+    if (args.grad_input && params.input_numel() > 0) {
+      launch_gather_conv<T, GatherDirection::GradInput>(
+          grad_input_gather_problem(params), Epilogue{}, g.grad_output, g.grad_factor,
+          static_cast<const T*>(args.weight), nullptr, static_cast<T*>(args.grad_input), nullptr, stream);
+    }
+    if (args.grad_weight) {
+      const dim3 grid(unsigned(plan.ic_tiles * plan.oc_tiles), unsigned(params.kernel_h * params.kernel_w),
+                      unsigned(plan.weight_splits * params.groups));
+      if (grid.z > 65535 || grid.y > 65535)
+        throw std::invalid_argument("fused_convt: grad_weight grid too large (kernel taps or groups x splits > 65535)");
+      grad_weight_partial_kernel<T><<<grid, kWeightThreads, 0, stream>>>(
+          params, plan, static_cast<const T*>(args.input), g, weight_partial);
+      check_launch("grad_weight_partial_kernel");
+      launch_sum_splits<T>(weight_partial, plan.weight_splits, params.weight_numel(),
+                           static_cast<T*>(args.grad_weight), stream);
+    }
+    if (args.grad_bias) {
+      const dim3 grid(unsigned(params.out_channels), unsigned(plan.bias_splits));
+      grad_bias_partial_kernel<T><<<grid, kBiasThreads, 0, stream>>>(params, plan, g, bias_partial);
+      check_launch("grad_bias_partial_kernel");
+      launch_sum_splits<T>(bias_partial, plan.bias_splits, params.out_channels, static_cast<T*>(args.grad_bias),
+                           stream);
+    }
+  });
+}
+
+}  // namespace fused_convt

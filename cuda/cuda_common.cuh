@@ -1,0 +1,81 @@
+// Shared host/device helpers of the CUDA kernels: error checking, the device guard, the dtype switch and
+// element conversions between storage types and accumulators.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "fused_convt/api.h"
+
+namespace fused_convt {
+
+inline void check_cuda(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) {
+    // Clear the sticky-free error so the next call on this thread starts clean.
+    cudaGetLastError();
+    throw std::runtime_error(std::string("fused_convt: CUDA error in ") + what + ": " +
+                             cudaGetErrorString(status));
+  }
+}
+
+// Checks the launch that was just queued (configuration errors surface here, not at the next call).
+inline void check_launch(const char* kernel_name) { check_cuda(cudaGetLastError(), kernel_name); }
+
+// Makes ctx.device current for the scope of a call and restores the caller's device afterwards.
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    check_cuda(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (device != previous_) check_cuda(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() { cudaSetDevice(previous_); }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+template <typename T> struct DeviceAcc { using type = float; };
+template <> struct DeviceAcc<double> { using type = double; };
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+template <typename T> __device__ __forceinline__ T from_acc(float v);
+template <> __device__ __forceinline__ float from_acc<float>(float v) { return v; }
+template <> __device__ __forceinline__ __half from_acc<__half>(float v) { return __float2half_rn(v); }
+template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(float v) {
+  return __float2bfloat16_rn(v);
+}
+template <typename T> __device__ __forceinline__ T from_acc(double v) { return static_cast<T>(v); }
+
+template <typename Fn>
+void dispatch_device_dtype(DType dtype, Fn&& fn) {
+  switch (dtype) {
+    case DType::Float32: fn(float{}); return;
+    case DType::Float64: fn(double{}); return;
+    case DType::Float16: fn(__half{}); return;
+    case DType::BFloat16: fn(__nv_bfloat16{}); return;
+  }
+  throw std::invalid_argument("fused_convt: unsupported dtype tag " + std::to_string(static_cast<int>(dtype)));
+}
+
+inline int ceil_div_int(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+// Largest dynamic shared memory a block of this device may opt in to.
+inline size_t max_dynamic_smem_bytes() {
+  int device = 0, bytes = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+             "cudaDeviceGetAttribute");
+  return static_cast<size_t>(bytes);
+}
+
+}  // namespace fused_convt

@@ -1,0 +1,60 @@
+// The public C++ entry points of fused_convt. No torch, no pybind11, no CUDA headers: device memory and
+// streams are passed as plain pointers, so a C++ program links this library with nothing else.
+//
+// Layout contract: every tensor is contiguous. input [N, C_in, H, W]; weight [C_in, C_out/groups, kH, kW]
+// (nn.ConvTranspose2d's layout); bias [C_out]; output and grad_factor [N, C_out, H_out, W_out].
+// All pointers of one call hold the same DType. Errors throw std::invalid_argument (bad arguments) or
+// std::runtime_error (a CUDA failure), with a message naming what went wrong.
+#pragma once
+
+#include <cstddef>
+
+#include "fused_convt/dtype.h"
+#include "fused_convt/epilogue.h"
+#include "fused_convt/params.h"
+
+namespace fused_convt {
+
+struct ForwardArgs {
+  const void* input = nullptr;
+  const void* weight = nullptr;
+  const void* bias = nullptr;   // required iff params.has_bias
+  void* output = nullptr;       // may be null when only grad_factor is wanted (recompute in backward)
+  void* grad_factor = nullptr;  // optional: d output / d pre-activation, saved for the backward pass
+};
+
+struct BackwardArgs {
+  const void* grad_output = nullptr;
+  const void* grad_factor = nullptr;  // from ForwardArgs::grad_factor; null means the identity epilogue
+  const void* input = nullptr;        // needed for grad_weight
+  const void* weight = nullptr;       // needed for grad_input
+  void* grad_input = nullptr;         // each gradient output is optional (null: not computed)
+  void* grad_weight = nullptr;
+  void* grad_bias = nullptr;
+  void* workspace = nullptr;          // device scratch of backward_workspace_bytes() bytes (CUDA only)
+};
+
+// Where a call runs. The stream is a cudaStream_t (null: the legacy default stream); the device index is
+// made current for the duration of the call and restored afterwards.
+struct CudaContext {
+  int device = 0;
+  void* stream = nullptr;
+};
+
+void forward_cpu(const ConvTransposeParams& params, const Epilogue& epilogue, DType dtype,
+                 const ForwardArgs& args);
+void backward_cpu(const ConvTransposeParams& params, DType dtype, const BackwardArgs& args);
+
+// True when the library was built with its CUDA kernels; the entry points below throw otherwise.
+bool cuda_compiled();
+// Number of usable CUDA devices (0 without a driver or a GPU, never throws).
+int cuda_device_count();
+
+void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, DType dtype,
+                  const ForwardArgs& args, const CudaContext& ctx);
+// Bytes of device scratch backward_cuda needs for deterministic split reductions.
+size_t backward_workspace_bytes(const ConvTransposeParams& params, DType dtype);
+void backward_cuda(const ConvTransposeParams& params, DType dtype, const BackwardArgs& args,
+                   const CudaContext& ctx);
+
+}  // namespace fused_convt

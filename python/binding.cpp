@@ -1,0 +1,88 @@
+// pybind11 module fused_convt._C: a thin layer over include/fused_convt/api.h. It does not link libtorch:
+// Python passes data pointers (as integers), the problem description, a dtype tag and, for CUDA, the
+// device index and torch's current stream handle. std::invalid_argument becomes ValueError and
+// std::runtime_error becomes RuntimeError.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "fused_convt/api.h"
+
+namespace py = pybind11;
+using namespace fused_convt;
+
+namespace {
+
+template <typename T = void>
+T* as_ptr(std::uintptr_t address) { return reinterpret_cast<T*>(address); }
+
+void forward(const ConvTransposeParams& params, const Epilogue& epilogue, int dtype, std::uintptr_t input,
+             std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t output, std::uintptr_t grad_factor,
+             int device, std::uintptr_t stream) {
+  const ForwardArgs args{as_ptr(input), as_ptr(weight), as_ptr(bias), as_ptr(output), as_ptr(grad_factor)};
+  if (device < 0) {
+    forward_cpu(params, epilogue, static_cast<DType>(dtype), args);
+  } else {
+    forward_cuda(params, epilogue, static_cast<DType>(dtype), args, CudaContext{device, as_ptr(stream)});
+  }
+}
+
+void backward(const ConvTransposeParams& params, int dtype, std::uintptr_t grad_output, std::uintptr_t grad_factor,
+              std::uintptr_t input, std::uintptr_t weight, std::uintptr_t grad_input, std::uintptr_t grad_weight,
+              std::uintptr_t grad_bias, std::uintptr_t workspace, int device, std::uintptr_t stream) {
+  const BackwardArgs args{as_ptr(grad_output), as_ptr(grad_factor), as_ptr(input),     as_ptr(weight),
+                          as_ptr(grad_input),  as_ptr(grad_weight), as_ptr(grad_bias), as_ptr(workspace)};
+  if (device < 0) {
+    backward_cpu(params, static_cast<DType>(dtype), args);
+  } else {
+    backward_cuda(params, static_cast<DType>(dtype), args, CudaContext{device, as_ptr(stream)});
+  }
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fused_convt native kernels (CPU and CUDA), called by fused_convt.ops";
+
+  py::class_<ConvTransposeParams>(m, "Params")
+      .def(py::init<>())
+      .def_readwrite("batch", &ConvTransposeParams::batch)
+      .def_readwrite("in_channels", &ConvTransposeParams::in_channels)
+      .def_readwrite("in_h", &ConvTransposeParams::in_h)
+      .def_readwrite("in_w", &ConvTransposeParams::in_w)
+      .def_readwrite("out_channels", &ConvTransposeParams::out_channels)
+      .def_readwrite("kernel_h", &ConvTransposeParams::kernel_h)
+      .def_readwrite("kernel_w", &ConvTransposeParams::kernel_w)
+      .def_readwrite("stride_h", &ConvTransposeParams::stride_h)
+      .def_readwrite("stride_w", &ConvTransposeParams::stride_w)
+      .def_readwrite("pad_h", &ConvTransposeParams::pad_h)
+      .def_readwrite("pad_w", &ConvTransposeParams::pad_w)
+      .def_readwrite("out_pad_h", &ConvTransposeParams::out_pad_h)
+      .def_readwrite("out_pad_w", &ConvTransposeParams::out_pad_w)
+      .def_readwrite("dil_h", &ConvTransposeParams::dil_h)
+      .def_readwrite("dil_w", &ConvTransposeParams::dil_w)
+      .def_readwrite("groups", &ConvTransposeParams::groups)
+      .def_readwrite("has_bias", &ConvTransposeParams::has_bias)
+      .def_property_readonly("out_h", &ConvTransposeParams::out_h)
+      .def_property_readonly("out_w", &ConvTransposeParams::out_w);
+
+  py::class_<Epilogue>(m, "Epilogue")
+      .def(py::init([](double add_value, double multiply_value, bool enabled) {
+             return Epilogue{add_value, multiply_value, enabled};
+           }),
+           py::arg("add_value") = 0.0, py::arg("multiply_value") = 1.0, py::arg("enabled") = true)
+      .def_readwrite("add_value", &Epilogue::add_value)
+      .def_readwrite("multiply_value", &Epilogue::multiply_value)
+      .def_readwrite("enabled", &Epilogue::enabled);
+
+  m.def("validate", &validate, "Raise ValueError if the problem description is invalid");
+  m.def("cuda_compiled", &cuda_compiled);
+  m.def("cuda_device_count", &cuda_device_count);
+  m.def("backward_workspace_bytes",
+        [](const ConvTransposeParams& params, int dtype) { return backward_workspace_bytes(params, DType(dtype)); });
+  m.def("forward", &forward, py::call_guard<py::gil_scoped_release>());
+  m.def("backward", &backward, py::call_guard<py::gil_scoped_release>());
+  // The shared epilogue math in double, so Python tests check the very functions the kernels use.
+  m.def("epilogue_value", &epilogue_from_preactivation<double>, py::arg("u"), py::arg("multiply_value"));
+  m.def("epilogue_derivative", &epilogue_derivative<double>, py::arg("u"), py::arg("multiply_value"));
+}

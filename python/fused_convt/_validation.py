@@ -1,0 +1,121 @@
+"""Argument checks of the public ops: run once, before any kernel launch, with messages that name the
+argument, its value and what was expected. The C++ side validates the same problem again (a C++ caller
+has no Python in front of it); these checks exist so Python users get a specific message first."""
+import math
+from typing import List, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_INT32_MAX = 2**31 - 1
+
+IntOrPair = Union[int, Sequence[int]]
+
+
+def as_pair(value: IntOrPair, name: str) -> List[int]:
+    """An int or a 1/2-sequence of ints as a [h, w] list."""
+    if isinstance(value, bool):
+        raise TypeError(f"fused_convt: {name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, int):
+        return [value, value]
+    if isinstance(value, (tuple, list)) and len(value) in (1, 2) and all(
+        isinstance(v, int) and not isinstance(v, bool) for v in value
+    ):
+        return [int(value[0]), int(value[-1])]
+    raise TypeError(f"fused_convt: {name} must be an int or a pair of ints, got {value!r}")
+
+
+def output_size(in_size: int, kernel: int, stride: int, padding: int, dilation: int, output_padding: int):
+    """(in - 1)*s - 2p + d*(k - 1) + op + 1, the same formula as include/fused_convt/params.h.
+    Kept in Python too because fake (meta) kernels must compute it on symbolic sizes."""
+    return (in_size - 1) * stride - 2 * padding + dilation * (kernel - 1) + output_padding + 1
+
+
+def check_conv_args(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    stride: List[int],
+    padding: List[int],
+    output_padding: List[int],
+    groups: int,
+    dilation: List[int],
+    add_value: float,
+    multiply_value: float,
+) -> None:
+    for name, t in (("input", input), ("weight", weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"fused_convt: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if bias is not None and not isinstance(bias, Tensor):
+        raise TypeError(f"fused_convt: bias must be a torch.Tensor or None, got {type(bias).__name__}")
+
+    if input.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(
+            f"fused_convt: input dtype must be one of float32, float16, bfloat16, float64, got {input.dtype}"
+        )
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dtype != input.dtype:
+            raise TypeError(f"fused_convt: {name} dtype {t.dtype} must match input dtype {input.dtype}")
+
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != input.device:
+            raise ValueError(
+                f"fused_convt: all tensors must be on one device; input is on {input.device}, {name} on {t.device}"
+            )
+    if input.device.type not in ("cpu", "cuda", "meta"):
+        raise ValueError(f"fused_convt: tensors must be on a CPU or CUDA device, got {input.device}")
+
+    if input.dim() != 4:
+        raise ValueError(f"fused_convt: input must be 4-D [N, C_in, H, W] (or 3-D unbatched), got shape {tuple(input.shape)}")
+    if weight.dim() != 4:
+        raise ValueError(
+            f"fused_convt: weight must be 4-D [C_in, C_out/groups, kH, kW], got shape {tuple(weight.shape)}"
+        )
+    if not isinstance(groups, int) or isinstance(groups, bool) or groups <= 0:
+        raise ValueError(f"fused_convt: groups must be a positive int, got {groups!r}")
+    in_channels = input.shape[1]
+    if weight.shape[0] != in_channels:
+        raise ValueError(
+            f"fused_convt: weight.shape[0] ({weight.shape[0]}) must equal input channels ({in_channels})"
+        )
+    if in_channels % groups != 0:
+        raise ValueError(f"fused_convt: in_channels ({in_channels}) must be divisible by groups ({groups})")
+    if weight.shape[1] <= 0 or min(weight.shape[2], weight.shape[3]) <= 0:
+        raise ValueError(f"fused_convt: weight must have non-empty dims 1-3, got shape {tuple(weight.shape)}")
+    out_channels = weight.shape[1] * groups
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != out_channels):
+        raise ValueError(
+            f"fused_convt: bias must have shape [{out_channels}] (out_channels), got {tuple(bias.shape)}"
+        )
+    if input.shape[2] <= 0 or input.shape[3] <= 0 or in_channels <= 0:
+        raise ValueError(f"fused_convt: input channels, height and width must be > 0, got shape {tuple(input.shape)}")
+
+    for name, pair, low in (("stride", stride, 1), ("dilation", dilation, 1), ("padding", padding, 0),
+                            ("output_padding", output_padding, 0)):
+        if min(pair) < low:
+            raise ValueError(f"fused_convt: {name} must be >= {low} in each dimension, got {tuple(pair)}")
+    for axis in range(2):
+        if output_padding[axis] >= stride[axis] and output_padding[axis] >= dilation[axis]:
+            raise ValueError(
+                f"fused_convt: output_padding[{axis}] = {output_padding[axis]} must be smaller than "
+                f"stride[{axis}] ({stride[axis]}) or dilation[{axis}] ({dilation[axis]})"
+            )
+    out_hw = [
+        output_size(input.shape[2 + a], weight.shape[2 + a], stride[a], padding[a], dilation[a], output_padding[a])
+        for a in range(2)
+    ]
+    if min(out_hw) <= 0:
+        raise ValueError(
+            f"fused_convt: padding {tuple(padding)} leaves an empty output (computed size {tuple(out_hw)})"
+        )
+    if out_hw[0] * out_hw[1] > _INT32_MAX or input.shape[2] * input.shape[3] > _INT32_MAX:
+        raise ValueError(
+            f"fused_convt: one image plane must have fewer than 2^31 elements, got output {tuple(out_hw)}"
+        )
+    if weight.numel() > _INT32_MAX:
+        raise ValueError(f"fused_convt: weight must have fewer than 2^31 elements, got {weight.numel()}")
+
+    for name, value in (("add_value", add_value), ("multiply_value", multiply_value)):
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise ValueError(f"fused_convt: {name} must be a finite float, got {value!r}")

@@ -1,0 +1,230 @@
+"""The functional ops and their torch.library registration.
+
+Two custom ops carry all the work, so that torch.compile traces them as single nodes and autograd
+goes through our own backward:
+
+* ``fused_convt::conv_transpose2d_fused`` returns ``(output, grad_factor)``. ``grad_factor`` is
+  d output / d pre-activation, written by the forward kernel beside the output when a backward will
+  follow (one output-sized tensor), and an empty tensor otherwise or with ``recompute=True``.
+* ``fused_convt::conv_transpose2d_fused_backward`` returns ``(grad_input, grad_weight, grad_bias)``
+  (empty tensors where ``output_mask`` says a gradient is not needed). With an empty ``grad_factor``
+  and the epilogue on, it reruns the forward kernel in factor-only mode into a temporary first.
+
+The native module does not link libtorch: tensors are passed as data pointers plus the problem
+description, and CUDA work goes on ``torch.cuda.current_stream()`` of the tensors' device.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import _C
+from ._validation import as_pair, check_conv_args, output_size
+
+_DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+
+def _params(input: Tensor, weight: Tensor, has_bias: bool, stride, padding, output_padding, dilation, groups):
+    p = _C.Params()
+    p.batch, p.in_channels, p.in_h, p.in_w = input.shape
+    p.out_channels = weight.shape[1] * groups
+    p.kernel_h, p.kernel_w = weight.shape[2], weight.shape[3]
+    p.stride_h, p.stride_w = stride
+    p.pad_h, p.pad_w = padding
+    p.out_pad_h, p.out_pad_w = output_padding
+    p.dil_h, p.dil_w = dilation
+    p.groups = groups
+    p.has_bias = has_bias
+    return p
+
+
+def _where(t: Tensor) -> Tuple[int, int]:
+    """(device index, stream handle) for the native call; (-1, 0) for the CPU."""
+    if t.device.type == "cpu":
+        return -1, 0
+    return t.device.index, torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None or t.numel() == 0 else t.data_ptr()
+
+
+def _output_shape(input: Tensor, weight: Tensor, stride, padding, output_padding, dilation, groups):
+    h, w = (
+        output_size(input.shape[2 + a], weight.shape[2 + a], stride[a], padding[a], dilation[a], output_padding[a])
+        for a in range(2)
+    )
+    return (input.shape[0], weight.shape[1] * groups, h, w)
+
+
+def _run_forward(input, weight, bias, params, epilogue, output, grad_factor) -> None:
+    device, stream = _where(input)
+    _C.forward(params, epilogue, _DTYPE_TAGS[input.dtype], _ptr(input), _ptr(weight), _ptr(bias),
+               _ptr(output), _ptr(grad_factor), device, stream)
+
+
+@torch.library.custom_op("fused_convt::conv_transpose2d_fused", mutates_args=())
+def _forward_op(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    stride: List[int],
+    padding: List[int],
+    output_padding: List[int],
+    dilation: List[int],
+    groups: int,
+    add_value: float,
+    multiply_value: float,
+    apply_epilogue: bool,
+    save_grad_factor: bool,
+) -> Tuple[Tensor, Tensor]:
+    input, weight = input.contiguous(), weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    shape = _output_shape(input, weight, stride, padding, output_padding, dilation, groups)
+    output = input.new_empty(shape)
+    grad_factor = input.new_empty(shape if save_grad_factor and apply_epilogue else (0,))
+    if output.numel() > 0:
+        params = _params(input, weight, bias is not None, stride, padding, output_padding, dilation, groups)
+        epilogue = _C.Epilogue(add_value, multiply_value, apply_epilogue)
+        _run_forward(input, weight, bias, params, epilogue, output, grad_factor)
+    return output, grad_factor
+
+
+@_forward_op.register_fake
+def _(input, weight, bias, stride, padding, output_padding, dilation, groups, add_value, multiply_value,
+      apply_epilogue, save_grad_factor):
+    shape = _output_shape(input, weight, stride, padding, output_padding, dilation, groups)
+    grad_factor = input.new_empty(shape if save_grad_factor and apply_epilogue else (0,))
+    return input.new_empty(shape), grad_factor
+
+
+@torch.library.custom_op("fused_convt::conv_transpose2d_fused_backward", mutates_args=())
+def _backward_op(
+    grad_output: Tensor,
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    grad_factor: Tensor,
+    stride: List[int],
+    padding: List[int],
+    output_padding: List[int],
+    dilation: List[int],
+    groups: int,
+    add_value: float,
+    multiply_value: float,
+    apply_epilogue: bool,
+    output_mask: List[bool],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    grad_output, input, weight = grad_output.contiguous(), input.contiguous(), weight.contiguous()
+    bias = bias.contiguous() if bias is not None else None
+    params = _params(input, weight, bias is not None, stride, padding, output_padding, dilation, groups)
+    if apply_epilogue and grad_factor.numel() == 0 and grad_output.numel() > 0:
+        # recompute=True: rebuild d output / d pre-activation from x and the weights, output not written.
+        grad_factor = torch.empty_like(grad_output)
+        _run_forward(input, weight, bias, params, _C.Epilogue(add_value, multiply_value, True), None, grad_factor)
+    elif apply_epilogue:
+        grad_factor = grad_factor.contiguous()
+    else:
+        grad_factor = None
+
+    want_input, want_weight, want_bias = output_mask
+    want_bias = want_bias and bias is not None
+    grad_input = torch.empty_like(input) if want_input else input.new_empty(0)
+    grad_weight = torch.empty_like(weight) if want_weight else weight.new_empty(0)
+    grad_bias = torch.empty_like(bias) if want_bias else input.new_empty(0)
+    if want_input or want_weight or want_bias:
+        device, stream = _where(input)
+        workspace = None
+        if device >= 0 and (want_weight or want_bias):
+            nbytes = _C.backward_workspace_bytes(params, _DTYPE_TAGS[input.dtype])
+            workspace = torch.empty(nbytes, dtype=torch.uint8, device=input.device)
+        _C.backward(params, _DTYPE_TAGS[input.dtype], _ptr(grad_output), _ptr(grad_factor), _ptr(input),
+                    _ptr(weight), _ptr(grad_input), _ptr(grad_weight), _ptr(grad_bias), _ptr(workspace),
+                    device, stream)
+    return grad_input, grad_weight, grad_bias
+
+
+@_backward_op.register_fake
+def _(grad_output, input, weight, bias, grad_factor, stride, padding, output_padding, dilation, groups,
+      add_value, multiply_value, apply_epilogue, output_mask):
+    want_input, want_weight, want_bias = output_mask
+    return (
+        torch.empty_like(input) if want_input else input.new_empty(0),
+        torch.empty_like(weight) if want_weight else weight.new_empty(0),
+        torch.empty_like(bias) if (want_bias and bias is not None) else input.new_empty(0),
+    )
+
+
+def _setup_forward_context(ctx, inputs, output):
+    (input, weight, bias, stride, padding, output_padding, dilation, groups, add_value, multiply_value,
+     apply_epilogue, _save_grad_factor) = inputs
+    grad_factor = output[1]
+    ctx.mark_non_differentiable(grad_factor)
+    ctx.save_for_backward(input, weight, bias, grad_factor)
+    ctx.conv_args = (stride, padding, output_padding, dilation, groups, add_value, multiply_value, apply_epilogue)
+
+
+def _forward_op_backward(ctx, grad_output, _grad_of_grad_factor):
+    input, weight, bias, grad_factor = ctx.saved_tensors
+    mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
+    grad_input, grad_weight, grad_bias = _backward_op(grad_output, input, weight, bias, grad_factor,
+                                                      *ctx.conv_args, mask)
+    return (grad_input if mask[0] else None, grad_weight if mask[1] else None, grad_bias if mask[2] else None,
+            None, None, None, None, None, None, None, None, None)
+
+
+torch.library.register_autograd(_forward_op, _forward_op_backward, setup_context=_setup_forward_context)
+
+
+def _setup_backward_context(ctx, inputs, output):
+    pass
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "fused_convt: double backward (gradients of gradients) is not supported; "
+        "use torch.nn.functional.conv_transpose2d and the PyTorch composite for higher-order derivatives"
+    )
+
+
+torch.library.register_autograd(_backward_op, _no_double_backward, setup_context=_setup_backward_context)
+
+
+def _prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, add_value, multiply_value):
+    stride, padding = as_pair(stride, "stride"), as_pair(padding, "padding")
+    output_padding, dilation = as_pair(output_padding, "output_padding"), as_pair(dilation, "dilation")
+    unbatched = isinstance(input, Tensor) and input.dim() == 3
+    if unbatched:
+        input = input.unsqueeze(0)
+    check_conv_args(input, weight, bias, stride, padding, output_padding, groups, dilation, add_value, multiply_value)
+    return input, (stride, padding, output_padding, dilation), unbatched
+
+
+def _call(input, weight, bias, stride, padding, output_padding, groups, dilation, add_value, multiply_value,
+          apply_epilogue, recompute):
+    input, (stride, padding, output_padding, dilation), unbatched = _prepare(
+        input, weight, bias, stride, padding, output_padding, groups, dilation, add_value, multiply_value)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (input, weight, bias))
+    output, _ = torch.ops.fused_convt.conv_transpose2d_fused(
+        input, weight, bias, stride, padding, output_padding, dilation, groups, float(add_value),
+        float(multiply_value), apply_epilogue, needs_grad and not recompute)
+    return output.squeeze(0) if unbatched else output
+
+
+def conv_transpose2d_fused(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0,
+                           output_padding=0, groups: int = 1, dilation=1, *, add_value: float = 0.0,
+                           multiply_value: float = 1.0, recompute: bool = False) -> Tensor:
+    """``multiply_value * gelu(min(conv_transpose2d(input, weight, bias, ...) + add_value, 0))`` in one kernel.
+
+    Arguments follow ``torch.nn.functional.conv_transpose2d``. With ``recompute=True`` the forward saves
+    only the inputs for backward and the backward recomputes the pre-activation (less memory, more time).
+    """
+    return _call(input, weight, bias, stride, padding, output_padding, groups, dilation, add_value,
+                 multiply_value, True, recompute)
+
+
+def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0,
+                     output_padding=0, groups: int = 1, dilation=1) -> Tensor:
+    """Plain transposed convolution (identity epilogue): a drop-in for ``torch.nn.functional.conv_transpose2d``."""
+    return _call(input, weight, bias, stride, padding, output_padding, groups, dilation, 0.0, 1.0, False, False)
