@@ -1,5 +1,7 @@
-// CUDA forward entry point: validates, makes the caller's device current and runs the gather kernel on the
-// caller's stream.
+// CUDA forward entry point: validates, makes the caller's device current and, on the caller's stream, runs
+// the tensor-core implicit-GEMM kernel where it applies (float16, bfloat16, float32 with TF32 allowed, and
+// phases/patches within its limits), else the direct gather kernel (float64, exact float32, the rest).
+#include "implicit_gemm_conv.cuh"
 #include "problems.cuh"
 
 namespace fused_convt {
@@ -15,6 +17,13 @@ int cuda_device_count() {
   return count;
 }
 
+size_t forward_workspace_bytes(const ConvTransposeParams& params, DType dtype) {
+  validate(params);
+  TcProblem problem;
+  if (dtype == DType::Float64 || !forward_tc_problem(params, &problem)) return 0;
+  return dtype == DType::Float32 ? packed_weight_bytes<float>(problem) : packed_weight_bytes<__half>(problem);
+}
+
 void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, DType dtype,
                   const ForwardArgs& args, const CudaContext& ctx) {
   validate(params);
@@ -23,13 +32,28 @@ void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, D
   if (params.output_numel() == 0) return;
   DeviceGuard guard(ctx.device);
   const auto stream = static_cast<cudaStream_t>(ctx.stream);
-  const GatherProblem problem = forward_gather_problem(params);
   dispatch_device_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    launch_gather_conv<T, GatherDirection::Forward>(
-        problem, epilogue, static_cast<const T*>(args.input), nullptr, static_cast<const T*>(args.weight),
-        static_cast<const T*>(args.bias), static_cast<T*>(args.output), static_cast<T*>(args.grad_factor),
-        stream);
+    const T* input = static_cast<const T*>(args.input);
+    const T* weight = static_cast<const T*>(args.weight);
+    const T* bias = static_cast<const T*>(args.bias);
+    T* output = static_cast<T*>(args.output);
+    T* grad_factor = static_cast<T*>(args.grad_factor);
+    const GatherProblem direct = forward_gather_problem(params);
+    if constexpr (!std::is_same_v<T, double>) {
+      TcProblem fast;
+      const bool tensor_cores = !std::is_same_v<T, float> || args.allow_tf32;
+      if (tensor_cores && forward_tc_problem(params, &fast)) {
+        if (!args.workspace)
+          throw std::invalid_argument("fused_convt: forward_cuda needs a workspace of forward_workspace_bytes() bytes");
+        if (launch_implicit_gemm_conv<T, GatherDirection::Forward>(
+                fast, epilogue, input, nullptr, weight, direct.weight_group_stride, direct.weight_src_stride,
+                direct.weight_dst_stride, bias, output, grad_factor, args.workspace, stream))
+          return;
+      }
+    }
+    launch_gather_conv<T, GatherDirection::Forward>(direct, epilogue, input, nullptr, weight, bias, output,
+                                                    grad_factor, stream);
   });
 }
 

@@ -161,6 +161,7 @@ gather_conv_kernel(GatherProblem pr, Epilogue epi, const T* __restrict__ src, co
 
   if (out_y >= pr.dst_h || out_x >= pr.dst_w) return;
   const int64_t dst_plane = int64_t(pr.dst_h) * pr.dst_w;
+  const EpilogueConstants<Acc> epilogue(epi);
 #pragma unroll
   for (int dc = 0; dc < DST_C; ++dc) {
     if (dst_local0 + dc >= pr.dst_per_group) break;
@@ -168,8 +169,8 @@ gather_conv_kernel(GatherProblem pr, Epilogue epi, const T* __restrict__ src, co
     const int64_t index = (n * pr.dst_channels + channel) * dst_plane + int64_t(out_y) * pr.dst_w + out_x;
     if constexpr (Dir == GatherDirection::Forward) {
       const Acc pre = acc[dc] + (bias ? to_acc(bias[channel]) : Acc(0));
-      if (dst) dst[index] = from_acc<T>(apply_epilogue(epi, pre));
-      if (dst_factor) dst_factor[index] = from_acc<T>(epilogue_grad_factor(epi, pre));
+      if (dst) dst[index] = from_acc<T>(apply_epilogue(epilogue, pre));
+      if (dst_factor) dst_factor[index] = from_acc<T>(epilogue_grad_factor(epilogue, pre));
     } else {
       dst[index] = from_acc<T>(acc[dc]);
     }

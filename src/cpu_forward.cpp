@@ -27,6 +27,7 @@ void forward_typed(const ConvTransposeParams& p, const Epilogue& epi, const Forw
   const int64_t taps = p.kernel_h * p.kernel_w, in_plane = p.in_h * p.in_w;
   const int64_t out_plane = int64_t(out_h) * out_w;
   const int64_t planes = p.batch * p.out_channels;
+  const EpilogueConstants<Acc> epilogue(epi);
 
 #pragma omp parallel for schedule(dynamic)
   for (int64_t plane = 0; plane < planes; ++plane) {
@@ -49,8 +50,8 @@ void forward_typed(const ConvTransposeParams& p, const Epilogue& epi, const Forw
         }
         const int64_t index = plane * out_plane + int64_t(oh) * out_w + ow;
         const Acc pre = acc + bias_value;
-        if (out) store_from_acc(out, index, apply_epilogue(epi, pre));
-        if (factor) store_from_acc(factor, index, epilogue_grad_factor(epi, pre));
+        if (out) store_from_acc(out, index, apply_epilogue(epilogue, pre));
+        if (factor) store_from_acc(factor, index, epilogue_grad_factor(epilogue, pre));
       }
     }
   }

@@ -18,6 +18,7 @@ int cuda_device_count() { return 0; }
 void forward_cuda(const ConvTransposeParams&, const Epilogue&, DType, const ForwardArgs&, const CudaContext&) {
   no_cuda();
 }
+size_t forward_workspace_bytes(const ConvTransposeParams&, DType) { return 0; }
 size_t backward_workspace_bytes(const ConvTransposeParams&, DType) { return 0; }
 void backward_cuda(const ConvTransposeParams&, DType, const BackwardArgs&, const CudaContext&) { no_cuda(); }
 

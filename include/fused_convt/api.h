@@ -21,6 +21,10 @@ struct ForwardArgs {
   const void* bias = nullptr;   // required iff params.has_bias
   void* output = nullptr;       // may be null when only grad_factor is wanted (recompute in backward)
   void* grad_factor = nullptr;  // optional: d output / d pre-activation, saved for the backward pass
+  void* workspace = nullptr;    // device scratch of forward_workspace_bytes() bytes (CUDA only)
+  // float32 only: allow TF32 tensor-core math (PyTorch's default for convolutions). Without it float32 runs
+  // exact fp32 arithmetic. float16/bfloat16 always use tensor cores with fp32 accumulation.
+  bool allow_tf32 = false;
 };
 
 struct BackwardArgs {
@@ -50,6 +54,8 @@ bool cuda_compiled();
 // Number of usable CUDA devices (0 without a driver or a GPU, never throws).
 int cuda_device_count();
 
+// Bytes of device scratch forward_cuda may need (the weight repacked for the tensor-core path); 0 if none.
+size_t forward_workspace_bytes(const ConvTransposeParams& params, DType dtype);
 void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, DType dtype,
                   const ForwardArgs& args, const CudaContext& ctx);
 // Bytes of device scratch backward_cuda needs for deterministic split reductions.

@@ -56,17 +56,26 @@ FCT_HD Acc epilogue_derivative(Acc u, Acc multiply_value) {
   return Acc(0);
 }
 
+// The epilogue's scalars in the accumulation type, converted once per kernel rather than per element.
+template <typename Acc>
+struct EpilogueConstants {
+  Acc add_value, multiply_value;
+  bool enabled;
+  FCT_HD explicit EpilogueConstants(const Epilogue& epi)
+      : add_value(Acc(epi.add_value)), multiply_value(Acc(epi.multiply_value)), enabled(epi.enabled) {}
+};
+
 // The whole epilogue from the accumulator: adds bias and add_value when enabled, nothing else otherwise.
 template <typename Acc>
-FCT_HD Acc apply_epilogue(const Epilogue& epi, Acc acc_plus_bias) {
+FCT_HD Acc apply_epilogue(const EpilogueConstants<Acc>& epi, Acc acc_plus_bias) {
   if (!epi.enabled) return acc_plus_bias;
-  return epilogue_from_preactivation(acc_plus_bias + Acc(epi.add_value), Acc(epi.multiply_value));
+  return epilogue_from_preactivation(acc_plus_bias + epi.add_value, epi.multiply_value);
 }
 
 template <typename Acc>
-FCT_HD Acc epilogue_grad_factor(const Epilogue& epi, Acc acc_plus_bias) {
+FCT_HD Acc epilogue_grad_factor(const EpilogueConstants<Acc>& epi, Acc acc_plus_bias) {
   if (!epi.enabled) return Acc(1);
-  return epilogue_derivative(acc_plus_bias + Acc(epi.add_value), Acc(epi.multiply_value));
+  return epilogue_derivative(acc_plus_bias + epi.add_value, epi.multiply_value);
 }
 
 }  // namespace fused_convt

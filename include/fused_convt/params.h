@@ -85,6 +85,18 @@ inline void validate(const ConvTransposeParams& p) {
   if (p.out_h() <= 0 || p.out_w() <= 0)
     fail("padding leaves an empty output: computed output size " + s(p.out_h()) + "x" + s(p.out_w()));
   const int64_t int_max = std::numeric_limits<int32_t>::max();
+  // Tap maps work in 32-bit ints: every intermediate o + p +- k*d and i*s + k*d stays below this bound.
+  // Checked factor by factor first so the products themselves cannot overflow 64 bits.
+  const int64_t axis_inputs[2][6] = {{p.in_h, p.kernel_h, p.stride_h, p.pad_h, p.dil_h, p.out_pad_h},
+                                     {p.in_w, p.kernel_w, p.stride_w, p.pad_w, p.dil_w, p.out_pad_w}};
+  for (int axis = 0; axis < 2; ++axis) {
+    const int64_t* a = axis_inputs[axis];
+    bool small = true;
+    for (int i = 0; i < 6; ++i) small = small && a[i] <= int_max;
+    if (!small || (a[0] - 1) * a[2] + a[4] * (a[1] - 1) + a[5] + 1 + a[3] > int_max)
+      fail("spatial extent of axis " + s(axis) + " ((in - 1)*stride + dilation*(kernel - 1) + output_padding + 1 + "
+           "padding) must be below 2^31");
+  }
   if (p.out_h() * p.out_w() > int_max || p.in_h * p.in_w > int_max)
     fail("one image plane must have fewer than 2^31 elements, got input " + s(p.in_h) + "x" + s(p.in_w) +
          ", output " + s(p.out_h()) + "x" + s(p.out_w()));

@@ -2,10 +2,16 @@
 argument, its value and what was expected. The C++ side validates the same problem again (a C++ caller
 has no Python in front of it); these checks exist so Python users get a specific message first."""
 import math
+import numbers
 from typing import List, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+
+try:
+    from numpy import bool_ as np_bool
+except ImportError:  # numpy is optional
+    np_bool = bool
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _INT32_MAX = 2**31 - 1
@@ -13,17 +19,37 @@ _INT32_MAX = 2**31 - 1
 IntOrPair = Union[int, Sequence[int]]
 
 
+def _as_int(value, name: str) -> int:
+    """Python and NumPy integers (not bools, not floats) as an int."""
+    if isinstance(value, (bool, np_bool)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"fused_convt: {name} must be an int or a pair of ints, got {value!r}")
+    return int(value)
+
+
 def as_pair(value: IntOrPair, name: str) -> List[int]:
     """An int or a 1/2-sequence of ints as a [h, w] list."""
-    if isinstance(value, bool):
-        raise TypeError(f"fused_convt: {name} must be an int or a pair of ints, got {value!r}")
-    if isinstance(value, int):
-        return [value, value]
-    if isinstance(value, (tuple, list)) and len(value) in (1, 2) and all(
-        isinstance(v, int) and not isinstance(v, bool) for v in value
-    ):
-        return [int(value[0]), int(value[-1])]
-    raise TypeError(f"fused_convt: {name} must be an int or a pair of ints, got {value!r}")
+    if isinstance(value, (tuple, list)) and len(value) in (1, 2):
+        return [_as_int(value[0], name), _as_int(value[-1], name)]
+    return [_as_int(value, name)] * 2
+
+
+def as_groups(value) -> int:
+    if isinstance(value, (bool, np_bool)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"fused_convt: groups must be a positive int, got {value!r}")
+    return int(value)
+
+
+def as_finite_float(value, name: str) -> float:
+    """add_value / multiply_value: any real number (Python or NumPy) that is finite as a float."""
+    if isinstance(value, (bool, np_bool)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"fused_convt: {name} must be a finite float, got {value!r}")
+    try:
+        as_float = float(value)
+    except OverflowError:
+        as_float = math.inf
+    if not math.isfinite(as_float):
+        raise ValueError(f"fused_convt: {name} must be a finite float, got {value!r}")
+    return as_float
 
 
 def output_size(in_size: int, kernel: int, stride: int, padding: int, dilation: int, output_padding: int):
@@ -41,9 +67,8 @@ def check_conv_args(
     output_padding: List[int],
     groups: int,
     dilation: List[int],
-    add_value: float,
-    multiply_value: float,
 ) -> None:
+    """Checks tensors and (already normalized) convolution arguments; raises before any launch."""
     for name, t in (("input", input), ("weight", weight)):
         if not isinstance(t, Tensor):
             raise TypeError(f"fused_convt: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -72,7 +97,7 @@ def check_conv_args(
         raise ValueError(
             f"fused_convt: weight must be 4-D [C_in, C_out/groups, kH, kW], got shape {tuple(weight.shape)}"
         )
-    if not isinstance(groups, int) or isinstance(groups, bool) or groups <= 0:
+    if groups <= 0:
         raise ValueError(f"fused_convt: groups must be a positive int, got {groups!r}")
     in_channels = input.shape[1]
     if weight.shape[0] != in_channels:
@@ -116,6 +141,3 @@ def check_conv_args(
     if weight.numel() > _INT32_MAX:
         raise ValueError(f"fused_convt: weight must have fewer than 2^31 elements, got {weight.numel()}")
 
-    for name, value in (("add_value", add_value), ("multiply_value", multiply_value)):
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-            raise ValueError(f"fused_convt: {name} must be a finite float, got {value!r}")

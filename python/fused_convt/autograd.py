@@ -1,33 +1,40 @@
 """An ``autograd.Function`` over the same custom ops, for code that wants an explicit Function object.
 ``conv_transpose2d_fused`` already differentiates through ``torch.library.register_autograd``; both paths run
-the same forward and backward kernels."""
+the same forward and backward kernels, and both refuse double backward with the same message (the backward
+op's own autograd formula raises)."""
 import torch
-from torch.autograd.function import once_differentiable
 
-from ._validation import as_pair, check_conv_args
+from .ops import prepare_args, resolve_allow_tf32
 
 
 class FusedConvTranspose2dFunction(torch.autograd.Function):
     """``FusedConvTranspose2dFunction.apply(input, weight, bias, stride, padding, output_padding, groups,
-    dilation, add_value, multiply_value, recompute)``; ``bias`` may be None."""
+    dilation, add_value, multiply_value, recompute, allow_tf32)``; ``bias`` may be None and ``allow_tf32`` None
+    (follow ``torch.backends.cudnn.allow_tf32``)."""
 
     @staticmethod
     def forward(ctx, input, weight, bias, stride, padding, output_padding, groups, dilation, add_value,
-                multiply_value, recompute=False):
-        conv = [as_pair(v, n) for v, n in ((stride, "stride"), (padding, "padding"),
-                                            (output_padding, "output_padding"), (dilation, "dilation"))]
-        check_conv_args(input, weight, bias, conv[0], conv[1], conv[2], groups, conv[3], add_value, multiply_value)
+                multiply_value, recompute=False, allow_tf32=None):
+        args = prepare_args(input, weight, bias, stride, padding, output_padding, groups, dilation, add_value,
+                            multiply_value)
+        tf32 = resolve_allow_tf32(allow_tf32)
         output, grad_factor = torch.ops.fused_convt.conv_transpose2d_fused(
-            input, weight, bias, *conv, groups, float(add_value), float(multiply_value), True, not recompute)
-        ctx.save_for_backward(input, weight, bias, grad_factor)
-        ctx.conv_args = (*conv, groups, float(add_value), float(multiply_value), True)
-        return output
+            args.input, weight, bias, *args.conv, args.groups, args.add_value, args.multiply_value, True,
+            not recompute, tf32)
+        ctx.save_for_backward(args.input, weight, bias, grad_factor)
+        ctx.conv_args = (*args.conv, args.groups, args.add_value, args.multiply_value, True, tf32)
+        ctx.unbatched = args.unbatched
+        return output.squeeze(0) if args.unbatched else output
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_output):
         input, weight, bias, grad_factor = ctx.saved_tensors
+        if ctx.unbatched:
+            grad_output = grad_output.unsqueeze(0)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
-        grads = torch.ops.fused_convt.conv_transpose2d_fused_backward(
+        grad_input, grad_weight, grad_bias = torch.ops.fused_convt.conv_transpose2d_fused_backward(
             grad_output, input, weight, bias, grad_factor, *ctx.conv_args, mask)
-        return tuple(g if m else None for g, m in zip(grads, mask)) + (None,) * 8
+        if ctx.unbatched and mask[0]:
+            grad_input = grad_input.squeeze(0)
+        grads = (grad_input, grad_weight, grad_bias)
+        return tuple(g if m else None for g, m in zip(grads, mask)) + (None,) * 9

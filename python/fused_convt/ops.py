@@ -13,13 +13,13 @@ goes through our own backward:
 The native module does not link libtorch: tensors are passed as data pointers plus the problem
 description, and CUDA work goes on ``torch.cuda.current_stream()`` of the tensors' device.
 """
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from . import _C
-from ._validation import as_pair, check_conv_args, output_size
+from ._validation import as_finite_float, as_groups, as_pair, check_conv_args, output_size
 
 _DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 
@@ -57,10 +57,15 @@ def _output_shape(input: Tensor, weight: Tensor, stride, padding, output_padding
     return (input.shape[0], weight.shape[1] * groups, h, w)
 
 
-def _run_forward(input, weight, bias, params, epilogue, output, grad_factor) -> None:
+def _run_forward(input, weight, bias, params, epilogue, output, grad_factor, allow_tf32) -> None:
     device, stream = _where(input)
-    _C.forward(params, epilogue, _DTYPE_TAGS[input.dtype], _ptr(input), _ptr(weight), _ptr(bias),
-               _ptr(output), _ptr(grad_factor), device, stream)
+    dtype = _DTYPE_TAGS[input.dtype]
+    workspace = None
+    if device >= 0:
+        nbytes = _C.forward_workspace_bytes(params, dtype)
+        workspace = torch.empty(nbytes, dtype=torch.uint8, device=input.device) if nbytes else None
+    _C.forward(params, epilogue, dtype, _ptr(input), _ptr(weight), _ptr(bias), _ptr(output), _ptr(grad_factor),
+               _ptr(workspace), allow_tf32, device, stream)
 
 
 @torch.library.custom_op("fused_convt::conv_transpose2d_fused", mutates_args=())
@@ -77,6 +82,7 @@ def _forward_op(
     multiply_value: float,
     apply_epilogue: bool,
     save_grad_factor: bool,
+    allow_tf32: bool,
 ) -> Tuple[Tensor, Tensor]:
     input, weight = input.contiguous(), weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
@@ -86,13 +92,13 @@ def _forward_op(
     if output.numel() > 0:
         params = _params(input, weight, bias is not None, stride, padding, output_padding, dilation, groups)
         epilogue = _C.Epilogue(add_value, multiply_value, apply_epilogue)
-        _run_forward(input, weight, bias, params, epilogue, output, grad_factor)
+        _run_forward(input, weight, bias, params, epilogue, output, grad_factor, allow_tf32)
     return output, grad_factor
 
 
 @_forward_op.register_fake
 def _(input, weight, bias, stride, padding, output_padding, dilation, groups, add_value, multiply_value,
-      apply_epilogue, save_grad_factor):
+      apply_epilogue, save_grad_factor, allow_tf32):
     shape = _output_shape(input, weight, stride, padding, output_padding, dilation, groups)
     grad_factor = input.new_empty(shape if save_grad_factor and apply_epilogue else (0,))
     return input.new_empty(shape), grad_factor
@@ -113,6 +119,7 @@ def _backward_op(
     add_value: float,
     multiply_value: float,
     apply_epilogue: bool,
+    allow_tf32: bool,
     output_mask: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor]:
     grad_output, input, weight = grad_output.contiguous(), input.contiguous(), weight.contiguous()
@@ -121,7 +128,8 @@ def _backward_op(
     if apply_epilogue and grad_factor.numel() == 0 and grad_output.numel() > 0:
         # recompute=True: rebuild d output / d pre-activation from x and the weights, output not written.
         grad_factor = torch.empty_like(grad_output)
-        _run_forward(input, weight, bias, params, _C.Epilogue(add_value, multiply_value, True), None, grad_factor)
+        _run_forward(input, weight, bias, params, _C.Epilogue(add_value, multiply_value, True), None, grad_factor,
+                     allow_tf32)
     elif apply_epilogue:
         grad_factor = grad_factor.contiguous()
     else:
@@ -146,7 +154,7 @@ def _backward_op(
 
 @_backward_op.register_fake
 def _(grad_output, input, weight, bias, grad_factor, stride, padding, output_padding, dilation, groups,
-      add_value, multiply_value, apply_epilogue, output_mask):
+      add_value, multiply_value, apply_epilogue, allow_tf32, output_mask):
     want_input, want_weight, want_bias = output_mask
     return (
         torch.empty_like(input) if want_input else input.new_empty(0),
@@ -157,11 +165,12 @@ def _(grad_output, input, weight, bias, grad_factor, stride, padding, output_pad
 
 def _setup_forward_context(ctx, inputs, output):
     (input, weight, bias, stride, padding, output_padding, dilation, groups, add_value, multiply_value,
-     apply_epilogue, _save_grad_factor) = inputs
+     apply_epilogue, _save_grad_factor, allow_tf32) = inputs
     grad_factor = output[1]
     ctx.mark_non_differentiable(grad_factor)
     ctx.save_for_backward(input, weight, bias, grad_factor)
-    ctx.conv_args = (stride, padding, output_padding, dilation, groups, add_value, multiply_value, apply_epilogue)
+    ctx.conv_args = (stride, padding, output_padding, dilation, groups, add_value, multiply_value, apply_epilogue,
+                     allow_tf32)
 
 
 def _forward_op_backward(ctx, grad_output, _grad_of_grad_factor):
@@ -170,7 +179,7 @@ def _forward_op_backward(ctx, grad_output, _grad_of_grad_factor):
     grad_input, grad_weight, grad_bias = _backward_op(grad_output, input, weight, bias, grad_factor,
                                                       *ctx.conv_args, mask)
     return (grad_input if mask[0] else None, grad_weight if mask[1] else None, grad_bias if mask[2] else None,
-            None, None, None, None, None, None, None, None, None)
+            None, None, None, None, None, None, None, None, None, None)
 
 
 torch.library.register_autograd(_forward_op, _forward_op_backward, setup_context=_setup_forward_context)
@@ -190,41 +199,64 @@ def _no_double_backward(ctx, *grads):
 torch.library.register_autograd(_backward_op, _no_double_backward, setup_context=_setup_backward_context)
 
 
-def _prepare(input, weight, bias, stride, padding, output_padding, groups, dilation, add_value, multiply_value):
-    stride, padding = as_pair(stride, "stride"), as_pair(padding, "padding")
-    output_padding, dilation = as_pair(output_padding, "output_padding"), as_pair(dilation, "dilation")
+class PreparedArgs(NamedTuple):
+    input: Tensor
+    conv: Tuple[List[int], List[int], List[int], List[int]]  # stride, padding, output_padding, dilation
+    groups: int
+    add_value: float
+    multiply_value: float
+    unbatched: bool
+
+
+def prepare_args(input, weight, bias, stride, padding, output_padding, groups, dilation, add_value,
+                 multiply_value) -> PreparedArgs:
+    """Normalizes the public arguments (ints or pairs, NumPy scalars, unbatched 3-D input) and validates them
+    once, before any launch. Shared by the functional ops and FusedConvTranspose2dFunction."""
+    conv = (as_pair(stride, "stride"), as_pair(padding, "padding"), as_pair(output_padding, "output_padding"),
+            as_pair(dilation, "dilation"))
+    groups = as_groups(groups)
+    add_value, multiply_value = as_finite_float(add_value, "add_value"), as_finite_float(multiply_value,
+                                                                                        "multiply_value")
     unbatched = isinstance(input, Tensor) and input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
-    check_conv_args(input, weight, bias, stride, padding, output_padding, groups, dilation, add_value, multiply_value)
-    return input, (stride, padding, output_padding, dilation), unbatched
+    check_conv_args(input, weight, bias, conv[0], conv[1], conv[2], groups, conv[3])
+    return PreparedArgs(input, conv, groups, add_value, multiply_value, unbatched)
+
+
+def resolve_allow_tf32(allow_tf32: Optional[bool]) -> bool:
+    """None follows PyTorch's own switch for convolutions, ``torch.backends.cudnn.allow_tf32`` (default True)."""
+    return torch.backends.cudnn.allow_tf32 if allow_tf32 is None else bool(allow_tf32)
 
 
 def _call(input, weight, bias, stride, padding, output_padding, groups, dilation, add_value, multiply_value,
-          apply_epilogue, recompute):
-    input, (stride, padding, output_padding, dilation), unbatched = _prepare(
-        input, weight, bias, stride, padding, output_padding, groups, dilation, add_value, multiply_value)
+          apply_epilogue, recompute, allow_tf32):
+    args = prepare_args(input, weight, bias, stride, padding, output_padding, groups, dilation, add_value,
+                        multiply_value)
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (input, weight, bias))
+        t is not None and t.requires_grad for t in (args.input, weight, bias))
     output, _ = torch.ops.fused_convt.conv_transpose2d_fused(
-        input, weight, bias, stride, padding, output_padding, dilation, groups, float(add_value),
-        float(multiply_value), apply_epilogue, needs_grad and not recompute)
-    return output.squeeze(0) if unbatched else output
+        args.input, weight, bias, *args.conv, args.groups, args.add_value, args.multiply_value, apply_epilogue,
+        needs_grad and not recompute, resolve_allow_tf32(allow_tf32))
+    return output.squeeze(0) if args.unbatched else output
 
 
 def conv_transpose2d_fused(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0,
                            output_padding=0, groups: int = 1, dilation=1, *, add_value: float = 0.0,
-                           multiply_value: float = 1.0, recompute: bool = False) -> Tensor:
+                           multiply_value: float = 1.0, recompute: bool = False,
+                           allow_tf32: Optional[bool] = None) -> Tensor:
     """``multiply_value * gelu(min(conv_transpose2d(input, weight, bias, ...) + add_value, 0))`` in one kernel.
 
     Arguments follow ``torch.nn.functional.conv_transpose2d``. With ``recompute=True`` the forward saves
     only the inputs for backward and the backward recomputes the pre-activation (less memory, more time).
+    ``allow_tf32`` (float32 on CUDA only): TF32 tensor cores; None follows ``torch.backends.cudnn.allow_tf32``.
     """
     return _call(input, weight, bias, stride, padding, output_padding, groups, dilation, add_value,
-                 multiply_value, True, recompute)
+                 multiply_value, True, recompute, allow_tf32)
 
 
 def conv_transpose2d(input: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride=1, padding=0,
-                     output_padding=0, groups: int = 1, dilation=1) -> Tensor:
+                     output_padding=0, groups: int = 1, dilation=1, *, allow_tf32: Optional[bool] = None) -> Tensor:
     """Plain transposed convolution (identity epilogue): a drop-in for ``torch.nn.functional.conv_transpose2d``."""
-    return _call(input, weight, bias, stride, padding, output_padding, groups, dilation, 0.0, 1.0, False, False)
+    return _call(input, weight, bias, stride, padding, output_padding, groups, dilation, 0.0, 1.0, False, False,
+                 allow_tf32)

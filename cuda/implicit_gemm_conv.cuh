@@ -1,0 +1,478 @@
+// Tensor-core implicit-GEMM gather convolution: the fast path of the forward pass.
+//
+// Phase decomposition (shared/DESIGN.md): a stride-s transposed convolution is s_h * s_w independent
+// stride-1 correlations, one per output phase (oh mod s, ow mod s), each with only the taps that land on
+// that phase. No multiply is spent on a structural zero and the inner loop has no divisibility test.
+// Each phase is a GEMM: M = the phase's output pixels of one image, N = output channels of a group,
+// K = input channels of the group x the phase's taps. A[m, (c, tap)] is gathered from the input.
+//
+// Work split: a block owns kBlockM = 256 consecutive phase pixels (row-major over the phase grid, so any
+// image width wastes at most one partial tile) and BN output channels of one image, phase and group.
+// 8 warps each own 32 pixels x BN channels of fp32 accumulators (2 x BN/8 mma tiles).
+// Mainloop, per chunk of 16 input channels (two pipeline stages in shared memory):
+//  * the input patch the tile reads (rows of the phase grid it spans, plus the taps' halo) is loaded by
+//    each thread for whole pixels (16 channels), coalesced along the image row, and stored channels-last
+//    ([pixel][16 channels]) so that ldmatrix serves any tap offset: a tap just shifts the pixel row;
+//  * the weight slice [tap][BN][16] comes from a pre-packed copy with 16-byte cp.async;
+//  * every warp runs ldmatrix + mma.sync (TF32 m16n8k8 or bf16/fp16 m16n8k16) over the phase's taps.
+// The next chunk's loads are issued before the current chunk's MMAs, so memory latency hides under math.
+// Epilogue: bias, add, min, GELU, scale on the fp32 accumulators in registers, one write per output.
+#pragma once
+
+#include <algorithm>
+
+#include "cuda_common.cuh"
+#include "gather_conv.cuh"
+#include "mma.cuh"
+
+namespace fused_convt {
+
+constexpr int kTcBlockM = 256;
+constexpr int kTcWarps = 8;
+constexpr int kTcThreads = kTcWarps * 32;
+constexpr int kTcChunk = 16;            // input channels per pipeline stage
+constexpr int kTcMaxAxisTaps = 8;
+constexpr int kTcMaxPhases = 16;
+constexpr int kTcPixelsPerThread = 2;   // patch pixels each thread stages: the patch holds <= 512 pixels
+constexpr int kTcMaxPatchPixels = kTcPixelsPerThread * kTcThreads;
+constexpr int kTcMaxTaps = kTcMaxAxisTaps * kTcMaxAxisTaps;
+
+// One stride-1 sub-problem. Phase pixel (a, b) is the destination (first_h + a*dst_step_h, first_w + b*...)
+// and its tap (th, tw) reads the source at (a*src_scale_h + off_h[th], b*src_scale_w + off_w[tw]).
+struct TcPhase {
+  int first_h, first_w, extent_h, extent_w;
+  int taps_h, taps_w;
+  int kh[kTcMaxAxisTaps], kw[kTcMaxAxisTaps];
+  int off_h[kTcMaxAxisTaps], off_w[kTcMaxAxisTaps];
+};
+
+struct TcProblem {
+  int64_t batch;
+  int groups;
+  int dst_channels, dst_h, dst_w, dst_per_group;
+  int src_channels, src_h, src_w, src_per_group, src_padded;
+  int kernel_w, kernel_taps;
+  int dst_step_h, dst_step_w, src_scale_h, src_scale_w;
+  int phases, m_tiles, n_tiles;
+  int max_taps, max_patch_pixels;      // over all phases: sizes of the staging buffers
+  int stage_patch_bytes, stage_bytes;  // shared-memory layout, set by the launcher
+  TcPhase phase[kTcMaxPhases];
+};
+
+// Bytes of one staged row of kTcChunk values, padded by 16 B so that ldmatrix's eight row addresses of
+// consecutive pixels fall in distinct bank groups.
+template <typename T>
+constexpr int tc_row_bytes() { return kTcChunk * int(sizeof(typename MmaTraits<T>::Smem)) + 16; }
+
+// Packs the weight as [group][kh*kw][dst_local][src_local padded to kTcChunk] in the MMA's operand type
+// (TF32-rounded float or the 16-bit type), so that a block's weight tile is whole 16-byte rows.
+template <typename T>
+__global__ void pack_weight_kernel(const T* __restrict__ weight, typename MmaTraits<T>::Smem* __restrict__ packed,
+                                   int groups, int taps, int dst_per_group, int src_per_group, int src_padded,
+                                   int64_t weight_group_stride, int weight_src_stride, int weight_dst_stride) {
+  const int64_t total = int64_t(groups) * taps * dst_per_group * src_padded;
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
+    const int s = int(i % src_padded);
+    int64_t rest = i / src_padded;
+    const int d = int(rest % dst_per_group);
+    rest /= dst_per_group;
+    const int tap = int(rest % taps);
+    const int64_t g = rest / taps;
+    T v = T(0.0f);
+    if (s < src_per_group) v = weight[g * weight_group_stride + int64_t(s) * weight_src_stride +
+                                      int64_t(d) * weight_dst_stride + tap];
+    packed[i] = MmaTraits<T>::to_smem(v);
+  }
+}
+
+// Two blocks per SM: the second block's mainloop hides this one's prologue, epilogue and barriers.
+template <typename T, GatherDirection Dir, int BN>
+__global__ void __launch_bounds__(kTcThreads, 2)
+implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, const T* __restrict__ src,
+                          const T* __restrict__ src_factor, const typename MmaTraits<T>::Smem* __restrict__ packed,
+                          const T* __restrict__ bias, T* __restrict__ dst, T* __restrict__ dst_factor) {
+  using Traits = MmaTraits<T>;
+  using Smem = typename Traits::Smem;
+  constexpr int kRowBytes = tc_row_bytes<T>();
+  constexpr int kNFrags = BN / 8;
+  constexpr int kRowChunks = kTcChunk * int(sizeof(Smem)) / 16;  // 16-byte pieces per staged row
+  static_assert(kNFrags % 2 == 0, "B fragments are loaded in pairs");
+  constexpr int kEpiFrags = kNFrags < 4 ? kNFrags : 4;  // fragments (8 channels each) per epilogue pass
+  constexpr int kEpiParts = kNFrags / kEpiFrags;
+  constexpr int kEpiStride = kTcBlockM + 4;             // floats; +4 spreads the fragment writes over banks
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  __shared__ int tap_offset[kTcMaxTaps];  // patch-row shift of each tap
+  __shared__ int tap_weight[kTcMaxTaps];  // kh * kernel_w + kw of each tap
+
+  // The phase varies fastest: the blocks of all phases of one tile run together, so the interleaved
+  // halves of each output sector they write meet in L2 instead of reaching DRAM as partial writes.
+  const int phase_index = int(blockIdx.x % pr.phases);
+  const int m_tile = int((blockIdx.x / pr.phases) % pr.m_tiles);
+  const int64_t image = blockIdx.x / (int64_t(pr.phases) * pr.m_tiles);
+  const int n_tile = int(blockIdx.y % pr.n_tiles);
+  const int group = int(blockIdx.y / pr.n_tiles);
+  const TcPhase& ph = pr.phase[phase_index];
+  const int count = ph.extent_h * ph.extent_w;
+  const int m0 = m_tile * kTcBlockM;
+  if (m0 >= count) return;
+  const int n0 = n_tile * BN;
+  const int taps = ph.taps_h * ph.taps_w;
+
+  // The patch: source rows spanned by this tile's phase rows plus the taps' halo; full phase width.
+  int min_off_h = ph.off_h[0], max_off_h = ph.off_h[0], min_off_w = ph.off_w[0], max_off_w = ph.off_w[0];
+  for (int i = 1; i < ph.taps_h; ++i) { min_off_h = min(min_off_h, ph.off_h[i]); max_off_h = max(max_off_h, ph.off_h[i]); }
+  for (int i = 1; i < ph.taps_w; ++i) { min_off_w = min(min_off_w, ph.off_w[i]); max_off_w = max(max_off_w, ph.off_w[i]); }
+  const int a_first = m0 / ph.extent_w, a_last = (min(m0 + kTcBlockM, count) - 1) / ph.extent_w;
+  const int row_first = a_first * pr.src_scale_h + min_off_h;
+  const int rows = a_last * pr.src_scale_h + max_off_h - row_first + 1;
+  const int col_first = min_off_w;
+  const int cols = (ph.extent_w - 1) * pr.src_scale_w + max_off_w - col_first + 1;
+  const int patch_pixels = rows * cols;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  if (tid < taps) {
+    const int th = tid / ph.taps_w, tw = tid % ph.taps_w;
+    tap_offset[tid] = (ph.off_h[th] - min_off_h) * cols + (ph.off_w[tw] - min_off_w);
+    tap_weight[tid] = ph.kh[th] * pr.kernel_w + ph.kw[tw];
+  }
+
+  // Patch pixels this thread stages: global offset within a channel plane (-1 outside the image).
+  int pixel_global[kTcPixelsPerThread];
+#pragma unroll
+  for (int j = 0; j < kTcPixelsPerThread; ++j) {
+    const int p = tid + j * kTcThreads;
+    const int y = row_first + p / cols, x = col_first + p % cols;
+    const bool inside = p < patch_pixels && y >= 0 && y < pr.src_h && x >= 0 && x < pr.src_w;
+    pixel_global[j] = inside ? y * pr.src_w + x : -1;
+  }
+
+  // ldmatrix row of each of this lane's A fragments: pixel (a, b) of the tile at tap offset 0.
+  int a_row[2];
+#pragma unroll
+  for (int i = 0; i < 2; ++i) {
+    const int m = min(m0 + warp * 32 + i * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, count - 1);
+    const int a = m / ph.extent_w, b = m % ph.extent_w;
+    a_row[i] = (a * pr.src_scale_h + min_off_h - row_first) * cols + b * pr.src_scale_w;
+  }
+
+  // Offsets inside one image fit 32 bits (checked by finish_tc_problem); only the image base is 64-bit.
+  const int src_plane = pr.src_h * pr.src_w;
+  const int64_t src_image = (image * pr.src_channels + int64_t(group) * pr.src_per_group) * src_plane;
+  const T* src_group = src + src_image;
+  const T* factor_group = src_factor ? src_factor + src_image : nullptr;
+  const Smem* packed_group = packed + int64_t(group) * pr.kernel_taps * pr.dst_per_group * pr.src_padded;
+
+  // Register staging of the next chunk's patch pixels, packed as they will sit in shared memory.
+  constexpr int kWords = kTcChunk / Traits::kValuesPerWord;
+  uint32_t staged[kTcPixelsPerThread][kWords];
+  auto load_patch = [&](int c0) {
+    const int channels = min(kTcChunk, pr.src_per_group - c0);
+#pragma unroll
+    for (int j = 0; j < kTcPixelsPerThread; ++j) {
+      const int offset = c0 * src_plane + max(pixel_global[j], 0);
+      const bool pixel_ok = pixel_global[j] >= 0;
+#pragma unroll
+      for (int w = 0; w < kWords; ++w) {
+        float v[Traits::kValuesPerWord];
+#pragma unroll
+        for (int e = 0; e < Traits::kValuesPerWord; ++e) {
+          const int c = w * Traits::kValuesPerWord + e;
+          const bool ok = pixel_ok && c < channels;
+          v[e] = ok ? float(to_acc(src_group[offset + c * src_plane])) : 0.0f;
+          if (Dir == GatherDirection::GradInput && factor_group && ok)
+            v[e] *= float(to_acc(factor_group[offset + c * src_plane]));
+        }
+        staged[j][w] = Traits::to_word(v);
+      }
+    }
+  };
+  auto store_patch = [&](int stage) {
+    unsigned char* patch = smem + stage * pr.stage_bytes;
+#pragma unroll
+    for (int j = 0; j < kTcPixelsPerThread; ++j) {
+      const int p = tid + j * kTcThreads;
+      if (p < patch_pixels) {
+        uint4* to = reinterpret_cast<uint4*>(patch + p * kRowBytes);
+#pragma unroll
+        for (int q = 0; q < kRowChunks; ++q)
+          to[q] = make_uint4(staged[j][4 * q], staged[j][4 * q + 1], staged[j][4 * q + 2], staged[j][4 * q + 3]);
+      }
+    }
+  };
+  auto load_weights = [&](int c0, int stage) {
+    unsigned char* tile = smem + stage * pr.stage_bytes + pr.stage_patch_bytes;
+    for (int i = tid; i < taps * BN * kRowChunks; i += kTcThreads) {
+      const int piece = i % kRowChunks, row = i / kRowChunks;
+      const int tap = row / BN, n = row % BN;
+      const bool valid = n0 + n < pr.dst_per_group;
+      const Smem* from = packed_group +
+                         (int64_t(tap_weight[tap]) * pr.dst_per_group + (valid ? n0 + n : 0)) * pr.src_padded + c0;
+      cp_async_16(smem_address(tile + row * kRowBytes + piece * 16), reinterpret_cast<const uint4*>(from) + piece,
+                  valid ? 16 : 0);
+    }
+    cp_async_commit();
+  };
+
+  float acc[2][kNFrags][4];
+#pragma unroll
+  for (int i = 0; i < 2; ++i)
+#pragma unroll
+    for (int j = 0; j < kNFrags; ++j)
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+
+  const int chunks = taps > 0 ? (pr.src_per_group + kTcChunk - 1) / kTcChunk : 0;
+  __syncthreads();  // tap tables
+  if (chunks > 0) {
+    load_patch(0);
+    load_weights(0, 0);
+    store_patch(0);
+    cp_async_wait_all();
+    __syncthreads();
+  }
+  for (int chunk = 0; chunk < chunks; ++chunk) {
+    const int stage = chunk & 1;
+    const bool more = chunk + 1 < chunks;
+    if (more) {
+      load_patch((chunk + 1) * kTcChunk);
+      load_weights((chunk + 1) * kTcChunk, stage ^ 1);
+    }
+    const uint32_t patch_base = smem_address(smem + stage * pr.stage_bytes);
+    const uint32_t weight_base = patch_base + pr.stage_patch_bytes;
+    for (int tap = 0; tap < taps; ++tap) {
+      const int shift = tap_offset[tap];
+#pragma unroll
+      for (int ks = 0; ks < kTcChunk / Traits::kStep; ++ks) {
+        uint32_t a[2][4];
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+          ldmatrix_x4(a[i], patch_base + (a_row[i] + shift) * kRowBytes + ks * 32 + (lane >> 4) * 16);
+        uint32_t b[kNFrags][2];
+#pragma unroll
+        for (int j = 0; j < kNFrags; j += 2) {
+          uint32_t r[4];
+          const int n = j * 8 + (lane & 7) + (lane >> 4) * 8;
+          ldmatrix_x4(r, weight_base + (tap * BN + n) * kRowBytes + ks * 32 + ((lane >> 3) & 1) * 16);
+          b[j][0] = r[0];
+          b[j][1] = r[1];
+          b[j + 1][0] = r[2];
+          b[j + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int i = 0; i < 2; ++i)
+#pragma unroll
+          for (int j = 0; j < kNFrags; ++j) Traits::mma(acc[i][j], a[i], b[j]);
+      }
+    }
+    if (more) store_patch(stage ^ 1);
+    cp_async_wait_all();
+    __syncthreads();
+  }
+
+  // Epilogue. The accumulators go through shared memory (free after the mainloop), 32 channels at a time,
+  // so that each thread then owns one pixel and walks the channels in a short loop: consecutive threads
+  // store consecutive pixels, and the loop body (with erfc) stays small enough for the instruction cache;
+  // a fully unrolled per-fragment epilogue was ~10k instructions and stalled on instruction fetch.
+  float* tile = reinterpret_cast<float*>(smem);
+  const int dst_plane = pr.dst_h * pr.dst_w;
+  const int64_t dst_image = (image * pr.dst_channels + int64_t(group) * pr.dst_per_group) * dst_plane;
+  const EpilogueConstants<float> epilogue(epi);
+  const int m = m0 + tid;
+  int pixel = 0;
+  if (m < count) {
+    const int a = m / ph.extent_w, b = m % ph.extent_w;
+    pixel = (ph.first_h + a * pr.dst_step_h) * pr.dst_w + ph.first_w + b * pr.dst_step_w;
+  }
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int part = 0; part < kEpiParts; ++part) {
+#pragma unroll
+    for (int j = part * kEpiFrags; j < (part + 1) * kEpiFrags; ++j)
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int column = (j - part * kEpiFrags) * 8 + 2 * t + (q & 1);
+          tile[column * kEpiStride + warp * 32 + i * 16 + g + (q >> 1) * 8] = acc[i][j][q];
+        }
+    __syncthreads();
+    if (m < count) {
+#pragma unroll 2
+      for (int column = 0; column < kEpiFrags * 8; ++column) {
+        const int n = n0 + part * kEpiFrags * 8 + column;
+        if (n >= pr.dst_per_group) break;
+        const int64_t index = dst_image + n * dst_plane + pixel;
+        const float value = tile[column * kEpiStride + tid];
+        if constexpr (Dir == GatherDirection::Forward) {
+          const float pre = value + (bias ? float(to_acc(bias[group * pr.dst_per_group + n])) : 0.0f);
+          if (dst) dst[index] = from_acc<T>(apply_epilogue(epilogue, pre));
+          if (dst_factor) dst_factor[index] = from_acc<T>(epilogue_grad_factor(epilogue, pre));
+        } else {
+          dst[index] = from_acc<T>(value);
+        }
+      }
+    }
+    __syncthreads();
+  }
+}
+
+}  // namespace fused_convt
+
+namespace fused_convt {
+
+// The phases of one axis of the forward pass: for phase r (t = o + p, r = t mod s), the taps k with
+// k*d = r (mod s), their input shifts q = (k*d - r) / s, and the range of j with o = s*j + r - p inside
+// the output. Phase pixel a is j = j0 + a, reads input j - q = a + (j0 - q), writes output s*j0 + r - p + s*a.
+struct AxisPhase {
+  int first, extent, taps;
+  int kernel_index[kTcMaxAxisTaps], offset[kTcMaxAxisTaps];
+};
+
+// Returns false when an axis phase has more taps than the fast path holds.
+inline bool forward_axis_phases(int64_t out, int64_t kernel, int64_t stride, int64_t pad,
+                                int64_t dilation, AxisPhase* phases, int* count) {
+  *count = 0;
+  for (int64_t r = 0; r < stride; ++r) {
+    AxisPhase ph{};
+    const int64_t j0 = -floor_div(r - pad, stride);  // ceil((pad - r) / stride)
+    const int64_t j_last = floor_div(out - 1 + pad - r, stride);
+    if (j_last < j0) continue;
+    ph.first = int(stride * j0 + r - pad);
+    ph.extent = int(j_last - j0 + 1);
+    for (int64_t k = 0; k < kernel; ++k) {
+      const int64_t shifted = k * dilation - r;
+      if (shifted % stride != 0) continue;
+      if (ph.taps == kTcMaxAxisTaps) return false;
+      ph.kernel_index[ph.taps] = int(k);
+      ph.offset[ph.taps] = int(j0 - shifted / stride);
+      ++ph.taps;
+    }
+    phases[(*count)++] = ph;
+  }
+  return true;
+}
+
+inline int span_of(const int* offsets, int n) {
+  if (n == 0) return 0;
+  int lo = offsets[0], hi = offsets[0];
+  for (int i = 1; i < n; ++i) { lo = std::min(lo, offsets[i]); hi = std::max(hi, offsets[i]); }
+  return hi - lo;
+}
+
+// Fills the tile counts and staging sizes from the phases; false if a tile's patch would not fit.
+inline bool finish_tc_problem(TcProblem* pr) {
+  int max_count = 0;
+  pr->max_taps = pr->max_patch_pixels = 0;
+  for (int i = 0; i < pr->phases; ++i) {
+    const TcPhase& ph = pr->phase[i];
+    max_count = std::max(max_count, ph.extent_h * ph.extent_w);
+    pr->max_taps = std::max(pr->max_taps, ph.taps_h * ph.taps_w);
+    // A tile of kTcBlockM consecutive phase pixels spans at most this many phase rows (kernel's patch bounds).
+    const int a_span = std::min(ph.extent_h, (kTcBlockM - 1) / ph.extent_w + 2);
+    const int64_t rows = int64_t(a_span - 1) * pr->src_scale_h + span_of(ph.off_h, ph.taps_h) + 1;
+    const int64_t cols = int64_t(ph.extent_w - 1) * pr->src_scale_w + span_of(ph.off_w, ph.taps_w) + 1;
+    if (rows * cols > kTcMaxPatchPixels) return false;
+    // The kernel addresses inside one image with 32-bit offsets.
+    if (int64_t(pr->src_channels) * pr->src_h * pr->src_w > INT32_MAX ||
+        int64_t(pr->dst_channels) * pr->dst_h * pr->dst_w > INT32_MAX)
+      return false;
+    pr->max_patch_pixels = std::max(pr->max_patch_pixels, int(rows * cols));
+  }
+  pr->m_tiles = (max_count + kTcBlockM - 1) / kTcBlockM;
+  return pr->phases > 0;
+}
+
+// Builds the forward TcProblem (without the launch-dependent fields); false if the fast path does not
+// cover these parameters (too many phases or taps, or a patch larger than the staging buffers).
+inline bool forward_tc_problem(const ConvTransposeParams& p, TcProblem* pr) {
+  AxisPhase rows[kTcMaxPhases], cols[kTcMaxPhases];
+  int row_count = 0, col_count = 0;
+  if (p.stride_h * p.stride_w > kTcMaxPhases) return false;
+  if (!forward_axis_phases(p.out_h(), p.kernel_h, p.stride_h, p.pad_h, p.dil_h, rows, &row_count) ||
+      !forward_axis_phases(p.out_w(), p.kernel_w, p.stride_w, p.pad_w, p.dil_w, cols, &col_count))
+    return false;
+  *pr = TcProblem{};
+  pr->batch = p.batch;
+  pr->groups = int(p.groups);
+  pr->dst_channels = int(p.out_channels);
+  pr->dst_h = int(p.out_h());
+  pr->dst_w = int(p.out_w());
+  pr->dst_per_group = int(p.out_channels_per_group());
+  pr->src_channels = int(p.in_channels);
+  pr->src_h = int(p.in_h);
+  pr->src_w = int(p.in_w);
+  pr->src_per_group = int(p.in_channels_per_group());
+  pr->src_padded = (pr->src_per_group + kTcChunk - 1) / kTcChunk * kTcChunk;
+  pr->kernel_w = int(p.kernel_w);
+  pr->kernel_taps = int(p.kernel_h * p.kernel_w);
+  pr->dst_step_h = int(p.stride_h);
+  pr->dst_step_w = int(p.stride_w);
+  pr->src_scale_h = pr->src_scale_w = 1;
+  for (int i = 0; i < row_count; ++i) {
+    for (int j = 0; j < col_count; ++j) {
+      TcPhase& ph = pr->phase[pr->phases++];
+      ph.first_h = rows[i].first;
+      ph.first_w = cols[j].first;
+      ph.extent_h = rows[i].extent;
+      ph.extent_w = cols[j].extent;
+      ph.taps_h = rows[i].taps;
+      ph.taps_w = cols[j].taps;
+      for (int k = 0; k < kTcMaxAxisTaps; ++k) {
+        ph.kh[k] = rows[i].kernel_index[k];
+        ph.off_h[k] = rows[i].offset[k];
+        ph.kw[k] = cols[j].kernel_index[k];
+        ph.off_w[k] = cols[j].offset[k];
+      }
+    }
+  }
+  return finish_tc_problem(pr);
+}
+
+template <typename T>
+size_t packed_weight_bytes(const TcProblem& pr) {
+  return size_t(pr.groups) * pr.kernel_taps * pr.dst_per_group * pr.src_padded *
+         sizeof(typename MmaTraits<T>::Smem);
+}
+
+// Packs the weight into the workspace and launches the implicit-GEMM kernel with a channel tile BN chosen
+// from the group width. Returns false (launching nothing) when shared memory or the grid do not fit.
+template <typename T, GatherDirection Dir>
+bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src, const T* src_factor,
+                               const T* weight, int64_t weight_group_stride, int weight_src_stride,
+                               int weight_dst_stride, const T* bias, T* dst, T* dst_factor, void* workspace,
+                               cudaStream_t stream) {
+  using Smem = typename MmaTraits<T>::Smem;
+  constexpr int kRowBytes = tc_row_bytes<T>();
+  auto launch = [&](auto bn_constant) -> bool {
+    constexpr int BN = decltype(bn_constant)::value;
+    pr.n_tiles = (pr.dst_per_group + BN - 1) / BN;
+    pr.stage_patch_bytes = pr.max_patch_pixels * kRowBytes;
+    pr.stage_bytes = pr.stage_patch_bytes + pr.max_taps * BN * kRowBytes;
+    const size_t epilogue_bytes = size_t(std::min(BN, 32)) * (kTcBlockM + 4) * sizeof(float);
+    const size_t smem = std::max(2 * size_t(pr.stage_bytes), epilogue_bytes);
+    const int64_t grid_x = pr.batch * pr.m_tiles * pr.phases, grid_y = int64_t(pr.groups) * pr.n_tiles;
+    if (smem > max_dynamic_smem_bytes() || grid_x > 0x7fffffff || grid_y > 65535) return false;
+
+    Smem* packed = static_cast<Smem*>(workspace);
+    const int64_t packed_count = int64_t(pr.groups) * pr.kernel_taps * pr.dst_per_group * pr.src_padded;
+    const int pack_blocks = int(std::min<int64_t>((packed_count + 255) / 256, 4096));
+    pack_weight_kernel<T><<<pack_blocks, 256, 0, stream>>>(weight, packed, pr.groups, pr.kernel_taps,
+                                                           pr.dst_per_group, pr.src_per_group, pr.src_padded,
+                                                           weight_group_stride, weight_src_stride,
+                                                           weight_dst_stride);
+    check_launch("pack_weight_kernel");
+    auto kernel = implicit_gemm_conv_kernel<T, Dir, BN>;
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+               "cudaFuncSetAttribute(implicit_gemm_conv_kernel)");
+    kernel<<<dim3(unsigned(grid_x), unsigned(grid_y)), kTcThreads, smem, stream>>>(pr, epi, src, src_factor, packed,
+                                                                                  bias, dst, dst_factor);
+    check_launch("implicit_gemm_conv_kernel");
+    return true;
+  };
+  if (pr.dst_per_group <= 16) return launch(std::integral_constant<int, 16>{});
+  if (pr.dst_per_group <= 32) return launch(std::integral_constant<int, 32>{});
+  return launch(std::integral_constant<int, 64>{});
+}
+
+}  // namespace fused_convt

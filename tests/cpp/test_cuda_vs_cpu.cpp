@@ -1,0 +1,320 @@
+// forward_cuda / backward_cuda against forward_cpu / backward_cpu and the double reference, in float (exact
+// and with TF32 allowed), double, float16 and bfloat16, on problems that take the tensor-core path and on
+// problems that fall back to the direct kernel. Device results and workspaces are poisoned with 0xFF bytes
+// (NaN in every dtype) first, so an element a kernel forgets to write fails the comparison. Both entry
+// points must be bitwise reproducible. Exits 77 (ctest: skipped) when no CUDA device is visible.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstring>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#include "fused_convt/api.h"
+#include "test_util.h"
+
+using fused_convt::BackwardArgs;
+using fused_convt::ConvTransposeParams;
+using fused_convt::CudaContext;
+using fused_convt::Epilogue;
+using fused_convt::ForwardArgs;
+
+namespace {
+
+void cuda_ok(cudaError_t status, const char* what) {
+  if (status != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(status));
+}
+
+class DeviceBuffer {
+ public:
+  explicit DeviceBuffer(size_t bytes) : bytes_(bytes) {
+    cuda_ok(cudaMalloc(&ptr_, std::max<size_t>(bytes, 1)), "cudaMalloc");
+  }
+  template <typename T>
+  explicit DeviceBuffer(const std::vector<T>& host) : DeviceBuffer(host.size() * sizeof(T)) {
+    if (bytes_) cuda_ok(cudaMemcpy(ptr_, host.data(), bytes_, cudaMemcpyHostToDevice), "cudaMemcpy to device");
+  }
+  ~DeviceBuffer() { cudaFree(ptr_); }
+  DeviceBuffer(const DeviceBuffer&) = delete;
+  DeviceBuffer& operator=(const DeviceBuffer&) = delete;
+
+  void* get() const { return ptr_; }
+  // 0xFF bytes are a NaN in float, double, float16 and bfloat16.
+  void poison() { if (bytes_) cuda_ok(cudaMemset(ptr_, 0xFF, bytes_), "cudaMemset"); }
+  template <typename T>
+  std::vector<T> download() const {
+    std::vector<T> host(bytes_ / sizeof(T));
+    if (bytes_) cuda_ok(cudaMemcpy(host.data(), ptr_, bytes_, cudaMemcpyDeviceToHost), "cudaMemcpy to host");
+    return host;
+  }
+
+ private:
+  void* ptr_ = nullptr;
+  size_t bytes_;
+};
+
+template <typename T>
+bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
+}
+
+template <typename T>
+std::vector<double> as_doubles(const std::vector<T>& values) {
+  std::vector<double> result(values.size());
+  for (size_t i = 0; i < values.size(); ++i) result[i] = test::to_double(values[i]);
+  return result;
+}
+
+// Checks a device result against the reference (within tol) and against the CPU result (within 2 * tol:
+// both are within tol of the reference).
+template <typename T>
+void check_device(const std::vector<T>& device, const std::vector<T>& cpu, const std::vector<double>& reference,
+                  const std::vector<double>& tol, const std::string& what) {
+  test::check_close(device, reference, tol, 1.0, what + " vs reference");
+  test::check_close(device, as_doubles(cpu), tol, 2.0, what + " vs CPU");
+}
+
+struct CaseOptions {
+  bool full = true;  // false: forward writes only grad_factor, backward only grad_input (no workspace)
+  cudaStream_t stream = nullptr;
+  bool allow_tf32 = false;
+};
+
+// TF32 keeps 10 mantissa bits: an operand is off by less than 2^-10 of itself, rounded or truncated.
+constexpr double kTf32OperandUnit = 0x1.0p-10;
+
+template <typename T>
+void check_case(const ConvTransposeParams& p, const Epilogue& epi, const CaseOptions& options, test::Rng& rng,
+                const std::string& label) {
+  const auto dtype = test::Storage<T>::dtype;
+  const bool tf32 = options.allow_tf32 && dtype == fused_convt::DType::Float32;
+  const std::string what =
+      label + " " + fused_convt::dtype_name(dtype) + (tf32 ? " (TF32)" : "") + " " + test::describe(p);
+  const CudaContext ctx{0, options.stream};
+  auto sync = [&] { cuda_ok(cudaStreamSynchronize(options.stream), "cudaStreamSynchronize"); };
+
+  std::vector<double> x_exact, w_exact, b_exact, go_exact;
+  const auto x = test::random_tensor<T>(rng, p.input_numel(), -1, 1, &x_exact);
+  const auto w = test::random_tensor<T>(rng, p.weight_numel(), -1, 1, &w_exact);
+  const auto b = p.has_bias ? test::random_tensor<T>(rng, p.out_channels, -1, 1, &b_exact) : std::vector<T>{};
+  const auto grad_output = test::random_tensor<T>(rng, p.output_numel(), -1, 1, &go_exact);
+
+  // ---- forward
+  std::vector<T> out_cpu(size_t(p.output_numel())), factor_cpu(size_t(p.output_numel()));
+  const void* bias = p.has_bias ? b.data() : nullptr;
+  fused_convt::forward_cpu(p, epi, dtype, ForwardArgs{x.data(), w.data(), bias, out_cpu.data(), factor_cpu.data()});
+  const test::ForwardExpectation expected = test::expected_forward<T>(
+      test::reference_preactivation(p, x_exact, w_exact, b_exact), epi, tf32 ? kTf32OperandUnit : 0.0);
+
+  const DeviceBuffer x_dev(x), w_dev(w), b_dev(b), go_dev(grad_output);
+  DeviceBuffer out_dev(out_cpu.size() * sizeof(T)), factor_dev(factor_cpu.size() * sizeof(T));
+  const size_t forward_workspace_bytes = fused_convt::forward_workspace_bytes(p, dtype);
+  DeviceBuffer forward_workspace(forward_workspace_bytes);
+  ForwardArgs forward_args{x_dev.get(), w_dev.get(), p.has_bias ? b_dev.get() : nullptr,
+                           options.full ? out_dev.get() : nullptr, factor_dev.get()};
+  forward_args.workspace = forward_workspace.get();
+  forward_args.allow_tf32 = options.allow_tf32;
+  auto run_forward = [&] {
+    for (DeviceBuffer* buffer : {&out_dev, &factor_dev, &forward_workspace}) buffer->poison();
+    cuda_ok(cudaDeviceSynchronize(), "poison");
+    fused_convt::forward_cuda(p, epi, dtype, forward_args, ctx);
+    sync();
+  };
+  run_forward();
+  const auto out = out_dev.download<T>(), factor = factor_dev.download<T>();
+  if (options.full) check_device(out, out_cpu, expected.output, expected.output_tol, what + ": output");
+  check_device(factor, factor_cpu, expected.factor, expected.factor_tol, what + ": grad_factor");
+  run_forward();
+  CHECK_MSG(!options.full || bitwise_equal(out_dev.download<T>(), out), what + ": forward output not reproducible");
+  CHECK_MSG(bitwise_equal(factor_dev.download<T>(), factor), what + ": forward grad_factor not reproducible");
+
+  // ---- backward, with the grad_factor the CPU forward saved (identical input for both paths)
+  BackwardArgs cpu_args;
+  cpu_args.grad_output = grad_output.data();
+  cpu_args.grad_factor = epi.enabled ? factor_cpu.data() : nullptr;
+  cpu_args.input = x.data();
+  cpu_args.weight = w.data();
+  std::vector<T> gi_cpu(size_t(p.input_numel())), gw_cpu(size_t(p.weight_numel())), gb_cpu(size_t(p.out_channels));
+  cpu_args.grad_input = gi_cpu.data();
+  cpu_args.grad_weight = gw_cpu.data();
+  cpu_args.grad_bias = p.has_bias ? gb_cpu.data() : nullptr;
+  fused_convt::backward_cpu(p, dtype, cpu_args);
+  const std::vector<double> factor_exact = epi.enabled ? as_doubles(factor_cpu) : std::vector<double>{};
+  const test::BackwardReference ref = test::reference_backward(p, x_exact, w_exact, go_exact, factor_exact);
+
+  // Where the tensor-core path needs its workspace, leaving it out is an argument error, not a crash.
+  if (forward_workspace_bytes > 0 && p.output_numel() > 0 && (dtype != fused_convt::DType::Float32 || tf32)) {
+    ForwardArgs without_workspace = forward_args;
+    without_workspace.workspace = nullptr;
+    std::string outcome = "no exception";
+    try {
+      fused_convt::forward_cuda(p, epi, dtype, without_workspace, ctx);
+    } catch (const std::invalid_argument&) {
+      outcome.clear();
+    } catch (const std::exception& error) {
+      outcome = error.what();
+    }
+    CHECK_MSG(outcome.empty(), what + ": forward_cuda without its workspace must throw std::invalid_argument, got " +
+                                   outcome);
+  }
+
+  const DeviceBuffer saved_factor_dev(factor_cpu);
+  DeviceBuffer gi_dev(gi_cpu.size() * sizeof(T)), gw_dev(gw_cpu.size() * sizeof(T)), gb_dev(gb_cpu.size() * sizeof(T));
+  DeviceBuffer workspace(fused_convt::backward_workspace_bytes(p, dtype));
+  BackwardArgs dev_args;
+  dev_args.grad_output = go_dev.get();
+  dev_args.grad_factor = epi.enabled ? saved_factor_dev.get() : nullptr;
+  dev_args.input = x_dev.get();
+  dev_args.weight = w_dev.get();
+  dev_args.grad_input = gi_dev.get();
+  if (options.full) {
+    dev_args.grad_weight = gw_dev.get();
+    dev_args.grad_bias = p.has_bias ? gb_dev.get() : nullptr;
+    dev_args.workspace = workspace.get();
+  }
+  auto run_backward = [&] {
+    for (DeviceBuffer* buffer : {&gi_dev, &gw_dev, &gb_dev, &workspace}) buffer->poison();
+    cuda_ok(cudaDeviceSynchronize(), "poison");
+    fused_convt::backward_cuda(p, dtype, dev_args, ctx);
+    sync();
+  };
+  run_backward();
+  const auto gi = gi_dev.download<T>(), gw = gw_dev.download<T>(), gb = gb_dev.download<T>();
+  check_device(gi, gi_cpu, ref.grad_input.value, test::sum_tolerances<T>(ref.grad_input), what + ": grad_input");
+  if (options.full) {
+    check_device(gw, gw_cpu, ref.grad_weight.value, test::sum_tolerances<T>(ref.grad_weight), what + ": grad_weight");
+    if (p.has_bias) {
+      check_device(gb, gb_cpu, ref.grad_bias.value, test::sum_tolerances<T>(ref.grad_bias), what + ": grad_bias");
+    }
+  }
+  run_backward();
+  CHECK_MSG(bitwise_equal(gi_dev.download<T>(), gi), what + ": grad_input not reproducible");
+  if (options.full) {
+    CHECK_MSG(bitwise_equal(gw_dev.download<T>(), gw), what + ": grad_weight not reproducible");
+    CHECK_MSG(!p.has_bias || bitwise_equal(gb_dev.download<T>(), gb), what + ": grad_bias not reproducible");
+  }
+}
+
+// Problems large enough for several destination tiles, channel tiles, source chunks and grad_weight splits,
+// on both forward paths: the tensor-core implicit GEMM (stride_h * stride_w <= 16, few taps per phase,
+// patches that fit its staging buffers) and the direct gather kernel.
+std::vector<std::pair<std::string, ConvTransposeParams>> tiled_cases() {
+  std::vector<std::pair<std::string, ConvTransposeParams>> cases;
+  auto make = [](int64_t n, int64_t cin, int64_t cout, int64_t h, int64_t w, int64_t groups) {
+    ConvTransposeParams p;
+    p.batch = n, p.in_channels = cin, p.out_channels = cout, p.in_h = h, p.in_w = w, p.groups = groups;
+    return p;
+  };
+  ConvTransposeParams p = make(2, 20, 36, 19, 19, 1);
+  p.kernel_h = p.kernel_w = 4, p.stride_h = p.stride_w = 2, p.pad_h = p.pad_w = 1;
+  cases.push_back({"k4 s2 p1, channel tiles and source chunks", p});
+  p = make(1, 24, 40, 32, 32, 1);
+  p.kernel_h = p.kernel_w = 4, p.stride_h = p.stride_w = 2, p.pad_h = p.pad_w = 1;
+  cases.push_back({"k4 s2 p1, several M tiles per phase, channels not a multiple of 16", p});
+  p = make(2, 34, 18, 20, 20, 2);
+  p.kernel_h = p.kernel_w = 3, p.pad_h = p.pad_w = 1;
+  cases.push_back({"stride 1, groups, 17 channels per group", p});
+  p = make(1, 16, 16, 12, 12, 1);
+  p.kernel_h = p.kernel_w = 3, p.stride_h = p.stride_w = 2, p.dil_h = p.dil_w = 2, p.pad_h = p.pad_w = 1;
+  p.out_pad_h = p.out_pad_w = 1;
+  cases.push_back({"phases without taps (gcd(d, s) = 2)", p});
+  p = make(2, 8, 8, 23, 21, 8);
+  p.kernel_h = p.kernel_w = 3, p.stride_h = p.stride_w = 2, p.pad_h = p.pad_w = 1, p.out_pad_h = p.out_pad_w = 1;
+  cases.push_back({"depthwise", p});
+  p = make(1, 6, 10, 9, 13, 2);
+  p.kernel_h = 7, p.kernel_w = 5, p.dil_h = 3, p.dil_w = 2, p.stride_h = 2, p.stride_w = 3, p.pad_h = 4, p.pad_w = 2;
+  p.out_pad_h = 2, p.out_pad_w = 1;
+  cases.push_back({"large dilated kernel", p});
+  p = make(1, 4, 4, 6, 5, 1);
+  p.kernel_h = p.kernel_w = 2, p.stride_h = 5, p.stride_w = 4, p.out_pad_h = 3;
+  cases.push_back({"20 phases (direct kernel only)", p});
+  p = make(4, 3, 5, 32, 32, 1);
+  p.kernel_h = p.kernel_w = 2, p.stride_h = p.stride_w = 2;
+  cases.push_back({"many grad_weight splits", p});
+  p = make(2, 40, 70, 6, 6, 1);
+  p.kernel_h = p.kernel_w = 3, p.pad_h = p.pad_w = 1;
+  cases.push_back({"wide channels (several grad_weight tiles)", p});
+  p = make(0, 4, 6, 5, 5, 2);
+  p.kernel_h = p.kernel_w = 3, p.stride_h = 2;
+  cases.push_back({"empty batch", p});
+  return cases;
+}
+
+// One case's exception (a CUDA error, a rejected problem) is a failure of that case; the others still run.
+template <typename T>
+void run_case(const ConvTransposeParams& p, const Epilogue& epi, const CaseOptions& options, test::Rng& rng,
+              const std::string& label) {
+  try {
+    check_case<T>(p, epi, options, rng, label);
+  } catch (const std::exception& error) {
+    CHECK_MSG(false, label + " " + fused_convt::dtype_name(test::Storage<T>::dtype) + " " + test::describe(p) +
+                         ": exception: " + error.what());
+  }
+}
+
+template <typename T>
+void device_matches_cpu(test::Rng& rng, cudaStream_t stream, int random_cases) {
+  // float32 runs every problem twice: exact fp32 arithmetic and with TF32 tensor cores allowed.
+  const bool is_float = std::is_same<T, float>::value;
+  Epilogue epi;
+  epi.add_value = -0.3;
+  epi.multiply_value = 1.7;
+  for (const auto& [name, p] : tiled_cases()) {
+    run_case<T>(p, epi, CaseOptions{true, stream, false}, rng, name);
+    if (is_float) run_case<T>(p, epi, CaseOptions{true, stream, true}, rng, name);
+  }
+  for (int i = 0; i < random_cases; ++i) {
+    Epilogue random_epi;
+    random_epi.enabled = i % 5 != 4;
+    random_epi.add_value = rng.uniform(-1.5, 0.5);
+    random_epi.multiply_value = rng.uniform(-2.0, 2.0);
+    const CaseOptions options{i % 4 != 3, i % 2 ? stream : nullptr, is_float && i % 3 == 1};
+    run_case<T>(test::random_params(rng, 12), random_epi, options, rng, "random #" + std::to_string(i));
+  }
+}
+
+void argument_checks() {
+  ConvTransposeParams p;
+  p.batch = 1, p.in_channels = 2, p.out_channels = 2, p.in_h = 3, p.in_w = 3, p.kernel_h = p.kernel_w = 2;
+  DeviceBuffer buffer(1024);
+  BackwardArgs args;
+  args.grad_output = args.input = args.weight = buffer.get();
+  args.grad_weight = buffer.get();
+  bool threw = false;
+  try {
+    fused_convt::backward_cuda(p, fused_convt::DType::Float32, args, CudaContext{});
+  } catch (const std::invalid_argument&) {
+    threw = true;
+  }
+  CHECK_MSG(threw, "backward_cuda without a workspace must throw std::invalid_argument");
+}
+
+}  // namespace
+
+int main() {
+  if (fused_convt::cuda_device_count() == 0) {
+    std::printf("test_cuda_vs_cpu: no CUDA device visible, skipped\n");
+    return 77;
+  }
+  CHECK(fused_convt::cuda_compiled());
+  try {
+    cudaDeviceProp properties;
+    cuda_ok(cudaGetDeviceProperties(&properties, 0), "cudaGetDeviceProperties");
+    std::printf("test_cuda_vs_cpu: device 0 is %s (sm_%d%d)\n", properties.name, properties.major, properties.minor);
+    cudaStream_t stream = nullptr;
+    cuda_ok(cudaStreamCreate(&stream), "cudaStreamCreate");
+    test::Rng rng(4242);
+    device_matches_cpu<float>(rng, stream, 25);
+    device_matches_cpu<double>(rng, stream, 25);
+    device_matches_cpu<fused_convt::HalfBits>(rng, stream, 25);
+    device_matches_cpu<fused_convt::BFloat16Bits>(rng, stream, 25);
+    argument_checks();
+    cuda_ok(cudaStreamDestroy(stream), "cudaStreamDestroy");
+  } catch (const std::exception& error) {
+    CHECK_MSG(false, std::string("exception: ") + error.what());
+  }
+  return test::summary("test_cuda_vs_cpu");
+}
