@@ -5,8 +5,9 @@
 //
 // grad_weight[ic, oc_local, kh, kw] = sum over (n, ih, iw) of x[n, ic, ih, iw] * g[n, oc, oh, ow] with
 // oh = ih*s - p + kh*d: per tap and group a GEMM of [in/group x pixels] by [pixels x out/group] with a
-// huge reduction over pixels. A block owns a 32 x 32 tile of (ic, oc) for one tap, one group and one
-// contiguous slice ("split") of the pixels; it stages 32 pixels of x and of g per step in shared memory.
+// huge reduction over pixels. A block owns a 64 x 64 tile of (ic, oc) for one tap, one group and one
+// contiguous slice ("split") of the pixels; it stages 32 pixels of x and of g per step in shared memory and
+// each thread accumulates a 4 x 4 register tile (two 4-wide shared loads per 16 FMAs).
 // The split count depends only on the problem, each split writes its own partial sums, and a second kernel
 // adds the splits in index order: results are bitwise reproducible, with no atomics.
 // grad_bias sums g over (n, oh, ow) the same way: per (channel, split) partials, then the ordered sum.
@@ -16,9 +17,11 @@
 
 namespace fused_convt {
 
-constexpr int kWeightTile = 32;      // ic and oc extent of a grad_weight block
+constexpr int kWeightTile = 64;      // ic and oc extent of a grad_weight block
+constexpr int kWeightMicro = 4;      // each thread: kWeightMicro x kWeightMicro results
+constexpr int kWeightTileStride = kWeightTile + 4;  // keeps every 4-wide row read 16-byte aligned
 constexpr int kPixelStep = 32;       // pixels staged per step
-constexpr int kWeightThreads = 256;  // 16 x 16 threads, each a 2 x 2 micro-tile
+constexpr int kWeightThreads = 256;  // 16 x 16 threads
 constexpr int kBiasThreads = 256;
 constexpr int64_t kTargetBlocks = 1024;  // fixed (device independent) so results do not depend on the GPU
 
@@ -62,8 +65,8 @@ __global__ void __launch_bounds__(kWeightThreads)
 grad_weight_partial_kernel(ConvTransposeParams p, BackwardPlan plan, const T* __restrict__ x, GradLoader<T> g,
                            typename DeviceAcc<T>::type* __restrict__ partial) {
   using Acc = typename DeviceAcc<T>::type;
-  __shared__ Acc x_tile[kPixelStep][kWeightTile + 1];
-  __shared__ Acc g_tile[kPixelStep][kWeightTile + 1];
+  __shared__ __align__(16) Acc x_tile[kPixelStep][kWeightTileStride];
+  __shared__ __align__(16) Acc g_tile[kPixelStep][kWeightTileStride];
 
   const int in_per_group = int(p.in_channels / p.groups), out_per_group = int(p.out_channels / p.groups);
   const int ic0 = (blockIdx.x % plan.ic_tiles) * kWeightTile;
@@ -78,38 +81,39 @@ grad_weight_partial_kernel(ConvTransposeParams p, BackwardPlan plan, const T* __
   const int64_t out_plane = int64_t(out_h) * out_w;
   const int dh = int(kh * p.dil_h - p.pad_h), dw = int(kw * p.dil_w - p.pad_w);
 
-  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16;
-  Acc acc[2][2] = {{Acc(0), Acc(0)}, {Acc(0), Acc(0)}};
+  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16, lane = tid % 32, warp = tid / 32;
+  static_assert(kPixelStep == 32, "one pixel per lane");
+  Acc acc[kWeightMicro][kWeightMicro];
+#pragma unroll
+  for (int i = 0; i < kWeightMicro; ++i)
+#pragma unroll
+    for (int j = 0; j < kWeightMicro; ++j) acc[i][j] = Acc(0);
 
   for (int64_t base = pixel_begin; base < pixel_end; base += kPixelStep) {
-    // Consecutive threads take consecutive pixels of one channel: coalesced along the image row.
-    for (int i = tid; i < kPixelStep * kWeightTile; i += kWeightThreads) {
-      const int q = i % kPixelStep, c = i / kPixelStep;
-      const int64_t pixel = base + q;
-      Acc xv = Acc(0), gv = Acc(0);
-      if (pixel < pixel_end) {
-        const int64_t n = pixel / in_plane;
-        const int hw = int(pixel % in_plane), ih = hw / in_w, iw = hw % in_w;
-        if (ic0 + c < in_per_group) {
-          xv = to_acc(x[(n * p.in_channels + group * in_per_group + ic0 + c) * in_plane + hw]);
-        }
-        const int oh = ih * int(p.stride_h) + dh, ow = iw * int(p.stride_w) + dw;
-        if (oc0 + c < out_per_group && oh >= 0 && oh < out_h && ow >= 0 && ow < out_w) {
-          gv = g((n * p.out_channels + group * out_per_group + oc0 + c) * out_plane + int64_t(oh) * out_w + ow);
-        }
-      }
-      x_tile[q][c] = xv;
-      g_tile[q][c] = gv;
+    // Lane = pixel (coalesced along the image row), warp = first channel: each pixel is decoded once per step.
+    const int64_t pixel = base + lane;
+    const bool pixel_ok = pixel < pixel_end;
+    const int64_t n = pixel_ok ? pixel / in_plane : 0;
+    const int hw = pixel_ok ? int(pixel % in_plane) : 0, ih = hw / in_w, iw = hw % in_w;
+    const int oh = ih * int(p.stride_h) + dh, ow = iw * int(p.stride_w) + dw;
+    const bool tap_ok = pixel_ok && oh >= 0 && oh < out_h && ow >= 0 && ow < out_w;
+    const T* x_pixel = x + (n * p.in_channels + group * in_per_group + ic0) * in_plane + hw;
+    const int64_t g_pixel = (n * p.out_channels + group * out_per_group + oc0) * out_plane + int64_t(oh) * out_w + ow;
+#pragma unroll
+    for (int c = warp; c < kWeightTile; c += kWeightThreads / 32) {
+      x_tile[lane][c] = (pixel_ok && ic0 + c < in_per_group) ? to_acc(x_pixel[int64_t(c) * in_plane]) : Acc(0);
+      g_tile[lane][c] = (tap_ok && oc0 + c < out_per_group) ? g(g_pixel + int64_t(c) * out_plane) : Acc(0);
     }
     __syncthreads();
-#pragma unroll 8
+#pragma unroll 4
     for (int q = 0; q < kPixelStep; ++q) {
-      const Acc a0 = x_tile[q][ty * 2], a1 = x_tile[q][ty * 2 + 1];
-      const Acc b0 = g_tile[q][tx * 2], b1 = g_tile[q][tx * 2 + 1];
-      acc[0][0] = fma(a0, b0, acc[0][0]);
-      acc[0][1] = fma(a0, b1, acc[0][1]);
-      acc[1][0] = fma(a1, b0, acc[1][0]);
-      acc[1][1] = fma(a1, b1, acc[1][1]);
+      Acc a[kWeightMicro], b[kWeightMicro];
+      load4(&x_tile[q][ty * kWeightMicro], a);
+      load4(&g_tile[q][tx * kWeightMicro], b);
+#pragma unroll
+      for (int i = 0; i < kWeightMicro; ++i)
+#pragma unroll
+        for (int j = 0; j < kWeightMicro; ++j) acc[i][j] = fma(a[i], b[j], acc[i][j]);
     }
     __syncthreads();
   }
@@ -117,10 +121,10 @@ grad_weight_partial_kernel(ConvTransposeParams p, BackwardPlan plan, const T* __
   const int64_t taps = p.kernel_h * p.kernel_w;
   const int64_t weight_numel = p.in_channels * out_per_group * taps;
 #pragma unroll
-  for (int i = 0; i < 2; ++i) {
+  for (int i = 0; i < kWeightMicro; ++i) {
 #pragma unroll
-    for (int j = 0; j < 2; ++j) {
-      const int ic_local = ic0 + ty * 2 + i, oc_local = oc0 + tx * 2 + j;
+    for (int j = 0; j < kWeightMicro; ++j) {
+      const int ic_local = ic0 + ty * kWeightMicro + i, oc_local = oc0 + tx * kWeightMicro + j;
       if (ic_local < in_per_group && oc_local < out_per_group) {
         const int64_t ic = int64_t(group) * in_per_group + ic_local;
         partial[split * weight_numel + (ic * out_per_group + oc_local) * taps + tap] = acc[i][j];

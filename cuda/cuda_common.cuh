@@ -56,6 +56,16 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_acc<__nv_bfloat16>(flo
 }
 template <typename T> __device__ __forceinline__ T from_acc(double v) { return static_cast<T>(v); }
 
+// Four consecutive accumulators from 16-byte aligned shared memory.
+__device__ __forceinline__ void load4(const float* from, float (&to)[4]) {
+  const float4 v = *reinterpret_cast<const float4*>(from);
+  to[0] = v.x, to[1] = v.y, to[2] = v.z, to[3] = v.w;
+}
+__device__ __forceinline__ void load4(const double* from, double (&to)[4]) {
+  const double2 lo = reinterpret_cast<const double2*>(from)[0], hi = reinterpret_cast<const double2*>(from)[1];
+  to[0] = lo.x, to[1] = lo.y, to[2] = hi.x, to[3] = hi.y;
+}
+
 template <typename Fn>
 void dispatch_device_dtype(DType dtype, Fn&& fn) {
   switch (dtype) {

@@ -1,6 +1,6 @@
 // CUDA forward entry point: validates, makes the caller's device current and, on the caller's stream, runs
-// the tensor-core implicit-GEMM kernel where it applies (float16, bfloat16, float32 with TF32 allowed, and
-// phases/patches within its limits), else the direct gather kernel (float64, exact float32, the rest).
+// the tensor-core implicit-GEMM kernel where it applies (float16, bfloat16, float32 as TF32 or, without TF32,
+// as exact 3xTF32; phases and patches within its limits), else the direct gather kernel (float64, the rest).
 #include "implicit_gemm_conv.cuh"
 #include "problems.cuh"
 
@@ -21,7 +21,9 @@ size_t forward_workspace_bytes(const ConvTransposeParams& params, DType dtype) {
   validate(params);
   TcProblem problem;
   if (dtype == DType::Float64 || !forward_tc_problem(params, &problem)) return 0;
-  return dtype == DType::Float32 ? packed_weight_bytes<float>(problem) : packed_weight_bytes<__half>(problem);
+  // Every policy packs 4-byte words for float and 2-byte values for the 16-bit types.
+  return dtype == DType::Float32 ? packed_weight_bytes<Tf32Math>(problem)
+                                 : packed_weight_bytes<Half16Math<__half>>(problem);
 }
 
 void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, DType dtype,
@@ -42,14 +44,21 @@ void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, D
     const GatherProblem direct = forward_gather_problem(params);
     if constexpr (!std::is_same_v<T, double>) {
       TcProblem fast;
-      const bool tensor_cores = !std::is_same_v<T, float> || args.allow_tf32;
-      if (tensor_cores && forward_tc_problem(params, &fast)) {
+      if (forward_tc_problem(params, &fast)) {
         if (!args.workspace)
           throw std::invalid_argument("fused_convt: forward_cuda needs a workspace of forward_workspace_bytes() bytes");
-        if (launch_implicit_gemm_conv<T, GatherDirection::Forward>(
-                fast, epilogue, input, nullptr, weight, direct.weight_group_stride, direct.weight_src_stride,
-                direct.weight_dst_stride, bias, output, grad_factor, args.workspace, stream))
-          return;
+        auto launch = [&](auto math) {
+          return launch_implicit_gemm_conv<T, decltype(math), GatherDirection::Forward>(
+              fast, epilogue, input, nullptr, weight, direct.weight_group_stride, direct.weight_src_stride,
+              direct.weight_dst_stride, bias, output, grad_factor, args.workspace, stream);
+        };
+        bool launched;
+        if constexpr (std::is_same_v<T, float>) {
+          launched = args.allow_tf32 ? launch(Tf32Math{}) : launch(Fp32SplitMath{});
+        } else {
+          launched = launch(Half16Math<T>{});
+        }
+        if (launched) return;
       }
     }
     launch_gather_conv<T, GatherDirection::Forward>(direct, epilogue, input, nullptr, weight, bias, output,

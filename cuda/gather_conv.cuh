@@ -152,7 +152,12 @@ gather_conv_kernel(GatherProblem pr, Epilogue epi, const T* __restrict__ src, co
             const Acc v = patch_c[row.y * pr.patch_w + col.y];
             const Acc* w = weight_c + (row.x * pr.kernel_w + col.x) * DST_C;
 #pragma unroll
-            for (int dc = 0; dc < DST_C; ++dc) acc[dc] = fma(v, w[dc], acc[dc]);
+            for (int dc = 0; dc < DST_C; dc += 4) {
+              Acc w4[4];
+              load4(w + dc, w4);  // every thread reads the same taps: 4-wide broadcasts, not 16 scalar loads
+#pragma unroll
+              for (int e = 0; e < 4; ++e) acc[dc + e] = fma(v, w4[e], acc[dc + e]);
+            }
           }
         }
       }
@@ -183,8 +188,9 @@ void launch_gather_conv(GatherProblem pr, const Epilogue& epi, const T* src, con
                         const T* weight, const T* bias, T* dst, T* dst_factor, cudaStream_t stream) {
   using Acc = typename DeviceAcc<T>::type;
   pr.patch_h = patch_extent(pr.map_h, kGatherTileH, pr.kernel_h);
-  // Even row length keeps the int2 tap lists behind the float arrays 8-byte aligned.
-  pr.patch_w = (patch_extent(pr.map_w, kGatherTileW, pr.kernel_w) + 1) / 2 * 2;
+  // A row length that is a multiple of 4 keeps the weight tile behind the patch 16-byte aligned (4-wide
+  // loads) and the int2 tap lists behind it 8-byte aligned.
+  pr.patch_w = (patch_extent(pr.map_w, kGatherTileW, pr.kernel_w) + 3) / 4 * 4;
   pr.tiles_h = ceil_div_int(pr.dst_h, kGatherTileH);
   pr.tiles_w = ceil_div_int(pr.dst_w, kGatherTileW);
 

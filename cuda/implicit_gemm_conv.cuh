@@ -61,13 +61,13 @@ struct TcProblem {
 
 // Bytes of one staged row of kTcChunk values, padded by 16 B so that ldmatrix's eight row addresses of
 // consecutive pixels fall in distinct bank groups.
-template <typename T>
-constexpr int tc_row_bytes() { return kTcChunk * int(sizeof(typename MmaTraits<T>::Smem)) + 16; }
+template <typename Math>
+constexpr int tc_row_bytes() { return kTcChunk * int(sizeof(typename Math::Smem)) + 16; }
 
 // Packs the weight as [group][kh*kw][dst_local][src_local padded to kTcChunk] in the MMA's operand type
 // (TF32-rounded float or the 16-bit type), so that a block's weight tile is whole 16-byte rows.
-template <typename T>
-__global__ void pack_weight_kernel(const T* __restrict__ weight, typename MmaTraits<T>::Smem* __restrict__ packed,
+template <typename T, typename Math>
+__global__ void pack_weight_kernel(const T* __restrict__ weight, typename Math::Smem* __restrict__ packed,
                                    int groups, int taps, int dst_per_group, int src_per_group, int src_padded,
                                    int64_t weight_group_stride, int weight_src_stride, int weight_dst_stride) {
   const int64_t total = int64_t(groups) * taps * dst_per_group * src_padded;
@@ -81,19 +81,20 @@ __global__ void pack_weight_kernel(const T* __restrict__ weight, typename MmaTra
     T v = T(0.0f);
     if (s < src_per_group) v = weight[g * weight_group_stride + int64_t(s) * weight_src_stride +
                                       int64_t(d) * weight_dst_stride + tap];
-    packed[i] = MmaTraits<T>::to_smem(v);
+    packed[i] = Math::to_smem(v);
   }
 }
 
 // Two blocks per SM: the second block's mainloop hides this one's prologue, epilogue and barriers.
-template <typename T, GatherDirection Dir, int BN>
+// T is the storage type, Math the tensor-core policy (mma.cuh).
+template <typename T, typename Math, GatherDirection Dir, int BN>
 __global__ void __launch_bounds__(kTcThreads, 2)
 implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, const T* __restrict__ src,
-                          const T* __restrict__ src_factor, const typename MmaTraits<T>::Smem* __restrict__ packed,
+                          const T* __restrict__ src_factor, const typename Math::Smem* __restrict__ packed,
                           const T* __restrict__ bias, T* __restrict__ dst, T* __restrict__ dst_factor) {
-  using Traits = MmaTraits<T>;
+  using Traits = Math;
   using Smem = typename Traits::Smem;
-  constexpr int kRowBytes = tc_row_bytes<T>();
+  constexpr int kRowBytes = tc_row_bytes<Math>();
   constexpr int kNFrags = BN / 8;
   constexpr int kRowChunks = kTcChunk * int(sizeof(Smem)) / 16;  // 16-byte pieces per staged row
   static_assert(kNFrags % 2 == 0, "B fragments are loaded in pairs");
@@ -244,25 +245,28 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
       const int shift = tap_offset[tap];
 #pragma unroll
       for (int ks = 0; ks < kTcChunk / Traits::kStep; ++ks) {
-        uint32_t a[2][4];
+        typename Traits::AFrag a[2];
 #pragma unroll
-        for (int i = 0; i < 2; ++i)
-          ldmatrix_x4(a[i], patch_base + (a_row[i] + shift) * kRowBytes + ks * 32 + (lane >> 4) * 16);
-        uint32_t b[kNFrags][2];
+        for (int i = 0; i < 2; ++i) {
+          uint32_t raw[4];
+          ldmatrix_x4(raw, patch_base + (a_row[i] + shift) * kRowBytes + ks * 32 + (lane >> 4) * 16);
+          Traits::make_a(a[i], raw);
+        }
+        // B fragments in pairs, each used at once, so only two are live at a time.
 #pragma unroll
         for (int j = 0; j < kNFrags; j += 2) {
-          uint32_t r[4];
+          uint32_t raw[4];
           const int n = j * 8 + (lane & 7) + (lane >> 4) * 8;
-          ldmatrix_x4(r, weight_base + (tap * BN + n) * kRowBytes + ks * 32 + ((lane >> 3) & 1) * 16);
-          b[j][0] = r[0];
-          b[j][1] = r[1];
-          b[j + 1][0] = r[2];
-          b[j + 1][1] = r[3];
+          ldmatrix_x4(raw, weight_base + (tap * BN + n) * kRowBytes + ks * 32 + ((lane >> 3) & 1) * 16);
+          typename Traits::BFrag b0, b1;
+          Traits::make_b(b0, raw[0], raw[1]);
+          Traits::make_b(b1, raw[2], raw[3]);
+#pragma unroll
+          for (int i = 0; i < 2; ++i) {
+            Traits::mma(acc[i][j], a[i], b0);
+            Traits::mma(acc[i][j + 1], a[i], b1);
+          }
         }
-#pragma unroll
-        for (int i = 0; i < 2; ++i)
-#pragma unroll
-          for (int j = 0; j < kNFrags; ++j) Traits::mma(acc[i][j], a[i], b[j]);
       }
     }
     if (more) store_patch(stage ^ 1);
@@ -284,6 +288,13 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
     const int a = m / ph.extent_w, b = m % ph.extent_w;
     pixel = (ph.first_h + a * pr.dst_step_h) * pr.dst_w + ph.first_w + b * pr.dst_step_w;
   }
+  // Per-column bias, staged once per block behind the tile (a global load per element would stall).
+  float* column_bias = tile + kEpiFrags * 8 * kEpiStride;
+  if (tid < BN) {
+    const int n = n0 + tid;
+    column_bias[tid] = (bias && n < pr.dst_per_group) ? float(to_acc(bias[group * pr.dst_per_group + n])) : 0.0f;
+  }
+  const int columns = min(BN, pr.dst_per_group - n0);
   const int g = lane >> 2, t = lane & 3;
 #pragma unroll
   for (int part = 0; part < kEpiParts; ++part) {
@@ -298,19 +309,22 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
         }
     __syncthreads();
     if (m < count) {
-#pragma unroll 2
-      for (int column = 0; column < kEpiFrags * 8; ++column) {
-        const int n = n0 + part * kEpiFrags * 8 + column;
-        if (n >= pr.dst_per_group) break;
-        const int64_t index = dst_image + n * dst_plane + pixel;
-        const float value = tile[column * kEpiStride + tid];
+      const int first = part * kEpiFrags * 8, last = min(columns, first + kEpiFrags * 8);
+      const int64_t offset = dst_image + int64_t(n0 + first) * dst_plane + pixel;
+      T* out = dst ? dst + offset : nullptr;
+      T* out_factor = dst_factor ? dst_factor + offset : nullptr;
+#pragma unroll 4
+      for (int column = first; column < last; ++column) {
+        const float value = tile[(column - first) * kEpiStride + tid];
         if constexpr (Dir == GatherDirection::Forward) {
-          const float pre = value + (bias ? float(to_acc(bias[group * pr.dst_per_group + n])) : 0.0f);
-          if (dst) dst[index] = from_acc<T>(apply_epilogue(epilogue, pre));
-          if (dst_factor) dst_factor[index] = from_acc<T>(epilogue_grad_factor(epilogue, pre));
+          const float pre = value + column_bias[column];
+          if (out) *out = from_acc<T>(apply_epilogue(epilogue, pre));
+          if (out_factor) *out_factor = from_acc<T>(epilogue_grad_factor(epilogue, pre));
         } else {
-          dst[index] = from_acc<T>(value);
+          *out = from_acc<T>(value);
         }
+        if (out) out += dst_plane;
+        if (out_factor) out_factor += dst_plane;
       }
     }
     __syncthreads();
@@ -429,27 +443,26 @@ inline bool forward_tc_problem(const ConvTransposeParams& p, TcProblem* pr) {
   return finish_tc_problem(pr);
 }
 
-template <typename T>
+template <typename Math>
 size_t packed_weight_bytes(const TcProblem& pr) {
-  return size_t(pr.groups) * pr.kernel_taps * pr.dst_per_group * pr.src_padded *
-         sizeof(typename MmaTraits<T>::Smem);
+  return size_t(pr.groups) * pr.kernel_taps * pr.dst_per_group * pr.src_padded * sizeof(typename Math::Smem);
 }
 
 // Packs the weight into the workspace and launches the implicit-GEMM kernel with a channel tile BN chosen
 // from the group width. Returns false (launching nothing) when shared memory or the grid do not fit.
-template <typename T, GatherDirection Dir>
+template <typename T, typename Math, GatherDirection Dir>
 bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src, const T* src_factor,
                                const T* weight, int64_t weight_group_stride, int weight_src_stride,
                                int weight_dst_stride, const T* bias, T* dst, T* dst_factor, void* workspace,
                                cudaStream_t stream) {
-  using Smem = typename MmaTraits<T>::Smem;
-  constexpr int kRowBytes = tc_row_bytes<T>();
+  using Smem = typename Math::Smem;
+  constexpr int kRowBytes = tc_row_bytes<Math>();
   auto launch = [&](auto bn_constant) -> bool {
     constexpr int BN = decltype(bn_constant)::value;
     pr.n_tiles = (pr.dst_per_group + BN - 1) / BN;
     pr.stage_patch_bytes = pr.max_patch_pixels * kRowBytes;
     pr.stage_bytes = pr.stage_patch_bytes + pr.max_taps * BN * kRowBytes;
-    const size_t epilogue_bytes = size_t(std::min(BN, 32)) * (kTcBlockM + 4) * sizeof(float);
+    const size_t epilogue_bytes = (size_t(std::min(BN, 32)) * (kTcBlockM + 4) + BN) * sizeof(float);
     const size_t smem = std::max(2 * size_t(pr.stage_bytes), epilogue_bytes);
     const int64_t grid_x = pr.batch * pr.m_tiles * pr.phases, grid_y = int64_t(pr.groups) * pr.n_tiles;
     if (smem > max_dynamic_smem_bytes() || grid_x > 0x7fffffff || grid_y > 65535) return false;
@@ -457,12 +470,12 @@ bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src, 
     Smem* packed = static_cast<Smem*>(workspace);
     const int64_t packed_count = int64_t(pr.groups) * pr.kernel_taps * pr.dst_per_group * pr.src_padded;
     const int pack_blocks = int(std::min<int64_t>((packed_count + 255) / 256, 4096));
-    pack_weight_kernel<T><<<pack_blocks, 256, 0, stream>>>(weight, packed, pr.groups, pr.kernel_taps,
+    pack_weight_kernel<T, Math><<<pack_blocks, 256, 0, stream>>>(weight, packed, pr.groups, pr.kernel_taps,
                                                            pr.dst_per_group, pr.src_per_group, pr.src_padded,
                                                            weight_group_stride, weight_src_stride,
                                                            weight_dst_stride);
     check_launch("pack_weight_kernel");
-    auto kernel = implicit_gemm_conv_kernel<T, Dir, BN>;
+    auto kernel = implicit_gemm_conv_kernel<T, Math, Dir, BN>;
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
                "cudaFuncSetAttribute(implicit_gemm_conv_kernel)");
     kernel<<<dim3(unsigned(grid_x), unsigned(grid_y)), kTcThreads, smem, stream>>>(pr, epi, src, src_factor, packed,

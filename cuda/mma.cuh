@@ -6,63 +6,109 @@
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <type_traits>
 
 namespace fused_convt {
 
-// One MMA step per element type: K_STEP is the k extent of one mma.sync instruction
-// (m16n8k8 for TF32, m16n8k16 for 16-bit types); a 16-byte smem row segment holds 16 / sizeof(Smem) values.
-template <typename T> struct MmaTraits;
+// The tensor-core math of one operand precision. Each policy says how values are staged in shared memory
+// (Smem, to_word: kValuesPerWord values per 32-bit word), how raw ldmatrix registers become MMA operands
+// (AFrag/BFrag, make_a/make_b) and how one mma.sync step accumulates (mma, k extent kStep).
+// A 16-byte smem row segment holds 16 / sizeof(Smem) values.
 
-template <> struct MmaTraits<float> {
-  using Smem = uint32_t;  // TF32 bit patterns, rounded once when staged
+__device__ __forceinline__ uint32_t round_to_tf32(float v) {
+  uint32_t r;
+  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
+  return r;
+}
+
+__device__ __forceinline__ void mma_tf32(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// Operands used as loaded (TF32 bits, or 16-bit pairs).
+struct PlainFragments {
+  struct AFrag { uint32_t r[4]; };
+  struct BFrag { uint32_t r[2]; };
+  __device__ __forceinline__ static void make_a(AFrag& a, const uint32_t (&raw)[4]) {
+    a.r[0] = raw[0], a.r[1] = raw[1], a.r[2] = raw[2], a.r[3] = raw[3];
+  }
+  __device__ __forceinline__ static void make_b(BFrag& b, uint32_t r0, uint32_t r1) { b.r[0] = r0, b.r[1] = r1; }
+};
+
+// float with TF32 allowed: operands rounded to TF32 once, when staged; one m16n8k8 per step.
+struct Tf32Math : PlainFragments {
+  using Smem = uint32_t;
   static constexpr int kStep = 8;
   static constexpr int kValuesPerWord = 1;
-  __device__ __forceinline__ static Smem to_smem(float v) {
-    uint32_t r;
-    asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(r) : "f"(v));
-    return r;
-  }
+  __device__ __forceinline__ static Smem to_smem(float v) { return round_to_tf32(v); }
   __device__ __forceinline__ static uint32_t to_word(const float (&v)[1]) { return to_smem(v[0]); }
-  __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  __device__ __forceinline__ static void mma(float (&d)[4], const AFrag& a, const BFrag& b) { mma_tf32(d, a.r, b.r); }
+};
+
+// Exact float32 on tensor cores ("3xTF32"): each operand x = hi + lo with hi = tf32(x), lo = tf32(x - hi);
+// a*b ~ hi_a*hi_b + hi_a*lo_b + lo_a*hi_b (the lo*lo term is below float32 rounding). Operands are staged
+// as raw float bits and split in registers; the small products are accumulated first.
+struct Fp32SplitMath {
+  using Smem = uint32_t;
+  static constexpr int kStep = 8;
+  static constexpr int kValuesPerWord = 1;
+  struct AFrag { uint32_t hi[4], lo[4]; };
+  struct BFrag { uint32_t hi[2], lo[2]; };
+  __device__ __forceinline__ static Smem to_smem(float v) { return __float_as_uint(v); }
+  __device__ __forceinline__ static uint32_t to_word(const float (&v)[1]) { return to_smem(v[0]); }
+  __device__ __forceinline__ static void split(uint32_t raw, uint32_t& hi, uint32_t& lo) {
+    const float v = __uint_as_float(raw);
+    hi = round_to_tf32(v);
+    lo = round_to_tf32(v - __uint_as_float(hi));
+  }
+  __device__ __forceinline__ static void make_a(AFrag& a, const uint32_t (&raw)[4]) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) split(raw[i], a.hi[i], a.lo[i]);
+  }
+  __device__ __forceinline__ static void make_b(BFrag& b, uint32_t r0, uint32_t r1) {
+    split(r0, b.hi[0], b.lo[0]);
+    split(r1, b.hi[1], b.lo[1]);
+  }
+  __device__ __forceinline__ static void mma(float (&d)[4], const AFrag& a, const BFrag& b) {
+    mma_tf32(d, a.lo, b.hi);
+    mma_tf32(d, a.hi, b.lo);
+    mma_tf32(d, a.hi, b.hi);
   }
 };
 
-template <> struct MmaTraits<__nv_bfloat16> {
-  using Smem = __nv_bfloat16;
-  static constexpr int kStep = 16;
-  static constexpr int kValuesPerWord = 2;
-  __device__ __forceinline__ static Smem to_smem(__nv_bfloat16 v) { return v; }
-  __device__ __forceinline__ static uint32_t to_word(const float (&v)[2]) {
-    return uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(v[0]))) | (uint32_t(__bfloat16_as_ushort(__float2bfloat16_rn(v[1]))) << 16);
-  }
-  __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-  }
-};
+// bfloat16 / float16: operands as stored; one m16n8k16 per step.
+__device__ __forceinline__ uint32_t bits_of(__nv_bfloat16 v) { return __bfloat16_as_ushort(v); }
+__device__ __forceinline__ uint32_t bits_of(__half v) { return __half_as_ushort(v); }
+template <typename T> __device__ __forceinline__ T round_from_float(float v);
+template <> __device__ __forceinline__ __nv_bfloat16 round_from_float(float v) { return __float2bfloat16_rn(v); }
+template <> __device__ __forceinline__ __half round_from_float(float v) { return __float2half_rn(v); }
 
-template <> struct MmaTraits<__half> {
-  using Smem = __half;
+template <typename T>
+struct Half16Math : PlainFragments {
+  using Smem = T;
   static constexpr int kStep = 16;
   static constexpr int kValuesPerWord = 2;
-  __device__ __forceinline__ static Smem to_smem(__half v) { return v; }
+  __device__ __forceinline__ static Smem to_smem(T v) { return v; }
   __device__ __forceinline__ static uint32_t to_word(const float (&v)[2]) {
-    return uint32_t(__half_as_ushort(__float2half_rn(v[0]))) | (uint32_t(__half_as_ushort(__float2half_rn(v[1]))) << 16);
+    return bits_of(round_from_float<T>(v[0])) | (bits_of(round_from_float<T>(v[1])) << 16);
   }
-  __device__ __forceinline__ static void mma(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-        "{%0,%1,%2,%3};\n"
-        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  __device__ __forceinline__ static void mma(float (&d)[4], const AFrag& a, const BFrag& b) {
+    if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+          "{%0,%1,%2,%3};\n"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
+    } else {
+      asm volatile(
+          "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+          "{%0,%1,%2,%3};\n"
+          : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+          : "r"(a.r[0]), "r"(a.r[1]), "r"(a.r[2]), "r"(a.r[3]), "r"(b.r[0]), "r"(b.r[1]));
+    }
   }
 };
 
