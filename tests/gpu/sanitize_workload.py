@@ -1,0 +1,36 @@
+"""A small workload that reaches every CUDA kernel variant the dispatcher can pick (tensor-core forward with
+each math policy and channel tile, the direct gather kernel for forward and grad_input, the grad_weight /
+grad_bias split reductions), run under compute-sanitizer by sanitize.sh. Exits non-zero on a wrong result."""
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "python"))
+import fused_convt  # noqa: E402
+from reference import Problem, composite_float64, rel_err  # noqa: E402
+
+CASES = [
+    # (problem, dtypes): channel tiles 16 / 32 / 64, stride 1-3, groups, no bias, a shape only the direct path takes
+    (Problem(2, 8, 12, (5, 7), (4, 4), (2, 2), add_value=-0.5, multiply_value=2.0), None),
+    (Problem(1, 6, 40, (4, 5), (3, 2), (1, 2), (1, 0), (0, 1), groups=2, bias=False), None),
+    (Problem(2, 16, 80, (3, 4), (5, 3), (3, 1), (2, 1), (2, 0), (1, 2)), None),
+    (Problem(1, 4, 4, (3, 3), (9, 9), (1, 1), dilation=(3, 3)), None),
+]
+DTYPES = [(torch.float32, True, 5e-3), (torch.float32, False, 1e-5), (torch.bfloat16, None, 3e-2),
+          (torch.float16, None, 5e-3), (torch.float64, None, 1e-12)]
+
+failures = 0
+for index, (problem, _) in enumerate(CASES):
+    for dtype, tf32, tol in DTYPES:
+        x, w, b = problem.tensors(dtype, "cuda", seed=index, requires_grad=True)
+        y = fused_convt.conv_transpose2d_fused(x, w, b, **problem.conv_kwargs(), **problem.epilogue_kwargs(),
+                                               allow_tf32=tf32)
+        y.backward(torch.ones_like(y))
+        err = rel_err(y, composite_float64(x, w, b, **problem.conv_kwargs(), **problem.epilogue_kwargs()))
+        if not err <= tol:
+            failures += 1
+            print(f"case {index} {dtype} tf32={tf32}: relative error {err:.3e} > {tol}")
+torch.cuda.synchronize()
+print(f"sanitize workload: {len(CASES) * len(DTYPES)} runs, {failures} wrong")
+sys.exit(1 if failures else 0)
