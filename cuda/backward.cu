@@ -1,5 +1,6 @@
-// CUDA backward: grad_input through the shared gather kernel, grad_weight and grad_bias through
-// deterministic split reductions.
+// CUDA backward: grad_input through the tensor-core implicit-GEMM kernel (one launch per stride phase of
+// grad_output, see grad_input_tc_problems) or, where that does not apply, the direct gather kernel;
+// grad_weight and grad_bias through deterministic split reductions.
 //
 // g = grad_output * grad_factor is formed in registers wherever a kernel loads it; it is never stored.
 //
@@ -13,6 +14,7 @@
 // grad_bias sums g over (n, oh, ow) the same way: per (channel, split) partials, then the ordered sum.
 #include <algorithm>
 
+#include "implicit_gemm_conv.cuh"
 #include "problems.cuh"
 
 namespace fused_convt {
@@ -181,11 +183,55 @@ void launch_sum_splits(const typename DeviceAcc<T>::type* partial, int64_t split
 
 static size_t accumulator_size(DType dtype) { return dtype == DType::Float64 ? sizeof(double) : sizeof(float); }
 
+// Workspace layout: [packed weight for the tensor-core grad_input][grad_weight partials][grad_bias partials].
+static size_t packed_grad_input_weight_bytes(const ConvTransposeParams& params, DType dtype) {
+  TcProblem problems[kTcMaxPhases];
+  int count = 0;
+  if (dtype == DType::Float64 || !grad_input_tc_problems(params, problems, &count)) return 0;
+  const size_t bytes = dtype == DType::Float32 ? packed_weight_bytes<Tf32Math>(problems[0])
+                                               : packed_weight_bytes<Half16Math<__half>>(problems[0]);
+  return (bytes + 255) / 256 * 256;
+}
+
 size_t backward_workspace_bytes(const ConvTransposeParams& params, DType dtype) {
   validate(params);
   const BackwardPlan plan = plan_backward(params);
   const int64_t values = plan.weight_splits * params.weight_numel() + plan.bias_splits * params.out_channels;
-  return size_t(values) * accumulator_size(dtype);
+  return packed_grad_input_weight_bytes(params, dtype) + size_t(values) * accumulator_size(dtype);
+}
+
+// grad_input on tensor cores; false (nothing launched) where the fast path does not apply.
+template <typename T>
+bool launch_grad_input_tensor_cores(const ConvTransposeParams& params, const BackwardArgs& args, void* packed,
+                                    cudaStream_t stream) {
+  if constexpr (std::is_same_v<T, double>) {
+    return false;
+  } else {
+    TcProblem problems[kTcMaxPhases];
+    int count = 0;
+    if (!grad_input_tc_problems(params, problems, &count)) return false;
+    const GatherProblem layout = grad_input_gather_problem(params);
+    for (int i = 0; i < count; ++i) {
+      auto launch = [&](auto math) {
+        return launch_implicit_gemm_conv<T, decltype(math), GatherDirection::GradInput>(
+            problems[i], Epilogue{}, static_cast<const T*>(args.grad_output), static_cast<const T*>(args.grad_factor),
+            static_cast<const T*>(args.weight), layout.weight_group_stride, layout.weight_src_stride,
+            layout.weight_dst_stride, nullptr, static_cast<T*>(args.grad_input), nullptr, packed, stream);
+      };
+      bool launched;
+      if constexpr (std::is_same_v<T, float>) {
+        launched = args.allow_tf32 ? launch(Tf32Math{}) : launch(Fp32SplitMath{});
+      } else {
+        launched = launch(Half16Math<T>{});
+      }
+      // Every phase has the same tile and staging sizes, so only the first can decline.
+      if (!launched) {
+        if (i == 0) return false;
+        throw std::runtime_error("fused_convt: grad_input phase launch declined after the first phase");
+      }
+    }
+    return true;
+  }
 }
 
 void backward_cuda(const ConvTransposeParams& params, DType dtype, const BackwardArgs& args,
@@ -203,13 +249,19 @@ void backward_cuda(const ConvTransposeParams& params, DType dtype, const Backwar
     using T = decltype(tag);
     using Acc = typename DeviceAcc<T>::type;
     const GradLoader<T> g{static_cast<const T*>(args.grad_output), static_cast<const T*>(args.grad_factor)};
-    Acc* weight_partial = static_cast<Acc*>(args.workspace);
+    unsigned char* workspace = static_cast<unsigned char*>(args.workspace);
+    const size_t packed_bytes = packed_grad_input_weight_bytes(params, dtype);
+    Acc* weight_partial = workspace ? reinterpret_cast<Acc*>(workspace + packed_bytes) : nullptr;
     Acc* bias_partial = weight_partial ? weight_partial + plan.weight_splits * params.weight_numel() : nullptr;
 
     if (args.grad_input && params.input_numel() > 0) {
-      launch_gather_conv<T, GatherDirection::GradInput>(
-          grad_input_gather_problem(params), Epilogue{}, g.grad_output, g.grad_factor,
-          static_cast<const T*>(args.weight), nullptr, static_cast<T*>(args.grad_input), nullptr, stream);
+      const bool tensor_cores = workspace && packed_bytes > 0 &&
+                                launch_grad_input_tensor_cores<T>(params, args, workspace, stream);
+      if (!tensor_cores) {
+        launch_gather_conv<T, GatherDirection::GradInput>(
+            grad_input_gather_problem(params), Epilogue{}, g.grad_output, g.grad_factor,
+            static_cast<const T*>(args.weight), nullptr, static_cast<T*>(args.grad_input), nullptr, stream);
+      }
     }
     if (args.grad_weight) {
       const dim3 grid(unsigned(plan.ic_tiles * plan.oc_tiles), unsigned(params.kernel_h * params.kernel_w),

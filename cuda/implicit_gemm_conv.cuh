@@ -38,7 +38,9 @@ constexpr int kTcMaxPatchPixels = kTcPixelsPerThread * kTcThreads;
 constexpr int kTcMaxTaps = kTcMaxAxisTaps * kTcMaxAxisTaps;
 
 // One stride-1 sub-problem. Phase pixel (a, b) is the destination (first_h + a*dst_step_h, first_w + b*...)
-// and its tap (th, tw) reads the source at (a*src_scale_h + off_h[th], b*src_scale_w + off_w[tw]).
+// and its tap (th, tw) reads source sample (a + off_h[th], b + off_w[tw]) of the source grid sampled as
+// (sample*src_step + src_offset): the forward pass reads the input directly (step 1, offset 0); grad_input
+// reads one stride phase of grad_output per launch (step s, offset r) and accumulates the launches.
 struct TcPhase {
   int first_h, first_w, extent_h, extent_w;
   int taps_h, taps_w;
@@ -52,7 +54,9 @@ struct TcProblem {
   int dst_channels, dst_h, dst_w, dst_per_group;
   int src_channels, src_h, src_w, src_per_group, src_padded;
   int kernel_w, kernel_taps;
-  int dst_step_h, dst_step_w, src_scale_h, src_scale_w;
+  int dst_step_h, dst_step_w;
+  int src_step_h, src_step_w, src_offset_h, src_offset_w;
+  int accumulate;  // add to the destination instead of overwriting it (later grad_input launches)
   int phases, m_tiles, n_tiles;
   int max_taps, max_patch_pixels;      // over all phases: sizes of the staging buffers
   int stage_patch_bytes, stage_bytes;  // shared-memory layout, set by the launcher
@@ -125,10 +129,10 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   for (int i = 1; i < ph.taps_h; ++i) { min_off_h = min(min_off_h, ph.off_h[i]); max_off_h = max(max_off_h, ph.off_h[i]); }
   for (int i = 1; i < ph.taps_w; ++i) { min_off_w = min(min_off_w, ph.off_w[i]); max_off_w = max(max_off_w, ph.off_w[i]); }
   const int a_first = m0 / ph.extent_w, a_last = (min(m0 + kTcBlockM, count) - 1) / ph.extent_w;
-  const int row_first = a_first * pr.src_scale_h + min_off_h;
-  const int rows = a_last * pr.src_scale_h + max_off_h - row_first + 1;
+  const int row_first = a_first + min_off_h;
+  const int rows = a_last + max_off_h - row_first + 1;
   const int col_first = min_off_w;
-  const int cols = (ph.extent_w - 1) * pr.src_scale_w + max_off_w - col_first + 1;
+  const int cols = ph.extent_w - 1 + max_off_w - col_first + 1;
   const int patch_pixels = rows * cols;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -143,7 +147,8 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
 #pragma unroll
   for (int j = 0; j < kTcPixelsPerThread; ++j) {
     const int p = tid + j * kTcThreads;
-    const int y = row_first + p / cols, x = col_first + p % cols;
+    const int y = (row_first + p / cols) * pr.src_step_h + pr.src_offset_h;
+    const int x = (col_first + p % cols) * pr.src_step_w + pr.src_offset_w;
     const bool inside = p < patch_pixels && y >= 0 && y < pr.src_h && x >= 0 && x < pr.src_w;
     pixel_global[j] = inside ? y * pr.src_w + x : -1;
   }
@@ -154,7 +159,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   for (int i = 0; i < 2; ++i) {
     const int m = min(m0 + warp * 32 + i * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, count - 1);
     const int a = m / ph.extent_w, b = m % ph.extent_w;
-    a_row[i] = (a * pr.src_scale_h + min_off_h - row_first) * cols + b * pr.src_scale_w;
+    a_row[i] = (a + min_off_h - row_first) * cols + b;
   }
 
   // Offsets inside one image fit 32 bits (checked by finish_tc_problem); only the image base is 64-bit.
@@ -321,7 +326,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
           if (out) *out = from_acc<T>(apply_epilogue(epilogue, pre));
           if (out_factor) *out_factor = from_acc<T>(epilogue_grad_factor(epilogue, pre));
         } else {
-          *out = from_acc<T>(value);
+          *out = from_acc<T>(pr.accumulate ? value + float(to_acc(*out)) : value);
         }
         if (out) out += dst_plane;
         if (out_factor) out_factor += dst_plane;
@@ -384,8 +389,8 @@ inline bool finish_tc_problem(TcProblem* pr) {
     pr->max_taps = std::max(pr->max_taps, ph.taps_h * ph.taps_w);
     // A tile of kTcBlockM consecutive phase pixels spans at most this many phase rows (kernel's patch bounds).
     const int a_span = std::min(ph.extent_h, (kTcBlockM - 1) / ph.extent_w + 2);
-    const int64_t rows = int64_t(a_span - 1) * pr->src_scale_h + span_of(ph.off_h, ph.taps_h) + 1;
-    const int64_t cols = int64_t(ph.extent_w - 1) * pr->src_scale_w + span_of(ph.off_w, ph.taps_w) + 1;
+    const int64_t rows = int64_t(a_span - 1) + span_of(ph.off_h, ph.taps_h) + 1;
+    const int64_t cols = int64_t(ph.extent_w - 1) + span_of(ph.off_w, ph.taps_w) + 1;
     if (rows * cols > kTcMaxPatchPixels) return false;
     // The kernel addresses inside one image with 32-bit offsets.
     if (int64_t(pr->src_channels) * pr->src_h * pr->src_w > INT32_MAX ||
@@ -422,7 +427,7 @@ inline bool forward_tc_problem(const ConvTransposeParams& p, TcProblem* pr) {
   pr->kernel_taps = int(p.kernel_h * p.kernel_w);
   pr->dst_step_h = int(p.stride_h);
   pr->dst_step_w = int(p.stride_w);
-  pr->src_scale_h = pr->src_scale_w = 1;
+  pr->src_step_h = pr->src_step_w = 1;
   for (int i = 0; i < row_count; ++i) {
     for (int j = 0; j < col_count; ++j) {
       TcPhase& ph = pr->phase[pr->phases++];
@@ -441,6 +446,64 @@ inline bool forward_tc_problem(const ConvTransposeParams& p, TcProblem* pr) {
     }
   }
   return finish_tc_problem(pr);
+}
+
+// grad_input as tensor-core launches: grad_input[i] = sum over k of g[i*s - p + k*d] * w[k]. Writing
+// k*d - p = s*q + r (0 <= r < s), tap k reads sample i + q of the stride phase r of g (rows r, r + s, ...).
+// So each of the s_h * s_w phases of g is a stride-1 correlation with the taps of that phase, and
+// grad_input is their sum: one launch per phase, the later ones accumulating (a fixed order, deterministic).
+// Fills up to kTcMaxPhases problems (phases without taps are skipped); false if the fast path does not apply.
+inline bool grad_input_tc_problems(const ConvTransposeParams& p, TcProblem* problems, int* count) {
+  *count = 0;
+  if (p.stride_h * p.stride_w > kTcMaxPhases) return false;
+  for (int64_t rh = 0; rh < p.stride_h; ++rh) {
+    for (int64_t rw = 0; rw < p.stride_w; ++rw) {
+      TcProblem pr{};
+      pr.batch = p.batch;
+      pr.groups = int(p.groups);
+      pr.dst_channels = int(p.in_channels);
+      pr.dst_h = int(p.in_h);
+      pr.dst_w = int(p.in_w);
+      pr.dst_per_group = int(p.in_channels_per_group());
+      pr.src_channels = int(p.out_channels);
+      pr.src_h = int(p.out_h());
+      pr.src_w = int(p.out_w());
+      pr.src_per_group = int(p.out_channels_per_group());
+      pr.src_padded = (pr.src_per_group + kTcChunk - 1) / kTcChunk * kTcChunk;
+      pr.kernel_w = int(p.kernel_w);
+      pr.kernel_taps = int(p.kernel_h * p.kernel_w);
+      pr.dst_step_h = pr.dst_step_w = 1;
+      pr.src_step_h = int(p.stride_h);
+      pr.src_step_w = int(p.stride_w);
+      pr.src_offset_h = int(rh);
+      pr.src_offset_w = int(rw);
+      pr.accumulate = *count > 0;
+      pr.phases = 1;
+      TcPhase& ph = pr.phase[0];
+      ph.extent_h = pr.dst_h;
+      ph.extent_w = pr.dst_w;
+      const int64_t axis[2][4] = {{p.kernel_h, p.stride_h, p.pad_h, p.dil_h}, {p.kernel_w, p.stride_w, p.pad_w, p.dil_w}};
+      const int64_t phase_of_axis[2] = {rh, rw};
+      int* taps[2] = {&ph.taps_h, &ph.taps_w};
+      int* kernel_index[2] = {ph.kh, ph.kw};
+      int* offset[2] = {ph.off_h, ph.off_w};
+      for (int a = 0; a < 2; ++a) {
+        for (int64_t k = 0; k < axis[a][0]; ++k) {
+          const int64_t shifted = k * axis[a][3] - axis[a][2];  // k*d - p = s*q + r
+          const int64_t q = floor_div(shifted, axis[a][1]);
+          if (shifted - q * axis[a][1] != phase_of_axis[a]) continue;
+          if (*taps[a] == kTcMaxAxisTaps) return false;
+          kernel_index[a][*taps[a]] = int(k);
+          offset[a][*taps[a]] = int(q);
+          ++*taps[a];
+        }
+      }
+      if (ph.taps_h == 0 || ph.taps_w == 0) continue;
+      if (!finish_tc_problem(&pr)) return false;
+      problems[(*count)++] = pr;
+    }
+  }
+  return *count > 0;
 }
 
 template <typename Math>

@@ -30,9 +30,11 @@ void forward(const ConvTransposeParams& params, const Epilogue& epilogue, int dt
 
 void backward(const ConvTransposeParams& params, int dtype, std::uintptr_t grad_output, std::uintptr_t grad_factor,
               std::uintptr_t input, std::uintptr_t weight, std::uintptr_t grad_input, std::uintptr_t grad_weight,
-              std::uintptr_t grad_bias, std::uintptr_t workspace, int device, std::uintptr_t stream) {
+              std::uintptr_t grad_bias, std::uintptr_t workspace, bool allow_tf32, int device,
+              std::uintptr_t stream) {
   const BackwardArgs args{as_ptr(grad_output), as_ptr(grad_factor), as_ptr(input),     as_ptr(weight),
-                          as_ptr(grad_input),  as_ptr(grad_weight), as_ptr(grad_bias), as_ptr(workspace)};
+                          as_ptr(grad_input),  as_ptr(grad_weight), as_ptr(grad_bias), as_ptr(workspace),
+                          allow_tf32};
   if (device < 0) {
     backward_cpu(params, static_cast<DType>(dtype), args);
   } else {

@@ -36,6 +36,7 @@ struct BackwardArgs {
   void* grad_weight = nullptr;
   void* grad_bias = nullptr;
   void* workspace = nullptr;          // device scratch of backward_workspace_bytes() bytes (CUDA only)
+  bool allow_tf32 = false;            // as ForwardArgs::allow_tf32, for the tensor-core grad_input
 };
 
 // Where a call runs. The stream is a cudaStream_t (null: the legacy default stream); the device index is

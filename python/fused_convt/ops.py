@@ -143,12 +143,12 @@ def _backward_op(
     if want_input or want_weight or want_bias:
         device, stream = _where(input)
         workspace = None
-        if device >= 0 and (want_weight or want_bias):
+        if device >= 0:
             nbytes = _C.backward_workspace_bytes(params, _DTYPE_TAGS[input.dtype])
             workspace = torch.empty(nbytes, dtype=torch.uint8, device=input.device)
         _C.backward(params, _DTYPE_TAGS[input.dtype], _ptr(grad_output), _ptr(grad_factor), _ptr(input),
                     _ptr(weight), _ptr(grad_input), _ptr(grad_weight), _ptr(grad_bias), _ptr(workspace),
-                    device, stream)
+                    allow_tf32, device, stream)
     return grad_input, grad_weight, grad_bias
 
 

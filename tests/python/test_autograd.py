@@ -104,9 +104,14 @@ def test_tie_at_zero_preactivation_gives_quarter_multiply_value(device, dtype, v
     grad_input, expected_input = grads[0].cpu().double(), ref[0]
     upstream = grad_output.cpu().double()
     assert tie.sum() > 0
-    # At the ties: exactly m/4 * upstream (weight is 1), and exactly what the composite gives.
-    assert torch.equal(grad_input[tie], problem.multiply_value / 4 * upstream[tie])
-    assert torch.equal(grad_input[tie], expected_input[tie])
+    # At the ties: m/4 * upstream (weight is 1), and what the composite gives: exactly, except that float32
+    # grad_input on CUDA runs on tensor cores as 3xTF32, which keeps ~22 bits of each operand.
+    if device == "cuda" and dtype == torch.float32:
+        same = lambda a, b: torch.allclose(a, b, rtol=2.0 ** -20, atol=0.0)  # noqa: E731
+    else:
+        same = torch.equal
+    assert same(grad_input[tie], problem.multiply_value / 4 * upstream[tie])
+    assert same(grad_input[tie], expected_input[tie])
     # Elsewhere the usual branches: u > 0 gives exactly 0.
     positive = (tensors[0].detach().cpu().double() == 2.0)
     assert torch.equal(grad_input[positive], torch.zeros_like(grad_input[positive]))
