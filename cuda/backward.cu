@@ -8,7 +8,7 @@
 // oh = ih*s - p + kh*d: per tap and group a GEMM of [in/group x pixels] by [pixels x out/group] with a
 // huge reduction over pixels. A block owns a 64 x 64 tile of (ic, oc) for one tap, one group and one
 // contiguous slice ("split") of the pixels; it stages 32 pixels of x and of g per step in shared memory and
-// each thread accumulates a 4 x 4 register tile (two 4-wide shared loads per 16 FMAs).
+// multiplies them on tensor cores (same precision policies as the forward) or, for float64, in FFMA.
 // The split count depends only on the problem, each split writes its own partial sums, and a second kernel
 // adds the splits in index order: results are bitwise reproducible, with no atomics.
 // grad_bias sums g over (n, oh, ow) the same way: per (channel, split) partials, then the ordered sum.
@@ -62,13 +62,124 @@ struct GradLoader {
   }
 };
 
+// The multiply of one grad_weight block, swappable under the shared staging loop below. Each engine holds
+// its shared-memory tiles (Storage), receives every staged (channel, pixel) value of x and g, multiplies a
+// staged step into its accumulators, and reports each accumulator with its (ic, oc) position in the tile.
+
+// FFMA (float64, and any dtype without a tensor-core policy): tiles [pixel][channel], 4 x 4 results per
+// thread read as two 4-wide shared loads per 16 FMAs.
 template <typename T>
+struct FfmaWeightEngine {
+  using Acc = typename DeviceAcc<T>::type;
+  struct Storage {
+    __align__(16) Acc x[kPixelStep][kWeightTileStride];
+    __align__(16) Acc g[kPixelStep][kWeightTileStride];
+  };
+  Acc acc[kWeightMicro][kWeightMicro];
+
+  __device__ __forceinline__ void clear() {
+#pragma unroll
+    for (int i = 0; i < kWeightMicro; ++i)
+#pragma unroll
+      for (int j = 0; j < kWeightMicro; ++j) acc[i][j] = Acc(0);
+  }
+  __device__ __forceinline__ static void stage(Storage& s, int c, int q, Acc x_value, Acc g_value) {
+    s.x[q][c] = x_value;
+    s.g[q][c] = g_value;
+  }
+  __device__ __forceinline__ void multiply(const Storage& s, int tid) {
+    const int ty = tid / 16, tx = tid % 16;
+#pragma unroll 4
+    for (int q = 0; q < kPixelStep; ++q) {
+      Acc a[kWeightMicro], b[kWeightMicro];
+      load4(&s.x[q][ty * kWeightMicro], a);
+      load4(&s.g[q][tx * kWeightMicro], b);
+#pragma unroll
+      for (int i = 0; i < kWeightMicro; ++i)
+#pragma unroll
+        for (int j = 0; j < kWeightMicro; ++j) acc[i][j] = fma(a[i], b[j], acc[i][j]);
+    }
+  }
+  template <typename Fn>
+  __device__ __forceinline__ void for_each_result(int tid, Fn&& fn) const {
+    const int ty = tid / 16, tx = tid % 16;
+#pragma unroll
+    for (int i = 0; i < kWeightMicro; ++i)
+#pragma unroll
+      for (int j = 0; j < kWeightMicro; ++j) fn(ty * kWeightMicro + i, tx * kWeightMicro + j, acc[i][j]);
+  }
+};
+
+// Tensor cores (Math from mma.cuh): tiles [channel][pixel] in the operand format, rows padded by 16 B so
+// ldmatrix is conflict-free; per tap the block is the GEMM [ic x pixels] * [pixels x oc]. 8 warps as 2 (ic)
+// x 4 (oc), each 32 x 16 results = 2 x 2 mma tiles.
+template <typename T, typename Math>
+struct MmaWeightEngine {
+  using Smem = typename Math::Smem;
+  static constexpr int kRowBytes = kPixelStep * int(sizeof(Smem)) + 16;
+  struct Storage {
+    __align__(16) unsigned char x[kWeightTile * kRowBytes];
+    __align__(16) unsigned char g[kWeightTile * kRowBytes];
+  };
+  float acc[2][2][4];
+
+  __device__ __forceinline__ void clear() {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+  }
+  __device__ __forceinline__ static void stage(Storage& s, int c, int q, float x_value, float g_value) {
+    reinterpret_cast<Smem*>(s.x + c * kRowBytes)[q] = Math::to_smem(from_acc<T>(x_value));
+    reinterpret_cast<Smem*>(s.g + c * kRowBytes)[q] = Math::to_smem(from_acc<T>(g_value));
+  }
+  __device__ __forceinline__ void multiply(const Storage& s, int tid) {
+    const int lane = tid & 31, warp = tid >> 5, warp_m = warp >> 2, warp_n = warp & 3;
+    const uint32_t x_base = smem_address(s.x), g_base = smem_address(s.g);
+#pragma unroll
+    for (int ks = 0; ks < kPixelStep / Math::kStep; ++ks) {
+      typename Math::AFrag a[2];
+#pragma unroll
+      for (int i = 0; i < 2; ++i) {
+        uint32_t raw[4];
+        const int row = warp_m * 32 + i * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+        ldmatrix_x4(raw, x_base + row * kRowBytes + ks * 32 + (lane >> 4) * 16);
+        Math::make_a(a[i], raw);
+      }
+      uint32_t raw[4];
+      const int row = warp_n * 16 + (lane & 7) + (lane >> 4) * 8;
+      ldmatrix_x4(raw, g_base + row * kRowBytes + ks * 32 + ((lane >> 3) & 1) * 16);
+      typename Math::BFrag b[2];
+      Math::make_b(b[0], raw[0], raw[1]);
+      Math::make_b(b[1], raw[2], raw[3]);
+#pragma unroll
+      for (int i = 0; i < 2; ++i)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) Math::mma(acc[i][j], a[i], b[j]);
+    }
+  }
+  template <typename Fn>
+  __device__ __forceinline__ void for_each_result(int tid, Fn&& fn) const {
+    const int lane = tid & 31, warp = tid >> 5, warp_m = warp >> 2, warp_n = warp & 3;
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q)
+          fn(warp_m * 32 + i * 16 + g + (q >> 1) * 8, warp_n * 16 + j * 8 + 2 * t + (q & 1), acc[i][j][q]);
+  }
+};
+
+template <typename T, typename Engine>
 __global__ void __launch_bounds__(kWeightThreads)
 grad_weight_partial_kernel(ConvTransposeParams p, BackwardPlan plan, const T* __restrict__ x, GradLoader<T> g,
                            typename DeviceAcc<T>::type* __restrict__ partial) {
   using Acc = typename DeviceAcc<T>::type;
-  __shared__ __align__(16) Acc x_tile[kPixelStep][kWeightTileStride];
-  __shared__ __align__(16) Acc g_tile[kPixelStep][kWeightTileStride];
+  __shared__ typename Engine::Storage tiles;
 
   const int in_per_group = int(p.in_channels / p.groups), out_per_group = int(p.out_channels / p.groups);
   const int ic0 = (blockIdx.x % plan.ic_tiles) * kWeightTile;
@@ -83,13 +194,10 @@ grad_weight_partial_kernel(ConvTransposeParams p, BackwardPlan plan, const T* __
   const int64_t out_plane = int64_t(out_h) * out_w;
   const int dh = int(kh * p.dil_h - p.pad_h), dw = int(kw * p.dil_w - p.pad_w);
 
-  const int tid = threadIdx.x, ty = tid / 16, tx = tid % 16, lane = tid % 32, warp = tid / 32;
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   static_assert(kPixelStep == 32, "one pixel per lane");
-  Acc acc[kWeightMicro][kWeightMicro];
-#pragma unroll
-  for (int i = 0; i < kWeightMicro; ++i)
-#pragma unroll
-    for (int j = 0; j < kWeightMicro; ++j) acc[i][j] = Acc(0);
+  Engine engine;
+  engine.clear();
 
   for (int64_t base = pixel_begin; base < pixel_end; base += kPixelStep) {
     // Lane = pixel (coalesced along the image row), warp = first channel: each pixel is decoded once per step.
@@ -103,36 +211,24 @@ grad_weight_partial_kernel(ConvTransposeParams p, BackwardPlan plan, const T* __
     const int64_t g_pixel = (n * p.out_channels + group * out_per_group + oc0) * out_plane + int64_t(oh) * out_w + ow;
 #pragma unroll
     for (int c = warp; c < kWeightTile; c += kWeightThreads / 32) {
-      x_tile[lane][c] = (pixel_ok && ic0 + c < in_per_group) ? to_acc(x_pixel[int64_t(c) * in_plane]) : Acc(0);
-      g_tile[lane][c] = (tap_ok && oc0 + c < out_per_group) ? g(g_pixel + int64_t(c) * out_plane) : Acc(0);
+      const Acc x_value = (pixel_ok && ic0 + c < in_per_group) ? to_acc(x_pixel[int64_t(c) * in_plane]) : Acc(0);
+      const Acc g_value = (tap_ok && oc0 + c < out_per_group) ? g(g_pixel + int64_t(c) * out_plane) : Acc(0);
+      Engine::stage(tiles, c, lane, x_value, g_value);
     }
     __syncthreads();
-#pragma unroll 4
-    for (int q = 0; q < kPixelStep; ++q) {
-      Acc a[kWeightMicro], b[kWeightMicro];
-      load4(&x_tile[q][ty * kWeightMicro], a);
-      load4(&g_tile[q][tx * kWeightMicro], b);
-#pragma unroll
-      for (int i = 0; i < kWeightMicro; ++i)
-#pragma unroll
-        for (int j = 0; j < kWeightMicro; ++j) acc[i][j] = fma(a[i], b[j], acc[i][j]);
-    }
+    engine.multiply(tiles, tid);
     __syncthreads();
   }
 
   const int64_t taps = p.kernel_h * p.kernel_w;
   const int64_t weight_numel = p.in_channels * out_per_group * taps;
-#pragma unroll
-  for (int i = 0; i < kWeightMicro; ++i) {
-#pragma unroll
-    for (int j = 0; j < kWeightMicro; ++j) {
-      const int ic_local = ic0 + ty * kWeightMicro + i, oc_local = oc0 + tx * kWeightMicro + j;
-      if (ic_local < in_per_group && oc_local < out_per_group) {
-        const int64_t ic = int64_t(group) * in_per_group + ic_local;
-        partial[split * weight_numel + (ic * out_per_group + oc_local) * taps + tap] = acc[i][j];
-      }
+  engine.for_each_result(tid, [&](int ic_in_tile, int oc_in_tile, Acc value) {
+    const int ic_local = ic0 + ic_in_tile, oc_local = oc0 + oc_in_tile;
+    if (ic_local < in_per_group && oc_local < out_per_group) {
+      const int64_t ic = int64_t(group) * in_per_group + ic_local;
+      partial[split * weight_numel + (ic * out_per_group + oc_local) * taps + tap] = value;
     }
-  }
+  });
 }
 
 template <typename T>
@@ -268,8 +364,21 @@ void backward_cuda(const ConvTransposeParams& params, DType dtype, const Backwar
                       unsigned(plan.weight_splits * params.groups));
       if (grid.z > 65535 || grid.y > 65535)
         throw std::invalid_argument("fused_convt: grad_weight grid too large (kernel taps or groups x splits > 65535)");
-      grad_weight_partial_kernel<T><<<grid, kWeightThreads, 0, stream>>>(
-          params, plan, static_cast<const T*>(args.input), g, weight_partial);
+      auto launch = [&](auto engine) {
+        grad_weight_partial_kernel<T, decltype(engine)><<<grid, kWeightThreads, 0, stream>>>(
+            params, plan, static_cast<const T*>(args.input), g, weight_partial);
+      };
+      if constexpr (std::is_same_v<T, double>) {
+        launch(FfmaWeightEngine<T>{});
+      } else if constexpr (std::is_same_v<T, float>) {
+        if (args.allow_tf32) {
+          launch(MmaWeightEngine<T, Tf32Math>{});
+        } else {
+          launch(MmaWeightEngine<T, Fp32SplitMath>{});
+        }
+      } else {
+        launch(MmaWeightEngine<T, Half16Math<T>>{});
+      }
       check_launch("grad_weight_partial_kernel");
       launch_sum_splits<T>(weight_partial, plan.weight_splits, params.weight_numel(),
                            static_cast<T*>(args.grad_weight), stream);

@@ -97,13 +97,15 @@ void check_case(const ConvTransposeParams& p, const Epilogue& epi, const CaseOpt
   // Operand rounding of the float32 tensor-core paths (TF32 or 3xTF32); the other dtypes keep their own.
   const double tensor_core_unit =
       dtype == fused_convt::DType::Float32 ? (tf32 ? kTf32OperandUnit : kSplitTf32OperandUnit) : 0.0;
-  // The tensor-core grad_input (taken whenever a workspace is passed) rounds g = grad_output * grad_factor to
-  // the storage type before the MMA, as PyTorch's composite stores g; float32 is 3xTF32 instead.
-  double grad_input_unit = 0.0;
+  // The tensor-core backward (grad_input whenever a workspace is passed, grad_weight always) rounds
+  // g = grad_output * grad_factor to the storage type before the MMA, as PyTorch's composite stores g;
+  // float32 is 3xTF32 instead. float64 stays exact.
+  double grad_input_unit = 0.0, grad_weight_unit = 0.0;
   if (dtype == fused_convt::DType::Float32) {
-    grad_input_unit = kSplitTf32OperandUnit;
-  } else if (dtype != fused_convt::DType::Float64 && options.full) {
-    grad_input_unit = test::Storage<T>::unit_roundoff;
+    grad_input_unit = grad_weight_unit = kSplitTf32OperandUnit;
+  } else if (dtype != fused_convt::DType::Float64) {
+    grad_weight_unit = test::Storage<T>::unit_roundoff;
+    if (options.full) grad_input_unit = grad_weight_unit;
   }
   const std::string what =
       label + " " + fused_convt::dtype_name(dtype) + (tf32 ? " (TF32)" : "") + " " + test::describe(p);
@@ -200,7 +202,8 @@ void check_case(const ConvTransposeParams& p, const Epilogue& epi, const CaseOpt
   check_device(gi, gi_cpu, ref.grad_input.value, test::sum_tolerances<T>(ref.grad_input, grad_input_unit),
                what + ": grad_input");
   if (options.full) {
-    check_device(gw, gw_cpu, ref.grad_weight.value, test::sum_tolerances<T>(ref.grad_weight), what + ": grad_weight");
+    check_device(gw, gw_cpu, ref.grad_weight.value, test::sum_tolerances<T>(ref.grad_weight, grad_weight_unit),
+                 what + ": grad_weight");
     if (p.has_bias) {
       check_device(gb, gb_cpu, ref.grad_bias.value, test::sum_tolerances<T>(ref.grad_bias), what + ": grad_bias");
     }
