@@ -23,7 +23,8 @@ struct ForwardArgs {
   void* grad_factor = nullptr;  // optional: d output / d pre-activation, saved for the backward pass
   void* workspace = nullptr;    // device scratch of forward_workspace_bytes() bytes (CUDA only)
   // float32 only: allow TF32 tensor-core math (PyTorch's default for convolutions). Without it float32 runs
-  // exact fp32 arithmetic. float16/bfloat16 always use tensor cores with fp32 accumulation.
+  // "3xTF32" on tensor cores (each operand as two TF32 parts: near-fp32 accuracy, ~1e-6 relative).
+  // float16/bfloat16 always use tensor cores with fp32 accumulation; float64 runs fp64 FMA.
   bool allow_tf32 = false;
 };
 
@@ -36,7 +37,7 @@ struct BackwardArgs {
   void* grad_weight = nullptr;
   void* grad_bias = nullptr;
   void* workspace = nullptr;          // device scratch of backward_workspace_bytes() bytes (CUDA only)
-  bool allow_tf32 = false;            // as ForwardArgs::allow_tf32, for the tensor-core grad_input
+  bool allow_tf32 = false;            // as ForwardArgs::allow_tf32, for grad_input and grad_weight
 };
 
 // Where a call runs. The stream is a cudaStream_t (null: the legacy default stream); the device index is

@@ -17,16 +17,6 @@ using fused_convt::ConvTransposeParams;
 namespace {
 
 template <typename T>
-std::vector<T> poisoned(int64_t count) {
-  return std::vector<T>(size_t(count), test::Storage<T>::from_double(std::numeric_limits<double>::quiet_NaN()));
-}
-
-template <typename T>
-bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
-}
-
-template <typename T>
 struct Gradients {
   std::vector<T> input, weight, bias;
 };
@@ -35,9 +25,9 @@ template <typename T>
 Gradients<T> run_backward(const ConvTransposeParams& p, const BackwardArgs& inputs, bool want_input, bool want_weight,
                           bool want_bias) {
   Gradients<T> g;
-  g.input = poisoned<T>(p.input_numel());
-  g.weight = poisoned<T>(p.weight_numel());
-  g.bias = poisoned<T>(p.out_channels);
+  g.input = test::poisoned<T>(p.input_numel());
+  g.weight = test::poisoned<T>(p.weight_numel());
+  g.bias = test::poisoned<T>(p.out_channels);
   BackwardArgs args = inputs;
   args.grad_input = want_input ? g.input.data() : nullptr;
   args.grad_weight = want_weight ? g.weight.data() : nullptr;
@@ -91,15 +81,15 @@ void check_backward(const ConvTransposeParams& p, FactorSource factor_source, te
   }
 
   const Gradients<T> again = run_backward<T>(p, inputs, true, true, true);
-  CHECK_MSG(bitwise_equal(again.input, all.input) && bitwise_equal(again.weight, all.weight) &&
-                bitwise_equal(again.bias, all.bias),
+  CHECK_MSG(test::bitwise_equal(again.input, all.input) && test::bitwise_equal(again.weight, all.weight) &&
+                test::bitwise_equal(again.bias, all.bias),
             what + ": two runs differ");
-  CHECK_MSG(bitwise_equal(run_backward<T>(p, inputs, true, false, false).input, all.input),
+  CHECK_MSG(test::bitwise_equal(run_backward<T>(p, inputs, true, false, false).input, all.input),
             what + ": grad_input alone");
-  CHECK_MSG(bitwise_equal(run_backward<T>(p, inputs, false, true, false).weight, all.weight),
+  CHECK_MSG(test::bitwise_equal(run_backward<T>(p, inputs, false, true, false).weight, all.weight),
             what + ": grad_weight alone");
   if (p.has_bias) {
-    CHECK_MSG(bitwise_equal(run_backward<T>(p, inputs, false, false, true).bias, all.bias), what + ": grad_bias alone");
+    CHECK_MSG(test::bitwise_equal(run_backward<T>(p, inputs, false, false, true).bias, all.bias), what + ": grad_bias alone");
   }
 }
 

@@ -18,16 +18,6 @@ using fused_convt::ForwardArgs;
 
 namespace {
 
-template <typename T>
-std::vector<T> poisoned(int64_t count) {
-  return std::vector<T>(size_t(count), test::Storage<T>::from_double(std::numeric_limits<double>::quiet_NaN()));
-}
-
-template <typename T>
-bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
-}
-
 Epilogue random_epilogue(test::Rng& rng) {
   Epilogue epi;
   epi.enabled = rng.integer(0, 4) != 0;
@@ -51,18 +41,18 @@ void check_forward(const ConvTransposeParams& p, const Epilogue& epi, test::Rng&
                            (epi.enabled ? " add=" + test::fmt(epi.add_value) + " mul=" + test::fmt(epi.multiply_value)
                                         : " identity");
 
-  auto out = poisoned<T>(p.output_numel()), factor = poisoned<T>(p.output_numel());
+  auto out = test::poisoned<T>(p.output_numel()), factor = test::poisoned<T>(p.output_numel());
   fused_convt::forward_cpu(p, epi, dtype, ForwardArgs{x.data(), w.data(), bias, out.data(), factor.data()});
   const test::ForwardExpectation e =
       test::expected_forward<T>(test::reference_preactivation(p, x_exact, w_exact, b_exact), epi);
   test::check_close(out, e.output, e.output_tol, 1.0, what + ": output");
   test::check_close(factor, e.factor, e.factor_tol, 1.0, what + ": grad_factor");
 
-  auto out_only = poisoned<T>(p.output_numel()), factor_only = poisoned<T>(p.output_numel());
+  auto out_only = test::poisoned<T>(p.output_numel()), factor_only = test::poisoned<T>(p.output_numel());
   fused_convt::forward_cpu(p, epi, dtype, ForwardArgs{x.data(), w.data(), bias, out_only.data(), nullptr});
   fused_convt::forward_cpu(p, epi, dtype, ForwardArgs{x.data(), w.data(), bias, nullptr, factor_only.data()});
-  CHECK_MSG(bitwise_equal(out_only, out), what + ": output without grad_factor differs");
-  CHECK_MSG(bitwise_equal(factor_only, factor), what + ": grad_factor without output differs");
+  CHECK_MSG(test::bitwise_equal(out_only, out), what + ": output without grad_factor differs");
+  CHECK_MSG(test::bitwise_equal(factor_only, factor), what + ": grad_factor without output differs");
 }
 
 // Problems that reach the corners of the index math, named by what they exercise.

@@ -56,10 +56,6 @@ class DeviceBuffer {
   size_t bytes_;
 };
 
-template <typename T>
-bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
-  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
-}
 
 template <typename T>
 std::vector<double> as_doubles(const std::vector<T>& values) {
@@ -144,8 +140,8 @@ void check_case(const ConvTransposeParams& p, const Epilogue& epi, const CaseOpt
   if (options.full) check_device(out, out_cpu, expected.output, expected.output_tol, what + ": output");
   check_device(factor, factor_cpu, expected.factor, expected.factor_tol, what + ": grad_factor");
   run_forward();
-  CHECK_MSG(!options.full || bitwise_equal(out_dev.download<T>(), out), what + ": forward output not reproducible");
-  CHECK_MSG(bitwise_equal(factor_dev.download<T>(), factor), what + ": forward grad_factor not reproducible");
+  CHECK_MSG(!options.full || test::bitwise_equal(out_dev.download<T>(), out), what + ": forward output not reproducible");
+  CHECK_MSG(test::bitwise_equal(factor_dev.download<T>(), factor), what + ": forward grad_factor not reproducible");
 
   // ---- backward, with the grad_factor the CPU forward saved (identical input for both paths)
   BackwardArgs cpu_args;
@@ -209,10 +205,10 @@ void check_case(const ConvTransposeParams& p, const Epilogue& epi, const CaseOpt
     }
   }
   run_backward();
-  CHECK_MSG(bitwise_equal(gi_dev.download<T>(), gi), what + ": grad_input not reproducible");
+  CHECK_MSG(test::bitwise_equal(gi_dev.download<T>(), gi), what + ": grad_input not reproducible");
   if (options.full) {
-    CHECK_MSG(bitwise_equal(gw_dev.download<T>(), gw), what + ": grad_weight not reproducible");
-    CHECK_MSG(!p.has_bias || bitwise_equal(gb_dev.download<T>(), gb), what + ": grad_bias not reproducible");
+    CHECK_MSG(test::bitwise_equal(gw_dev.download<T>(), gw), what + ": grad_weight not reproducible");
+    CHECK_MSG(!p.has_bias || test::bitwise_equal(gb_dev.download<T>(), gb), what + ": grad_bias not reproducible");
   }
 }
 

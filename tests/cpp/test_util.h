@@ -11,6 +11,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <cstring>
 #include <limits>
 #include <string>
 #include <vector>
@@ -373,6 +374,17 @@ std::vector<double> sum_tolerances(const ReferenceSums& sums, double operand_uni
              2 * Storage<T>::unit_roundoff * std::fabs(sums.value[i]) + Storage<T>::denorm_min;
   }
   return tol;
+}
+
+// A host buffer filled with NaN (in T), so an element a kernel forgets to write cannot pass a comparison.
+template <typename T>
+std::vector<T> poisoned(int64_t count) {
+  return std::vector<T>(size_t(count), Storage<T>::from_double(std::numeric_limits<double>::quiet_NaN()));
+}
+
+template <typename T>
+bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
+  return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
 }
 
 }  // namespace test
