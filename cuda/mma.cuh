@@ -62,7 +62,9 @@ struct Fp32SplitMath {
   __device__ __forceinline__ static void split(uint32_t raw, uint32_t& hi, uint32_t& lo) {
     const float v = __uint_as_float(raw);
     hi = round_to_tf32(v);
-    lo = round_to_tf32(v - __uint_as_float(hi));
+    // A non-finite hi (inf, NaN, or a value that rounded up past FLT_MAX) gets lo = 0: inf - inf would
+    // make lo NaN, and every product with it NaN where PyTorch's composite keeps the infinity.
+    lo = isfinite(__uint_as_float(hi)) ? round_to_tf32(v - __uint_as_float(hi)) : 0u;
   }
   __device__ __forceinline__ static void make_a(AFrag& a, const uint32_t (&raw)[4]) {
 #pragma unroll
