@@ -64,7 +64,8 @@ struct Fp32SplitMath {
     hi = round_to_tf32(v);
     // A non-finite hi (inf, NaN, or a value that rounded up past FLT_MAX) gets lo = 0: inf - inf would
     // make lo NaN, and every product with it NaN where PyTorch's composite keeps the infinity.
-    lo = isfinite(__uint_as_float(hi)) ? round_to_tf32(v - __uint_as_float(hi)) : 0u;
+    const bool finite = (hi & 0x7f800000u) != 0x7f800000u;
+    lo = round_to_tf32(finite ? v - __uint_as_float(hi) : 0.0f);
   }
   __device__ __forceinline__ static void make_a(AFrag& a, const uint32_t (&raw)[4]) {
 #pragma unroll
