@@ -19,9 +19,10 @@ class FusedConvTranspose2dFunction(torch.autograd.Function):
                             multiply_value)
         tf32 = resolve_allow_tf32(allow_tf32)
         output, grad_factor = torch.ops.fused_convt.conv_transpose2d_fused(
-            args.input, weight, bias, *args.conv, args.groups, args.add_value, args.multiply_value, True,
+            args.input, args.weight, args.bias, *args.conv, args.groups, args.add_value, args.multiply_value, True,
             not recompute, tf32)
-        ctx.save_for_backward(args.input, weight, bias, grad_factor)
+        ctx.save_for_backward(args.input, args.weight, args.bias, grad_factor)
+        ctx.input_dtypes = (input.dtype, weight.dtype, None if bias is None else bias.dtype)
         ctx.conv_args = (*args.conv, args.groups, args.add_value, args.multiply_value, True, tf32)
         ctx.unbatched = args.unbatched
         return output.squeeze(0) if args.unbatched else output
@@ -36,5 +37,6 @@ class FusedConvTranspose2dFunction(torch.autograd.Function):
             grad_output, input, weight, bias, grad_factor, *ctx.conv_args, mask)
         if ctx.unbatched and mask[0]:
             grad_input = grad_input.squeeze(0)
+        # Under autocast the Function computed in a lower precision: return gradients in the inputs' dtypes.
         grads = (grad_input, grad_weight, grad_bias)
-        return tuple(g if m else None for g, m in zip(grads, mask)) + (None,) * 9
+        return tuple(g.to(dtype) if m else None for g, m, dtype in zip(grads, mask, ctx.input_dtypes)) + (None,) * 9

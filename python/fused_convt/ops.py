@@ -201,6 +201,8 @@ torch.library.register_autograd(_backward_op, _no_double_backward, setup_context
 
 class PreparedArgs(NamedTuple):
     input: Tensor
+    weight: Tensor
+    bias: Optional[Tensor]
     conv: Tuple[List[int], List[int], List[int], List[int]]  # stride, padding, output_padding, dilation
     groups: int
     add_value: float
@@ -210,8 +212,8 @@ class PreparedArgs(NamedTuple):
 
 def prepare_args(input, weight, bias, stride, padding, output_padding, groups, dilation, add_value,
                  multiply_value) -> PreparedArgs:
-    """Normalizes the public arguments (ints or pairs, NumPy scalars, unbatched 3-D input) and validates them
-    once, before any launch. Shared by the functional ops and FusedConvTranspose2dFunction."""
+    """Normalizes the public arguments (ints or pairs, NumPy scalars, unbatched 3-D input, autocast) and
+    validates them once, before any launch. Shared by the functional ops and FusedConvTranspose2dFunction."""
     conv = (as_pair(stride, "stride"), as_pair(padding, "padding"), as_pair(output_padding, "output_padding"),
             as_pair(dilation, "dilation"))
     groups = as_groups(groups)
@@ -220,8 +222,22 @@ def prepare_args(input, weight, bias, stride, padding, output_padding, groups, d
     unbatched = isinstance(input, Tensor) and input.dim() == 3
     if unbatched:
         input = input.unsqueeze(0)
+    input, weight, bias = _autocast(input, weight, bias)
     check_conv_args(input, weight, bias, conv[0], conv[1], conv[2], groups, conv[3])
-    return PreparedArgs(input, conv, groups, add_value, multiply_value, unbatched)
+    return PreparedArgs(input, weight, bias, conv, groups, add_value, multiply_value, unbatched)
+
+
+def _autocast(input, weight, bias):
+    """Inside torch.autocast the op runs in the autocast dtype, as PyTorch's convolutions do (they are on
+    autocast's lower-precision list): floating-point tensors are cast (differentiably) to that dtype."""
+    if not isinstance(input, Tensor) or input.device.type not in ("cpu", "cuda"):
+        return input, weight, bias
+    device_type = input.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return input, weight, bias
+    dtype = torch.get_autocast_dtype(device_type)
+    cast = lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t  # noqa: E731
+    return cast(input), cast(weight), cast(bias)
 
 
 def resolve_allow_tf32(allow_tf32: Optional[bool]) -> bool:
@@ -234,10 +250,10 @@ def _call(input, weight, bias, stride, padding, output_padding, groups, dilation
     args = prepare_args(input, weight, bias, stride, padding, output_padding, groups, dilation, add_value,
                         multiply_value)
     needs_grad = torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in (args.input, weight, bias))
+        t is not None and t.requires_grad for t in (args.input, args.weight, args.bias))
     output, _ = torch.ops.fused_convt.conv_transpose2d_fused(
-        args.input, weight, bias, *args.conv, args.groups, args.add_value, args.multiply_value, apply_epilogue,
-        needs_grad and not recompute, resolve_allow_tf32(allow_tf32))
+        args.input, args.weight, args.bias, *args.conv, args.groups, args.add_value, args.multiply_value,
+        apply_epilogue, needs_grad and not recompute, resolve_allow_tf32(allow_tf32))
     return output.squeeze(0) if args.unbatched else output
 
 

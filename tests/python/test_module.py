@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 import fused_convt
+from conftest import requires_cuda
 from reference import REL_TOL, rel_err
 
 # (in_channels, out_channels, kernel_size, constructor keywords)
@@ -151,3 +152,25 @@ def test_constructor_dtype_and_scalars():
     assert isinstance(module.add_value, float) and module.add_value == 1.0
     assert isinstance(module.multiply_value, float) and module.multiply_value == -2.0
     assert module(torch.randn(1, 2, 3, 3, dtype=torch.float64)).dtype == torch.float64
+
+
+@pytest.mark.parametrize("device,dtype", [("cpu", torch.bfloat16),
+                                          pytest.param("cuda", torch.bfloat16, marks=requires_cuda),
+                                          pytest.param("cuda", torch.float16, marks=requires_cuda)])
+def test_autocast_runs_in_the_autocast_dtype_and_trains_fp32_weights(device, dtype):
+    """Mixed-precision training: fp32 module and input under torch.autocast run the op in the autocast dtype
+    (like nn.ConvTranspose2d), and gradients reach the fp32 parameters."""
+    torch.manual_seed(3)
+    fused = fused_convt.FusedConvTranspose2d(4, 6, 3, stride=2, add_value=-0.5, multiply_value=2.0).to(device)
+    twin = nn.ConvTranspose2d(4, 6, 3, stride=2).to(device)
+    twin.load_state_dict(fused.state_dict())
+    x = torch.randn(2, 4, 5, 5, device=device)
+    with torch.autocast(device, dtype=dtype):
+        y = fused(x)
+        conv = twin(x)
+    assert y.dtype == dtype and conv.dtype == dtype
+    expected = torch.nn.functional.gelu(torch.min(conv.double() - 0.5, torch.tensor(0.0, device=device))) * 2.0
+    assert (y.double() - expected).abs().max().item() <= 3e-2 * expected.abs().max().item()
+    y.float().sum().backward()
+    assert fused.weight.grad is not None and fused.weight.grad.dtype == torch.float32
+    assert fused.weight.grad.abs().sum() > 0
