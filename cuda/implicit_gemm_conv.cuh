@@ -1,4 +1,5 @@
-// Tensor-core implicit-GEMM gather convolution: the fast path of the forward pass.
+// Tensor-core implicit-GEMM gather convolution: the fast path of the forward pass and of grad_input
+// (grad_input_tc_problems below: one launch per stride phase of grad_output).
 //
 // Phase decomposition (shared/DESIGN.md): a stride-s transposed convolution is s_h * s_w independent
 // stride-1 correlations, one per output phase (oh mod s, ow mod s), each with only the taps that land on
@@ -14,9 +15,12 @@
 //    each thread for whole pixels (16 channels), coalesced along the image row, and stored channels-last
 //    ([pixel][16 channels]) so that ldmatrix serves any tap offset: a tap just shifts the pixel row;
 //  * the weight slice [tap][BN][16] comes from a pre-packed copy with 16-byte cp.async;
-//  * every warp runs ldmatrix + mma.sync (TF32 m16n8k8 or bf16/fp16 m16n8k16) over the phase's taps.
+//  * every warp runs ldmatrix + mma.sync over the phase's taps, in the precision policy Math (mma.cuh:
+//    TF32, 3xTF32 for exact float32, bf16 / fp16), accumulating in fp32.
 // The next chunk's loads are issued before the current chunk's MMAs, so memory latency hides under math.
-// Epilogue: bias, add, min, GELU, scale on the fp32 accumulators in registers, one write per output.
+// Epilogue: the accumulators pass through shared memory so that each thread owns one pixel; bias, add, min,
+// GELU and scale are applied in registers and every output is written once (consecutive threads,
+// consecutive pixels).
 #pragma once
 
 #include <algorithm>
