@@ -58,11 +58,7 @@ void check_forward(const ConvTransposeParams& p, const Epilogue& epi, test::Rng&
 // Problems that reach the corners of the index math, named by what they exercise.
 std::vector<std::pair<std::string, ConvTransposeParams>> edge_cases() {
   std::vector<std::pair<std::string, ConvTransposeParams>> cases;
-  auto make = [](int64_t n, int64_t cin, int64_t cout, int64_t h, int64_t w, int64_t groups) {
-    ConvTransposeParams p;
-    p.batch = n, p.in_channels = cin, p.out_channels = cout, p.in_h = h, p.in_w = w, p.groups = groups;
-    return p;
-  };
+  const auto make = test::make_params;
   ConvTransposeParams p = make(2, 4, 4, 5, 6, 4);
   p.kernel_h = p.kernel_w = 3, p.stride_h = p.stride_w = 2, p.pad_h = p.pad_w = 1, p.out_pad_h = p.out_pad_w = 1;
   cases.push_back({"depthwise", p});

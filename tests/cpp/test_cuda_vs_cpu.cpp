@@ -217,11 +217,7 @@ void check_case(const ConvTransposeParams& p, const Epilogue& epi, const CaseOpt
 // patches that fit its staging buffers) and the direct gather kernel.
 std::vector<std::pair<std::string, ConvTransposeParams>> tiled_cases() {
   std::vector<std::pair<std::string, ConvTransposeParams>> cases;
-  auto make = [](int64_t n, int64_t cin, int64_t cout, int64_t h, int64_t w, int64_t groups) {
-    ConvTransposeParams p;
-    p.batch = n, p.in_channels = cin, p.out_channels = cout, p.in_h = h, p.in_w = w, p.groups = groups;
-    return p;
-  };
+  const auto make = test::make_params;
   ConvTransposeParams p = make(2, 20, 36, 19, 19, 1);
   p.kernel_h = p.kernel_w = 4, p.stride_h = p.stride_w = 2, p.pad_h = p.pad_w = 1;
   cases.push_back({"k4 s2 p1, channel tiles and source chunks", p});

@@ -387,4 +387,12 @@ bool bitwise_equal(const std::vector<T>& a, const std::vector<T>& b) {
   return a.size() == b.size() && std::memcmp(a.data(), b.data(), a.size() * sizeof(T)) == 0;
 }
 
+// A problem with the given sizes and groups; everything else at ConvTransposeParams' defaults.
+inline fused_convt::ConvTransposeParams make_params(int64_t n, int64_t cin, int64_t cout, int64_t h, int64_t w,
+                                                    int64_t groups) {
+  fused_convt::ConvTransposeParams p;
+  p.batch = n, p.in_channels = cin, p.out_channels = cout, p.in_h = h, p.in_w = w, p.groups = groups;
+  return p;
+}
+
 }  // namespace test

@@ -98,18 +98,15 @@ def test_problem_set_covers_the_parameter_space():
     assert any(p.multiply_value < 0 for p in ps)
 
 
-@pytest.mark.parametrize("dtype", FULL_DTYPES)
-@pytest.mark.parametrize("seed,problem", PROBLEM_PARAMS)
-def test_fused_matches_float64_composite(seed, problem, dtype, device):
-    x, w, b = problem.tensors(dtype, device, seed=seed)
-    out = run_fused(problem, x, w, b)
-    assert out.dtype == dtype and out.device.type == device
-    assert_matches(out, reference(problem, x, w, b), dtype)
+# Every problem in float32 and float64; a subset in float16 / bfloat16.
+DTYPE_PROBLEM_PARAMS = [
+    pytest.param(*dtype.values, *problem.values, id=f"{problem.id}-{dtype.id}")
+    for dtypes, problems in ((FULL_DTYPES, PROBLEM_PARAMS), (HALF_DTYPES, HALF_PARAMS))
+    for dtype in dtypes for problem in problems]
 
 
-@pytest.mark.parametrize("dtype", HALF_DTYPES)
-@pytest.mark.parametrize("seed,problem", HALF_PARAMS)
-def test_fused_half_precision_matches_float64_composite(seed, problem, dtype, device):
+@pytest.mark.parametrize("dtype,seed,problem", DTYPE_PROBLEM_PARAMS)
+def test_fused_matches_float64_composite(dtype, seed, problem, device):
     x, w, b = problem.tensors(dtype, device, seed=seed)
     out = run_fused(problem, x, w, b)
     assert out.dtype == dtype and out.device.type == device
