@@ -51,33 +51,36 @@ struct Tf32Math : PlainFragments {
 // Exact float32 on tensor cores ("3xTF32"): each operand x = hi + lo with hi = tf32(x), lo = tf32(x - hi);
 // a*b ~ hi_a*hi_b + hi_a*lo_b + lo_a*hi_b (the lo*lo term is below float32 rounding). Operands are staged
 // as raw float bits and split in registers; the small products are accumulated first.
+// Non-finite values follow PyTorch's composite only if they enter the big product alone: an infinite hi
+// times the other operand's lo would add inf * 0 = NaN (lo is 0 for any tf32-exact value) or an infinity of
+// the wrong sign. So the cross products use `cross` = hi where hi is finite, else 0, and lo is 0 there.
 struct Fp32SplitMath {
   using Smem = uint32_t;
   static constexpr int kStep = 8;
   static constexpr int kValuesPerWord = 1;
-  struct AFrag { uint32_t hi[4], lo[4]; };
-  struct BFrag { uint32_t hi[2], lo[2]; };
+  struct AFrag { uint32_t hi[4], cross[4], lo[4]; };
+  struct BFrag { uint32_t hi[2], cross[2], lo[2]; };
   __device__ __forceinline__ static Smem to_smem(float v) { return __float_as_uint(v); }
   __device__ __forceinline__ static uint32_t to_word(const float (&v)[1]) { return to_smem(v[0]); }
-  __device__ __forceinline__ static void split(uint32_t raw, uint32_t& hi, uint32_t& lo) {
+  // hi may be non-finite also for a finite value that rounds up past FLT_MAX.
+  __device__ __forceinline__ static void split(uint32_t raw, uint32_t& hi, uint32_t& cross, uint32_t& lo) {
     const float v = __uint_as_float(raw);
     hi = round_to_tf32(v);
-    // A non-finite hi (inf, NaN, or a value that rounded up past FLT_MAX) gets lo = 0: inf - inf would
-    // make lo NaN, and every product with it NaN where PyTorch's composite keeps the infinity.
     const bool finite = (hi & 0x7f800000u) != 0x7f800000u;
+    cross = finite ? hi : 0u;
     lo = round_to_tf32(finite ? v - __uint_as_float(hi) : 0.0f);
   }
   __device__ __forceinline__ static void make_a(AFrag& a, const uint32_t (&raw)[4]) {
 #pragma unroll
-    for (int i = 0; i < 4; ++i) split(raw[i], a.hi[i], a.lo[i]);
+    for (int i = 0; i < 4; ++i) split(raw[i], a.hi[i], a.cross[i], a.lo[i]);
   }
   __device__ __forceinline__ static void make_b(BFrag& b, uint32_t r0, uint32_t r1) {
-    split(r0, b.hi[0], b.lo[0]);
-    split(r1, b.hi[1], b.lo[1]);
+    split(r0, b.hi[0], b.cross[0], b.lo[0]);
+    split(r1, b.hi[1], b.cross[1], b.lo[1]);
   }
   __device__ __forceinline__ static void mma(float (&d)[4], const AFrag& a, const BFrag& b) {
-    mma_tf32(d, a.lo, b.hi);
-    mma_tf32(d, a.hi, b.lo);
+    mma_tf32(d, a.lo, b.cross);
+    mma_tf32(d, a.cross, b.lo);
     mma_tf32(d, a.hi, b.hi);
   }
 };
