@@ -1,17 +1,20 @@
 // CUDA backward: grad_input through the tensor-core implicit-GEMM kernel (one launch per stride phase of
 // grad_output, see grad_input_tc_problems) or, where that does not apply, the direct gather kernel;
-// grad_weight and grad_bias through deterministic split reductions.
+// grad_weight and grad_bias together through one deterministic split reduction.
 //
 // g = grad_output * grad_factor is formed in registers wherever a kernel loads it; it is never stored.
 //
 // grad_weight[ic, oc_local, kh, kw] = sum over (n, ih, iw) of x[n, ic, ih, iw] * g[n, oc, oh, ow] with
-// oh = ih*s - p + kh*d: per tap and group a GEMM of [in/group x pixels] by [pixels x out/group] with a
-// huge reduction over pixels. A block owns a 64 x 64 tile of (ic, oc) for one tap, one group and one
-// contiguous slice ("split") of the pixels; it stages 32 pixels of x and of g per step in shared memory and
-// multiplies them on tensor cores (same precision policies as the forward) or, for float64, in FFMA.
+// oh = ih*s - p + kh*d. Grouped by output phase (shared/DESIGN.md, as in the forward): the phase pixel
+// (a, b) of output phase (r_h, r_w) meets, through each tap (kh, kw) of that phase, the input pixel
+// (a + off_h, b + off_w). So one block owns one phase, up to Engine::kTaps of its taps, a 64 x 64 tile of
+// (ic, oc), one group and one contiguous slice ("split") of the phase's pixels; per step it stages 32 phase
+// pixels of g once and, per tap, the 32 matching pixels of x, and multiplies them on tensor cores (same
+// precision policies as the forward) or, for float64, in FFMA. Each g value is read once per (phase, oc
+// tile and tap group), not once per tap: half the grad_output and factor loads of one block per tap.
+// grad_bias rides along: the blocks of the first tap group and ic tile also sum the g values they stage.
 // The split count depends only on the problem, each split writes its own partial sums, and a second kernel
-// adds the splits in index order: results are bitwise reproducible, with no atomics.
-// grad_bias sums g over (n, oh, ow) the same way: per (channel, split) partials, then the ordered sum.
+// adds the splits (and phases, for the bias) in index order: bitwise reproducible, with no atomics.
 #include <algorithm>
 
 #include "implicit_gemm_conv.cuh"
@@ -20,35 +23,69 @@
 namespace fused_convt {
 
 constexpr int kWeightTile = 64;      // ic and oc extent of a grad_weight block
-constexpr int kWeightMicro = 4;      // each thread: kWeightMicro x kWeightMicro results
+constexpr int kWeightMicro = 4;      // FFMA engine: each thread kWeightMicro x kWeightMicro results
 constexpr int kWeightTileStride = kWeightTile + 4;  // keeps every 4-wide row read 16-byte aligned
-constexpr int kPixelStep = 32;       // pixels staged per step
-constexpr int kWeightThreads = 256;  // 16 x 16 threads
-constexpr int kBiasThreads = 256;
+constexpr int kPixelStep = 32;       // pixels staged per step: one per lane
+constexpr int kWeightThreads = 256;  // 8 warps
+constexpr int kChannelsPerThread = kWeightTile / (kWeightThreads / 32);  // staged channels per lane and step
 constexpr int64_t kTargetBlocks = 1024;  // fixed (device independent) so results do not depend on the GPU
 
+// The output phases of one axis (phase r: outputs first + s*a, a < extent) and the taps that reach them:
+// tap k belongs to phase (k*d) mod s and reads input a + offset with offset = j0 - (k*d - r) / s.
+struct AxisPhaseSpan {
+  int first, extent, j0;
+};
+FCT_HD AxisPhaseSpan axis_phase_span(int64_t out, int64_t stride, int64_t pad, int64_t r) {
+  const int64_t j0 = -floor_div(r - pad, stride);  // ceil((pad - r) / stride)
+  const int64_t j_last = floor_div(out - 1 + pad - r, stride);
+  return {int(stride * j0 + r - pad), int(j_last >= j0 ? j_last - j0 + 1 : 0), int(j0)};
+}
+// Taps of phase r along an axis of `kernel` taps, and the index of its t-th tap (or -1).
+FCT_HD int axis_phase_taps(int64_t kernel, int64_t stride, int64_t dil, int64_t r) {
+  int taps = 0;
+  for (int64_t k = 0; k < kernel; ++k) taps += (k * dil) % stride == r;
+  return taps;
+}
+FCT_HD int axis_phase_tap(int64_t kernel, int64_t stride, int64_t dil, int64_t r, int t) {
+  for (int64_t k = 0; k < kernel; ++k)
+    if ((k * dil) % stride == r && t-- == 0) return int(k);
+  return -1;
+}
+
 struct BackwardPlan {
-  int64_t pixels;          // N * H * W, the grad_weight reduction length
-  int64_t weight_splits, pixels_per_split;
-  int64_t bias_splits, outputs_per_bias_split;
+  int phases;              // stride_h * stride_w output phases (also those without taps: the bias needs them)
+  int tap_groups;          // blocks per phase along its taps (Engine::kTaps each)
   int ic_tiles, oc_tiles;
+  int64_t max_phase_pixels;  // N * extent_h * extent_w of the largest phase
+  int64_t splits, pixels_per_split;
 };
 
-inline BackwardPlan plan_backward(const ConvTransposeParams& p) {
+// Taps per grad_weight block: the FFMA engine (float64) holds one, the tensor-core engines two.
+inline int weight_taps_per_block(DType dtype) { return dtype == DType::Float64 ? 1 : 2; }
+
+// The split count depends only on the problem and dtype (not on which gradients are requested), so the
+// workspace size is fixed and grad_bias is bitwise the same with or without grad_weight.
+inline BackwardPlan plan_backward(const ConvTransposeParams& p, DType dtype) {
   BackwardPlan plan{};
-  plan.pixels = p.batch * p.in_h * p.in_w;
+  plan.phases = int(p.stride_h * p.stride_w);
+  int max_taps = 0, max_extent_h = 0, max_extent_w = 0;
+  for (int64_t rh = 0; rh < p.stride_h; ++rh)
+    for (int64_t rw = 0; rw < p.stride_w; ++rw)
+      max_taps = std::max(max_taps, axis_phase_taps(p.kernel_h, p.stride_h, p.dil_h, rh) *
+                                        axis_phase_taps(p.kernel_w, p.stride_w, p.dil_w, rw));
+  for (int64_t r = 0; r < p.stride_h; ++r)
+    max_extent_h = std::max(max_extent_h, axis_phase_span(p.out_h(), p.stride_h, p.pad_h, r).extent);
+  for (int64_t r = 0; r < p.stride_w; ++r)
+    max_extent_w = std::max(max_extent_w, axis_phase_span(p.out_w(), p.stride_w, p.pad_w, r).extent);
+  plan.tap_groups = std::max(1, ceil_div_int(max_taps, weight_taps_per_block(dtype)));
   plan.ic_tiles = ceil_div_int(p.in_channels_per_group(), kWeightTile);
   plan.oc_tiles = ceil_div_int(p.out_channels_per_group(), kWeightTile);
-  const int64_t tiles = int64_t(plan.ic_tiles) * plan.oc_tiles * p.kernel_h * p.kernel_w * p.groups;
-  const int64_t steps = std::max<int64_t>(1, (plan.pixels + kPixelStep - 1) / kPixelStep);
+  plan.max_phase_pixels = p.batch * max_extent_h * max_extent_w;
+  const int64_t tiles = int64_t(plan.phases) * plan.tap_groups * plan.ic_tiles * plan.oc_tiles * p.groups;
+  const int64_t steps = std::max<int64_t>(1, (plan.max_phase_pixels + kPixelStep - 1) / kPixelStep);
   const int64_t splits = std::clamp<int64_t>(kTargetBlocks / tiles, 1, std::min<int64_t>(steps, 256));
   plan.pixels_per_split = (steps + splits - 1) / splits * kPixelStep;
-  plan.weight_splits = std::max<int64_t>(1, (plan.pixels + plan.pixels_per_split - 1) / plan.pixels_per_split);
-
-  const int64_t per_channel = p.batch * p.out_h() * p.out_w();
-  const int64_t bias_splits = std::clamp<int64_t>(kTargetBlocks / p.out_channels, 1, 64);
-  plan.outputs_per_bias_split = std::max<int64_t>(1, (per_channel + bias_splits - 1) / bias_splits);
-  plan.bias_splits = std::max<int64_t>(1, (per_channel + plan.outputs_per_bias_split - 1) / plan.outputs_per_bias_split);
+  plan.splits = std::max<int64_t>(1, (plan.max_phase_pixels + plan.pixels_per_split - 1) / plan.pixels_per_split);
   return plan;
 }
 
@@ -63,16 +100,19 @@ struct GradLoader {
 };
 
 // The multiply of one grad_weight block, swappable under the shared staging loop below. Each engine holds
-// its shared-memory tiles (Storage), receives every staged (channel, pixel) value of x and g, multiplies a
-// staged step into its accumulators, and reports each accumulator with its (ic, oc) position in the tile.
+// its shared-memory tiles (Storage: x per tap, g once), receives every staged (channel, pixel) value,
+// multiplies a staged step into its accumulators (taps < kTaps in use), and reports each accumulator with
+// its (tap, ic, oc) position in the block.
 
-// FFMA (float64, and any dtype without a tensor-core policy): tiles [pixel][channel], 4 x 4 results per
-// thread read as two 4-wide shared loads per 16 FMAs.
+// FFMA (float64, and any dtype without a tensor-core policy): one tap per block, tiles [pixel][channel],
+// 4 x 4 results per thread read as two 4-wide shared loads per 16 FMAs.
 template <typename T>
 struct FfmaWeightEngine {
   using Acc = typename DeviceAcc<T>::type;
+  static constexpr int kTaps = 1;
+  static constexpr int kMinBlocks = 1;
   struct Storage {
-    __align__(16) Acc x[kPixelStep][kWeightTileStride];
+    __align__(16) Acc x[kTaps][kPixelStep][kWeightTileStride];
     __align__(16) Acc g[kPixelStep][kWeightTileStride];
   };
   Acc acc[kWeightMicro][kWeightMicro];
@@ -83,16 +123,14 @@ struct FfmaWeightEngine {
 #pragma unroll
       for (int j = 0; j < kWeightMicro; ++j) acc[i][j] = Acc(0);
   }
-  __device__ __forceinline__ static void stage(Storage& s, int c, int q, Acc x_value, Acc g_value) {
-    s.x[q][c] = x_value;
-    s.g[q][c] = g_value;
-  }
-  __device__ __forceinline__ void multiply(const Storage& s, int tid) {
+  __device__ __forceinline__ static void stage_x(Storage& s, int tap, int c, int q, Acc v) { s.x[tap][q][c] = v; }
+  __device__ __forceinline__ static void stage_g(Storage& s, int c, int q, Acc v) { s.g[q][c] = v; }
+  __device__ __forceinline__ void multiply(const Storage& s, int tid, int /*taps*/) {
     const int ty = tid / 16, tx = tid % 16;
 #pragma unroll 4
     for (int q = 0; q < kPixelStep; ++q) {
       Acc a[kWeightMicro], b[kWeightMicro];
-      load4(&s.x[q][ty * kWeightMicro], a);
+      load4(&s.x[0][q][ty * kWeightMicro], a);
       load4(&s.g[q][tx * kWeightMicro], b);
 #pragma unroll
       for (int i = 0; i < kWeightMicro; ++i)
@@ -106,48 +144,49 @@ struct FfmaWeightEngine {
 #pragma unroll
     for (int i = 0; i < kWeightMicro; ++i)
 #pragma unroll
-      for (int j = 0; j < kWeightMicro; ++j) fn(ty * kWeightMicro + i, tx * kWeightMicro + j, acc[i][j]);
+      for (int j = 0; j < kWeightMicro; ++j) fn(0, ty * kWeightMicro + i, tx * kWeightMicro + j, acc[i][j]);
   }
 };
 
 // Tensor cores (Math from mma.cuh): tiles [channel][pixel] in the operand format, rows padded by 16 B so
 // ldmatrix is conflict-free; per tap the block is the GEMM [ic x pixels] * [pixels x oc]. 8 warps as 2 (ic)
-// x 4 (oc), each 32 x 16 results = 2 x 2 mma tiles.
+// x 4 (oc), each 32 x 16 results = 2 x 2 mma tiles per tap; the g fragments are loaded once for all taps.
 template <typename T, typename Math>
 struct MmaWeightEngine {
   using Smem = typename Math::Smem;
+  // Two taps per block: four would read g once instead of twice, but their staging and accumulators need
+  // ~180 registers, one block per SM, and too few loads in flight (measured on H100 at kb_v1 bf16: grad_weight
+  // with the bias 5.9 ms with four taps, 5.1 with two, 6.7 with one).
+  static constexpr int kTaps = 2;
+  static constexpr int kMinBlocks = 2;
   static constexpr int kRowBytes = kPixelStep * int(sizeof(Smem)) + 16;
   struct Storage {
-    __align__(16) unsigned char x[kWeightTile * kRowBytes];
+    __align__(16) unsigned char x[kTaps][kWeightTile * kRowBytes];
     __align__(16) unsigned char g[kWeightTile * kRowBytes];
   };
-  float acc[2][2][4];
+  float acc[kTaps][2][2][4];
 
   __device__ __forceinline__ void clear() {
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int t = 0; t < kTaps; ++t)
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
+      for (int i = 0; i < 2; ++i)
 #pragma unroll
-        for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int q = 0; q < 4; ++q) acc[t][i][j][q] = 0.0f;
   }
-  __device__ __forceinline__ static void stage(Storage& s, int c, int q, float x_value, float g_value) {
-    reinterpret_cast<Smem*>(s.x + c * kRowBytes)[q] = Math::to_smem(from_acc<T>(x_value));
-    reinterpret_cast<Smem*>(s.g + c * kRowBytes)[q] = Math::to_smem(from_acc<T>(g_value));
+  __device__ __forceinline__ static void stage_x(Storage& s, int tap, int c, int q, float v) {
+    reinterpret_cast<Smem*>(s.x[tap] + c * kRowBytes)[q] = Math::to_smem(from_acc<T>(v));
   }
-  __device__ __forceinline__ void multiply(const Storage& s, int tid) {
+  __device__ __forceinline__ static void stage_g(Storage& s, int c, int q, float v) {
+    reinterpret_cast<Smem*>(s.g + c * kRowBytes)[q] = Math::to_smem(from_acc<T>(v));
+  }
+  __device__ __forceinline__ void multiply(const Storage& s, int tid, int taps) {
     const int lane = tid & 31, warp = tid >> 5, warp_m = warp >> 2, warp_n = warp & 3;
-    const uint32_t x_base = smem_address(s.x), g_base = smem_address(s.g);
+    const uint32_t g_base = smem_address(s.g);
 #pragma unroll
     for (int ks = 0; ks < kPixelStep / Math::kStep; ++ks) {
-      typename Math::AFrag a[2];
-#pragma unroll
-      for (int i = 0; i < 2; ++i) {
-        uint32_t raw[4];
-        const int row = warp_m * 32 + i * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-        ldmatrix_x4(raw, x_base + row * kRowBytes + ks * 32 + (lane >> 4) * 16);
-        Math::make_a(a[i], raw);
-      }
       uint32_t raw[4];
       const int row = warp_n * 16 + (lane & 7) + (lane >> 4) * 8;
       ldmatrix_x4(raw, g_base + row * kRowBytes + ks * 32 + ((lane >> 3) & 1) * 16);
@@ -155,106 +194,178 @@ struct MmaWeightEngine {
       Math::make_b(b[0], raw[0], raw[1]);
       Math::make_b(b[1], raw[2], raw[3]);
 #pragma unroll
-      for (int i = 0; i < 2; ++i)
+      for (int t = 0; t < kTaps; ++t) {
+        if (t >= taps) break;
+        const uint32_t x_base = smem_address(s.x[t]);
 #pragma unroll
-        for (int j = 0; j < 2; ++j) Math::mma(acc[i][j], a[i], b[j]);
+        for (int i = 0; i < 2; ++i) {
+          uint32_t a_raw[4];
+          const int a_row = warp_m * 32 + i * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
+          ldmatrix_x4(a_raw, x_base + a_row * kRowBytes + ks * 32 + (lane >> 4) * 16);
+          typename Math::AFrag a;
+          Math::make_a(a, a_raw);
+#pragma unroll
+          for (int j = 0; j < 2; ++j) Math::mma(acc[t][i][j], a, b[j]);
+        }
+      }
     }
   }
   template <typename Fn>
   __device__ __forceinline__ void for_each_result(int tid, Fn&& fn) const {
     const int lane = tid & 31, warp = tid >> 5, warp_m = warp >> 2, warp_n = warp & 3;
-    const int g = lane >> 2, t = lane & 3;
+    const int g = lane >> 2, t4 = lane & 3;
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int t = 0; t < kTaps; ++t)
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
+      for (int i = 0; i < 2; ++i)
 #pragma unroll
-        for (int q = 0; q < 4; ++q)
-          fn(warp_m * 32 + i * 16 + g + (q >> 1) * 8, warp_n * 16 + j * 8 + 2 * t + (q & 1), acc[i][j][q]);
+        for (int j = 0; j < 2; ++j)
+#pragma unroll
+          for (int q = 0; q < 4; ++q)
+            fn(t, warp_m * 32 + i * 16 + g + (q >> 1) * 8, warp_n * 16 + j * 8 + 2 * t4 + (q & 1), acc[t][i][j][q]);
   }
 };
 
+// grid.x = phase (fastest, so the phases' blocks that share grad_output sectors run together) + phases *
+// split; grid.y = tap group x ic tile x oc tile; grid.z = group. weight_partial == nullptr: bias only.
 template <typename T, typename Engine>
-__global__ void __launch_bounds__(kWeightThreads)
-grad_weight_partial_kernel(ConvTransposeParams p, BackwardPlan plan, const T* __restrict__ x, GradLoader<T> g,
-                           typename DeviceAcc<T>::type* __restrict__ partial) {
+__global__ void __launch_bounds__(kWeightThreads, Engine::kMinBlocks)
+grad_weight_bias_partial_kernel(ConvTransposeParams p, BackwardPlan plan, const T* __restrict__ x, GradLoader<T> g,
+                                typename DeviceAcc<T>::type* __restrict__ weight_partial,
+                                typename DeviceAcc<T>::type* __restrict__ bias_partial) {
   using Acc = typename DeviceAcc<T>::type;
+  constexpr int kTaps = Engine::kTaps;
   __shared__ typename Engine::Storage tiles;
+  __shared__ int tap_kh[kTaps], tap_kw[kTaps], tap_off_h[kTaps], tap_off_w[kTaps];
+
+  const int phase = int(blockIdx.x % plan.phases);
+  const int64_t split = blockIdx.x / plan.phases;
+  const int rh = phase / int(p.stride_w), rw = phase % int(p.stride_w);
+  const int tap_group = int(blockIdx.y % plan.tap_groups);
+  const int ic_tile = int(blockIdx.y / plan.tap_groups % plan.ic_tiles);
+  const int oc_tile = int(blockIdx.y / (plan.tap_groups * plan.ic_tiles));
+  const int group = int(blockIdx.z);
+  const int ic0 = ic_tile * kWeightTile, oc0 = oc_tile * kWeightTile;
+
+  const int taps_h = axis_phase_taps(p.kernel_h, p.stride_h, p.dil_h, rh);
+  const int taps_w = axis_phase_taps(p.kernel_w, p.stride_w, p.dil_w, rw);
+  const int taps = weight_partial ? max(0, min(kTaps, taps_h * taps_w - tap_group * kTaps)) : 0;
+  const bool sums_bias = bias_partial && tap_group == 0 && ic_tile == 0;
+  if (taps == 0 && !sums_bias) return;  // uniform over the block
+
+  const AxisPhaseSpan span_h = axis_phase_span(p.out_h(), p.stride_h, p.pad_h, rh);
+  const AxisPhaseSpan span_w = axis_phase_span(p.out_w(), p.stride_w, p.pad_w, rw);
+  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  if (tid < kTaps) {
+    const int index = tap_group * kTaps + tid;
+    const int th = index / max(taps_w, 1), tw = index % max(taps_w, 1);
+    const int kh = tid < taps ? axis_phase_tap(p.kernel_h, p.stride_h, p.dil_h, rh, th) : 0;
+    const int kw = tid < taps ? axis_phase_tap(p.kernel_w, p.stride_w, p.dil_w, rw, tw) : 0;
+    tap_kh[tid] = kh;
+    tap_kw[tid] = kw;
+    tap_off_h[tid] = span_h.j0 - int((kh * p.dil_h - rh) / p.stride_h);
+    tap_off_w[tid] = span_w.j0 - int((kw * p.dil_w - rw) / p.stride_w);
+  }
+  __syncthreads();
 
   const int in_per_group = int(p.in_channels / p.groups), out_per_group = int(p.out_channels / p.groups);
-  const int ic0 = (blockIdx.x % plan.ic_tiles) * kWeightTile;
-  const int oc0 = (blockIdx.x / plan.ic_tiles) * kWeightTile;
-  const int tap = blockIdx.y, kh = tap / int(p.kernel_w), kw = tap % int(p.kernel_w);
-  const int group = int(blockIdx.z % p.groups);
-  const int64_t split = blockIdx.z / p.groups;
-  const int64_t pixel_begin = split * plan.pixels_per_split;
-  const int64_t pixel_end = min(plan.pixels, pixel_begin + plan.pixels_per_split);
-  const int in_h = int(p.in_h), in_w = int(p.in_w), out_h = int(p.out_h()), out_w = int(p.out_w());
+  const int in_h = int(p.in_h), in_w = int(p.in_w), out_w = int(p.out_w());
   const int in_plane = in_h * in_w;
-  const int64_t out_plane = int64_t(out_h) * out_w;
-  const int dh = int(kh * p.dil_h - p.pad_h), dw = int(kw * p.dil_w - p.pad_w);
+  const int64_t out_plane = p.out_h() * p.out_w();
+  const int phase_plane = span_h.extent * span_w.extent;
+  const int64_t phase_pixels = p.batch * phase_plane;
+  const int64_t pixel_begin = split * plan.pixels_per_split;
+  const int64_t pixel_end = min(phase_pixels, pixel_begin + plan.pixels_per_split);
 
-  const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
-  static_assert(kPixelStep == 32, "one pixel per lane");
   Engine engine;
   engine.clear();
+  Acc bias_sum[kChannelsPerThread];
+#pragma unroll
+  for (int i = 0; i < kChannelsPerThread; ++i) bias_sum[i] = Acc(0);
 
-  for (int64_t base = pixel_begin; base < pixel_end; base += kPixelStep) {
-    // Lane = pixel (coalesced along the image row), warp = first channel: each pixel is decoded once per step.
+  // Register staging of one step: lane = phase pixel (consecutive b, so x loads are coalesced), the warp's
+  // channels c = warp + 8 i. Loaded before the previous step's multiply so that it hides the latency.
+  // The loop is latency-bound (few warps per SM, a barrier per step), so it is kept lean: channel and tap
+  // limits are warp-uniform branches, and per step only the pixel part of the offsets changes.
+  constexpr int kWarps = kWeightThreads / 32;
+  const int x_channels = weight_partial ? min(kChannelsPerThread, max(0, in_per_group - ic0 - warp + kWarps - 1) / kWarps) : 0;
+  const int g_channels = min(kChannelsPerThread, max(0, out_per_group - oc0 - warp + kWarps - 1) / kWarps);
+  const int64_t x_channel_step = int64_t(kWarps) * in_plane, g_channel_step = kWarps * out_plane;
+  const int64_t x_first = int64_t(group * in_per_group + ic0 + warp) * in_plane;
+  const int64_t g_first = int64_t(group * out_per_group + oc0 + warp) * out_plane;
+  const int extent_w = max(span_w.extent, 1);
+  Acc x_next[kTaps][kChannelsPerThread], g_next[kChannelsPerThread];
+  auto load_step = [&](int64_t base) {
     const int64_t pixel = base + lane;
     const bool pixel_ok = pixel < pixel_end;
-    const int64_t n = pixel_ok ? pixel / in_plane : 0;
-    const int hw = pixel_ok ? int(pixel % in_plane) : 0, ih = hw / in_w, iw = hw % in_w;
-    const int oh = ih * int(p.stride_h) + dh, ow = iw * int(p.stride_w) + dw;
-    const bool tap_ok = pixel_ok && oh >= 0 && oh < out_h && ow >= 0 && ow < out_w;
-    const T* x_pixel = x + (n * p.in_channels + group * in_per_group + ic0) * in_plane + hw;
-    const int64_t g_pixel = (n * p.out_channels + group * out_per_group + oc0) * out_plane + int64_t(oh) * out_w + ow;
+    const int64_t n = pixel_ok ? pixel / phase_plane : 0;
+    const int ab = pixel_ok ? int(pixel - n * phase_plane) : 0;
+    const int a = ab / extent_w, b = ab - (ab / extent_w) * extent_w;
+    const int64_t g_pixel = n * p.out_channels * out_plane + g_first +
+                            int64_t(span_h.first + a * int(p.stride_h)) * out_w + span_w.first + b * int(p.stride_w);
 #pragma unroll
-    for (int c = warp; c < kWeightTile; c += kWeightThreads / 32) {
-      const Acc x_value = (pixel_ok && ic0 + c < in_per_group) ? to_acc(x_pixel[int64_t(c) * in_plane]) : Acc(0);
-      const Acc g_value = (tap_ok && oc0 + c < out_per_group) ? g(g_pixel + int64_t(c) * out_plane) : Acc(0);
-      Engine::stage(tiles, c, lane, x_value, g_value);
+    for (int i = 0; i < kChannelsPerThread; ++i) {
+      g_next[i] = Acc(0);
+      if (i < g_channels && pixel_ok) g_next[i] = g(g_pixel + i * g_channel_step);
+    }
+    const int64_t x_image = n * p.in_channels * in_plane + x_first;
+#pragma unroll
+    for (int t = 0; t < kTaps; ++t) {
+      if (t >= taps) break;
+      const int ih = a + tap_off_h[t], iw = b + tap_off_w[t];
+      const bool ok = pixel_ok && ih >= 0 && ih < in_h && iw >= 0 && iw < in_w;
+      const T* x_pixel = x + x_image + (ok ? ih * in_w + iw : 0);
+#pragma unroll
+      for (int i = 0; i < kChannelsPerThread; ++i) {
+        x_next[t][i] = Acc(0);
+        if (i < x_channels && ok) x_next[t][i] = to_acc(x_pixel[i * x_channel_step]);
+      }
+    }
+  };
+
+  if (pixel_begin < pixel_end) load_step(pixel_begin);
+  for (int64_t base = pixel_begin; base < pixel_end; base += kPixelStep) {
+#pragma unroll
+    for (int i = 0; i < kChannelsPerThread; ++i) {
+      const int c = warp + i * (kWeightThreads / 32);
+      bias_sum[i] += g_next[i];
+      Engine::stage_g(tiles, c, lane, g_next[i]);
+#pragma unroll
+      for (int t = 0; t < kTaps; ++t) {
+        if (t >= taps) break;
+        Engine::stage_x(tiles, t, c, lane, x_next[t][i]);
+      }
     }
     __syncthreads();
-    engine.multiply(tiles, tid);
+    if (base + kPixelStep < pixel_end) load_step(base + kPixelStep);
+    if (taps > 0) engine.multiply(tiles, tid, taps);
     __syncthreads();
   }
 
-  const int64_t taps = p.kernel_h * p.kernel_w;
-  const int64_t weight_numel = p.in_channels * out_per_group * taps;
-  engine.for_each_result(tid, [&](int ic_in_tile, int oc_in_tile, Acc value) {
-    const int ic_local = ic0 + ic_in_tile, oc_local = oc0 + oc_in_tile;
-    if (ic_local < in_per_group && oc_local < out_per_group) {
-      const int64_t ic = int64_t(group) * in_per_group + ic_local;
-      partial[split * weight_numel + (ic * out_per_group + oc_local) * taps + tap] = value;
+  if (sums_bias) {
+    // Lanes hold one pixel each: a fixed butterfly over the lanes, then lane 0 writes the warp's channels.
+#pragma unroll
+    for (int i = 0; i < kChannelsPerThread; ++i) {
+      Acc v = bias_sum[i];
+#pragma unroll
+      for (int width = 16; width > 0; width /= 2) v += __shfl_xor_sync(0xffffffffu, v, width);
+      const int oc_local = oc0 + warp + i * (kWeightThreads / 32);
+      if (lane == 0 && oc_local < out_per_group)
+        bias_partial[(split * plan.phases + phase) * p.out_channels + group * out_per_group + oc_local] = v;
     }
-  });
-}
-
-template <typename T>
-__global__ void __launch_bounds__(kBiasThreads)
-grad_bias_partial_kernel(ConvTransposeParams p, BackwardPlan plan, GradLoader<T> g,
-                         typename DeviceAcc<T>::type* __restrict__ partial) {
-  using Acc = typename DeviceAcc<T>::type;
-  __shared__ Acc sums[kBiasThreads];
-  const int64_t channel = blockIdx.x, split = blockIdx.y;
-  const int64_t out_plane = p.out_h() * p.out_w();
-  const int64_t per_channel = p.batch * out_plane;
-  const int64_t begin = split * plan.outputs_per_bias_split;
-  const int64_t end = min(per_channel, begin + plan.outputs_per_bias_split);
-  Acc acc = Acc(0);
-  for (int64_t i = begin + threadIdx.x; i < end; i += kBiasThreads) {
-    const int64_t n = i / out_plane;
-    acc += g((n * p.out_channels + channel) * out_plane + i % out_plane);
   }
-  sums[threadIdx.x] = acc;
-  __syncthreads();
-  // Fixed-shape tree: the same additions in the same order on every run.
-  for (int width = kBiasThreads / 2; width > 0; width /= 2) {
-    if (threadIdx.x < width) sums[threadIdx.x] += sums[threadIdx.x + width];
-    __syncthreads();
+  if (taps > 0) {
+    const int64_t kernel_taps = p.kernel_h * p.kernel_w;
+    const int64_t weight_numel = p.in_channels * out_per_group * kernel_taps;
+    engine.for_each_result(tid, [&](int t, int ic_in_tile, int oc_in_tile, Acc value) {
+      const int ic_local = ic0 + ic_in_tile, oc_local = oc0 + oc_in_tile;
+      if (t < taps && ic_local < in_per_group && oc_local < out_per_group) {
+        const int64_t ic = int64_t(group) * in_per_group + ic_local;
+        const int64_t tap = int64_t(tap_kh[t]) * p.kernel_w + tap_kw[t];
+        weight_partial[split * weight_numel + (ic * out_per_group + oc_local) * kernel_taps + tap] = value;
+      }
+    });
   }
-  if (threadIdx.x == 0) partial[split * p.out_channels + channel] = sums[0];
 }
 
 // result[i] = sum over s in order of partial[s * count + i].
@@ -279,7 +390,8 @@ void launch_sum_splits(const typename DeviceAcc<T>::type* partial, int64_t split
 
 static size_t accumulator_size(DType dtype) { return dtype == DType::Float64 ? sizeof(double) : sizeof(float); }
 
-// Workspace layout: [packed weight for the tensor-core grad_input][grad_weight partials][grad_bias partials].
+// Workspace layout: [packed weight for the tensor-core grad_input][grad_weight partials: split x weight]
+// [grad_bias partials: split x phase x out_channels].
 static size_t packed_grad_input_weight_bytes(const ConvTransposeParams& params, DType dtype) {
   TcProblem problems[kTcMaxPhases];
   int count = 0;
@@ -291,8 +403,8 @@ static size_t packed_grad_input_weight_bytes(const ConvTransposeParams& params, 
 
 size_t backward_workspace_bytes(const ConvTransposeParams& params, DType dtype) {
   validate(params);
-  const BackwardPlan plan = plan_backward(params);
-  const int64_t values = plan.weight_splits * params.weight_numel() + plan.bias_splits * params.out_channels;
+  const BackwardPlan plan = plan_backward(params, dtype);
+  const int64_t values = plan.splits * (params.weight_numel() + plan.phases * params.out_channels);
   return packed_grad_input_weight_bytes(params, dtype) + size_t(values) * accumulator_size(dtype);
 }
 
@@ -339,7 +451,7 @@ void backward_cuda(const ConvTransposeParams& params, DType dtype, const Backwar
     throw std::invalid_argument("fused_convt: backward_cuda needs a workspace of backward_workspace_bytes() bytes");
   DeviceGuard guard(ctx.device);
   const auto stream = static_cast<cudaStream_t>(ctx.stream);
-  const BackwardPlan plan = plan_backward(params);
+  const BackwardPlan plan = plan_backward(params, dtype);
 
   dispatch_device_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
@@ -348,7 +460,7 @@ void backward_cuda(const ConvTransposeParams& params, DType dtype, const Backwar
     unsigned char* workspace = static_cast<unsigned char*>(args.workspace);
     const size_t packed_bytes = packed_grad_input_weight_bytes(params, dtype);
     Acc* weight_partial = workspace ? reinterpret_cast<Acc*>(workspace + packed_bytes) : nullptr;
-    Acc* bias_partial = weight_partial ? weight_partial + plan.weight_splits * params.weight_numel() : nullptr;
+    Acc* bias_partial = weight_partial ? weight_partial + plan.splits * params.weight_numel() : nullptr;
 
     if (args.grad_input && params.input_numel() > 0) {
       const bool tensor_cores = workspace && packed_bytes > 0 &&
@@ -359,14 +471,22 @@ void backward_cuda(const ConvTransposeParams& params, DType dtype, const Backwar
             static_cast<const T*>(args.weight), nullptr, static_cast<T*>(args.grad_input), nullptr, stream);
       }
     }
-    if (args.grad_weight) {
-      const dim3 grid(unsigned(plan.ic_tiles * plan.oc_tiles), unsigned(params.kernel_h * params.kernel_w),
-                      unsigned(plan.weight_splits * params.groups));
-      if (grid.z > 65535 || grid.y > 65535)
-        throw std::invalid_argument("fused_convt: grad_weight grid too large (kernel taps or groups x splits > 65535)");
+    if (args.grad_weight || args.grad_bias) {
+      // Without grad_weight the blocks only sum the bias: one tap group and ic tile.
+      BackwardPlan launch_plan = plan;
+      if (!args.grad_weight) launch_plan.tap_groups = launch_plan.ic_tiles = 1;
+      const int64_t grid_x = plan.splits * plan.phases;
+      const int64_t grid_y = int64_t(launch_plan.tap_groups) * launch_plan.ic_tiles * launch_plan.oc_tiles;
+      if (grid_x > 0x7fffffff || grid_y > 65535 || params.groups > 65535)
+        throw std::invalid_argument("fused_convt: grad_weight grid too large (kernel taps x channel tiles > 65535 "
+                                    "or groups > 65535)");
       auto launch = [&](auto engine) {
-        grad_weight_partial_kernel<T, decltype(engine)><<<grid, kWeightThreads, 0, stream>>>(
-            params, plan, static_cast<const T*>(args.input), g, weight_partial);
+        static_assert(decltype(engine)::kTaps == (std::is_same_v<T, double> ? 1 : 2),
+                      "weight_taps_per_block must match the engine");
+        grad_weight_bias_partial_kernel<T, decltype(engine)>
+            <<<dim3(unsigned(grid_x), unsigned(grid_y), unsigned(params.groups)), kWeightThreads, 0, stream>>>(
+                params, launch_plan, static_cast<const T*>(args.input), g, args.grad_weight ? weight_partial : nullptr,
+                args.grad_bias ? bias_partial : nullptr);
       };
       if constexpr (std::is_same_v<T, double>) {
         launch(FfmaWeightEngine<T>{});
@@ -379,16 +499,13 @@ void backward_cuda(const ConvTransposeParams& params, DType dtype, const Backwar
       } else {
         launch(MmaWeightEngine<T, Half16Math<T>>{});
       }
-      check_launch("grad_weight_partial_kernel");
-      launch_sum_splits<T>(weight_partial, plan.weight_splits, params.weight_numel(),
-                           static_cast<T*>(args.grad_weight), stream);
-    }
-    if (args.grad_bias) {
-      const dim3 grid(unsigned(params.out_channels), unsigned(plan.bias_splits));
-      grad_bias_partial_kernel<T><<<grid, kBiasThreads, 0, stream>>>(params, plan, g, bias_partial);
-      check_launch("grad_bias_partial_kernel");
-      launch_sum_splits<T>(bias_partial, plan.bias_splits, params.out_channels, static_cast<T*>(args.grad_bias),
-                           stream);
+      check_launch("grad_weight_bias_partial_kernel");
+      if (args.grad_weight)
+        launch_sum_splits<T>(weight_partial, plan.splits, params.weight_numel(), static_cast<T*>(args.grad_weight),
+                             stream);
+      if (args.grad_bias)
+        launch_sum_splits<T>(bias_partial, plan.splits * plan.phases, params.out_channels,
+                             static_cast<T*>(args.grad_bias), stream);
     }
   });
 }
