@@ -1,5 +1,5 @@
-// CUDA backward: grad_input through the tensor-core implicit-GEMM kernel (one launch per stride phase of
-// grad_output, see grad_input_tc_problems) or, where that does not apply, the direct gather kernel;
+// CUDA backward: grad_input through the tensor-core implicit-GEMM kernel (each block sums the stride phases
+// of grad_output, see grad_input_tc_problem) or, where that does not apply, the direct gather kernel;
 // grad_weight and grad_bias together through one deterministic split reduction.
 //
 // g = grad_output * grad_factor is formed in registers wherever a kernel loads it; it is never stored.
@@ -393,11 +393,10 @@ static size_t accumulator_size(DType dtype) { return dtype == DType::Float64 ? s
 // Workspace layout: [packed weight for the tensor-core grad_input][grad_weight partials: split x weight]
 // [grad_bias partials: split x phase x out_channels].
 static size_t packed_grad_input_weight_bytes(const ConvTransposeParams& params, DType dtype) {
-  TcProblem problems[kTcMaxPhases];
-  int count = 0;
-  if (dtype == DType::Float64 || !grad_input_tc_problems(params, problems, &count)) return 0;
-  const size_t bytes = dtype == DType::Float32 ? packed_weight_bytes<Tf32Math>(problems[0])
-                                               : packed_weight_bytes<Half16Math<__half>>(problems[0]);
+  TcProblem problem;
+  if (dtype == DType::Float64 || !grad_input_tc_problem(params, &problem)) return 0;
+  const size_t bytes = dtype == DType::Float32 ? packed_weight_bytes<Tf32Math>(problem)
+                                               : packed_weight_bytes<Half16Math<__half>>(problem);
   return (bytes + 255) / 256 * 256;
 }
 
@@ -415,30 +414,20 @@ bool launch_grad_input_tensor_cores(const ConvTransposeParams& params, const Bac
   if constexpr (std::is_same_v<T, double>) {
     return false;
   } else {
-    TcProblem problems[kTcMaxPhases];
-    int count = 0;
-    if (!grad_input_tc_problems(params, problems, &count)) return false;
+    TcProblem problem;
+    if (!grad_input_tc_problem(params, &problem)) return false;
     const GatherProblem layout = grad_input_gather_problem(params);
-    for (int i = 0; i < count; ++i) {
-      auto launch = [&](auto math) {
-        return launch_implicit_gemm_conv<T, decltype(math), GatherDirection::GradInput>(
-            problems[i], Epilogue{}, static_cast<const T*>(args.grad_output), static_cast<const T*>(args.grad_factor),
-            static_cast<const T*>(args.weight), layout.weight_group_stride, layout.weight_src_stride,
-            layout.weight_dst_stride, nullptr, static_cast<T*>(args.grad_input), nullptr, packed, stream);
-      };
-      bool launched;
-      if constexpr (std::is_same_v<T, float>) {
-        launched = args.allow_tf32 ? launch(Tf32Math{}) : launch(Fp32SplitMath{});
-      } else {
-        launched = launch(Half16Math<T>{});
-      }
-      // Every phase has the same tile and staging sizes, so only the first can decline.
-      if (!launched) {
-        if (i == 0) return false;
-        throw std::runtime_error("fused_convt: grad_input phase launch declined after the first phase");
-      }
+    auto launch = [&](auto math) {
+      return launch_implicit_gemm_conv<T, decltype(math), GatherDirection::GradInput>(
+          problem, Epilogue{}, static_cast<const T*>(args.grad_output), static_cast<const T*>(args.grad_factor),
+          static_cast<const T*>(args.weight), layout.weight_group_stride, layout.weight_src_stride,
+          layout.weight_dst_stride, nullptr, static_cast<T*>(args.grad_input), nullptr, packed, stream);
+    };
+    if constexpr (std::is_same_v<T, float>) {
+      return args.allow_tf32 ? launch(Tf32Math{}) : launch(Fp32SplitMath{});
+    } else {
+      return launch(Half16Math<T>{});
     }
-    return true;
   }
 }
 

@@ -1,5 +1,5 @@
 // Tensor-core implicit-GEMM gather convolution: the fast path of the forward pass and of grad_input
-// (grad_input_tc_problems below: one launch per stride phase of grad_output).
+// (grad_input_tc_problem below: every block sums the stride phases of grad_output).
 //
 // Phase decomposition (shared/DESIGN.md): a stride-s transposed convolution is s_h * s_w independent
 // stride-1 correlations, one per output phase (oh mod s, ow mod s), each with only the taps that land on
@@ -43,10 +43,12 @@ constexpr int kTcMaxTaps = kTcMaxAxisTaps * kTcMaxAxisTaps;
 
 // One stride-1 sub-problem. Phase pixel (a, b) is the destination (first_h + a*dst_step_h, first_w + b*...)
 // and its tap (th, tw) reads source sample (a + off_h[th], b + off_w[tw]) of the source grid sampled as
-// (sample*src_step + src_offset): the forward pass reads the input directly (step 1, offset 0); grad_input
-// reads one stride phase of grad_output per launch (step s, offset r) and accumulates the launches.
+// (sample*src_step + src_offset): the forward pass reads the input directly (step 1, offset 0), one output
+// phase per block; grad_input reads the stride phases of grad_output (step s, offset r), all with the same
+// destination, and each block sums them in registers.
 struct TcPhase {
   int first_h, first_w, extent_h, extent_w;
+  int src_offset_h, src_offset_w;
   int taps_h, taps_w;
   int kh[kTcMaxAxisTaps], kw[kTcMaxAxisTaps];
   int off_h[kTcMaxAxisTaps], off_w[kTcMaxAxisTaps];
@@ -59,8 +61,7 @@ struct TcProblem {
   int src_channels, src_h, src_w, src_per_group, src_padded;
   int kernel_w, kernel_taps;
   int dst_step_h, dst_step_w;
-  int src_step_h, src_step_w, src_offset_h, src_offset_w;
-  int accumulate;  // add to the destination instead of overwriting it (later grad_input launches)
+  int src_step_h, src_step_w;
   int phases, m_tiles, n_tiles;
   int max_taps, max_patch_pixels;      // over all phases: sizes of the staging buffers
   int stage_patch_bytes, stage_bytes;  // shared-memory layout, set by the launcher
@@ -116,55 +117,19 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
 
   // The phase varies fastest: the blocks of all phases of one tile run together, so the interleaved
   // halves of each output sector they write meet in L2 instead of reaching DRAM as partial writes.
-  const int phase_index = int(blockIdx.x % pr.phases);
-  const int m_tile = int((blockIdx.x / pr.phases) % pr.m_tiles);
-  const int64_t image = blockIdx.x / (int64_t(pr.phases) * pr.m_tiles);
+  constexpr bool kSumPhases = Dir == GatherDirection::GradInput;  // else one (output) phase per block
+  const int grid_phases = kSumPhases ? 1 : pr.phases;
+  const int phase_index = int(blockIdx.x % grid_phases);
+  const int m_tile = int((blockIdx.x / grid_phases) % pr.m_tiles);
+  const int64_t image = blockIdx.x / (int64_t(grid_phases) * pr.m_tiles);
   const int n_tile = int(blockIdx.y % pr.n_tiles);
   const int group = int(blockIdx.y / pr.n_tiles);
-  const TcPhase& ph = pr.phase[phase_index];
-  const int count = ph.extent_h * ph.extent_w;
+  const TcPhase& dst_phase = pr.phase[phase_index];  // destination geometry (shared by summed phases)
+  const int count = dst_phase.extent_h * dst_phase.extent_w;
   const int m0 = m_tile * kTcBlockM;
   if (m0 >= count) return;
   const int n0 = n_tile * BN;
-  const int taps = ph.taps_h * ph.taps_w;
-
-  // The patch: source rows spanned by this tile's phase rows plus the taps' halo; full phase width.
-  int min_off_h = ph.off_h[0], max_off_h = ph.off_h[0], min_off_w = ph.off_w[0], max_off_w = ph.off_w[0];
-  for (int i = 1; i < ph.taps_h; ++i) { min_off_h = min(min_off_h, ph.off_h[i]); max_off_h = max(max_off_h, ph.off_h[i]); }
-  for (int i = 1; i < ph.taps_w; ++i) { min_off_w = min(min_off_w, ph.off_w[i]); max_off_w = max(max_off_w, ph.off_w[i]); }
-  const int a_first = m0 / ph.extent_w, a_last = (min(m0 + kTcBlockM, count) - 1) / ph.extent_w;
-  const int row_first = a_first + min_off_h;
-  const int rows = a_last + max_off_h - row_first + 1;
-  const int col_first = min_off_w;
-  const int cols = ph.extent_w - 1 + max_off_w - col_first + 1;
-  const int patch_pixels = rows * cols;
-
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  if (tid < taps) {
-    const int th = tid / ph.taps_w, tw = tid % ph.taps_w;
-    tap_offset[tid] = (ph.off_h[th] - min_off_h) * cols + (ph.off_w[tw] - min_off_w);
-    tap_weight[tid] = ph.kh[th] * pr.kernel_w + ph.kw[tw];
-  }
-
-  // Patch pixels this thread stages: global offset within a channel plane (-1 outside the image).
-  int pixel_global[kTcPixelsPerThread];
-#pragma unroll
-  for (int j = 0; j < kTcPixelsPerThread; ++j) {
-    const int p = tid + j * kTcThreads;
-    const int y = (row_first + p / cols) * pr.src_step_h + pr.src_offset_h;
-    const int x = (col_first + p % cols) * pr.src_step_w + pr.src_offset_w;
-    const bool inside = p < patch_pixels && y >= 0 && y < pr.src_h && x >= 0 && x < pr.src_w;
-    pixel_global[j] = inside ? y * pr.src_w + x : -1;
-  }
-
-  // ldmatrix row of each of this lane's A fragments: pixel (a, b) of the tile at tap offset 0.
-  int a_row[2];
-#pragma unroll
-  for (int i = 0; i < 2; ++i) {
-    const int m = min(m0 + warp * 32 + i * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, count - 1);
-    const int a = m / ph.extent_w, b = m % ph.extent_w;
-    a_row[i] = (a + min_off_h - row_first) * cols + b;
-  }
 
   // Offsets inside one image fit 32 bits (checked by finish_tc_problem); only the image base is 64-bit.
   const int src_plane = pr.src_h * pr.src_w;
@@ -172,57 +137,6 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   const T* src_group = src + src_image;
   const T* factor_group = src_factor ? src_factor + src_image : nullptr;
   const Smem* packed_group = packed + int64_t(group) * pr.kernel_taps * pr.dst_per_group * pr.src_padded;
-
-  // Register staging of the next chunk's patch pixels, packed as they will sit in shared memory.
-  constexpr int kWords = kTcChunk / Traits::kValuesPerWord;
-  uint32_t staged[kTcPixelsPerThread][kWords];
-  auto load_patch = [&](int c0) {
-    const int channels = min(kTcChunk, pr.src_per_group - c0);
-#pragma unroll
-    for (int j = 0; j < kTcPixelsPerThread; ++j) {
-      const int offset = c0 * src_plane + max(pixel_global[j], 0);
-      const bool pixel_ok = pixel_global[j] >= 0;
-#pragma unroll
-      for (int w = 0; w < kWords; ++w) {
-        float v[Traits::kValuesPerWord];
-#pragma unroll
-        for (int e = 0; e < Traits::kValuesPerWord; ++e) {
-          const int c = w * Traits::kValuesPerWord + e;
-          const bool ok = pixel_ok && c < channels;
-          v[e] = ok ? float(to_acc(src_group[offset + c * src_plane])) : 0.0f;
-          if (Dir == GatherDirection::GradInput && factor_group && ok)
-            v[e] *= float(to_acc(factor_group[offset + c * src_plane]));
-        }
-        staged[j][w] = Traits::to_word(v);
-      }
-    }
-  };
-  auto store_patch = [&](int stage) {
-    unsigned char* patch = smem + stage * pr.stage_bytes;
-#pragma unroll
-    for (int j = 0; j < kTcPixelsPerThread; ++j) {
-      const int p = tid + j * kTcThreads;
-      if (p < patch_pixels) {
-        uint4* to = reinterpret_cast<uint4*>(patch + p * kRowBytes);
-#pragma unroll
-        for (int q = 0; q < kRowChunks; ++q)
-          to[q] = make_uint4(staged[j][4 * q], staged[j][4 * q + 1], staged[j][4 * q + 2], staged[j][4 * q + 3]);
-      }
-    }
-  };
-  auto load_weights = [&](int c0, int stage) {
-    unsigned char* tile = smem + stage * pr.stage_bytes + pr.stage_patch_bytes;
-    for (int i = tid; i < taps * BN * kRowChunks; i += kTcThreads) {
-      const int piece = i % kRowChunks, row = i / kRowChunks;
-      const int tap = row / BN, n = row % BN;
-      const bool valid = n0 + n < pr.dst_per_group;
-      const Smem* from = packed_group +
-                         (int64_t(tap_weight[tap]) * pr.dst_per_group + (valid ? n0 + n : 0)) * pr.src_padded + c0;
-      cp_async_16(smem_address(tile + row * kRowBytes + piece * 16), reinterpret_cast<const uint4*>(from) + piece,
-                  valid ? 16 : 0);
-    }
-    cp_async_commit();
-  };
 
   float acc[2][kNFrags][4];
 #pragma unroll
@@ -232,55 +146,151 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
 #pragma unroll
       for (int q = 0; q < 4; ++q) acc[i][j][q] = 0.0f;
 
-  const int chunks = taps > 0 ? (pr.src_per_group + kTcChunk - 1) / kTcChunk : 0;
-  __syncthreads();  // tap tables
-  if (chunks > 0) {
-    load_patch(0);
-    load_weights(0, 0);
-    store_patch(0);
-    cp_async_wait_all();
-    __syncthreads();
-  }
-  for (int chunk = 0; chunk < chunks; ++chunk) {
-    const int stage = chunk & 1;
-    const bool more = chunk + 1 < chunks;
-    if (more) {
-      load_patch((chunk + 1) * kTcChunk);
-      load_weights((chunk + 1) * kTcChunk, stage ^ 1);
+  // One pass of the pipelined mainloop per source phase (grad_input sums them; the forward has one). The
+  // previous pass ends with all copies waited for and a barrier, so its tap tables and stages are free.
+  const int sources = kSumPhases ? pr.phases : 1;
+  for (int source = 0; source < sources; ++source) {
+    const TcPhase& ph = pr.phase[kSumPhases ? source : phase_index];
+    const int taps = ph.taps_h * ph.taps_w;
+
+    // The patch: source rows spanned by this tile's phase rows plus the taps' halo; full phase width.
+    int min_off_h = ph.off_h[0], max_off_h = ph.off_h[0], min_off_w = ph.off_w[0], max_off_w = ph.off_w[0];
+    for (int i = 1; i < ph.taps_h; ++i) min_off_h = min(min_off_h, ph.off_h[i]), max_off_h = max(max_off_h, ph.off_h[i]);
+    for (int i = 1; i < ph.taps_w; ++i) min_off_w = min(min_off_w, ph.off_w[i]), max_off_w = max(max_off_w, ph.off_w[i]);
+    const int a_first = m0 / ph.extent_w, a_last = (min(m0 + kTcBlockM, count) - 1) / ph.extent_w;
+    const int row_first = a_first + min_off_h;
+    const int rows = a_last + max_off_h - row_first + 1;
+    const int col_first = min_off_w;
+    const int cols = ph.extent_w - 1 + max_off_w - col_first + 1;
+    const int patch_pixels = rows * cols;
+
+    if (tid < taps) {
+      const int th = tid / ph.taps_w, tw = tid % ph.taps_w;
+      tap_offset[tid] = (ph.off_h[th] - min_off_h) * cols + (ph.off_w[tw] - min_off_w);
+      tap_weight[tid] = ph.kh[th] * pr.kernel_w + ph.kw[tw];
     }
-    const uint32_t patch_base = smem_address(smem + stage * pr.stage_bytes);
-    const uint32_t weight_base = patch_base + pr.stage_patch_bytes;
-    for (int tap = 0; tap < taps; ++tap) {
-      const int shift = tap_offset[tap];
+
+    // Patch pixels this thread stages: global offset within a channel plane (-1 outside the image).
+    int pixel_global[kTcPixelsPerThread];
 #pragma unroll
-      for (int ks = 0; ks < kTcChunk / Traits::kStep; ++ks) {
-        typename Traits::AFrag a[2];
+    for (int j = 0; j < kTcPixelsPerThread; ++j) {
+      const int p = tid + j * kTcThreads;
+      const int y = (row_first + p / cols) * pr.src_step_h + ph.src_offset_h;
+      const int x = (col_first + p % cols) * pr.src_step_w + ph.src_offset_w;
+      const bool inside = p < patch_pixels && y >= 0 && y < pr.src_h && x >= 0 && x < pr.src_w;
+      pixel_global[j] = inside ? y * pr.src_w + x : -1;
+    }
+
+    // ldmatrix row of each of this lane's A fragments: pixel (a, b) of the tile at tap offset 0.
+    int a_row[2];
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          uint32_t raw[4];
-          ldmatrix_x4(raw, patch_base + (a_row[i] + shift) * kRowBytes + ks * 32 + (lane >> 4) * 16);
-          Traits::make_a(a[i], raw);
+    for (int i = 0; i < 2; ++i) {
+      const int m = min(m0 + warp * 32 + i * 16 + (lane & 7) + ((lane >> 3) & 1) * 8, count - 1);
+      const int a = m / ph.extent_w, b = m % ph.extent_w;
+      a_row[i] = (a + min_off_h - row_first) * cols + b;
+    }
+
+    // Register staging of the next chunk's patch pixels, packed as they will sit in shared memory.
+    constexpr int kWords = kTcChunk / Traits::kValuesPerWord;
+    uint32_t staged[kTcPixelsPerThread][kWords];
+    auto load_patch = [&](int c0) {
+      const int channels = min(kTcChunk, pr.src_per_group - c0);
+#pragma unroll
+      for (int j = 0; j < kTcPixelsPerThread; ++j) {
+        const int offset = c0 * src_plane + max(pixel_global[j], 0);
+        const bool pixel_ok = pixel_global[j] >= 0;
+#pragma unroll
+        for (int w = 0; w < kWords; ++w) {
+          float v[Traits::kValuesPerWord];
+#pragma unroll
+          for (int e = 0; e < Traits::kValuesPerWord; ++e) {
+            const int c = w * Traits::kValuesPerWord + e;
+            const bool ok = pixel_ok && c < channels;
+            v[e] = ok ? float(to_acc(src_group[offset + c * src_plane])) : 0.0f;
+            if (Dir == GatherDirection::GradInput && factor_group && ok)
+              v[e] *= float(to_acc(factor_group[offset + c * src_plane]));
+          }
+          staged[j][w] = Traits::to_word(v);
         }
-        // B fragments in pairs, each used at once, so only two are live at a time.
+      }
+    };
+    auto store_patch = [&](int stage) {
+      unsigned char* patch = smem + stage * pr.stage_bytes;
 #pragma unroll
-        for (int j = 0; j < kNFrags; j += 2) {
-          uint32_t raw[4];
-          const int n = j * 8 + (lane & 7) + (lane >> 4) * 8;
-          ldmatrix_x4(raw, weight_base + (tap * BN + n) * kRowBytes + ks * 32 + ((lane >> 3) & 1) * 16);
-          typename Traits::BFrag b0, b1;
-          Traits::make_b(b0, raw[0], raw[1]);
-          Traits::make_b(b1, raw[2], raw[3]);
+      for (int j = 0; j < kTcPixelsPerThread; ++j) {
+        const int p = tid + j * kTcThreads;
+        if (p < patch_pixels) {
+          uint4* to = reinterpret_cast<uint4*>(patch + p * kRowBytes);
+#pragma unroll
+          for (int q = 0; q < kRowChunks; ++q)
+            to[q] = make_uint4(staged[j][4 * q], staged[j][4 * q + 1], staged[j][4 * q + 2], staged[j][4 * q + 3]);
+        }
+      }
+    };
+    auto load_weights = [&](int c0, int stage) {
+      unsigned char* tile = smem + stage * pr.stage_bytes + pr.stage_patch_bytes;
+      for (int i = tid; i < taps * BN * kRowChunks; i += kTcThreads) {
+        const int piece = i % kRowChunks, row = i / kRowChunks;
+        const int tap = row / BN, n = row % BN;
+        const bool valid = n0 + n < pr.dst_per_group;
+        const Smem* from = packed_group +
+                           (int64_t(tap_weight[tap]) * pr.dst_per_group + (valid ? n0 + n : 0)) * pr.src_padded + c0;
+        cp_async_16(smem_address(tile + row * kRowBytes + piece * 16), reinterpret_cast<const uint4*>(from) + piece,
+                    valid ? 16 : 0);
+      }
+      cp_async_commit();
+    };
+
+    const int chunks = taps > 0 ? (pr.src_per_group + kTcChunk - 1) / kTcChunk : 0;
+    __syncthreads();  // tap tables
+    if (chunks > 0) {
+      load_patch(0);
+      load_weights(0, 0);
+      store_patch(0);
+      cp_async_wait_all();
+      __syncthreads();
+    }
+    for (int chunk = 0; chunk < chunks; ++chunk) {
+      const int stage = chunk & 1;
+      const bool more = chunk + 1 < chunks;
+      if (more) {
+        load_patch((chunk + 1) * kTcChunk);
+        load_weights((chunk + 1) * kTcChunk, stage ^ 1);
+      }
+      const uint32_t patch_base = smem_address(smem + stage * pr.stage_bytes);
+      const uint32_t weight_base = patch_base + pr.stage_patch_bytes;
+      for (int tap = 0; tap < taps; ++tap) {
+        const int shift = tap_offset[tap];
+#pragma unroll
+        for (int ks = 0; ks < kTcChunk / Traits::kStep; ++ks) {
+          typename Traits::AFrag a[2];
 #pragma unroll
           for (int i = 0; i < 2; ++i) {
-            Traits::mma(acc[i][j], a[i], b0);
-            Traits::mma(acc[i][j + 1], a[i], b1);
+            uint32_t raw[4];
+            ldmatrix_x4(raw, patch_base + (a_row[i] + shift) * kRowBytes + ks * 32 + (lane >> 4) * 16);
+            Traits::make_a(a[i], raw);
+          }
+          // B fragments in pairs, each used at once, so only two are live at a time.
+#pragma unroll
+          for (int j = 0; j < kNFrags; j += 2) {
+            uint32_t raw[4];
+            const int n = j * 8 + (lane & 7) + (lane >> 4) * 8;
+            ldmatrix_x4(raw, weight_base + (tap * BN + n) * kRowBytes + ks * 32 + ((lane >> 3) & 1) * 16);
+            typename Traits::BFrag b0, b1;
+            Traits::make_b(b0, raw[0], raw[1]);
+            Traits::make_b(b1, raw[2], raw[3]);
+#pragma unroll
+            for (int i = 0; i < 2; ++i) {
+              Traits::mma(acc[i][j], a[i], b0);
+              Traits::mma(acc[i][j + 1], a[i], b1);
+            }
           }
         }
       }
+      if (more) store_patch(stage ^ 1);
+      cp_async_wait_all();
+      __syncthreads();
     }
-    if (more) store_patch(stage ^ 1);
-    cp_async_wait_all();
-    __syncthreads();
   }
 
   // Epilogue. The accumulators go through shared memory (free after the mainloop), 32 channels at a time,
@@ -294,8 +304,8 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   const int m = m0 + tid;
   int pixel = 0;
   if (m < count) {
-    const int a = m / ph.extent_w, b = m % ph.extent_w;
-    pixel = (ph.first_h + a * pr.dst_step_h) * pr.dst_w + ph.first_w + b * pr.dst_step_w;
+    const int a = m / dst_phase.extent_w, b = m % dst_phase.extent_w;
+    pixel = (dst_phase.first_h + a * pr.dst_step_h) * pr.dst_w + dst_phase.first_w + b * pr.dst_step_w;
   }
   // Per-column bias, staged once per block behind the tile (a global load per element would stall).
   float* column_bias = tile + kEpiFrags * 8 * kEpiStride;
@@ -330,7 +340,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
           if (out) *out = from_acc<T>(apply_epilogue(epilogue, pre));
           if (out_factor) *out_factor = from_acc<T>(epilogue_grad_factor(epilogue, pre));
         } else {
-          *out = from_acc<T>(pr.accumulate ? value + float(to_acc(*out)) : value);
+          *out = from_acc<T>(value);
         }
         if (out) out += dst_plane;
         if (out_factor) out_factor += dst_plane;
@@ -452,41 +462,40 @@ inline bool forward_tc_problem(const ConvTransposeParams& p, TcProblem* pr) {
   return finish_tc_problem(pr);
 }
 
-// grad_input as tensor-core launches: grad_input[i] = sum over k of g[i*s - p + k*d] * w[k]. Writing
+// grad_input on tensor cores: grad_input[i] = sum over k of g[i*s - p + k*d] * w[k]. Writing
 // k*d - p = s*q + r (0 <= r < s), tap k reads sample i + q of the stride phase r of g (rows r, r + s, ...).
 // So each of the s_h * s_w phases of g is a stride-1 correlation with the taps of that phase, and
-// grad_input is their sum: one launch per phase, the later ones accumulating (a fixed order, deterministic).
-// Fills up to kTcMaxPhases problems (phases without taps are skipped); false if the fast path does not apply.
-inline bool grad_input_tc_problems(const ConvTransposeParams& p, TcProblem* problems, int* count) {
-  *count = 0;
+// grad_input is their sum: one TcPhase per phase of g (phases without taps are left out), all with the
+// whole of grad_input as destination, summed by every block in registers (a fixed order: deterministic).
+// False if the fast path does not apply.
+inline bool grad_input_tc_problem(const ConvTransposeParams& p, TcProblem* pr) {
   if (p.stride_h * p.stride_w > kTcMaxPhases) return false;
+  *pr = TcProblem{};
+  pr->batch = p.batch;
+  pr->groups = int(p.groups);
+  pr->dst_channels = int(p.in_channels);
+  pr->dst_h = int(p.in_h);
+  pr->dst_w = int(p.in_w);
+  pr->dst_per_group = int(p.in_channels_per_group());
+  pr->src_channels = int(p.out_channels);
+  pr->src_h = int(p.out_h());
+  pr->src_w = int(p.out_w());
+  pr->src_per_group = int(p.out_channels_per_group());
+  pr->src_padded = (pr->src_per_group + kTcChunk - 1) / kTcChunk * kTcChunk;
+  pr->kernel_w = int(p.kernel_w);
+  pr->kernel_taps = int(p.kernel_h * p.kernel_w);
+  pr->dst_step_h = pr->dst_step_w = 1;
+  pr->src_step_h = int(p.stride_h);
+  pr->src_step_w = int(p.stride_w);
   for (int64_t rh = 0; rh < p.stride_h; ++rh) {
     for (int64_t rw = 0; rw < p.stride_w; ++rw) {
-      TcProblem pr{};
-      pr.batch = p.batch;
-      pr.groups = int(p.groups);
-      pr.dst_channels = int(p.in_channels);
-      pr.dst_h = int(p.in_h);
-      pr.dst_w = int(p.in_w);
-      pr.dst_per_group = int(p.in_channels_per_group());
-      pr.src_channels = int(p.out_channels);
-      pr.src_h = int(p.out_h());
-      pr.src_w = int(p.out_w());
-      pr.src_per_group = int(p.out_channels_per_group());
-      pr.src_padded = (pr.src_per_group + kTcChunk - 1) / kTcChunk * kTcChunk;
-      pr.kernel_w = int(p.kernel_w);
-      pr.kernel_taps = int(p.kernel_h * p.kernel_w);
-      pr.dst_step_h = pr.dst_step_w = 1;
-      pr.src_step_h = int(p.stride_h);
-      pr.src_step_w = int(p.stride_w);
-      pr.src_offset_h = int(rh);
-      pr.src_offset_w = int(rw);
-      pr.accumulate = *count > 0;
-      pr.phases = 1;
-      TcPhase& ph = pr.phase[0];
-      ph.extent_h = pr.dst_h;
-      ph.extent_w = pr.dst_w;
-      const int64_t axis[2][4] = {{p.kernel_h, p.stride_h, p.pad_h, p.dil_h}, {p.kernel_w, p.stride_w, p.pad_w, p.dil_w}};
+      TcPhase ph{};
+      ph.extent_h = pr->dst_h;
+      ph.extent_w = pr->dst_w;
+      ph.src_offset_h = int(rh);
+      ph.src_offset_w = int(rw);
+      const int64_t axis[2][4] = {{p.kernel_h, p.stride_h, p.pad_h, p.dil_h},
+                                  {p.kernel_w, p.stride_w, p.pad_w, p.dil_w}};
       const int64_t phase_of_axis[2] = {rh, rw};
       int* taps[2] = {&ph.taps_h, &ph.taps_w};
       int* kernel_index[2] = {ph.kh, ph.kw};
@@ -502,12 +511,10 @@ inline bool grad_input_tc_problems(const ConvTransposeParams& p, TcProblem* prob
           ++*taps[a];
         }
       }
-      if (ph.taps_h == 0 || ph.taps_w == 0) continue;
-      if (!finish_tc_problem(&pr)) return false;
-      problems[(*count)++] = pr;
+      if (ph.taps_h > 0 && ph.taps_w > 0) pr->phase[pr->phases++] = ph;
     }
   }
-  return *count > 0;
+  return finish_tc_problem(pr);
 }
 
 template <typename Math>
@@ -531,7 +538,8 @@ bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src, 
     pr.stage_bytes = pr.stage_patch_bytes + pr.max_taps * BN * kRowBytes;
     const size_t epilogue_bytes = (size_t(std::min(BN, 32)) * (kTcBlockM + 4) + BN) * sizeof(float);
     const size_t smem = std::max(2 * size_t(pr.stage_bytes), epilogue_bytes);
-    const int64_t grid_x = pr.batch * pr.m_tiles * pr.phases, grid_y = int64_t(pr.groups) * pr.n_tiles;
+    const int64_t grid_x = pr.batch * pr.m_tiles * (Dir == GatherDirection::GradInput ? 1 : pr.phases);
+    const int64_t grid_y = int64_t(pr.groups) * pr.n_tiles;
     if (smem > max_dynamic_smem_bytes() || grid_x > 0x7fffffff || grid_y > 65535) return false;
 
     Smem* packed = static_cast<Smem*>(workspace);

@@ -31,6 +31,12 @@ for index, (problem, _) in enumerate(CASES):
         if not err <= tol:
             failures += 1
             print(f"case {index} {dtype} tf32={tf32}: relative error {err:.3e} > {tol}")
+# grad_bias without grad_weight: the split reduction's bias-only launch.
+for dtype, tf32, _ in DTYPES:
+    x, w, b = CASES[0][0].tensors(dtype, "cuda", seed=0, requires_grad=True)
+    w.requires_grad_(False)
+    fused_convt.conv_transpose2d_fused(x, w, b, **CASES[0][0].conv_kwargs(), **CASES[0][0].epilogue_kwargs(),
+                                       allow_tf32=tf32).sum().backward()
 torch.cuda.synchronize()
 print(f"sanitize workload: {len(CASES) * len(DTYPES)} runs, {failures} wrong")
 sys.exit(1 if failures else 0)
