@@ -168,13 +168,7 @@ struct MmaWeightEngine {
 
   __device__ __forceinline__ void clear() {
 #pragma unroll
-    for (int t = 0; t < kTaps; ++t)
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j)
-#pragma unroll
-          for (int q = 0; q < 4; ++q) acc[t][i][j][q] = 0.0f;
+    for (int k = 0; k < kTaps * 2 * 2 * 4; ++k) (&acc[0][0][0][0])[k] = 0.0f;
   }
   __device__ __forceinline__ static void stage_x(Storage& s, int tap, int c, int q, float v) {
     reinterpret_cast<Smem*>(s.x[tap] + c * kRowBytes)[q] = Math::to_smem(from_acc<T>(v));
