@@ -30,28 +30,6 @@ constexpr int kWeightThreads = 256;  // 8 warps
 constexpr int kChannelsPerThread = kWeightTile / (kWeightThreads / 32);  // staged channels per lane and step
 constexpr int64_t kTargetBlocks = 1024;  // fixed (device independent) so results do not depend on the GPU
 
-// The output phases of one axis (phase r: outputs first + s*a, a < extent) and the taps that reach them:
-// tap k belongs to phase (k*d) mod s and reads input a + offset with offset = j0 - (k*d - r) / s.
-struct AxisPhaseSpan {
-  int first, extent, j0;
-};
-FCT_HD AxisPhaseSpan axis_phase_span(int64_t out, int64_t stride, int64_t pad, int64_t r) {
-  const int64_t j0 = -floor_div(r - pad, stride);  // ceil((pad - r) / stride)
-  const int64_t j_last = floor_div(out - 1 + pad - r, stride);
-  return {int(stride * j0 + r - pad), int(j_last >= j0 ? j_last - j0 + 1 : 0), int(j0)};
-}
-// Taps of phase r along an axis of `kernel` taps, and the index of its t-th tap (or -1).
-FCT_HD int axis_phase_taps(int64_t kernel, int64_t stride, int64_t dil, int64_t r) {
-  int taps = 0;
-  for (int64_t k = 0; k < kernel; ++k) taps += (k * dil) % stride == r;
-  return taps;
-}
-FCT_HD int axis_phase_tap(int64_t kernel, int64_t stride, int64_t dil, int64_t r, int t) {
-  for (int64_t k = 0; k < kernel; ++k)
-    if ((k * dil) % stride == r && t-- == 0) return int(k);
-  return -1;
-}
-
 struct BackwardPlan {
   int phases;              // stride_h * stride_w output phases (also those without taps: the bias needs them)
   int tap_groups;          // blocks per phase along its taps (Engine::kTaps each)
@@ -71,12 +49,12 @@ inline BackwardPlan plan_backward(const ConvTransposeParams& p, DType dtype) {
   int max_taps = 0, max_extent_h = 0, max_extent_w = 0;
   for (int64_t rh = 0; rh < p.stride_h; ++rh)
     for (int64_t rw = 0; rw < p.stride_w; ++rw)
-      max_taps = std::max(max_taps, axis_phase_taps(p.kernel_h, p.stride_h, p.dil_h, rh) *
-                                        axis_phase_taps(p.kernel_w, p.stride_w, p.dil_w, rw));
+      max_taps = std::max(max_taps, phase_taps(p.kernel_h, p.stride_h, p.dil_h, rh) *
+                                        phase_taps(p.kernel_w, p.stride_w, p.dil_w, rw));
   for (int64_t r = 0; r < p.stride_h; ++r)
-    max_extent_h = std::max(max_extent_h, axis_phase_span(p.out_h(), p.stride_h, p.pad_h, r).extent);
+    max_extent_h = std::max(max_extent_h, phase_span(p.out_h(), p.stride_h, p.pad_h, r).extent);
   for (int64_t r = 0; r < p.stride_w; ++r)
-    max_extent_w = std::max(max_extent_w, axis_phase_span(p.out_w(), p.stride_w, p.pad_w, r).extent);
+    max_extent_w = std::max(max_extent_w, phase_span(p.out_w(), p.stride_w, p.pad_w, r).extent);
   plan.tap_groups = std::max(1, ceil_div_int(max_taps, weight_taps_per_block(dtype)));
   plan.ic_tiles = ceil_div_int(p.in_channels_per_group(), kWeightTile);
   plan.oc_tiles = ceil_div_int(p.out_channels_per_group(), kWeightTile);
@@ -241,24 +219,24 @@ grad_weight_bias_partial_kernel(ConvTransposeParams p, BackwardPlan plan, const 
   const int group = int(blockIdx.z);
   const int ic0 = ic_tile * kWeightTile, oc0 = oc_tile * kWeightTile;
 
-  const int taps_h = axis_phase_taps(p.kernel_h, p.stride_h, p.dil_h, rh);
-  const int taps_w = axis_phase_taps(p.kernel_w, p.stride_w, p.dil_w, rw);
+  const int taps_h = phase_taps(p.kernel_h, p.stride_h, p.dil_h, rh);
+  const int taps_w = phase_taps(p.kernel_w, p.stride_w, p.dil_w, rw);
   const int taps = weight_partial ? max(0, min(kTaps, taps_h * taps_w - tap_group * kTaps)) : 0;
   const bool sums_bias = bias_partial && tap_group == 0 && ic_tile == 0;
   if (taps == 0 && !sums_bias) return;  // uniform over the block
 
-  const AxisPhaseSpan span_h = axis_phase_span(p.out_h(), p.stride_h, p.pad_h, rh);
-  const AxisPhaseSpan span_w = axis_phase_span(p.out_w(), p.stride_w, p.pad_w, rw);
+  const PhaseSpan span_h = phase_span(p.out_h(), p.stride_h, p.pad_h, rh);
+  const PhaseSpan span_w = phase_span(p.out_w(), p.stride_w, p.pad_w, rw);
   const int tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
   if (tid < kTaps) {
     const int index = tap_group * kTaps + tid;
     const int th = index / max(taps_w, 1), tw = index % max(taps_w, 1);
-    const int kh = tid < taps ? axis_phase_tap(p.kernel_h, p.stride_h, p.dil_h, rh, th) : 0;
-    const int kw = tid < taps ? axis_phase_tap(p.kernel_w, p.stride_w, p.dil_w, rw, tw) : 0;
+    const int kh = tid < taps ? phase_tap(p.kernel_h, p.stride_h, p.dil_h, rh, th) : 0;
+    const int kw = tid < taps ? phase_tap(p.kernel_w, p.stride_w, p.dil_w, rw, tw) : 0;
     tap_kh[tid] = kh;
     tap_kw[tid] = kw;
-    tap_off_h[tid] = span_h.j0 - int((kh * p.dil_h - rh) / p.stride_h);
-    tap_off_w[tid] = span_w.j0 - int((kw * p.dil_w - rw) / p.stride_w);
+    tap_off_h[tid] = phase_tap_offset(span_h, kh, p.stride_h, p.dil_h, rh);
+    tap_off_w[tid] = phase_tap_offset(span_w, kw, p.stride_w, p.dil_w, rw);
   }
   __syncthreads();
 

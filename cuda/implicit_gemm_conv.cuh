@@ -354,9 +354,8 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
 
 namespace fused_convt {
 
-// The phases of one axis of the forward pass: for phase r (t = o + p, r = t mod s), the taps k with
-// k*d = r (mod s), their input shifts q = (k*d - r) / s, and the range of j with o = s*j + r - p inside
-// the output. Phase pixel a is j = j0 + a, reads input j - q = a + (j0 - q), writes output s*j0 + r - p + s*a.
+// The phases of one axis of the forward pass (PhaseSpan in tap_map.h) with their taps: kernel index k and
+// input shift, so that phase pixel a reads input a + offset. Phases without outputs are left out.
 struct AxisPhase {
   int first, extent, taps;
   int kernel_index[kTcMaxAxisTaps], offset[kTcMaxAxisTaps];
@@ -367,18 +366,16 @@ inline bool forward_axis_phases(int64_t out, int64_t kernel, int64_t stride, int
                                 int64_t dilation, AxisPhase* phases, int* count) {
   *count = 0;
   for (int64_t r = 0; r < stride; ++r) {
+    const PhaseSpan span = phase_span(out, stride, pad, r);
+    if (span.extent == 0) continue;
     AxisPhase ph{};
-    const int64_t j0 = -floor_div(r - pad, stride);  // ceil((pad - r) / stride)
-    const int64_t j_last = floor_div(out - 1 + pad - r, stride);
-    if (j_last < j0) continue;
-    ph.first = int(stride * j0 + r - pad);
-    ph.extent = int(j_last - j0 + 1);
+    ph.first = span.first;
+    ph.extent = span.extent;
     for (int64_t k = 0; k < kernel; ++k) {
-      const int64_t shifted = k * dilation - r;
-      if (shifted % stride != 0) continue;
+      if (phase_of_tap(k, stride, dilation) != r) continue;
       if (ph.taps == kTcMaxAxisTaps) return false;
       ph.kernel_index[ph.taps] = int(k);
-      ph.offset[ph.taps] = int(j0 - shifted / stride);
+      ph.offset[ph.taps] = phase_tap_offset(span, k, stride, dilation, r);
       ++ph.taps;
     }
     phases[(*count)++] = ph;

@@ -57,4 +57,37 @@ FCT_HD TapMap grad_input_tap_map(int64_t stride, int64_t pad, int64_t dilation) 
   return TapMap{static_cast<int>(stride), static_cast<int>(dilation), -static_cast<int>(pad), 1};
 }
 
+// Output phases of one axis (the phase decomposition of shared/DESIGN.md). Output o belongs to phase
+// r = (o + p) mod s: phase r holds o = first + s*a for a in [0, extent), i.e. o = s*j + r - p with
+// j = j0 + a. Tap k feeds only phase (k*d) mod s, and there output a reads input i = a + offset with
+// offset = j0 - (k*d - r) / s. The forward's tensor-core tiles and grad_weight's blocks are built from this.
+struct PhaseSpan {
+  int first, extent, j0;
+};
+
+FCT_HD PhaseSpan phase_span(int64_t out, int64_t stride, int64_t pad, int64_t r) {
+  const int64_t j0 = -floor_div(r - pad, stride);  // ceil((pad - r) / stride)
+  const int64_t j_last = floor_div(out - 1 + pad - r, stride);
+  return PhaseSpan{static_cast<int>(stride * j0 + r - pad), static_cast<int>(j_last >= j0 ? j_last - j0 + 1 : 0),
+                   static_cast<int>(j0)};
+}
+
+FCT_HD int64_t phase_of_tap(int64_t k, int64_t stride, int64_t dilation) { return k * dilation % stride; }
+
+// Number of taps of phase r, and the t-th of them in increasing k (-1 past the last).
+FCT_HD int phase_taps(int64_t kernel, int64_t stride, int64_t dilation, int64_t r) {
+  int taps = 0;
+  for (int64_t k = 0; k < kernel; ++k) taps += phase_of_tap(k, stride, dilation) == r;
+  return taps;
+}
+FCT_HD int phase_tap(int64_t kernel, int64_t stride, int64_t dilation, int64_t r, int t) {
+  for (int64_t k = 0; k < kernel; ++k)
+    if (phase_of_tap(k, stride, dilation) == r && t-- == 0) return static_cast<int>(k);
+  return -1;
+}
+
+FCT_HD int phase_tap_offset(const PhaseSpan& span, int64_t k, int64_t stride, int64_t dilation, int64_t r) {
+  return span.j0 - static_cast<int>((k * dilation - r) / stride);
+}
+
 }  // namespace fused_convt

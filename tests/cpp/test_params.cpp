@@ -1,8 +1,10 @@
 // params.h and tap_map.h: the output-size math against PyTorch's values, validate() naming each bad field,
-// floor_div on negative numerators, and the TapMaps against the scatter definition o = i*s - p + k*d.
+// floor_div on negative numerators, the TapMaps and the phase decomposition against the scatter definition
+// o = i*s - p + k*d.
 #include <cmath>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 #include "fused_convt/params.h"
 #include "fused_convt/tap_map.h"
@@ -192,6 +194,44 @@ void tap_maps_match_scatter(test::Rng& rng) {
   }
 }
 
+// The phase decomposition (PhaseSpan and the phase_* helpers): the phases partition the outputs, every tap
+// belongs to exactly one phase, and phase pixel a with tap k reads input a + offset, the i of the scatter
+// o = i*s - p + k*d. Exhaustive over small axes, including outputs that leave a phase empty.
+void phases_partition_outputs_and_taps() {
+  for (int out = 1; out <= 14; ++out)
+    for (int kernel = 1; kernel <= 7; ++kernel)
+      for (int stride = 1; stride <= 4; ++stride)
+        for (int pad = 0; pad <= 3; ++pad)
+          for (int dilation = 1; dilation <= 3; ++dilation) {
+            const std::string context = "out=" + std::to_string(out) + " k=" + std::to_string(kernel) +
+                                        " s=" + std::to_string(stride) + " p=" + std::to_string(pad) +
+                                        " d=" + std::to_string(dilation);
+            std::vector<int> hits(out, 0), tap_phases(kernel, 0);
+            for (int r = 0; r < stride; ++r) {
+              const fused_convt::PhaseSpan span = fused_convt::phase_span(out, stride, pad, r);
+              const int taps = fused_convt::phase_taps(kernel, stride, dilation, r);
+              CHECK_MSG(fused_convt::phase_tap(kernel, stride, dilation, r, taps) == -1, context);
+              for (int a = 0; a < span.extent; ++a) {
+                const int o = span.first + stride * a;
+                CHECK_MSG(o >= 0 && o < out && (o + pad) % stride == r, context + " r=" + std::to_string(r));
+                if (o >= 0 && o < out) ++hits[o];
+                for (int t = 0; t < taps; ++t) {
+                  const int k = fused_convt::phase_tap(kernel, stride, dilation, r, t);
+                  const int i = a + fused_convt::phase_tap_offset(span, k, stride, dilation, r);
+                  CHECK_MSG(k >= 0 && i * stride - pad + k * dilation == o,
+                            context + " r=" + std::to_string(r) + " a=" + std::to_string(a));
+                }
+              }
+              for (int t = 0; t < taps; ++t) {
+                const int k = fused_convt::phase_tap(kernel, stride, dilation, r, t);
+                if (k >= 0 && k < kernel) ++tap_phases[k];
+              }
+            }
+            for (int o = 0; o < out; ++o) CHECK_MSG(hits[o] == 1, context + " o=" + std::to_string(o));
+            for (int k = 0; k < kernel; ++k) CHECK_MSG(tap_phases[k] == 1, context + " k=" + std::to_string(k));
+          }
+}
+
 }  // namespace
 
 int main() {
@@ -200,5 +240,6 @@ int main() {
   validate_names_the_bad_field();
   floor_div_rounds_down();
   tap_maps_match_scatter(rng);
+  phases_partition_outputs_and_taps();
   return test::summary("test_params");
 }
