@@ -456,9 +456,12 @@ def test_gradients_for_some_inputs_only(device, variant, wanted):
             assert t.grad is None
 
 
-def test_backward_op_computes_only_the_masked_gradients(device):
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=["f64", "f32", "bf16"])
+def test_backward_op_computes_only_the_masked_gradients(device, dtype):
+    """Each gradient alone is bitwise the one computed with the others (on CUDA grad_bias comes from the
+    grad_weight blocks or, without grad_weight, from the same kernel with the multiply off)."""
     p = PARTIAL_PROBLEM
-    x, w, b = p.tensors(torch.float64, device, seed=14)
+    x, w, b = p.tensors(dtype, device, seed=14)
     conv = dict(stride=[*p.stride], padding=[*p.padding], output_padding=[*p.output_padding],
                 dilation=[*p.dilation], groups=p.groups, add_value=p.add_value, multiply_value=p.multiply_value,
                 apply_epilogue=True, allow_tf32=False)
