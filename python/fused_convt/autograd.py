@@ -1,10 +1,11 @@
-"""An ``autograd.Function`` over the same custom ops, for code that wants an explicit Function object.
-``conv_transpose2d_fused`` already differentiates through ``torch.library.register_autograd``; both paths run
-the same forward and backward kernels, and both refuse double backward with the same message (the backward
-op's own autograd formula raises)."""
+"""An ``autograd.Function`` over the same custom ops. ``conv_transpose2d_fused`` uses it in plain eager mode
+(it calls the op implementations directly there, saving host time) and differentiates through
+``torch.library.register_autograd`` elsewhere (torch.compile, export, dispatch modes); both paths run the
+same forward and backward kernels, and both refuse double backward with the same message (under
+create_graph the backward op itself runs, and its autograd formula raises)."""
 import torch
 
-from .ops import prepare_args, resolve_allow_tf32
+from .ops import prepare_args, resolve_allow_tf32, run_backward_op, run_forward_op
 
 
 class FusedConvTranspose2dFunction(torch.autograd.Function):
@@ -18,7 +19,7 @@ class FusedConvTranspose2dFunction(torch.autograd.Function):
         args = prepare_args(input, weight, bias, stride, padding, output_padding, groups, dilation, add_value,
                             multiply_value)
         tf32 = resolve_allow_tf32(allow_tf32)
-        output, grad_factor = torch.ops.fused_convt.conv_transpose2d_fused(
+        output, grad_factor = run_forward_op(
             args.input, args.weight, args.bias, *args.conv, args.groups, args.add_value, args.multiply_value, True,
             not recompute, tf32)
         ctx.save_for_backward(args.input, args.weight, args.bias, grad_factor)
@@ -33,7 +34,7 @@ class FusedConvTranspose2dFunction(torch.autograd.Function):
         if ctx.unbatched:
             grad_output = grad_output.unsqueeze(0)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
-        grad_input, grad_weight, grad_bias = torch.ops.fused_convt.conv_transpose2d_fused_backward(
+        grad_input, grad_weight, grad_bias = run_backward_op(
             grad_output, input, weight, bias, grad_factor, *ctx.conv_args, mask)
         if ctx.unbatched and mask[0]:
             grad_input = grad_input.squeeze(0)

@@ -488,3 +488,40 @@ def test_frozen_module_weights_get_no_gradient(device):
     assert layer.weight.grad is None
     assert layer.bias.grad is not None and x.grad is not None
     assert layer.bias.grad.abs().sum() > 0
+
+
+class _RecordOps(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records the ops dispatched under it; the mode makes fused_convt take the custom-op path."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.names.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_plain_eager_path_equals_the_custom_op_path_bitwise(device):
+    """In plain eager mode the op implementations are called directly (less host time); under a dispatch mode
+    the custom ops run. Both must give bitwise the same output and gradients, and the mode must see the ops."""
+    p = PARTIAL_PROBLEM
+    results = []
+    for mode in (None, _RecordOps()):
+        x, w, b = p.tensors(torch.float32, device, seed=16, requires_grad=True)
+
+        def run():
+            y = fused_convt.conv_transpose2d_fused(x, w, b, **p.conv_kwargs(), **p.epilogue_kwargs())
+            y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(17)).to(device))
+            return y
+
+        if mode is None:
+            y = run()
+        else:
+            with mode:
+                y = run()
+            assert any("fused_convt.conv_transpose2d_fused.default" in n for n in mode.names)
+            assert any("fused_convt.conv_transpose2d_fused_backward.default" in n for n in mode.names)
+        results.append((y.detach(), x.grad, w.grad, b.grad))
+    for plain, dispatched in zip(*results):
+        assert torch.equal(plain, dispatched)
