@@ -174,8 +174,13 @@ gather_conv_kernel(GatherProblem pr, Epilogue epi, const T* __restrict__ src, co
     const int64_t index = (n * pr.dst_channels + channel) * dst_plane + int64_t(out_y) * pr.dst_w + out_x;
     if constexpr (Dir == GatherDirection::Forward) {
       const Acc pre = acc[dc] + (bias ? to_acc(bias[channel]) : Acc(0));
-      if (dst) dst[index] = from_acc<T>(apply_epilogue(epilogue, pre));
-      if (dst_factor) dst_factor[index] = from_acc<T>(epilogue_grad_factor(epilogue, pre));
+      if (dst_factor) {
+        const EpilogueOutputs<Acc> both = apply_epilogue_with_factor(epilogue, pre);
+        if (dst) dst[index] = from_acc<T>(both.value);
+        dst_factor[index] = from_acc<T>(both.factor);
+      } else if (dst) {
+        dst[index] = from_acc<T>(apply_epilogue(epilogue, pre));
+      }
     } else {
       dst[index] = from_acc<T>(acc[dc]);
     }

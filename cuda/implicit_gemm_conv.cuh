@@ -337,8 +337,13 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
         const float value = tile[(column - first) * kEpiStride + tid];
         if constexpr (Dir == GatherDirection::Forward) {
           const float pre = value + column_bias[column];
-          if (out) *out = from_acc<T>(apply_epilogue(epilogue, pre));
-          if (out_factor) *out_factor = from_acc<T>(epilogue_grad_factor(epilogue, pre));
+          if (out_factor) {
+            const EpilogueOutputs<float> both = apply_epilogue_with_factor(epilogue, pre);
+            if (out) *out = from_acc<T>(both.value);
+            *out_factor = from_acc<T>(both.factor);
+          } else if (out) {
+            *out = from_acc<T>(apply_epilogue(epilogue, pre));
+          }
         } else {
           *out = from_acc<T>(value);
         }

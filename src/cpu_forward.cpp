@@ -50,8 +50,13 @@ void forward_typed(const ConvTransposeParams& p, const Epilogue& epi, const Forw
         }
         const int64_t index = plane * out_plane + int64_t(oh) * out_w + ow;
         const Acc pre = acc + bias_value;
-        if (out) store_from_acc(out, index, apply_epilogue(epilogue, pre));
-        if (factor) store_from_acc(factor, index, epilogue_grad_factor(epilogue, pre));
+        if (factor) {
+          const EpilogueOutputs<Acc> both = apply_epilogue_with_factor(epilogue, pre);
+          if (out) store_from_acc(out, index, both.value);
+          store_from_acc(factor, index, both.factor);
+        } else if (out) {
+          store_from_acc(out, index, apply_epilogue(epilogue, pre));
+        }
       }
     }
   }

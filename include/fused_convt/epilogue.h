@@ -42,18 +42,37 @@ FCT_HD Acc epilogue_from_preactivation(Acc u, Acc multiply_value) {
   return Acc(0);
 }
 
+template <typename Acc>
+FCT_HD Acc normal_density(Acc z) {
+  const Acc inv_sqrt_2pi = Acc(0.39894228040143267794);
+  return inv_sqrt_2pi * exp_of(Acc(-0.5) * z * z);
+}
+
 // d out / d u. For u < 0 it is m * (Phi(u) + u * phi(u)); for u > 0 it is 0. At u == 0 PyTorch's binary
 // minimum splits the gradient of the tie in half and GELU'(0) = 1/2, so the composite gives m / 4.
 template <typename Acc>
 FCT_HD Acc epilogue_derivative(Acc u, Acc multiply_value) {
-  if (u < Acc(0)) {
-    const Acc inv_sqrt_2pi = Acc(0.39894228040143267794);
-    const Acc density = inv_sqrt_2pi * exp_of(Acc(-0.5) * u * u);
-    return multiply_value * (normal_cdf_nonpositive(u) + u * density);
-  }
+  if (u < Acc(0)) return multiply_value * (normal_cdf_nonpositive(u) + u * normal_density(u));
   if (u == Acc(0)) return Acc(0.25) * multiply_value;
   if (u != u) return u;
   return Acc(0);
+}
+
+template <typename Acc>
+struct EpilogueOutputs {
+  Acc value, factor;  // out, and d out / d u
+};
+
+// Both at once, with Phi(u) evaluated once: the training forward stores both. Bitwise the values of
+// epilogue_from_preactivation and epilogue_derivative.
+template <typename Acc>
+FCT_HD EpilogueOutputs<Acc> epilogue_value_and_derivative(Acc u, Acc multiply_value) {
+  if (u < Acc(0)) {
+    const Acc cdf = normal_cdf_nonpositive(u);
+    return {multiply_value * u * cdf, multiply_value * (cdf + u * normal_density(u))};
+  }
+  if (u != u) return {u, u};
+  return {Acc(0), u == Acc(0) ? Acc(0.25) * multiply_value : Acc(0)};
 }
 
 // The epilogue's scalars in the accumulation type, converted once per kernel rather than per element.
@@ -72,10 +91,11 @@ FCT_HD Acc apply_epilogue(const EpilogueConstants<Acc>& epi, Acc acc_plus_bias) 
   return epilogue_from_preactivation(acc_plus_bias + epi.add_value, epi.multiply_value);
 }
 
+// The epilogue and its derivative from the accumulator (the identity's derivative is 1).
 template <typename Acc>
-FCT_HD Acc epilogue_grad_factor(const EpilogueConstants<Acc>& epi, Acc acc_plus_bias) {
-  if (!epi.enabled) return Acc(1);
-  return epilogue_derivative(acc_plus_bias + epi.add_value, epi.multiply_value);
+FCT_HD EpilogueOutputs<Acc> apply_epilogue_with_factor(const EpilogueConstants<Acc>& epi, Acc acc_plus_bias) {
+  if (!epi.enabled) return {acc_plus_bias, Acc(1)};
+  return epilogue_value_and_derivative(acc_plus_bias + epi.add_value, epi.multiply_value);
 }
 
 }  // namespace fused_convt

@@ -115,14 +115,17 @@ void apply_epilogue_composes(test::Rng& rng, const char* type_name) {
   for (int i = 0; i < 1000; ++i) values.push_back(Acc(rng.uniform(-8, 8)));
   for (const Acc a : values) {
     CHECK_MSG(same_bits(fused_convt::apply_epilogue(identity, a), a), t + " disabled epilogue is the identity");
-    CHECK_MSG(fused_convt::epilogue_grad_factor(identity, a) == Acc(1), t + " disabled epilogue has factor 1");
+    const auto identity_both = fused_convt::apply_epilogue_with_factor(identity, a);
+    CHECK_MSG(same_bits(identity_both.value, a) && identity_both.factor == Acc(1),
+              t + " disabled epilogue: identity with factor 1");
     const Acc u = a + fused.add_value;
-    CHECK_MSG(same_bits(fused_convt::apply_epilogue(fused, a),
-                        fused_convt::epilogue_from_preactivation(u, fused.multiply_value)),
-              t + " apply_epilogue adds add_value");
-    CHECK_MSG(same_bits(fused_convt::epilogue_grad_factor(fused, a),
-                        fused_convt::epilogue_derivative(u, fused.multiply_value)),
-              t + " epilogue_grad_factor adds add_value");
+    const Acc value = fused_convt::epilogue_from_preactivation(u, fused.multiply_value);
+    const Acc derivative = fused_convt::epilogue_derivative(u, fused.multiply_value);
+    CHECK_MSG(same_bits(fused_convt::apply_epilogue(fused, a), value), t + " apply_epilogue adds add_value");
+    // The training forward's one-erfc evaluation of both is bitwise the separate ones.
+    const auto both = fused_convt::apply_epilogue_with_factor(fused, a);
+    CHECK_MSG(same_bits(both.value, value) && same_bits(both.factor, derivative),
+              t + " apply_epilogue_with_factor equals value and derivative at u = " + test::fmt(double(u)));
   }
 }
 
