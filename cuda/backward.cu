@@ -260,8 +260,12 @@ grad_weight_bias_partial_kernel(ConvTransposeParams p, BackwardPlan plan, const 
   // The loop is latency-bound (few warps per SM, a barrier per step), so it is kept lean: channel and tap
   // limits are warp-uniform branches, and per step only the pixel part of the offsets changes.
   constexpr int kWarps = kWeightThreads / 32;
-  const int x_channels = weight_partial ? min(kChannelsPerThread, max(0, in_per_group - ic0 - warp + kWarps - 1) / kWarps) : 0;
-  const int g_channels = min(kChannelsPerThread, max(0, out_per_group - oc0 - warp + kWarps - 1) / kWarps);
+  // Channels c = warp + 8 i inside the group: ceil((per_group - tile start - warp) / 8) of them, at most 8.
+  auto channels_here = [&](int per_group, int c0) {
+    return min(kChannelsPerThread, max(0, per_group - c0 - warp + kWarps - 1) / kWarps);
+  };
+  const int x_channels = weight_partial ? channels_here(in_per_group, ic0) : 0;
+  const int g_channels = channels_here(out_per_group, oc0);
   const int64_t x_channel_step = int64_t(kWarps) * in_plane, g_channel_step = kWarps * out_plane;
   const int64_t x_first = int64_t(group * in_per_group + ic0 + warp) * in_plane;
   const int64_t g_first = int64_t(group * out_per_group + oc0 + warp) * out_plane;

@@ -155,8 +155,14 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
 
     // The patch: source rows spanned by this tile's phase rows plus the taps' halo; full phase width.
     int min_off_h = ph.off_h[0], max_off_h = ph.off_h[0], min_off_w = ph.off_w[0], max_off_w = ph.off_w[0];
-    for (int i = 1; i < ph.taps_h; ++i) min_off_h = min(min_off_h, ph.off_h[i]), max_off_h = max(max_off_h, ph.off_h[i]);
-    for (int i = 1; i < ph.taps_w; ++i) min_off_w = min(min_off_w, ph.off_w[i]), max_off_w = max(max_off_w, ph.off_w[i]);
+    for (int i = 1; i < ph.taps_h; ++i) {
+      min_off_h = min(min_off_h, ph.off_h[i]);
+      max_off_h = max(max_off_h, ph.off_h[i]);
+    }
+    for (int i = 1; i < ph.taps_w; ++i) {
+      min_off_w = min(min_off_w, ph.off_w[i]);
+      max_off_w = max(max_off_w, ph.off_w[i]);
+    }
     const int a_first = m0 / ph.extent_w, a_last = (min(m0 + kTcBlockM, count) - 1) / ph.extent_w;
     const int row_first = a_first + min_off_h;
     const int rows = a_last + max_off_h - row_first + 1;
