@@ -169,6 +169,11 @@ def _(grad_output, input, weight, bias, grad_factor, stride, padding, output_pad
 
 
 _PLAIN_TENSOR_TYPES = (Tensor, torch.nn.Parameter)
+# Private predicates of torch's dispatcher, looked up once: on a torch without one of them the direct path is
+# never taken (the custom ops always work), rather than failing every call.
+_MODE_PREDICATES = tuple(getattr(torch._C, name, None) for name in (
+    "_len_torch_dispatch_stack", "_is_torch_function_mode_enabled", "_are_functorch_transforms_active"))
+_HAVE_MODE_PREDICATES = all(callable(f) for f in _MODE_PREDICATES)
 
 
 def _plain_eager(tensors) -> bool:
@@ -177,8 +182,10 @@ def _plain_eager(tensors) -> bool:
     tracing, and no dispatch / function modes or functorch transforms that would want to see the op.
     Skipping torch.library's dispatch and autograd wrappers saves ~120 us of host time per forward+backward,
     which bounds small shapes."""
-    if (torch.compiler.is_compiling() or torch.jit.is_tracing() or torch._C._len_torch_dispatch_stack() > 0
-            or torch._C._is_torch_function_mode_enabled() or torch._C._are_functorch_transforms_active()):
+    if not _HAVE_MODE_PREDICATES or torch.compiler.is_compiling() or torch.jit.is_tracing():
+        return False
+    dispatch_modes, function_modes, functorch = _MODE_PREDICATES
+    if dispatch_modes() > 0 or function_modes() or functorch():
         return False
     return all(t is None or (type(t) in _PLAIN_TENSOR_TYPES and t.device.type in ("cpu", "cuda")) for t in tensors)
 
