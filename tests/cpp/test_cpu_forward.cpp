@@ -146,11 +146,13 @@ void argument_checks() {
     fused_convt::forward_cpu(p, epi, static_cast<DType>(42),
                              ForwardArgs{x.data(), w.data(), b.data(), out.data(), nullptr});
   });
-  // An empty batch is valid and writes nothing.
+  // An empty batch is valid and writes nothing (a sentinel behind the output pointer stays as it was).
   ConvTransposeParams empty = p;
   empty.batch = 0;
-  fused_convt::forward_cpu(empty, epi, DType::Float32, ForwardArgs{nullptr, w.data(), b.data(), nullptr, nullptr});
-  CHECK(true);
+  std::vector<float> sentinel(2, 7.0f);
+  fused_convt::forward_cpu(empty, epi, DType::Float32,
+                           ForwardArgs{nullptr, w.data(), b.data(), sentinel.data(), sentinel.data() + 1});
+  CHECK_MSG(sentinel[0] == 7.0f && sentinel[1] == 7.0f, "an empty batch writes no output or factor");
 }
 
 }  // namespace

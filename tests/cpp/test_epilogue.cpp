@@ -131,32 +131,24 @@ void apply_epilogue_composes(test::Rng& rng, const char* type_name) {
 
 // ---- float16 / bfloat16 ------------------------------------------------------------------------------
 
-// IEEE decoding by the definition, sharing nothing with dtype.h. NaN patterns decode to NaN.
-double decode_half(uint16_t bits) {
-  const int exponent = (bits >> 10) & 0x1f, mantissa = bits & 0x3ff;
+// IEEE decoding by the definition, sharing nothing with dtype.h, for a 16-bit format with kMantissa
+// mantissa bits (float16: 10, bfloat16: 7) and 15 - kMantissa exponent bits. NaN patterns decode to NaN.
+template <int kMantissa>
+double decode_ieee16(uint16_t bits) {
+  constexpr int kExponentMask = (1 << (15 - kMantissa)) - 1, kBias = kExponentMask / 2;
+  const int exponent = (bits >> kMantissa) & kExponentMask, mantissa = bits & ((1 << kMantissa) - 1);
   double magnitude;
-  if (exponent == 0x1f) {
+  if (exponent == kExponentMask) {
     magnitude = mantissa ? std::numeric_limits<double>::quiet_NaN() : std::numeric_limits<double>::infinity();
   } else if (exponent == 0) {
-    magnitude = std::ldexp(double(mantissa), -24);
+    magnitude = std::ldexp(double(mantissa), 1 - kBias - kMantissa);
   } else {
-    magnitude = std::ldexp(double(1024 + mantissa), exponent - 25);
+    magnitude = std::ldexp(double((1 << kMantissa) + mantissa), exponent - kBias - kMantissa);
   }
   return (bits & 0x8000) ? -magnitude : magnitude;
 }
-
-double decode_bfloat16(uint16_t bits) {
-  const int exponent = (bits >> 7) & 0xff, mantissa = bits & 0x7f;
-  double magnitude;
-  if (exponent == 0xff) {
-    magnitude = mantissa ? std::numeric_limits<double>::quiet_NaN() : std::numeric_limits<double>::infinity();
-  } else if (exponent == 0) {
-    magnitude = std::ldexp(double(mantissa), -133);
-  } else {
-    magnitude = std::ldexp(double(128 + mantissa), exponent - 134);
-  }
-  return (bits & 0x8000) ? -magnitude : magnitude;
-}
+constexpr auto decode_half = decode_ieee16<10>;
+constexpr auto decode_bfloat16 = decode_ieee16<7>;
 
 // Round to nearest, ties to even, by brute force: the non-negative values of the format in bit order
 // (`ladder[b]` is the value of bits b, with one extra rung for the first value past the largest finite,
