@@ -1,22 +1,25 @@
 // CUDA backward: grad_input through the tensor-core implicit-GEMM kernel (each block sums the stride phases
 // of grad_output, see grad_input_tc_problem) or, where that does not apply, the direct gather kernel;
-// grad_weight and grad_bias together through one deterministic split reduction.
+// grad_weight and grad_bias through deterministic split reductions.
 //
-// g = grad_output * grad_factor is formed in registers wherever a kernel loads it; it is never stored.
+// grad_input forms g = grad_output * grad_factor in registers as it loads its tiles. grad_weight (tensor-core
+// dtypes) is a GEMM over pixels whose operands must be channels-last rows for 16-byte asynchronous copies:
+// one pass forms g, sums grad_bias and writes g phase-split, channels-last, in the operand type into the
+// workspace (channels_last_pack.cuh), x gets a channels-last copy, and grad_weight_gemm.cuh multiplies
+// them. float64 keeps a direct FFMA kernel for both (below).
 //
-// grad_weight[ic, oc_local, kh, kw] = sum over (n, ih, iw) of x[n, ic, ih, iw] * g[n, oc, oh, ow] with
-// oh = ih*s - p + kh*d. Grouped by output phase (shared/DESIGN.md, as in the forward): the phase pixel
+// float64: grad_weight[ic, oc_local, kh, kw] = sum over (n, ih, iw) of x[n, ic, ih, iw] * g[n, oc, oh, ow]
+// with oh = ih*s - p + kh*d. Grouped by output phase (shared/DESIGN.md, as in the forward): the phase pixel
 // (a, b) of output phase (r_h, r_w) meets, through each tap (kh, kw) of that phase, the input pixel
-// (a + off_h, b + off_w). So one block owns one phase, up to Engine::kTaps of its taps, a 64 x 64 tile of
-// (ic, oc), one group and one contiguous slice ("split") of the phase's pixels; per step it stages 32 phase
-// pixels of g once and, per tap, the 32 matching pixels of x, and multiplies them on tensor cores (same
-// precision policies as the forward) or, for float64, in FFMA. Each g value is read once per (phase, oc
-// tile and tap group), not once per tap: half the grad_output and factor loads of one block per tap.
-// grad_bias rides along: the blocks of the first tap group and ic tile also sum the g values they stage.
-// The split count depends only on the problem, each split writes its own partial sums, and a second kernel
+// (a + off_h, b + off_w). One block owns one phase, one of its taps, a 64 x 64 tile of (ic, oc), one group
+// and one contiguous slice ("split") of the phase's pixels; per step it stages 32 phase pixels of g and the
+// 32 matching pixels of x and multiplies them in FFMA. grad_bias rides along: the blocks of the first tap
+// and ic tile also sum the g values they stage.
+// The split counts depend only on the problem, each split writes its own partial sums, and a second kernel
 // adds the splits (and phases, for the bias) in index order: bitwise reproducible, with no atomics.
 #include <algorithm>
 
+#include "grad_weight_gemm.cuh"
 #include "implicit_gemm_conv.cuh"
 #include "problems.cuh"
 
@@ -38,12 +41,9 @@ struct BackwardPlan {
   int64_t splits, pixels_per_split;
 };
 
-// Taps per grad_weight block: the FFMA engine (float64) holds one, the tensor-core engines two.
-inline int weight_taps_per_block(DType dtype) { return dtype == DType::Float64 ? 1 : 2; }
-
-// The split count depends only on the problem and dtype (not on which gradients are requested), so the
-// workspace size is fixed and grad_bias is bitwise the same with or without grad_weight.
-inline BackwardPlan plan_backward(const ConvTransposeParams& p, DType dtype) {
+// float64 (one tap per block). The split count depends only on the problem (not on which gradients are
+// requested), so grad_bias is bitwise the same with or without grad_weight.
+inline BackwardPlan plan_backward(const ConvTransposeParams& p) {
   BackwardPlan plan{};
   plan.phases = int(p.stride_h * p.stride_w);
   int max_taps = 0, max_extent_h = 0, max_extent_w = 0;
@@ -55,7 +55,7 @@ inline BackwardPlan plan_backward(const ConvTransposeParams& p, DType dtype) {
     max_extent_h = std::max(max_extent_h, phase_span(p.out_h(), p.stride_h, p.pad_h, r).extent);
   for (int64_t r = 0; r < p.stride_w; ++r)
     max_extent_w = std::max(max_extent_w, phase_span(p.out_w(), p.stride_w, p.pad_w, r).extent);
-  plan.tap_groups = std::max(1, ceil_div_int(max_taps, weight_taps_per_block(dtype)));
+  plan.tap_groups = std::max(1, max_taps);
   plan.ic_tiles = ceil_div_int(p.in_channels_per_group(), kWeightTile);
   plan.oc_tiles = ceil_div_int(p.out_channels_per_group(), kWeightTile);
   plan.max_phase_pixels = p.batch * max_extent_h * max_extent_w;
@@ -77,12 +77,9 @@ struct GradLoader {
   }
 };
 
-// The multiply of one grad_weight block, swappable under the shared staging loop below. Each engine holds
-// its shared-memory tiles (Storage: x per tap, g once), receives every staged (channel, pixel) value,
-// multiplies a staged step into its accumulators (taps < kTaps in use), and reports each accumulator with
-// its (tap, ic, oc) position in the block.
-
-// FFMA (float64, and any dtype without a tensor-core policy): one tap per block, tiles [pixel][channel],
+// The multiply of the float64 grad_weight block: it holds the shared-memory tiles (Storage: x per tap, g),
+// receives every staged (channel, pixel) value, multiplies a staged step into its accumulators, and reports
+// each accumulator with its (tap, ic, oc) position in the block. One tap per block, tiles [pixel][channel],
 // 4 x 4 results per thread read as two 4-wide shared loads per 16 FMAs.
 template <typename T>
 struct FfmaWeightEngine {
@@ -123,78 +120,6 @@ struct FfmaWeightEngine {
     for (int i = 0; i < kWeightMicro; ++i)
 #pragma unroll
       for (int j = 0; j < kWeightMicro; ++j) fn(0, ty * kWeightMicro + i, tx * kWeightMicro + j, acc[i][j]);
-  }
-};
-
-// Tensor cores (Math from mma.cuh): tiles [channel][pixel] in the operand format, rows padded by 16 B so
-// ldmatrix is conflict-free; per tap the block is the GEMM [ic x pixels] * [pixels x oc]. 8 warps as 2 (ic)
-// x 4 (oc), each 32 x 16 results = 2 x 2 mma tiles per tap; the g fragments are loaded once for all taps.
-template <typename T, typename Math>
-struct MmaWeightEngine {
-  using Smem = typename Math::Smem;
-  // Two taps per block: four would read g once instead of twice, but their staging and accumulators need
-  // ~180 registers, one block per SM, and too few loads in flight (measured on H100 at kb_v1 bf16: grad_weight
-  // with the bias 5.9 ms with four taps, 5.1 with two, 6.7 with one).
-  static constexpr int kTaps = 2;
-  static constexpr int kMinBlocks = 2;
-  static constexpr int kRowBytes = kPixelStep * int(sizeof(Smem)) + 16;
-  struct Storage {
-    __align__(16) unsigned char x[kTaps][kWeightTile * kRowBytes];
-    __align__(16) unsigned char g[kWeightTile * kRowBytes];
-  };
-  float acc[kTaps][2][2][4];
-
-  __device__ __forceinline__ void clear() {
-#pragma unroll
-    for (int k = 0; k < kTaps * 2 * 2 * 4; ++k) (&acc[0][0][0][0])[k] = 0.0f;
-  }
-  __device__ __forceinline__ static void stage_x(Storage& s, int tap, int c, int q, float v) {
-    reinterpret_cast<Smem*>(s.x[tap] + c * kRowBytes)[q] = Math::to_smem(from_acc<T>(v));
-  }
-  __device__ __forceinline__ static void stage_g(Storage& s, int c, int q, float v) {
-    reinterpret_cast<Smem*>(s.g + c * kRowBytes)[q] = Math::to_smem(from_acc<T>(v));
-  }
-  __device__ __forceinline__ void multiply(const Storage& s, int tid, int taps) {
-    const int lane = tid & 31, warp = tid >> 5, warp_m = warp >> 2, warp_n = warp & 3;
-    const uint32_t g_base = smem_address(s.g);
-#pragma unroll
-    for (int ks = 0; ks < kPixelStep / Math::kStep; ++ks) {
-      uint32_t raw[4];
-      const int row = warp_n * 16 + (lane & 7) + (lane >> 4) * 8;
-      ldmatrix_x4(raw, g_base + row * kRowBytes + ks * 32 + ((lane >> 3) & 1) * 16);
-      typename Math::BFrag b[2];
-      Math::make_b(b[0], raw[0], raw[1]);
-      Math::make_b(b[1], raw[2], raw[3]);
-#pragma unroll
-      for (int t = 0; t < kTaps; ++t) {
-        if (t >= taps) break;
-        const uint32_t x_base = smem_address(s.x[t]);
-#pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          uint32_t a_raw[4];
-          const int a_row = warp_m * 32 + i * 16 + (lane & 7) + ((lane >> 3) & 1) * 8;
-          ldmatrix_x4(a_raw, x_base + a_row * kRowBytes + ks * 32 + (lane >> 4) * 16);
-          typename Math::AFrag a;
-          Math::make_a(a, a_raw);
-#pragma unroll
-          for (int j = 0; j < 2; ++j) Math::mma(acc[t][i][j], a, b[j]);
-        }
-      }
-    }
-  }
-  template <typename Fn>
-  __device__ __forceinline__ void for_each_result(int tid, Fn&& fn) const {
-    const int lane = tid & 31, warp = tid >> 5, warp_m = warp >> 2, warp_n = warp & 3;
-    const int g = lane >> 2, t4 = lane & 3;
-#pragma unroll
-    for (int t = 0; t < kTaps; ++t)
-#pragma unroll
-      for (int i = 0; i < 2; ++i)
-#pragma unroll
-        for (int j = 0; j < 2; ++j)
-#pragma unroll
-          for (int q = 0; q < 4; ++q)
-            fn(t, warp_m * 32 + i * 16 + g + (q >> 1) * 8, warp_n * 16 + j * 8 + 2 * t4 + (q & 1), acc[t][i][j][q]);
   }
 };
 
@@ -367,23 +292,82 @@ void launch_sum_splits(const typename DeviceAcc<T>::type* partial, int64_t split
   check_launch("sum_splits_kernel");
 }
 
-static size_t accumulator_size(DType dtype) { return dtype == DType::Float64 ? sizeof(double) : sizeof(float); }
+static size_t round_up_256(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
-// Workspace layout: [packed weight for the tensor-core grad_input][grad_weight partials: split x weight]
-// [grad_bias partials: split x phase x out_channels].
 static size_t packed_grad_input_weight_bytes(const ConvTransposeParams& params, DType dtype) {
   TcProblem problem;
   if (dtype == DType::Float64 || !grad_input_tc_problem(params, &problem)) return 0;
   const size_t bytes = dtype == DType::Float32 ? packed_weight_bytes<Tf32Math>(problem)
                                                : packed_weight_bytes<Half16Math<__half>>(problem);
-  return (bytes + 255) / 256 * 256;
+  return round_up_256(bytes);
 }
 
-size_t backward_workspace_bytes(const ConvTransposeParams& params, DType dtype) {
+// Byte offsets into the workspace. float64: [grad_weight partials: split x weight][grad_bias partials:
+// split x phase x out_channels]. Tensor-core dtypes: [packed weight for grad_input][grad_weight partials:
+// split x weight][grad_bias partials: image x row block x out_channels][x channels-last][g phase-split];
+// the grad_weight parts only when grad_weight is asked for (the g copy is the size of the output).
+struct BackwardWorkspace {
+  size_t weight_partial, bias_partial, x_cl, g_split, total;
+};
+
+static BackwardWorkspace backward_workspace_layout(const ConvTransposeParams& p, DType dtype, bool grad_weight) {
+  BackwardWorkspace w{};
+  if (dtype == DType::Float64) {
+    const BackwardPlan plan = plan_backward(p);
+    w.weight_partial = 0;
+    w.bias_partial = round_up_256(size_t(plan.splits * p.weight_numel()) * sizeof(double));
+    w.total = w.bias_partial + size_t(plan.splits * plan.phases * p.out_channels) * sizeof(double);
+    return w;
+  }
+  const WeightGemmPlan plan = plan_weight_gemm(p, dtype);
+  const size_t operand = dtype == DType::Float32 ? sizeof(float) : sizeof(__half);
+  const int64_t bias_values = p.has_bias ? p.batch * pack_pixel_blocks(p.batch, int(p.out_channels), p.out_h() * p.out_w()) *
+                                               p.out_channels : 0;
+  w.weight_partial = packed_grad_input_weight_bytes(p, dtype);
+  w.bias_partial = w.weight_partial + (grad_weight ? round_up_256(size_t(plan.splits * p.weight_numel()) * 4) : 0);
+  w.x_cl = w.bias_partial + round_up_256(size_t(bias_values) * sizeof(float));
+  const int64_t x_values = grad_weight ? p.batch * p.in_h * p.in_w * plan.x_row : 0;
+  const int64_t g_values = grad_weight ? p.batch * p.out_h() * p.out_w() * plan.g_layout.row : 0;
+  w.g_split = w.x_cl + round_up_256(size_t(x_values) * operand);
+  w.total = w.g_split + size_t(g_values) * operand;
+  return w;
+}
+
+size_t backward_workspace_bytes(const ConvTransposeParams& params, DType dtype, bool grad_weight) {
   validate(params);
-  const BackwardPlan plan = plan_backward(params, dtype);
-  const int64_t values = plan.splits * (params.weight_numel() + plan.phases * params.out_channels);
-  return packed_grad_input_weight_bytes(params, dtype) + size_t(values) * accumulator_size(dtype);
+  return backward_workspace_layout(params, dtype, grad_weight).total;
+}
+
+// grad_weight and grad_bias of the tensor-core dtypes (Math: the operand policy of mma.cuh).
+template <typename T, typename Math>
+void launch_grad_weight_bias(const ConvTransposeParams& p, DType dtype, const BackwardArgs& args,
+                             unsigned char* workspace, const BackwardWorkspace& w, cudaStream_t stream) {
+  using Smem = typename Math::Smem;
+  const WeightGemmPlan plan = plan_weight_gemm(p, dtype);
+  float* weight_partial = reinterpret_cast<float*>(workspace + w.weight_partial);
+  float* bias_partial = args.grad_bias ? reinterpret_cast<float*>(workspace + w.bias_partial) : nullptr;
+  Smem* x_cl = args.grad_weight ? reinterpret_cast<Smem*>(workspace + w.x_cl) : nullptr;
+  Smem* g_split = args.grad_weight ? reinterpret_cast<Smem*>(workspace + w.g_split) : nullptr;
+  if (args.grad_weight) {
+    // Channel padding (where the per-group count is not a multiple of kPackAlign) must read as zero.
+    if (padded_channels(p.out_channels_per_group()) != p.out_channels_per_group())
+      check_cuda(cudaMemsetAsync(g_split, 0, w.total - w.g_split, stream), "cudaMemsetAsync");
+    if (padded_channels(p.in_channels_per_group()) != p.in_channels_per_group())
+      check_cuda(cudaMemsetAsync(x_cl, 0, w.g_split - w.x_cl, stream), "cudaMemsetAsync");
+  }
+  launch_pack_channels_last<T, Math>(static_cast<const T*>(args.grad_output), static_cast<const T*>(args.grad_factor),
+                                     int(p.out_channels), int(p.groups), plan.g_layout, g_split, bias_partial, stream);
+  if (args.grad_weight) {
+    const PhaseSplitLayout x_layout{p.batch, PhaseAxis{int(p.in_h), 1, 0}, PhaseAxis{int(p.in_w), 1, 0}, plan.x_row};
+    launch_pack_channels_last<T, Math>(static_cast<const T*>(args.input), nullptr, int(p.in_channels), int(p.groups),
+                                       x_layout, x_cl, nullptr, stream);
+    launch_grad_weight_gemm<Math>(p, plan, x_cl, g_split, weight_partial, stream);
+    launch_sum_splits<T>(weight_partial, plan.splits, p.weight_numel(), static_cast<T*>(args.grad_weight), stream);
+  }
+  if (args.grad_bias) {
+    const int64_t partials = p.batch * pack_pixel_blocks(p.batch, int(p.out_channels), p.out_h() * p.out_w());
+    launch_sum_splits<T>(bias_partial, partials, p.out_channels, static_cast<T*>(args.grad_bias), stream);
+  }
 }
 
 // grad_input on tensor cores; false (nothing launched) where the fast path does not apply.
@@ -415,23 +399,23 @@ void backward_cuda(const ConvTransposeParams& params, DType dtype, const Backwar
   validate(params);
   if (args.grad_bias && !params.has_bias)
     throw std::invalid_argument("fused_convt: grad_bias requested but params.has_bias is false");
+  const BackwardWorkspace layout = backward_workspace_layout(params, dtype, args.grad_weight != nullptr);
+  if (args.workspace && args.workspace_bytes < layout.total)
+    throw std::invalid_argument("fused_convt: backward_cuda got a workspace of " + std::to_string(args.workspace_bytes) +
+                                " bytes (BackwardArgs::workspace_bytes); this call needs " +
+                                std::to_string(layout.total) + " (backward_workspace_bytes)");
   if ((args.grad_weight || args.grad_bias) && !args.workspace)
     throw std::invalid_argument("fused_convt: backward_cuda needs a workspace of backward_workspace_bytes() bytes");
   DeviceGuard guard(ctx.device);
   const auto stream = static_cast<cudaStream_t>(ctx.stream);
-  const BackwardPlan plan = plan_backward(params, dtype);
 
   dispatch_device_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    using Acc = typename DeviceAcc<T>::type;
     const GradLoader<T> g{static_cast<const T*>(args.grad_output), static_cast<const T*>(args.grad_factor)};
     unsigned char* workspace = static_cast<unsigned char*>(args.workspace);
-    const size_t packed_bytes = packed_grad_input_weight_bytes(params, dtype);
-    Acc* weight_partial = workspace ? reinterpret_cast<Acc*>(workspace + packed_bytes) : nullptr;
-    Acc* bias_partial = weight_partial ? weight_partial + plan.splits * params.weight_numel() : nullptr;
 
     if (args.grad_input && params.input_numel() > 0) {
-      const bool tensor_cores = workspace && packed_bytes > 0 &&
+      const bool tensor_cores = workspace && packed_grad_input_weight_bytes(params, dtype) > 0 &&
                                 launch_grad_input_tensor_cores<T>(params, args, workspace, stream);
       if (!tensor_cores) {
         launch_gather_conv<T, GatherDirection::GradInput>(
@@ -439,8 +423,10 @@ void backward_cuda(const ConvTransposeParams& params, DType dtype, const Backwar
             static_cast<const T*>(args.weight), nullptr, static_cast<T*>(args.grad_input), nullptr, stream);
       }
     }
-    if (args.grad_weight || args.grad_bias) {
+    if (!args.grad_weight && !args.grad_bias) return;
+    if constexpr (std::is_same_v<T, double>) {
       // Without grad_weight the blocks only sum the bias: one tap group and ic tile.
+      const BackwardPlan plan = plan_backward(params);
       BackwardPlan launch_plan = plan;
       if (!args.grad_weight) launch_plan.tap_groups = launch_plan.ic_tiles = 1;
       const int64_t grid_x = plan.splits * plan.phases;
@@ -448,25 +434,12 @@ void backward_cuda(const ConvTransposeParams& params, DType dtype, const Backwar
       if (grid_x > 0x7fffffff || grid_y > 65535 || params.groups > 65535)
         throw std::invalid_argument("fused_convt: grad_weight grid too large (kernel taps x channel tiles > 65535 "
                                     "or groups > 65535)");
-      auto launch = [&](auto engine) {
-        static_assert(decltype(engine)::kTaps == (std::is_same_v<T, double> ? 1 : 2),
-                      "weight_taps_per_block must match the engine");
-        grad_weight_bias_partial_kernel<T, decltype(engine)>
-            <<<dim3(unsigned(grid_x), unsigned(grid_y), unsigned(params.groups)), kWeightThreads, 0, stream>>>(
-                params, launch_plan, static_cast<const T*>(args.input), g, args.grad_weight ? weight_partial : nullptr,
-                args.grad_bias ? bias_partial : nullptr);
-      };
-      if constexpr (std::is_same_v<T, double>) {
-        launch(FfmaWeightEngine<T>{});
-      } else if constexpr (std::is_same_v<T, float>) {
-        if (args.allow_tf32) {
-          launch(MmaWeightEngine<T, Tf32Math>{});
-        } else {
-          launch(MmaWeightEngine<T, Fp32SplitMath>{});
-        }
-      } else {
-        launch(MmaWeightEngine<T, Half16Math<T>>{});
-      }
+      double* weight_partial = reinterpret_cast<double*>(workspace + layout.weight_partial);
+      double* bias_partial = reinterpret_cast<double*>(workspace + layout.bias_partial);
+      grad_weight_bias_partial_kernel<T, FfmaWeightEngine<T>>
+          <<<dim3(unsigned(grid_x), unsigned(grid_y), unsigned(params.groups)), kWeightThreads, 0, stream>>>(
+              params, launch_plan, static_cast<const T*>(args.input), g, args.grad_weight ? weight_partial : nullptr,
+              args.grad_bias ? bias_partial : nullptr);
       check_launch("grad_weight_bias_partial_kernel");
       if (args.grad_weight)
         launch_sum_splits<T>(weight_partial, plan.splits, params.weight_numel(), static_cast<T*>(args.grad_weight),
@@ -474,6 +447,14 @@ void backward_cuda(const ConvTransposeParams& params, DType dtype, const Backwar
       if (args.grad_bias)
         launch_sum_splits<T>(bias_partial, plan.splits * plan.phases, params.out_channels,
                              static_cast<T*>(args.grad_bias), stream);
+    } else if constexpr (std::is_same_v<T, float>) {
+      if (args.allow_tf32) {
+        launch_grad_weight_bias<T, Tf32Math>(params, dtype, args, workspace, layout, stream);
+      } else {
+        launch_grad_weight_bias<T, Fp32SplitMath>(params, dtype, args, workspace, layout, stream);
+      }
+    } else {
+      launch_grad_weight_bias<T, Half16Math<T>>(params, dtype, args, workspace, layout, stream);
     }
   });
 }

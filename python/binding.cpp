@@ -30,11 +30,11 @@ void forward(const ConvTransposeParams& params, const Epilogue& epilogue, int dt
 
 void backward(const ConvTransposeParams& params, int dtype, std::uintptr_t grad_output, std::uintptr_t grad_factor,
               std::uintptr_t input, std::uintptr_t weight, std::uintptr_t grad_input, std::uintptr_t grad_weight,
-              std::uintptr_t grad_bias, std::uintptr_t workspace, bool allow_tf32, int device,
-              std::uintptr_t stream) {
+              std::uintptr_t grad_bias, std::uintptr_t workspace, std::size_t workspace_bytes, bool allow_tf32,
+              int device, std::uintptr_t stream) {
   const BackwardArgs args{as_ptr(grad_output), as_ptr(grad_factor), as_ptr(input),     as_ptr(weight),
                           as_ptr(grad_input),  as_ptr(grad_weight), as_ptr(grad_bias), as_ptr(workspace),
-                          allow_tf32};
+                          workspace_bytes,     allow_tf32};
   if (device < 0) {
     backward_cpu(params, static_cast<DType>(dtype), args);
   } else {
@@ -84,7 +84,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("forward_workspace_bytes",
         [](const ConvTransposeParams& params, int dtype) { return forward_workspace_bytes(params, DType(dtype)); });
   m.def("backward_workspace_bytes",
-        [](const ConvTransposeParams& params, int dtype) { return backward_workspace_bytes(params, DType(dtype)); });
+        [](const ConvTransposeParams& params, int dtype, bool grad_weight) {
+          return backward_workspace_bytes(params, DType(dtype), grad_weight);
+        },
+        py::arg("params"), py::arg("dtype"), py::arg("grad_weight") = true);
   m.def("forward", &forward, py::call_guard<py::gil_scoped_release>());
   m.def("backward", &backward, py::call_guard<py::gil_scoped_release>());
   // The shared epilogue math in double, so Python tests check the very functions the kernels use.

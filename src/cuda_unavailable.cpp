@@ -19,7 +19,7 @@ void forward_cuda(const ConvTransposeParams&, const Epilogue&, DType, const Forw
   no_cuda();
 }
 size_t forward_workspace_bytes(const ConvTransposeParams&, DType) { return 0; }
-size_t backward_workspace_bytes(const ConvTransposeParams&, DType) { return 0; }
+size_t backward_workspace_bytes(const ConvTransposeParams&, DType, bool) { return 0; }
 void backward_cuda(const ConvTransposeParams&, DType, const BackwardArgs&, const CudaContext&) { no_cuda(); }
 
 }  // namespace fused_convt

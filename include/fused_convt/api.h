@@ -36,7 +36,8 @@ struct BackwardArgs {
   void* grad_input = nullptr;         // each gradient output is optional (null: not computed)
   void* grad_weight = nullptr;
   void* grad_bias = nullptr;
-  void* workspace = nullptr;          // device scratch of backward_workspace_bytes() bytes (CUDA only)
+  void* workspace = nullptr;          // device scratch (CUDA only) of at least
+  size_t workspace_bytes = 0;         //   backward_workspace_bytes(params, dtype, grad_weight != nullptr) bytes
   bool allow_tf32 = false;            // as ForwardArgs::allow_tf32, for grad_input and grad_weight
 };
 
@@ -60,8 +61,9 @@ int cuda_device_count();
 size_t forward_workspace_bytes(const ConvTransposeParams& params, DType dtype);
 void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, DType dtype,
                   const ForwardArgs& args, const CudaContext& ctx);
-// Bytes of device scratch backward_cuda needs for deterministic split reductions.
-size_t backward_workspace_bytes(const ConvTransposeParams& params, DType dtype);
+// Bytes of device scratch backward_cuda needs (deterministic split reductions and, for grad_weight, channels-last
+// operand copies about the size of the output). Pass grad_weight = false for calls that do not ask for it.
+size_t backward_workspace_bytes(const ConvTransposeParams& params, DType dtype, bool grad_weight = true);
 void backward_cuda(const ConvTransposeParams& params, DType dtype, const BackwardArgs& args,
                    const CudaContext& ctx);
 

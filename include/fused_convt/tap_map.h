@@ -90,4 +90,38 @@ FCT_HD int phase_tap_offset(const PhaseSpan& span, int64_t k, int64_t stride, in
   return span.j0 - static_cast<int>((k * dilation - r) / stride);
 }
 
+// One axis of a phase-split buffer (grad_weight's channels-last copy of g): pixel o of an axis of `size`
+// belongs to phase r = (o + pad) mod stride, as in PhaseSpan, and is the index_in_phase-th of that phase.
+// Counting v = o + pad in closed form keeps this to one 32-bit division per pixel (the copy kernel runs it
+// per element; PhaseSpan's 64-bit floor divisions made that kernel compute-bound). Tested against
+// phase_span in test_params. stride 1 / pad 0 is the identity (the plain channels-last copy of x).
+struct PhaseAxis {
+  int size, stride, pad;
+  // Values v in [0, x) with v mod stride == r, and with v mod stride < r (x >= 0).
+  FCT_HD int count_equal(int x, int r) const { return x / stride + (x % stride > r ? 1 : 0); }
+  FCT_HD int count_below(int x, int r) const { return x / stride * r + (x % stride < r ? x % stride : r); }
+  FCT_HD int phase_of(int o) const { return (o + pad) % stride; }
+  FCT_HD int index_in_phase(int o, int r) const { return count_equal(o + pad, r) - count_equal(pad, r); }
+  FCT_HD int extent(int r) const { return count_equal(pad + size, r) - count_equal(pad, r); }
+  // Pixels of this axis in phases before r.
+  FCT_HD int before(int r) const { return count_below(pad + size, r) - count_below(pad, r); }
+};
+
+// The phase-split layout: phases row-major (r_h, r_w), each [batch][extent_h][extent_w] rows of `row` values.
+struct PhaseSplitLayout {
+  int64_t batch;
+  PhaseAxis h, w;
+  int64_t row;  // values per pixel row
+  // First pixel row of phase (rh, rw).
+  FCT_HD int64_t phase_first_row(int rh, int rw) const {
+    return batch * (int64_t(h.before(rh)) * w.size + int64_t(h.extent(rh)) * w.before(rw));
+  }
+  // Pixel row of image n, pixel (o_h, o_w).
+  FCT_HD int64_t pixel_row(int64_t n, int o_h, int o_w) const {
+    const int rh = h.phase_of(o_h), rw = w.phase_of(o_w);
+    return phase_first_row(rh, rw) + (n * h.extent(rh) + h.index_in_phase(o_h, rh)) * w.extent(rw) +
+           w.index_in_phase(o_w, rw);
+  }
+};
+
 }  // namespace fused_convt

@@ -143,12 +143,13 @@ def _backward_impl(
     grad_bias = torch.empty_like(bias) if want_bias else input.new_empty(0)
     if want_input or want_weight or want_bias:
         device, stream = _where(input)
-        workspace = None
+        workspace, nbytes = None, 0
         if device >= 0:
-            nbytes = _C.backward_workspace_bytes(params, _DTYPE_TAGS[input.dtype])
+            # grad_weight's channels-last operand copies (about the output's size) only when it is wanted.
+            nbytes = _C.backward_workspace_bytes(params, _DTYPE_TAGS[input.dtype], want_weight)
             workspace = torch.empty(nbytes, dtype=torch.uint8, device=input.device)
         _C.backward(params, _DTYPE_TAGS[input.dtype], _ptr(grad_output), _ptr(grad_factor), _ptr(input),
-                    _ptr(weight), _ptr(grad_input), _ptr(grad_weight), _ptr(grad_bias), _ptr(workspace),
+                    _ptr(weight), _ptr(grad_input), _ptr(grad_weight), _ptr(grad_bias), _ptr(workspace), nbytes,
                     allow_tf32, device, stream)
     return grad_input, grad_weight, grad_bias
 

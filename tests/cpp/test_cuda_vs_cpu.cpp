@@ -42,6 +42,7 @@ class DeviceBuffer {
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
 
   void* get() const { return ptr_; }
+  size_t bytes() const { return bytes_; }
   // 0xFF bytes are a NaN in float, double, float16 and bfloat16.
   void poison() { if (bytes_) cuda_ok(cudaMemset(ptr_, 0xFF, bytes_), "cudaMemset"); }
   template <typename T>
@@ -186,6 +187,7 @@ void check_case(const ConvTransposeParams& p, const Epilogue& epi, const CaseOpt
     dev_args.grad_weight = gw_dev.get();
     dev_args.grad_bias = p.has_bias ? gb_dev.get() : nullptr;
     dev_args.workspace = workspace.get();
+    dev_args.workspace_bytes = workspace.bytes();
   }
   auto run_backward = [&] {
     for (DeviceBuffer* buffer : {&gi_dev, &gw_dev, &gb_dev, &workspace}) buffer->poison();
@@ -300,6 +302,21 @@ void argument_checks() {
     threw = true;
   }
   CHECK_MSG(threw, "backward_cuda without a workspace must throw std::invalid_argument");
+
+  // A workspace sized for a call without grad_weight is too small for one with it: an argument error.
+  const size_t small = fused_convt::backward_workspace_bytes(p, fused_convt::DType::Float32, false);
+  const size_t full = fused_convt::backward_workspace_bytes(p, fused_convt::DType::Float32, true);
+  CHECK_MSG(small < full, "grad_weight's workspace must include its operand copies");
+  DeviceBuffer workspace(small);
+  args.workspace = workspace.get();
+  args.workspace_bytes = workspace.bytes();
+  threw = false;
+  try {
+    fused_convt::backward_cuda(p, fused_convt::DType::Float32, args, CudaContext{});
+  } catch (const std::invalid_argument& error) {
+    threw = std::string(error.what()).find("this call needs") != std::string::npos;
+  }
+  CHECK_MSG(threw, "backward_cuda with a too-small workspace must throw std::invalid_argument naming the size");
 }
 
 }  // namespace

@@ -232,6 +232,40 @@ void phases_partition_outputs_and_taps() {
           }
 }
 
+// PhaseAxis (closed-form counts) agrees with phase_span, and PhaseSplitLayout::pixel_row numbers the pixels
+// of every image phase by phase without gaps or repeats.
+void phase_split_layout_matches_phase_span() {
+  for (int size = 1; size <= 13; ++size)
+    for (int stride = 1; stride <= 5; ++stride)
+      for (int pad = 0; pad <= 6; ++pad) {
+        const fused_convt::PhaseAxis axis{size, stride, pad};
+        const std::string context = "size=" + std::to_string(size) + " s=" + std::to_string(stride) +
+                                    " p=" + std::to_string(pad);
+        int before = 0;
+        for (int r = 0; r < stride; ++r) {
+          const fused_convt::PhaseSpan span = fused_convt::phase_span(size, stride, pad, r);
+          CHECK_MSG(axis.extent(r) == span.extent, context + " extent r=" + std::to_string(r));
+          CHECK_MSG(axis.before(r) == before, context + " before r=" + std::to_string(r));
+          before += span.extent;
+          for (int a = 0; a < span.extent; ++a) {
+            const int o = span.first + stride * a;
+            CHECK_MSG(axis.phase_of(o) == r && axis.index_in_phase(o, r) == a,
+                      context + " o=" + std::to_string(o));
+          }
+        }
+      }
+  const fused_convt::PhaseSplitLayout layout{3, {7, 3, 1}, {5, 2, 2}, 1};
+  std::vector<int> seen(3 * 7 * 5, 0);
+  for (int n = 0; n < 3; ++n)
+    for (int oh = 0; oh < 7; ++oh)
+      for (int ow = 0; ow < 5; ++ow) {
+        const int64_t row = layout.pixel_row(n, oh, ow);
+        CHECK_MSG(row >= 0 && row < int64_t(seen.size()), "pixel_row in range");
+        if (row >= 0 && row < int64_t(seen.size())) ++seen[size_t(row)];
+      }
+  for (int count : seen) CHECK_MSG(count == 1, "pixel_row is a bijection");
+}
+
 }  // namespace
 
 int main() {
@@ -241,5 +275,6 @@ int main() {
   floor_div_rounds_down();
   tap_maps_match_scatter(rng);
   phases_partition_outputs_and_taps();
+  phase_split_layout_matches_phase_span();
   return test::summary("test_params");
 }

@@ -1,0 +1,295 @@
+// grad_weight on tensor cores as a pipelined GEMM over channels-last operands (channels_last_pack.cuh).
+//
+// grad_weight[ic, oc, kh, kw] = sum over the pixels (n, a, b) of output phase (r_h, r_w) that tap (kh, kw)
+// feeds of X[n, a + off_h, b + off_w, ic] * G[phase, n, a, b, oc] (offsets from tap_map.h). A block owns one
+// phase, up to kGemmTaps of its taps, a 64 x 64 (ic, oc) tile, one group and one contiguous slice ("split")
+// of the phase's pixels. Per pipeline stage it copies a step of pixel rows of G (once for all its taps) and, per
+// tap, the matching rows of X into shared memory with 16-byte cp.async (zero-filled outside the image),
+// up to kGemmMaxStages stages deep, so the loads of later stages are in flight while the tensor cores work on this
+// one; registers hold only accumulators and fragments. Operands sit [pixel][channel] (the reduction index
+// outermost), so 16-bit fragments come from ldmatrix.trans and 32-bit ones from conflict-free 32-bit loads
+// (row stride = 8 mod 32 words). Each split writes its own partial sums; sum_splits adds them in order.
+#pragma once
+
+#include <algorithm>
+#include <string>
+#include <type_traits>
+
+#include "channels_last_pack.cuh"
+#include "cuda_common.cuh"
+#include "mma.cuh"
+
+namespace fused_convt {
+
+constexpr int kGemmTile = 64;       // ic and oc extent of a block
+constexpr int kGemmTaps = 4;        // taps per block: each staged G row serves all of them
+constexpr int kGemmThreads = 256;   // 8 warps: 2 (ic) x 4 (oc), each 32 x 16 results per tap
+constexpr int kGemmMaxStages = 4;  // 2 where the device's shared memory is smaller
+constexpr int64_t kGemmTargetBlocks = 1024;  // device independent, so the split count (and bits) are too
+
+struct WeightGemmPlan {
+  int phases, tap_groups, ic_tiles, oc_tiles;
+  int64_t splits, pixels_per_split;
+  PhaseSplitLayout g_layout;  // G
+  int64_t x_row;              // values per pixel row of X: groups x padded input channels
+};
+
+// Pixels (reduction extent) per pipeline stage: 16-bit operands 32 (two k16 MMA steps), float 16 (two k8
+// steps), so that a stage is the same bytes either way. A float stage of 32 pixels needed 138 KB for three
+// stages, one block per SM, and ran at 2.5 ms against 1.0 for bf16 at kb_v1 (H100).
+inline int gemm_pixels(DType dtype) { return dtype == DType::Float32 ? 16 : 32; }
+template <typename Math>
+constexpr int gemm_pixels() { return sizeof(typename Math::Smem) == 2 ? 32 : 16; }
+
+inline WeightGemmPlan plan_weight_gemm(const ConvTransposeParams& p, DType dtype) {
+  const int pixel_step = gemm_pixels(dtype);
+  WeightGemmPlan plan{};
+  plan.phases = int(p.stride_h * p.stride_w);
+  int max_taps = 0;
+  int64_t max_phase_pixels = 0;
+  for (int64_t rh = 0; rh < p.stride_h; ++rh)
+    for (int64_t rw = 0; rw < p.stride_w; ++rw) {
+      max_taps = std::max(max_taps, phase_taps(p.kernel_h, p.stride_h, p.dil_h, rh) *
+                                        phase_taps(p.kernel_w, p.stride_w, p.dil_w, rw));
+      max_phase_pixels = std::max<int64_t>(max_phase_pixels, p.batch *
+                                           phase_span(p.out_h(), p.stride_h, p.pad_h, rh).extent *
+                                           phase_span(p.out_w(), p.stride_w, p.pad_w, rw).extent);
+    }
+  plan.tap_groups = std::max(1, ceil_div_int(max_taps, kGemmTaps));
+  plan.ic_tiles = ceil_div_int(p.in_channels_per_group(), kGemmTile);
+  plan.oc_tiles = ceil_div_int(p.out_channels_per_group(), kGemmTile);
+  const int64_t tiles = int64_t(plan.phases) * plan.tap_groups * plan.ic_tiles * plan.oc_tiles * p.groups;
+  const int64_t steps = std::max<int64_t>(1, (max_phase_pixels + pixel_step - 1) / pixel_step);
+  const int64_t splits = std::clamp<int64_t>(kGemmTargetBlocks / tiles, 1, std::min<int64_t>(steps, 256));
+  plan.pixels_per_split = (steps + splits - 1) / splits * pixel_step;
+  plan.splits = std::max<int64_t>(1, (max_phase_pixels + plan.pixels_per_split - 1) / plan.pixels_per_split);
+  plan.g_layout = PhaseSplitLayout{p.batch,
+                                   PhaseAxis{int(p.out_h()), int(p.stride_h), int(p.pad_h)},
+                                   PhaseAxis{int(p.out_w()), int(p.stride_w), int(p.pad_w)},
+                                   p.groups * padded_channels(p.out_channels_per_group())};
+  plan.x_row = p.groups * padded_channels(p.in_channels_per_group());
+  return plan;
+}
+
+// Fragment loads from [pixel (k)][channel] tiles, by operand width.
+template <int kBytes> struct KMajorFragments;
+
+template <> struct KMajorFragments<2> {
+  // A (16 channels x 16 pixels): matrices (k 0-7, m 0-7), (k 0-7, m 8-15), (k 8-15, m 0-7), (k 8-15, m 8-15).
+  __device__ __forceinline__ static void a(uint32_t (&raw)[4], uint32_t tile, int row_bytes, int m, int k, int lane) {
+    ldmatrix_x4_trans(raw, tile + (k + ((lane >> 4) & 1) * 8 + (lane & 7)) * row_bytes + (m + ((lane >> 3) & 1) * 8) * 2);
+  }
+  // B for channels n..n+15 (two n8 fragments): matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), ...
+  __device__ __forceinline__ static void b(uint32_t (&raw)[4], uint32_t tile, int row_bytes, int n, int k, int lane) {
+    ldmatrix_x4_trans(raw, tile + (k + ((lane >> 3) & 1) * 8 + (lane & 7)) * row_bytes + (n + ((lane >> 4) & 1) * 8) * 2);
+  }
+};
+
+template <> struct KMajorFragments<4> {
+  // m16n8k8 TF32: a0 = A[g][t], a1 = A[g+8][t], a2 = A[g][t+4], a3 = A[g+8][t+4]; A[m][k] sits at row k.
+  __device__ __forceinline__ static void a(uint32_t (&raw)[4], uint32_t tile, int row_bytes, int m, int k, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+    const uint32_t base = tile + (k + t) * row_bytes + (m + g) * 4;
+    raw[0] = lds32(base);
+    raw[1] = lds32(base + 32);
+    raw[2] = lds32(base + 4 * row_bytes);
+    raw[3] = lds32(base + 4 * row_bytes + 32);
+  }
+  // b0 = B[t][g], b1 = B[t+4][g] for the n8 fragments at n and n + 8.
+  __device__ __forceinline__ static void b(uint32_t (&raw)[4], uint32_t tile, int row_bytes, int n, int k, int lane) {
+    const int g = lane >> 2, t = lane & 3;
+    const uint32_t base = tile + (k + t) * row_bytes + (n + g) * 4;
+    raw[0] = lds32(base);
+    raw[1] = lds32(base + 4 * row_bytes);
+    raw[2] = lds32(base + 32);
+    raw[3] = lds32(base + 4 * row_bytes + 32);
+  }
+};
+
+template <typename Math>
+constexpr int gemm_row_bytes() {
+  // 16-bit: 144 B rows put ldmatrix's eight rows in distinct bank groups; 32-bit: 72 words = 8 mod 32.
+  return kGemmTile * int(sizeof(typename Math::Smem)) + (sizeof(typename Math::Smem) == 2 ? 16 : 32);
+}
+template <typename Math>
+constexpr int gemm_stage_bytes() { return (1 + kGemmTaps) * gemm_pixels<Math>() * gemm_row_bytes<Math>(); }
+
+// grid.x = phase (fastest) + phases * split; grid.y = tap group x ic tile x oc tile; grid.z = group.
+template <typename Math, int kStages>
+__global__ void __launch_bounds__(kGemmThreads)
+grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typename Math::Smem* __restrict__ x_cl,
+                        const typename Math::Smem* __restrict__ g_split, float* __restrict__ weight_partial) {
+  using Smem = typename Math::Smem;
+  using Frags = KMajorFragments<int(sizeof(Smem))>;
+  constexpr int kRowBytes = gemm_row_bytes<Math>();
+  constexpr int kGemmPixels = gemm_pixels<Math>();
+  constexpr int kTileBytes = kGemmPixels * kRowBytes;
+  constexpr int kStageBytes = gemm_stage_bytes<Math>();
+  constexpr int kPieces = kGemmTile * int(sizeof(Smem)) / 16;  // 16-byte pieces per row
+  constexpr int kValuesPerPiece = 16 / int(sizeof(Smem));
+  constexpr int kRowsPerPass = kGemmThreads / kPieces;          // rows one pass of the block copies
+  constexpr int kPasses = kGemmPixels / kRowsPerPass;
+  static_assert(kGemmPixels % kRowsPerPass == 0, "whole rows per pass");
+  extern __shared__ __align__(128) unsigned char smem[];
+
+  const int phase = int(blockIdx.x % plan.phases);
+  const int64_t split = blockIdx.x / plan.phases;
+  const int rh = phase / int(p.stride_w), rw = phase % int(p.stride_w);
+  const int tap_group = int(blockIdx.y % plan.tap_groups);
+  const int ic_tile = int(blockIdx.y / plan.tap_groups % plan.ic_tiles);
+  const int oc_tile = int(blockIdx.y / (plan.tap_groups * plan.ic_tiles));
+  const int group = int(blockIdx.z);
+  const int ic0 = ic_tile * kGemmTile, oc0 = oc_tile * kGemmTile;
+  const int taps_h = phase_taps(p.kernel_h, p.stride_h, p.dil_h, rh);
+  const int taps_w = phase_taps(p.kernel_w, p.stride_w, p.dil_w, rw);
+  const int taps = max(0, min(kGemmTaps, taps_h * taps_w - tap_group * kGemmTaps));
+  const PhaseSplitLayout& gl = plan.g_layout;
+  const int extent_h = gl.h.extent(rh), extent_w = gl.w.extent(rw);
+  const int64_t phase_plane = int64_t(extent_h) * extent_w;
+  const int64_t pixel_begin = split * plan.pixels_per_split;
+  const int64_t pixel_end = min(p.batch * phase_plane, pixel_begin + plan.pixels_per_split);
+  if (taps == 0) return;  // this phase has fewer taps; an empty split still writes its (zero) partials
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warp_m = warp >> 2, warp_n = warp & 3;
+
+  int tap_kh[kGemmTaps], tap_off_h[kGemmTaps], tap_kw[kGemmTaps], tap_off_w[kGemmTaps];
+#pragma unroll
+  for (int t = 0; t < kGemmTaps; ++t) {
+    const int index = min(tap_group * kGemmTaps + t, taps_h * taps_w - 1);
+    const int th = index / taps_w, tw = index % taps_w;
+    tap_kh[t] = phase_tap(p.kernel_h, p.stride_h, p.dil_h, rh, th);
+    tap_kw[t] = phase_tap(p.kernel_w, p.stride_w, p.dil_w, rw, tw);
+    tap_off_h[t] = phase_tap_offset(phase_span(p.out_h(), p.stride_h, p.pad_h, rh), tap_kh[t], p.stride_h, p.dil_h, rh);
+    tap_off_w[t] = phase_tap_offset(phase_span(p.out_w(), p.stride_w, p.pad_w, rw), tap_kw[t], p.stride_w, p.dil_w, rw);
+  }
+
+  // Copy assignment: thread -> (row r0 + pass * kRowsPerPass, 16-byte piece). Channel limits are per group.
+  const int piece = tid % kPieces, row0 = tid / kPieces;
+  const int in_padded = int(padded_channels(p.in_channels_per_group()));
+  const int out_padded = int(padded_channels(p.out_channels_per_group()));
+  const bool x_piece_ok = ic0 + piece * kValuesPerPiece < in_padded;
+  const bool g_piece_ok = oc0 + piece * kValuesPerPiece < out_padded;
+  const Smem* g_phase = g_split + (gl.phase_first_row(rh, rw)) * gl.row + group * out_padded + oc0 + piece * kValuesPerPiece;
+  const Smem* x_group = x_cl + group * in_padded + ic0 + piece * kValuesPerPiece;
+  const int in_h = int(p.in_h), in_w = int(p.in_w);
+
+  auto load_stage = [&](int64_t base, int stage) {
+    const uint32_t stage_address = smem_address(smem + stage * kStageBytes);
+#pragma unroll
+    for (int pass = 0; pass < kPasses; ++pass) {
+      const int row = row0 + pass * kRowsPerPass;
+      const int64_t pixel = base + row;
+      const bool pixel_ok = pixel < pixel_end;
+      const int64_t n = pixel_ok ? pixel / phase_plane : 0;
+      const int ab = pixel_ok ? int(pixel - n * phase_plane) : 0;
+      const int a = ab / extent_w, b = ab - a * extent_w;
+      const uint32_t to = stage_address + row * kRowBytes + piece * 16;
+      const bool g_ok = pixel_ok && g_piece_ok;
+      cp_async_16(to, g_phase + (g_ok ? pixel * gl.row : 0), g_ok ? 16 : 0);
+#pragma unroll
+      for (int t = 0; t < kGemmTaps; ++t) {
+        if (t >= taps) break;
+        const int ih = a + tap_off_h[t], iw = b + tap_off_w[t];
+        const bool ok = pixel_ok && x_piece_ok && ih >= 0 && ih < in_h && iw >= 0 && iw < in_w;
+        const int64_t x_pixel = ok ? (n * in_h + ih) * in_w + iw : 0;
+        cp_async_16(to + (1 + t) * kTileBytes, x_group + x_pixel * plan.x_row, ok ? 16 : 0);
+      }
+    }
+  };
+
+  float acc[kGemmTaps][2][2][4];
+#pragma unroll
+  for (int k = 0; k < kGemmTaps * 2 * 2 * 4; ++k) (&acc[0][0][0][0])[k] = 0.0f;
+
+  const int64_t steps = pixel_begin < pixel_end ? (pixel_end - pixel_begin + kGemmPixels - 1) / kGemmPixels : 0;
+#pragma unroll
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < steps) load_stage(pixel_begin + s * kGemmPixels, s);
+    cp_async_commit();
+  }
+  for (int64_t step = 0; step < steps; ++step) {
+    cp_async_wait<kStages - 2>();
+    __syncthreads();  // stage `step` is visible; everyone is done with the stage the next copy overwrites
+    const int64_t next = step + kStages - 1;
+    if (next < steps) load_stage(pixel_begin + next * kGemmPixels, int(next % kStages));
+    cp_async_commit();
+
+    const uint32_t g_tile = smem_address(smem + int(step % kStages) * kStageBytes);
+#pragma unroll
+    for (int ks = 0; ks < kGemmPixels / Math::kStep; ++ks) {
+      uint32_t raw_b[4];
+      Frags::b(raw_b, g_tile, kRowBytes, warp_n * 16, ks * Math::kStep, lane);
+      typename Math::BFrag b[2];
+      Math::make_b(b[0], raw_b[0], raw_b[1]);
+      Math::make_b(b[1], raw_b[2], raw_b[3]);
+#pragma unroll
+      for (int t = 0; t < kGemmTaps; ++t) {
+        if (t >= taps) break;
+#pragma unroll
+        for (int i = 0; i < 2; ++i) {
+          uint32_t raw_a[4];
+          Frags::a(raw_a, g_tile + (1 + t) * kTileBytes, kRowBytes, warp_m * 32 + i * 16, ks * Math::kStep, lane);
+          typename Math::AFrag a;
+          Math::make_a(a, raw_a);
+#pragma unroll
+          for (int j = 0; j < 2; ++j) Math::mma(acc[t][i][j], a, b[j]);
+        }
+      }
+    }
+  }
+  cp_async_wait<0>();
+
+  const int in_per_group = int(p.in_channels_per_group()), out_per_group = int(p.out_channels_per_group());
+  const int64_t kernel_taps = p.kernel_h * p.kernel_w;
+  const int64_t weight_numel = p.in_channels * out_per_group * kernel_taps;
+  const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+  for (int t = 0; t < kGemmTaps; ++t) {
+    if (t >= taps) break;
+    const int64_t tap = int64_t(tap_kh[t]) * p.kernel_w + tap_kw[t];
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+#pragma unroll
+      for (int j = 0; j < 2; ++j)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          const int ic_local = ic0 + warp_m * 32 + i * 16 + g + (q >> 1) * 8;
+          const int oc_local = oc0 + warp_n * 16 + j * 8 + 2 * t4 + (q & 1);
+          if (ic_local < in_per_group && oc_local < out_per_group) {
+            const int64_t ic = int64_t(group) * in_per_group + ic_local;
+            weight_partial[split * weight_numel + (ic * out_per_group + oc_local) * kernel_taps + tap] = acc[t][i][j][q];
+          }
+        }
+  }
+}
+
+template <typename Math>
+void launch_grad_weight_gemm(const ConvTransposeParams& p, const WeightGemmPlan& plan,
+                             const typename Math::Smem* x_cl, const typename Math::Smem* g_split,
+                             float* weight_partial, cudaStream_t stream) {
+  const int64_t grid_x = plan.splits * plan.phases;
+  const int64_t grid_y = int64_t(plan.tap_groups) * plan.ic_tiles * plan.oc_tiles;
+  if (grid_x > 0x7fffffff || grid_y > 65535 || p.groups > 65535)
+    throw std::invalid_argument("fused_convt: grad_weight grid too large (kernel taps x channel tiles > 65535 "
+                                "or groups > 65535)");
+  auto launch = [&](auto stages) {
+    constexpr int kStages = decltype(stages)::value;
+    constexpr int kSmem = kStages * gemm_stage_bytes<Math>();
+    auto kernel = grad_weight_gemm_kernel<Math, kStages>;
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
+               "cudaFuncSetAttribute(grad_weight_gemm_kernel)");
+    kernel<<<dim3(unsigned(grid_x), unsigned(grid_y), unsigned(p.groups)), kGemmThreads, kSmem, stream>>>(
+        p, plan, x_cl, g_split, weight_partial);
+    check_launch("grad_weight_gemm_kernel");
+  };
+  const size_t available = max_dynamic_smem_bytes();
+  if (available >= size_t(kGemmMaxStages) * gemm_stage_bytes<Math>()) {
+    launch(std::integral_constant<int, kGemmMaxStages>{});
+  } else if (available >= 2 * size_t(gemm_stage_bytes<Math>())) {
+    launch(std::integral_constant<int, 2>{});
+  } else {
+    throw std::runtime_error("fused_convt: grad_weight needs " + std::to_string(2 * gemm_stage_bytes<Math>()) +
+                             " bytes of shared memory per block; this device offers " + std::to_string(available));
+  }
+}
+
+}  // namespace fused_convt
