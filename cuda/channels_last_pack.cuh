@@ -81,6 +81,18 @@ pack_channels_last_kernel(const T* __restrict__ src, const T* __restrict__ facto
         v[i][j] = ok ? to_acc(src_channel[i * channel_step + pixel]) : Acc(0);
         if (factor_channel && ok) v[i][j] *= to_acc(factor_channel[i * channel_step + pixel]);
       }
+    // Destination row of each pixel of the tile (PhaseSplitLayout::pixel_row in 32-bit steps), decoded once
+    // per pixel by one thread while the loads are in flight: decoding it in the write loop (every lane, every
+    // channel tile) was ~100 integer instructions per 32 stored values and made this kernel compute-bound.
+    // The barrier at the end of the previous tile protects both dst_rows and tile.
+    if (dst && threadIdx.x < kPackPixels && p0 + int(threadIdx.x) < end) {
+      const int o_h = (p0 + int(threadIdx.x)) / cols, o_w = p0 + int(threadIdx.x) - o_h * cols;
+      const int rh = layout.h.phase_of(o_h), rw = layout.w.phase_of(o_w);
+      const int extent_h = layout.h.extent(rh), extent_w = layout.w.extent(rw);
+      dst_rows[threadIdx.x] =
+          layout.batch * (int64_t(layout.h.before(rh)) * cols + int64_t(extent_h) * layout.w.before(rw)) +
+          (n * extent_h + layout.h.index_in_phase(o_h, rh)) * extent_w + layout.w.index_in_phase(o_w, rw);
+    }
 #pragma unroll
     for (int i = 0; i < kPackChannelsPerWarp; ++i)
 #pragma unroll
@@ -89,17 +101,6 @@ pack_channels_last_kernel(const T* __restrict__ src, const T* __restrict__ facto
         if (dst) tile[warp + i * kPackWarps][j * 32 + lane] = v[i][j];
       }
     if (dst == nullptr) continue;  // bias only (uniform over the block): the tile is not used
-    // Destination row of each pixel of the tile (PhaseSplitLayout::pixel_row in 32-bit steps), decoded once
-    // per pixel by one thread: decoding it in the write loop (every lane, every channel tile) was ~100
-    // integer instructions per 32 stored values and made this kernel compute-bound.
-    if (threadIdx.x < kPackPixels && p0 + int(threadIdx.x) < end) {
-      const int o_h = (p0 + int(threadIdx.x)) / cols, o_w = p0 + int(threadIdx.x) - o_h * cols;
-      const int rh = layout.h.phase_of(o_h), rw = layout.w.phase_of(o_w);
-      const int extent_h = layout.h.extent(rh), extent_w = layout.w.extent(rw);
-      dst_rows[threadIdx.x] =
-          layout.batch * (int64_t(layout.h.before(rh)) * cols + int64_t(extent_h) * layout.w.before(rw)) +
-          (n * extent_h + layout.h.index_in_phase(o_h, rh)) * extent_w + layout.w.index_in_phase(o_w, rw);
-    }
     __syncthreads();
     if (c_write < channels) {
       for (int q = warp; q < kPackPixels && p0 + q < end; q += kPackWarps)
