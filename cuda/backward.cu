@@ -356,11 +356,12 @@ void launch_grad_weight_bias(const ConvTransposeParams& p, DType dtype, const Ba
       check_cuda(cudaMemsetAsync(x_cl, 0, w.g_split - w.x_cl, stream), "cudaMemsetAsync");
   }
   launch_pack_channels_last<T, Math>(static_cast<const T*>(args.grad_output), static_cast<const T*>(args.grad_factor),
-                                     int(p.out_channels), int(p.groups), plan.g_layout, g_split, bias_partial, stream);
+                                     int(p.out_channels), int(p.groups), int(padded_channels(p.out_channels_per_group())),
+                                     plan.g_layout, g_split, bias_partial, stream);
   if (args.grad_weight) {
     const PhaseSplitLayout x_layout{p.batch, PhaseAxis{int(p.in_h), 1, 0}, PhaseAxis{int(p.in_w), 1, 0}, plan.x_row};
     launch_pack_channels_last<T, Math>(static_cast<const T*>(args.input), nullptr, int(p.in_channels), int(p.groups),
-                                       x_layout, x_cl, nullptr, stream);
+                                       int(padded_channels(p.in_channels_per_group())), x_layout, x_cl, nullptr, stream);
     launch_grad_weight_gemm<Math>(p, plan, x_cl, g_split, weight_partial, stream);
     launch_sum_splits<T>(weight_partial, plan.splits, p.weight_numel(), static_cast<T*>(args.grad_weight), stream);
   }
@@ -384,7 +385,8 @@ bool launch_grad_input_tensor_cores(const ConvTransposeParams& params, const Bac
       return launch_implicit_gemm_conv<T, decltype(math), GatherDirection::GradInput>(
           problem, Epilogue{}, static_cast<const T*>(args.grad_output), static_cast<const T*>(args.grad_factor),
           static_cast<const T*>(args.weight), layout.weight_group_stride, layout.weight_src_stride,
-          layout.weight_dst_stride, nullptr, static_cast<T*>(args.grad_input), nullptr, packed, stream);
+          layout.weight_dst_stride, nullptr, static_cast<T*>(args.grad_input), nullptr, packed, nullptr,
+          stream);
     };
     if constexpr (std::is_same_v<T, float>) {
       return args.allow_tf32 ? launch(Tf32Math{}) : launch(Fp32SplitMath{});

@@ -10,8 +10,10 @@
 //    accumulator type, from the unrounded product), per block in a fixed order, into partials that a
 //    second kernel adds in index order: deterministic, with no atomics. With dst == nullptr only the bias
 //    sums are made (weights frozen).
-// Channels are padded per group to a multiple of kPackAlign so that every 16-byte piece of a row belongs to
-// one group; the padding is zero-filled by the caller (only needed where it exists).
+// Channels are padded per group (`padded` values per group, layout.row = groups x padded; grad_weight uses a
+// multiple of kPackAlign, the forward's patch a multiple of its 16-channel chunk) so that every 16-byte piece
+// of a row belongs to one group; the padding is zero-filled by the caller (only needed where it exists).
+// The same kernel, with stride 1 and no factor, makes the forward's channels-last copy of x.
 #pragma once
 
 #include <algorithm>
@@ -43,7 +45,7 @@ FCT_HD int64_t padded_channels(int64_t per_group) { return (per_group + kPackAli
 template <typename T, typename Math>
 __global__ void __launch_bounds__(kPackThreads)
 pack_channels_last_kernel(const T* __restrict__ src, const T* __restrict__ factor, int channels, int groups,
-                          int pixel_blocks, PhaseSplitLayout layout, typename Math::Smem* __restrict__ dst,
+                          int padded, int pixel_blocks, PhaseSplitLayout layout, typename Math::Smem* __restrict__ dst,
                           typename DeviceAcc<T>::type* __restrict__ bias_partial) {
   using Acc = typename DeviceAcc<T>::type;
   __shared__ Acc tile[kPackChannels][kPackPixels + 1];
@@ -57,7 +59,7 @@ pack_channels_last_kernel(const T* __restrict__ src, const T* __restrict__ facto
   const int begin = pixel_block * per_block, end = min(plane, begin + per_block);
   const int c0 = blockIdx.y * kPackChannels;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  const int per_group = channels / groups, padded = int(padded_channels(per_group));
+  const int per_group = channels / groups;
   // Channels this warp reads, and the channel this lane writes (its place in a padded pixel row).
   const int read_channels = min(kPackChannelsPerWarp, max(0, channels - c0 - warp + kPackWarps - 1) / kPackWarps);
   const T* src_channel = src + (n * channels + c0 + warp) * int64_t(plane);
@@ -132,8 +134,8 @@ inline int pack_pixel_blocks(int64_t batch, int channels, int64_t plane) {
 }
 
 template <typename T, typename Math>
-void launch_pack_channels_last(const T* src, const T* factor, int channels, int groups, const PhaseSplitLayout& layout,
-                               typename Math::Smem* dst, typename DeviceAcc<T>::type* bias_partial,
+void launch_pack_channels_last(const T* src, const T* factor, int channels, int groups, int padded,
+                               const PhaseSplitLayout& layout, typename Math::Smem* dst, typename DeviceAcc<T>::type* bias_partial,
                                cudaStream_t stream) {
   const int pixel_blocks = pack_pixel_blocks(layout.batch, channels, int64_t(layout.h.size) * layout.w.size);
   const int64_t blocks_x = layout.batch * pixel_blocks, blocks_y = (channels + kPackChannels - 1) / kPackChannels;
@@ -142,7 +144,7 @@ void launch_pack_channels_last(const T* src, const T* factor, int channels, int 
     throw std::invalid_argument("fused_convt: channels-last pack grid too large (batch x pixel blocks > 2^31 - 1 "
                                 "or channels > 65535 x 32)");
   pack_channels_last_kernel<T, Math><<<dim3(unsigned(blocks_x), unsigned(blocks_y)), kPackThreads, 0, stream>>>(
-      src, factor, channels, groups, pixel_blocks, layout, dst, bias_partial);
+      src, factor, channels, groups, padded, pixel_blocks, layout, dst, bias_partial);
   check_launch("pack_channels_last_kernel");
 }
 

@@ -1,6 +1,7 @@
 // CUDA forward entry point: validates, makes the caller's device current and, on the caller's stream, runs
 // the tensor-core implicit-GEMM kernel where it applies (float16, bfloat16, float32 as TF32 or, without TF32,
 // as exact 3xTF32; phases and patches within its limits), else the direct gather kernel (float64, the rest).
+// For the 16-bit types it first makes a channels-last copy of the input in the workspace (tc_async_patch).
 #include "implicit_gemm_conv.cuh"
 #include "problems.cuh"
 
@@ -17,13 +18,21 @@ int cuda_device_count() {
   return count;
 }
 
+// Workspace: [packed weight (rounded up to 256 B)][16-bit types: channels-last copy of the input], in the
+// operand type (4-byte words for float under every policy, 2-byte values for the 16-bit types).
+static size_t forward_packed_bytes(const TcProblem& problem, DType dtype) {
+  const size_t bytes = dtype == DType::Float32 ? packed_weight_bytes<Tf32Math>(problem)
+                                               : packed_weight_bytes<Half16Math<__half>>(problem);
+  return (bytes + 255) / 256 * 256;
+}
+
 size_t forward_workspace_bytes(const ConvTransposeParams& params, DType dtype) {
   validate(params);
   TcProblem problem;
   if (dtype == DType::Float64 || !forward_tc_problem(params, &problem)) return 0;
-  // Every policy packs 4-byte words for float and 2-byte values for the 16-bit types.
-  return dtype == DType::Float32 ? packed_weight_bytes<Tf32Math>(problem)
-                                 : packed_weight_bytes<Half16Math<__half>>(problem);
+  // The channels-last copy of the input: 16-bit types only (tc_async_patch).
+  const size_t source = dtype == DType::Float32 ? 0 : channels_last_source_bytes<Half16Math<__half>>(problem);
+  return forward_packed_bytes(problem, dtype) + source;
 }
 
 void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, DType dtype,
@@ -48,9 +57,15 @@ void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, D
         if (!args.workspace)
           throw std::invalid_argument("fused_convt: forward_cuda needs a workspace of forward_workspace_bytes() bytes");
         auto launch = [&](auto math) {
+          using Math = decltype(math);
+          using Smem = typename Math::Smem;
+          Smem* source = tc_async_patch<GatherDirection::Forward, Math>()
+                             ? reinterpret_cast<Smem*>(static_cast<unsigned char*>(args.workspace) +
+                                                       forward_packed_bytes(fast, dtype))
+                             : nullptr;
           return launch_implicit_gemm_conv<T, decltype(math), GatherDirection::Forward>(
               fast, epilogue, input, nullptr, weight, direct.weight_group_stride, direct.weight_src_stride,
-              direct.weight_dst_stride, bias, output, grad_factor, args.workspace, stream);
+              direct.weight_dst_stride, bias, output, grad_factor, args.workspace, source, stream);
         };
         bool launched;
         if constexpr (std::is_same_v<T, float>) {

@@ -11,9 +11,12 @@
 // image width wastes at most one partial tile) and BN output channels of one image, phase and group.
 // 8 warps each own 32 pixels x BN channels of fp32 accumulators (2 x BN/8 mma tiles).
 // Mainloop, per chunk of 16 input channels (two pipeline stages in shared memory):
-//  * the input patch the tile reads (rows of the phase grid it spans, plus the taps' halo) is loaded by
-//    each thread for whole pixels (16 channels), coalesced along the image row, and stored channels-last
-//    ([pixel][16 channels]) so that ldmatrix serves any tap offset: a tap just shifts the pixel row;
+//  * the input patch the tile reads (rows of the phase grid it spans, plus the taps' halo) sits channels-last
+//    in shared memory ([pixel][16 channels]) so that ldmatrix serves any tap offset: a tap just shifts the
+//    pixel row. The 16-bit forward copies it with 16-byte cp.async from a channels-last copy of the input that
+//    the launcher makes first (channels_last_pack.cuh; ~0.05 ms at kb_v1), so nothing of it passes through
+//    registers (tc_async_patch). Otherwise each thread loads whole pixels (16 channels) of the NCHW source,
+//    coalesced along the image row, into registers (grad_input forms g = grad_output x factor there);
 //  * the weight slice [tap][BN][16] comes from a pre-packed copy with 16-byte cp.async;
 //  * every warp runs ldmatrix + mma.sync over the phase's taps, in the precision policy Math (mma.cuh:
 //    TF32, 3xTF32 for exact float32, bf16 / fp16), accumulating in fp32.
@@ -25,6 +28,7 @@
 
 #include <algorithm>
 
+#include "channels_last_pack.cuh"
 #include "cuda_common.cuh"
 #include "gather_conv.cuh"
 #include "mma.cuh"
@@ -68,6 +72,15 @@ struct TcProblem {
   TcPhase phase[kTcMaxPhases];
 };
 
+// Whether the patch is copied asynchronously from a channels-last copy of the source (the launcher's src_cl)
+// instead of staged through registers. The 16-bit forward does: at kb_v1 bf16 (H100) 2.15 -> 1.86 ms with
+// the copy included. The float forward does not: its rows are twice as long and it measured slower,
+// 1.85 -> 2.26 ms (TF32). grad_input forms g while staging (issue 3 keeps g out of global memory there).
+template <GatherDirection Dir, typename Math>
+constexpr bool tc_async_patch() {
+  return Dir == GatherDirection::Forward && sizeof(typename Math::Smem) == 2;
+}
+
 // Bytes of one staged row of kTcChunk values, padded by 16 B so that ldmatrix's eight row addresses of
 // consecutive pixels fall in distinct bank groups.
 template <typename Math>
@@ -99,8 +112,9 @@ __global__ void pack_weight_kernel(const T* __restrict__ weight, typename Math::
 template <typename T, typename Math, GatherDirection Dir, int BN>
 __global__ void __launch_bounds__(kTcThreads, 2)
 implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, const T* __restrict__ src,
-                          const T* __restrict__ src_factor, const typename Math::Smem* __restrict__ packed,
-                          const T* __restrict__ bias, T* __restrict__ dst, T* __restrict__ dst_factor) {
+                          const T* __restrict__ src_factor, const typename Math::Smem* __restrict__ src_cl,
+                          const typename Math::Smem* __restrict__ packed, const T* __restrict__ bias,
+                          T* __restrict__ dst, T* __restrict__ dst_factor) {
   using Traits = Math;
   using Smem = typename Traits::Smem;
   constexpr int kRowBytes = tc_row_bytes<Math>();
@@ -136,6 +150,9 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   const int64_t src_image = (image * pr.src_channels + int64_t(group) * pr.src_per_group) * src_plane;
   const T* src_group = src + src_image;
   const T* factor_group = src_factor ? src_factor + src_image : nullptr;
+  // Channels-last copy of the source ([image][pixel][group][src_padded]), when the caller made one.
+  const int64_t cl_row = int64_t(pr.groups) * pr.src_padded;
+  const Smem* cl_group = src_cl ? src_cl + image * src_plane * cl_row + int64_t(group) * pr.src_padded : nullptr;
   const Smem* packed_group = packed + int64_t(group) * pr.kernel_taps * pr.dst_per_group * pr.src_padded;
 
   float acc[2][kNFrags][4];
@@ -196,7 +213,8 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
       a_row[i] = (a + min_off_h - row_first) * cols + b;
     }
 
-    // Register staging of the next chunk's patch pixels, packed as they will sit in shared memory.
+    // Register staging of the next chunk's patch pixels (grad_input, float forward), packed as they will sit in
+    // shared memory.
     constexpr int kWords = kTcChunk / Traits::kValuesPerWord;
     uint32_t staged[kTcPixelsPerThread][kWords];
     auto load_patch = [&](int c0) {
@@ -233,6 +251,23 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
         }
       }
     };
+    // With a channels-last source each staged patch row is kRowChunks contiguous 16-byte pieces: copied
+    // asynchronously (zero-filled outside the image), with no register staging and no conversion.
+    auto copy_patch = [&](int c0, int stage) {
+      unsigned char* patch = smem + stage * pr.stage_bytes;
+#pragma unroll
+      for (int j = 0; j < kTcPixelsPerThread; ++j) {
+        const int p = tid + j * kTcThreads;
+        if (p < patch_pixels) {
+          const bool inside = pixel_global[j] >= 0;
+          const Smem* from = cl_group + (inside ? pixel_global[j] * cl_row : 0) + c0;
+#pragma unroll
+          for (int q = 0; q < kRowChunks; ++q)
+            cp_async_16(smem_address(patch + p * kRowBytes + q * 16), reinterpret_cast<const uint4*>(from) + q,
+                        inside ? 16 : 0);
+        }
+      }
+    };
     auto load_weights = [&](int c0, int stage) {
       unsigned char* tile = smem + stage * pr.stage_bytes + pr.stage_patch_bytes;
       for (int i = tid; i < taps * BN * kRowChunks; i += kTcThreads) {
@@ -249,10 +284,15 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
 
     const int chunks = taps > 0 ? (pr.src_per_group + kTcChunk - 1) / kTcChunk : 0;
     __syncthreads();  // tap tables
+    constexpr bool async_patch = tc_async_patch<Dir, Math>();
     if (chunks > 0) {
-      load_patch(0);
-      load_weights(0, 0);
-      store_patch(0);
+      if constexpr (async_patch) {
+        copy_patch(0, 0);
+      } else {
+        load_patch(0);
+      }
+      load_weights(0, 0);  // commits the patch copies too
+      if constexpr (!async_patch) store_patch(0);
       cp_async_wait_all();
       __syncthreads();
     }
@@ -260,7 +300,11 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
       const int stage = chunk & 1;
       const bool more = chunk + 1 < chunks;
       if (more) {
-        load_patch((chunk + 1) * kTcChunk);
+        if constexpr (async_patch) {
+          copy_patch((chunk + 1) * kTcChunk, stage ^ 1);
+        } else {
+          load_patch((chunk + 1) * kTcChunk);
+        }
         load_weights((chunk + 1) * kTcChunk, stage ^ 1);
       }
       const uint32_t patch_base = smem_address(smem + stage * pr.stage_bytes);
@@ -293,7 +337,9 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
           }
         }
       }
-      if (more) store_patch(stage ^ 1);
+      if constexpr (!async_patch) {
+        if (more) store_patch(stage ^ 1);
+      }
       cp_async_wait_all();
       __syncthreads();
     }
@@ -530,15 +576,23 @@ size_t packed_weight_bytes(const TcProblem& pr) {
   return size_t(pr.groups) * pr.kernel_taps * pr.dst_per_group * pr.src_padded * sizeof(typename Math::Smem);
 }
 
+// The forward's channels-last copy of its input: [image][pixel][group][src_padded] in the operand type.
+template <typename Math>
+size_t channels_last_source_bytes(const TcProblem& pr) {
+  return size_t(pr.batch) * pr.src_h * pr.src_w * pr.groups * pr.src_padded * sizeof(typename Math::Smem);
+}
+
 // Packs the weight into the workspace and launches the implicit-GEMM kernel with a channel tile BN chosen
 // from the group width. Returns false (launching nothing) when shared memory or the grid do not fit.
 template <typename T, typename Math, GatherDirection Dir>
 bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src, const T* src_factor,
                                const T* weight, int64_t weight_group_stride, int weight_src_stride,
                                int weight_dst_stride, const T* bias, T* dst, T* dst_factor, void* workspace,
-                               cudaStream_t stream) {
+                               typename Math::Smem* src_cl, cudaStream_t stream) {
   using Smem = typename Math::Smem;
   constexpr int kRowBytes = tc_row_bytes<Math>();
+  if (tc_async_patch<Dir, Math>() != (src_cl != nullptr))
+    throw std::logic_error("fused_convt: implicit GEMM launched with the wrong channels-last source");
   auto launch = [&](auto bn_constant) -> bool {
     constexpr int BN = decltype(bn_constant)::value;
     pr.n_tiles = (pr.dst_per_group + BN - 1) / BN;
@@ -558,11 +612,19 @@ bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src, 
                                                            weight_group_stride, weight_src_stride,
                                                            weight_dst_stride);
     check_launch("pack_weight_kernel");
+    if (src_cl) {
+      if (pr.src_padded != pr.src_per_group)
+        check_cuda(cudaMemsetAsync(src_cl, 0, channels_last_source_bytes<Math>(pr), stream), "cudaMemsetAsync");
+      const PhaseSplitLayout layout{pr.batch, PhaseAxis{pr.src_h, 1, 0}, PhaseAxis{pr.src_w, 1, 0},
+                                    int64_t(pr.groups) * pr.src_padded};
+      launch_pack_channels_last<T, Math>(src, nullptr, pr.src_channels, pr.groups, pr.src_padded, layout, src_cl,
+                                         nullptr, stream);
+    }
     auto kernel = implicit_gemm_conv_kernel<T, Math, Dir, BN>;
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
                "cudaFuncSetAttribute(implicit_gemm_conv_kernel)");
-    kernel<<<dim3(unsigned(grid_x), unsigned(grid_y)), kTcThreads, smem, stream>>>(pr, epi, src, src_factor, packed,
-                                                                                  bias, dst, dst_factor);
+    kernel<<<dim3(unsigned(grid_x), unsigned(grid_y)), kTcThreads, smem, stream>>>(pr, epi, src, src_factor, src_cl,
+                                                                                  packed, bias, dst, dst_factor);
     check_launch("implicit_gemm_conv_kernel");
     return true;
   };
