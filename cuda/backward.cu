@@ -123,8 +123,7 @@ struct FfmaWeightEngine {
   }
 };
 
-// grid.x = phase (fastest, so the phases' blocks that share grad_output sectors run together) + phases *
-// split; grid.y = tap group x ic tile x oc tile; grid.z = group. weight_partial == nullptr: bias only.
+// Grid as WeightBlock (grad_weight_gemm.cuh) says. weight_partial == nullptr: bias only.
 template <typename T, typename Engine>
 __global__ void __launch_bounds__(kWeightThreads, Engine::kMinBlocks)
 grad_weight_bias_partial_kernel(ConvTransposeParams p, BackwardPlan plan, const T* __restrict__ x, GradLoader<T> g,
@@ -135,14 +134,10 @@ grad_weight_bias_partial_kernel(ConvTransposeParams p, BackwardPlan plan, const 
   __shared__ typename Engine::Storage tiles;
   __shared__ int tap_kh[kTaps], tap_kw[kTaps], tap_off_h[kTaps], tap_off_w[kTaps];
 
-  const int phase = int(blockIdx.x % plan.phases);
-  const int64_t split = blockIdx.x / plan.phases;
-  const int rh = phase / int(p.stride_w), rw = phase % int(p.stride_w);
-  const int tap_group = int(blockIdx.y % plan.tap_groups);
-  const int ic_tile = int(blockIdx.y / plan.tap_groups % plan.ic_tiles);
-  const int oc_tile = int(blockIdx.y / (plan.tap_groups * plan.ic_tiles));
-  const int group = int(blockIdx.z);
-  const int ic0 = ic_tile * kWeightTile, oc0 = oc_tile * kWeightTile;
+  const WeightBlock block(plan.phases, plan.tap_groups, plan.ic_tiles, int(p.stride_w));
+  const int phase = block.phase, rh = block.rh, rw = block.rw, tap_group = block.tap_group, group = block.group;
+  const int64_t split = block.split;
+  const int ic_tile = block.ic_tile, ic0 = block.ic_tile * kWeightTile, oc0 = block.oc_tile * kWeightTile;
 
   const int taps_h = phase_taps(p.kernel_h, p.stride_h, p.dil_h, rh);
   const int taps_w = phase_taps(p.kernel_w, p.stride_w, p.dil_w, rw);
@@ -247,9 +242,7 @@ grad_weight_bias_partial_kernel(ConvTransposeParams p, BackwardPlan plan, const 
     // Lanes hold one pixel each: a fixed butterfly over the lanes, then lane 0 writes the warp's channels.
 #pragma unroll
     for (int i = 0; i < kChannelsPerThread; ++i) {
-      Acc v = bias_sum[i];
-#pragma unroll
-      for (int width = 16; width > 0; width /= 2) v += __shfl_xor_sync(0xffffffffu, v, width);
+      const Acc v = warp_sum(bias_sum[i]);
       const int oc_local = oc0 + warp + i * (kWeightThreads / 32);
       if (lane == 0 && oc_local < out_per_group)
         bias_partial[(split * plan.phases + phase) * p.out_channels + group * out_per_group + oc_local] = v;
@@ -304,7 +297,7 @@ static size_t packed_grad_input_weight_bytes(const ConvTransposeParams& params, 
 
 // Byte offsets into the workspace. float64: [grad_weight partials: split x weight][grad_bias partials:
 // split x phase x out_channels]. Tensor-core dtypes: [packed weight for grad_input][grad_weight partials:
-// split x weight][grad_bias partials: image x row block x out_channels][x channels-last][g phase-split];
+// split x weight][grad_bias partials: image x pixel block x out_channels][x channels-last][g phase-split];
 // the grad_weight parts only when grad_weight is asked for (the g copy is the size of the output).
 struct BackwardWorkspace {
   size_t weight_partial, bias_partial, x_cl, g_split, total;

@@ -115,9 +115,7 @@ pack_channels_last_kernel(const T* __restrict__ src, const T* __restrict__ facto
     // Lanes hold pixels: a fixed butterfly over the lanes, then lane 0 writes the warp's channels.
 #pragma unroll
     for (int i = 0; i < kPackChannelsPerWarp; ++i) {
-      Acc v = bias_sum[i];
-#pragma unroll
-      for (int width = 16; width > 0; width /= 2) v += __shfl_xor_sync(0xffffffffu, v, width);
+      const Acc v = warp_sum(bias_sum[i]);
       const int c = c0 + warp + i * kPackWarps;
       if (lane == 0 && c < channels) bias_partial[(n * pixel_blocks + pixel_block) * channels + c] = v;
     }

@@ -66,6 +66,14 @@ __device__ __forceinline__ void load4(const double* from, double (&to)[4]) {
   to[0] = lo.x, to[1] = lo.y, to[2] = hi.x, to[3] = hi.y;
 }
 
+// Sum over the 32 lanes of a warp in a fixed butterfly order (bitwise reproducible); every lane gets it.
+template <typename Acc>
+__device__ __forceinline__ Acc warp_sum(Acc v) {
+#pragma unroll
+  for (int width = 16; width > 0; width /= 2) v += __shfl_xor_sync(0xffffffffu, v, width);
+  return v;
+}
+
 template <typename Fn>
 void dispatch_device_dtype(DType dtype, Fn&& fn) {
   switch (dtype) {

@@ -27,6 +27,23 @@ constexpr int kGemmThreads = 256;   // 8 warps: 2 (ic) x 4 (oc), each 32 x 16 re
 constexpr int kGemmMaxStages = 4;  // 2 where the device's shared memory is smaller
 constexpr int64_t kGemmTargetBlocks = 1024;  // device independent, so the split count (and bits) are too
 
+// What a grad_weight block owns, from its grid position: grid.x = phase (fastest, so the blocks of all
+// phases that share grad_output sectors run together) + phases * split; grid.y = tap group x ic tile x
+// oc tile; grid.z = group. Shared by this kernel and float64's direct one (backward.cu).
+struct WeightBlock {
+  int phase, rh, rw, tap_group, ic_tile, oc_tile, group;
+  int64_t split;
+  __device__ WeightBlock(int phases, int tap_groups, int ic_tiles, int stride_w)
+      : phase(int(blockIdx.x % phases)),
+        rh(phase / stride_w),
+        rw(phase % stride_w),
+        tap_group(int(blockIdx.y % tap_groups)),
+        ic_tile(int(blockIdx.y / tap_groups % ic_tiles)),
+        oc_tile(int(blockIdx.y / (tap_groups * ic_tiles))),
+        group(int(blockIdx.z)),
+        split(blockIdx.x / phases) {}
+};
+
 struct WeightGemmPlan {
   int phases, tap_groups, ic_tiles, oc_tiles;
   int64_t splits, pixels_per_split;
@@ -114,7 +131,7 @@ constexpr int gemm_row_bytes() {
 template <typename Math>
 constexpr int gemm_stage_bytes() { return (1 + kGemmTaps) * gemm_pixels<Math>() * gemm_row_bytes<Math>(); }
 
-// grid.x = phase (fastest) + phases * split; grid.y = tap group x ic tile x oc tile; grid.z = group.
+// Grid as WeightBlock says.
 template <typename Math, int kStages>
 __global__ void __launch_bounds__(kGemmThreads)
 grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typename Math::Smem* __restrict__ x_cl,
@@ -132,14 +149,10 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
   static_assert(kGemmPixels % kRowsPerPass == 0, "whole rows per pass");
   extern __shared__ __align__(128) unsigned char smem[];
 
-  const int phase = int(blockIdx.x % plan.phases);
-  const int64_t split = blockIdx.x / plan.phases;
-  const int rh = phase / int(p.stride_w), rw = phase % int(p.stride_w);
-  const int tap_group = int(blockIdx.y % plan.tap_groups);
-  const int ic_tile = int(blockIdx.y / plan.tap_groups % plan.ic_tiles);
-  const int oc_tile = int(blockIdx.y / (plan.tap_groups * plan.ic_tiles));
-  const int group = int(blockIdx.z);
-  const int ic0 = ic_tile * kGemmTile, oc0 = oc_tile * kGemmTile;
+  const WeightBlock block(plan.phases, plan.tap_groups, plan.ic_tiles, int(p.stride_w));
+  const int rh = block.rh, rw = block.rw, tap_group = block.tap_group, group = block.group;
+  const int64_t split = block.split;
+  const int ic0 = block.ic_tile * kGemmTile, oc0 = block.oc_tile * kGemmTile;
   const int taps_h = phase_taps(p.kernel_h, p.stride_h, p.dil_h, rh);
   const int taps_w = phase_taps(p.kernel_w, p.stride_w, p.dil_w, rw);
   const int taps = max(0, min(kGemmTaps, taps_h * taps_w - tap_group * kGemmTaps));
