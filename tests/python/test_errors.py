@@ -260,3 +260,26 @@ def test_numpy_scalars_are_accepted_like_python_numbers():
                                               multiply_value=np.float64(2.0))
     plain = fused_convt.conv_transpose2d_fused(x, w, b, stride=2, padding=1, add_value=-0.5, multiply_value=2.0)
     assert torch.equal(ours, plain)
+
+
+@pytest.mark.skipif(not fused_convt._C.cuda_compiled(), reason="built without the CUDA kernels")
+@pytest.mark.parametrize("dtype,operand_bytes", [(torch.float32, 4), (torch.bfloat16, 2), (torch.float16, 2)])
+def test_workspace_sizes_follow_the_requested_gradients(dtype, operand_bytes):
+    """grad_weight's workspace holds channels-last copies of g (output-sized, phase-split) and of x in the
+    operand type, channels padded per group to 8 (valid_params: 3 and 2 per group, 2 groups); a backward
+    without grad_weight asks for none of it, and Python sizes each call so (BackwardArgs::workspace_bytes
+    lets the C++ entry refuse a smaller one). The 16-bit forward also copies x channels-last, padded to 16."""
+    from fused_convt.ops import _DTYPE_TAGS
+    p, tag = valid_params(), _DTYPE_TAGS[dtype]
+    full = fused_convt._C.backward_workspace_bytes(p, tag, True)
+    without = fused_convt._C.backward_workspace_bytes(p, tag, grad_weight=False)
+    g_copy = p.batch * p.out_h * p.out_w * p.groups * 8 * operand_bytes
+    x_copy = p.batch * p.in_h * p.in_w * p.groups * 8 * operand_bytes
+    assert full - without >= g_copy + x_copy
+    assert fused_convt._C.backward_workspace_bytes(p, tag) == full
+    forward = fused_convt._C.forward_workspace_bytes(p, tag)
+    x_copy_forward = p.batch * p.in_h * p.in_w * p.groups * 16 * operand_bytes
+    if operand_bytes == 2:
+        assert forward >= x_copy_forward
+    else:
+        assert 0 < forward < x_copy_forward  # the packed weight only
