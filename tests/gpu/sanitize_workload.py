@@ -31,7 +31,7 @@ for index, (problem, _) in enumerate(CASES):
         if not err <= tol:
             failures += 1
             print(f"case {index} {dtype} tf32={tf32}: relative error {err:.3e} > {tol}")
-# grad_bias without grad_weight: the split reduction's bias-only launch.
+# grad_bias without grad_weight: the g pass that only sums the bias (no channels-last copy, no GEMM).
 for dtype, tf32, _ in DTYPES:
     x, w, b = CASES[0][0].tensors(dtype, "cuda", seed=0, requires_grad=True)
     w.requires_grad_(False)
