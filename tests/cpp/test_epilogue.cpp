@@ -200,67 +200,61 @@ std::vector<float> conversion_samples(const RoundingReference& ref, test::Rng& r
   return samples;
 }
 
-bool is_half_nan(uint16_t bits) { return (bits & 0x7c00) == 0x7c00 && (bits & 0x3ff) != 0; }
-bool is_bfloat16_nan(uint16_t bits) { return (bits & 0x7f80) == 0x7f80 && (bits & 0x7f) != 0; }
+// The two 16-bit formats under one test: the library's conversions, the decoder, the infinity pattern and
+// the first value past the largest finite one (where rounding goes to infinity).
+struct HalfFormat {
+  using Bits = HalfBits;
+  static constexpr const char* kName = "half";
+  static constexpr uint16_t kInfinity = 0x7c00;
+  static double decode(uint16_t bits) { return decode_half(bits); }
+  static double first_past_max() { return 65536.0; }
+  static uint16_t from_float(float f) { return fused_convt::to_half(f).bits; }
+};
+struct BFloat16Format {
+  using Bits = BFloat16Bits;
+  static constexpr const char* kName = "bfloat16";
+  static constexpr uint16_t kInfinity = 0x7f80;
+  static double decode(uint16_t bits) { return decode_bfloat16(bits); }
+  static double first_past_max() { return std::ldexp(1.0, 128); }
+  static uint16_t from_float(float f) { return fused_convt::to_bfloat16(f).bits; }
+};
 
-void half_conversions(test::Rng& rng) {
-  for (uint32_t bits = 0; bits < 65536; ++bits) {
-    const uint16_t h = uint16_t(bits);
-    const float f = fused_convt::to_float(HalfBits{h});
-    const double expected = decode_half(h);
-    if (std::isnan(expected)) {
-      CHECK_MSG(std::isnan(f), "half NaN pattern " + std::to_string(bits) + " decodes to a number");
-      CHECK_MSG(is_half_nan(fused_convt::to_half(f).bits), "half NaN does not round-trip to a NaN");
-      continue;
-    }
-    CHECK_MSG(double(f) == expected && std::signbit(f) == std::signbit(expected),
-              "to_float(half " + std::to_string(bits) + ") = " + test::fmt(f) + ", expected " + test::fmt(expected));
-    CHECK_MSG(fused_convt::to_half(f).bits == h, "half " + std::to_string(bits) + " does not round-trip");
-  }
-  const RoundingReference ref(decode_half, 0x7c00, 65536.0);
-  for (const float f : conversion_samples(ref, rng)) {
-    const uint16_t got = fused_convt::to_half(f).bits;
-    if (std::isnan(f)) {
-      CHECK_MSG(is_half_nan(got), "to_half(NaN) = " + std::to_string(got));
-      continue;
-    }
-    CHECK_MSG(got == ref.round(f), "to_half(" + test::fmt(f) + ") = " + std::to_string(got) + ", nearest even is " +
-                                       std::to_string(ref.round(f)));
-  }
-  for (const uint32_t nan_bits : {0x7fc00000u, 0x7f800001u, 0xffc00000u, 0xff800001u, 0x7fffffffu}) {
-    CHECK_MSG(is_half_nan(fused_convt::to_half(fused_convt::bits_float(nan_bits)).bits), "to_half(NaN) is not NaN");
-  }
+template <typename Format>
+bool is_nan_bits(uint16_t bits) {
+  return (bits & Format::kInfinity) == Format::kInfinity && (bits & (0x7fff & ~Format::kInfinity)) != 0;
 }
 
-void bfloat16_conversions(test::Rng& rng) {
+template <typename Format>
+void conversions(test::Rng& rng) {
+  const std::string name = Format::kName;
   for (uint32_t bits = 0; bits < 65536; ++bits) {
-    const uint16_t b = uint16_t(bits);
-    const float f = fused_convt::to_float(BFloat16Bits{b});
-    const double expected = decode_bfloat16(b);
+    const uint16_t h = uint16_t(bits);
+    const float f = fused_convt::to_float(typename Format::Bits{h});
+    const double expected = Format::decode(h);
     if (std::isnan(expected)) {
-      CHECK_MSG(std::isnan(f), "bfloat16 NaN pattern " + std::to_string(bits) + " decodes to a number");
-      CHECK_MSG(is_bfloat16_nan(fused_convt::to_bfloat16(f).bits), "bfloat16 NaN does not round-trip to a NaN");
+      CHECK_MSG(std::isnan(f), name + " NaN pattern " + std::to_string(bits) + " decodes to a number");
+      CHECK_MSG(is_nan_bits<Format>(Format::from_float(f)), name + " NaN does not round-trip to a NaN");
       continue;
     }
     CHECK_MSG(double(f) == expected && std::signbit(f) == std::signbit(expected),
-              "to_float(bfloat16 " + std::to_string(bits) + ") = " + test::fmt(f) + ", expected " +
+              "to_float(" + name + " " + std::to_string(bits) + ") = " + test::fmt(f) + ", expected " +
                   test::fmt(expected));
-    CHECK_MSG(fused_convt::to_bfloat16(f).bits == b, "bfloat16 " + std::to_string(bits) + " does not round-trip");
+    CHECK_MSG(Format::from_float(f) == h, name + " " + std::to_string(bits) + " does not round-trip");
   }
-  const RoundingReference ref(decode_bfloat16, 0x7f80, std::ldexp(1.0, 128));
+  const RoundingReference ref(Format::decode, Format::kInfinity, Format::first_past_max());
   for (const float f : conversion_samples(ref, rng)) {
-    const uint16_t got = fused_convt::to_bfloat16(f).bits;
+    const uint16_t got = Format::from_float(f);
     if (std::isnan(f)) {
-      CHECK_MSG(is_bfloat16_nan(got), "to_bfloat16(NaN) = " + std::to_string(got));
+      CHECK_MSG(is_nan_bits<Format>(got), "to_" + name + "(NaN) = " + std::to_string(got));
       continue;
     }
-    CHECK_MSG(got == ref.round(f), "to_bfloat16(" + test::fmt(f) + ") = " + std::to_string(got) +
+    CHECK_MSG(got == ref.round(f), "to_" + name + "(" + test::fmt(f) + ") = " + std::to_string(got) +
                                        ", nearest even is " + std::to_string(ref.round(f)));
   }
   // Signalling NaNs whose payload sits in the low half must stay NaN (a plain truncation gives infinity).
   for (const uint32_t nan_bits : {0x7fc00000u, 0x7f800001u, 0xffc00000u, 0xff800001u, 0x7fffffffu}) {
-    CHECK_MSG(is_bfloat16_nan(fused_convt::to_bfloat16(fused_convt::bits_float(nan_bits)).bits),
-              "to_bfloat16(NaN) is not NaN");
+    CHECK_MSG(is_nan_bits<Format>(Format::from_float(fused_convt::bits_float(nan_bits))),
+              "to_" + name + "(NaN) is not NaN");
   }
 }
 
@@ -276,7 +270,7 @@ int main() {
   special_points<double>("double");
   apply_epilogue_composes<float>(rng, "float");
   apply_epilogue_composes<double>(rng, "double");
-  half_conversions(rng);
-  bfloat16_conversions(rng);
+  conversions<HalfFormat>(rng);
+  conversions<BFloat16Format>(rng);
   return test::summary("test_epilogue");
 }
