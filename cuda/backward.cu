@@ -299,6 +299,11 @@ static size_t packed_grad_input_weight_bytes(const ConvTransposeParams& params, 
 // split x phase x out_channels]. Tensor-core dtypes: [packed weight for grad_input][grad_weight partials:
 // split x weight][grad_bias partials: image x pixel block x out_channels][x channels-last][g phase-split];
 // the grad_weight parts only when grad_weight is asked for (the g copy is the size of the output).
+// grad_bias partial sums per output channel made by the g pass (tensor-core dtypes): one per image and block.
+static int64_t bias_partial_count(const ConvTransposeParams& p) {
+  return p.batch * pack_pixel_blocks(p.batch, int(p.out_channels), p.out_h() * p.out_w());
+}
+
 struct BackwardWorkspace {
   size_t weight_partial, bias_partial, x_cl, g_split, total;
 };
@@ -314,8 +319,7 @@ static BackwardWorkspace backward_workspace_layout(const ConvTransposeParams& p,
   }
   const WeightGemmPlan plan = plan_weight_gemm(p, dtype);
   const size_t operand = dtype == DType::Float32 ? sizeof(float) : sizeof(__half);
-  const int64_t bias_values = p.has_bias ? p.batch * pack_pixel_blocks(p.batch, int(p.out_channels), p.out_h() * p.out_w()) *
-                                               p.out_channels : 0;
+  const int64_t bias_values = p.has_bias ? bias_partial_count(p) * p.out_channels : 0;
   w.weight_partial = packed_grad_input_weight_bytes(p, dtype);
   w.bias_partial = w.weight_partial + (grad_weight ? round_up_256(size_t(plan.splits * p.weight_numel()) * 4) : 0);
   w.x_cl = w.bias_partial + round_up_256(size_t(bias_values) * sizeof(float));
@@ -359,8 +363,7 @@ void launch_grad_weight_bias(const ConvTransposeParams& p, DType dtype, const Ba
     launch_sum_splits<T>(weight_partial, plan.splits, p.weight_numel(), static_cast<T*>(args.grad_weight), stream);
   }
   if (args.grad_bias) {
-    const int64_t partials = p.batch * pack_pixel_blocks(p.batch, int(p.out_channels), p.out_h() * p.out_w());
-    launch_sum_splits<T>(bias_partial, partials, p.out_channels, static_cast<T*>(args.grad_bias), stream);
+    launch_sum_splits<T>(bias_partial, bias_partial_count(p), p.out_channels, static_cast<T*>(args.grad_bias), stream);
   }
 }
 

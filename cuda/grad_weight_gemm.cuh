@@ -54,9 +54,11 @@ struct WeightGemmPlan {
 // Pixels (reduction extent) per pipeline stage: 16-bit operands 32 (two k16 MMA steps), float 16 (two k8
 // steps), so that a stage is the same bytes either way. A float stage of 32 pixels needed 138 KB for three
 // stages, one block per SM, and ran at 2.5 ms against 1.0 for bf16 at kb_v1 (H100).
-inline int gemm_pixels(DType dtype) { return dtype == DType::Float32 ? 16 : 32; }
 template <typename Math>
 constexpr int gemm_pixels() { return sizeof(typename Math::Smem) == 2 ? 32 : 16; }
+inline int gemm_pixels(DType dtype) {
+  return dtype == DType::Float32 ? gemm_pixels<Tf32Math>() : gemm_pixels<Half16Math<__half>>();
+}
 
 inline WeightGemmPlan plan_weight_gemm(const ConvTransposeParams& p, DType dtype) {
   const int pixel_step = gemm_pixels(dtype);
