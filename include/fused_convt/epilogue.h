@@ -46,7 +46,11 @@ FCT_HD float exp2_of(float x) {
 }
 FCT_HD float reciprocal_of(float x) {
 #if defined(__CUDA_ARCH__)
-  return __fdividef(1.0f, x);  // x >= 1 here, far inside its accurate range
+  // The hardware reciprocal alone (1 ulp): x >= 1 here, so neither its input nor its result is subnormal,
+  // and the range fix-ups of 1.0f / x or __fdividef would be dead instructions.
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
 #else
   return 1.0f / x;
 #endif
