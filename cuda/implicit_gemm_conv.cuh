@@ -392,26 +392,56 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   // One column loop per combination of what is written (value, d value / d pre-activation) and whether the
   // epilogue is on, chosen once per launch: testing the output pointers and the switch per element, with
   // null-checked pointer steps, cost ~35 of ~69 instructions per output (Nsight Compute, kb_v1 bf16 forward).
+  // Columns go in groups of kEpiGroup whose branch-free epilogues interleave (a divergent branch per output
+  // serialized each dependent chain of ~30 instructions); a warp whose group has no negative pre-activation
+  // (most of KernelBench's data) takes the short u >= 0 form instead. Every lane of the warp runs the loop
+  // (the vote needs them all); lanes past the tile's last pixel do not store.
+  constexpr int kEpiGroup = 4;  // = a float4 of column shifts
+  static_assert(kEpiFrags * 8 % kEpiGroup == 0, "groups tile the staged columns");
+  const bool stores = m < count;
   auto store_columns = [&](int first, int last, int64_t base, auto write_value, auto write_factor, auto enabled) {
     constexpr bool kValue = decltype(write_value)::value, kFactor = decltype(write_factor)::value;
     constexpr bool kEnabled = decltype(enabled)::value;
     T* out = kValue ? dst + base : nullptr;
     T* out_factor = kFactor ? dst_factor + base : nullptr;
-#pragma unroll 4
-    for (int column = first; column < last; ++column) {
-      const float pre = tile[(column - first) * kEpiStride + tid] + column_shift[column];
-      if constexpr (!kEnabled) {
-        if constexpr (kValue) *out = from_acc<T>(pre);
-        if constexpr (kFactor) *out_factor = from_acc<T>(1.0f);
-      } else if constexpr (kFactor) {
-        const EpilogueOutputs<float> both = epilogue_value_and_derivative(pre, epilogue.multiply_value);
-        if constexpr (kValue) *out = from_acc<T>(both.value);
-        *out_factor = from_acc<T>(both.factor);
-      } else {
-        *out = from_acc<T>(epilogue_from_preactivation(pre, epilogue.multiply_value));
+    for (int column = first; column < last; column += kEpiGroup) {
+      // A group never reaches past the part's kEpiFrags * 8 staged columns (zero weights beyond the group's
+      // channels), so its reads need no clamping; only the stores stop at `last`.
+      const float4 shift = *reinterpret_cast<const float4*>(column_shift + column);
+      const float shifts[kEpiGroup] = {shift.x, shift.y, shift.z, shift.w};
+      float pre[kEpiGroup];
+      bool tail = false;
+#pragma unroll
+      for (int k = 0; k < kEpiGroup; ++k) {
+        pre[k] = tile[(column - first + k) * kEpiStride + tid] + shifts[k];
+        tail |= pre[k] < 0.0f;
       }
-      if constexpr (kValue) out += dst_plane;
-      if constexpr (kFactor) out_factor += dst_plane;
+      EpilogueOutputs<float> result[kEpiGroup];
+      if (!kEnabled) {
+#pragma unroll
+        for (int k = 0; k < kEpiGroup; ++k) result[k] = {pre[k], 1.0f};
+      } else if (__any_sync(0xffffffffu, tail)) {
+#pragma unroll
+        for (int k = 0; k < kEpiGroup; ++k) {
+          if constexpr (kFactor) {
+            result[k] = epilogue_value_and_derivative(pre[k], epilogue.multiply_value);
+          } else {
+            result[k].value = epilogue_from_preactivation(pre[k], epilogue.multiply_value);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < kEpiGroup; ++k) result[k] = epilogue_at_nonnegative(pre[k], epilogue.multiply_value);
+      }
+#pragma unroll
+      for (int k = 0; k < kEpiGroup; ++k) {
+        if (stores && column + k < last) {
+          if constexpr (kValue) out[int64_t(k) * dst_plane] = from_acc<T>(result[k].value);
+          if constexpr (kFactor) out_factor[int64_t(k) * dst_plane] = from_acc<T>(result[k].factor);
+        }
+      }
+      if constexpr (kValue) out += kEpiGroup * int64_t(dst_plane);
+      if constexpr (kFactor) out_factor += kEpiGroup * int64_t(dst_plane);
     }
   };
   using Yes = std::true_type;
@@ -429,7 +459,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
           tile[column * kEpiStride + warp * 32 + i * 16 + g + (q >> 1) * 8] = acc[i][j][q];
         }
     __syncthreads();
-    if (m < count) {
+    {
       const int first = part * kEpiFrags * 8, last = min(columns, first + kEpiFrags * 8);
       const int64_t base = dst_image + int64_t(n0 + first) * dst_plane + pixel;
       // Output and factor are each optional (ForwardArgs); a call with neither writes nothing.

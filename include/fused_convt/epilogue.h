@@ -80,40 +80,48 @@ FCT_HD float normal_cdf_nonpositive(float z) {
 
 FCT_HD float normal_density(float z) { return 0.39894228040143267794f * exp2_of(HalfSquareLog2(z).plus(0.0f)); }
 
-// Value of the epilogue at the pre-activation u (bias and add_value already included).
-// NaN propagates as in the PyTorch composite (the binary minimum keeps NaN).
-template <typename Acc>
-FCT_HD Acc epilogue_from_preactivation(Acc u, Acc multiply_value) {
-  if (u < Acc(0)) return multiply_value * u * normal_cdf_nonpositive(u);
-  if (u != u) return u;
-  return Acc(0);
-}
-
-// d out / d u. For u < 0 it is m * (Phi(u) + u * phi(u)); for u > 0 it is 0. At u == 0 PyTorch's binary
-// minimum splits the gradient of the tie in half and GELU'(0) = 1/2, so the composite gives m / 4.
-template <typename Acc>
-FCT_HD Acc epilogue_derivative(Acc u, Acc multiply_value) {
-  if (u < Acc(0)) return multiply_value * (normal_cdf_nonpositive(u) + u * normal_density(u));
-  if (u == Acc(0)) return Acc(0.25) * multiply_value;
-  if (u != u) return u;
-  return Acc(0);
-}
-
 template <typename Acc>
 struct EpilogueOutputs {
   Acc value, factor;  // out, and d out / d u
 };
 
-// Both at once, with Phi(u) evaluated once: the training forward stores both. Bitwise the values of
-// epilogue_from_preactivation and epilogue_derivative.
+// The epilogue where u >= 0 (z = min(u, 0) = 0) or u is NaN: value exactly 0 and derivative 0, except at
+// u == 0, where PyTorch's binary minimum splits the gradient of the tie in half and GELU'(0) = 1/2, so the
+// composite gives m / 4. NaN propagates as in the PyTorch composite (the binary minimum keeps NaN).
 template <typename Acc>
-FCT_HD EpilogueOutputs<Acc> epilogue_value_and_derivative(Acc u, Acc multiply_value) {
-  if (u < Acc(0)) {
-    const Acc cdf = normal_cdf_nonpositive(u);
-    return {multiply_value * u * cdf, multiply_value * (cdf + u * normal_density(u))};
-  }
+FCT_HD EpilogueOutputs<Acc> epilogue_at_nonnegative(Acc u, Acc multiply_value) {
   if (u != u) return {u, u};
   return {Acc(0), u == Acc(0) ? Acc(0.25) * multiply_value : Acc(0)};
+}
+
+// The functions below are written without branches: Phi is evaluated at z = min(u, 0) (NaN -> 0) on every
+// lane and the u >= 0 result selected afterwards, so that a GPU warp runs them as straight-line code whose
+// independent evaluations interleave. For u < 0 the value is m * u * Phi(u) and the derivative
+// m * (Phi(u) + u * phi(u)); for u >= 0, epilogue_at_nonnegative.
+
+// Value of the epilogue at the pre-activation u (bias and add_value already included).
+template <typename Acc>
+FCT_HD Acc epilogue_from_preactivation(Acc u, Acc multiply_value) {
+  const bool tail = u < Acc(0);
+  const Acc z = tail ? u : Acc(0);
+  const Acc value = multiply_value * z * normal_cdf_nonpositive(z);
+  return tail ? value : epilogue_at_nonnegative(u, multiply_value).value;
+}
+
+// Both at once, with Phi evaluated once: the training forward stores both.
+template <typename Acc>
+FCT_HD EpilogueOutputs<Acc> epilogue_value_and_derivative(Acc u, Acc multiply_value) {
+  const bool tail = u < Acc(0);
+  const Acc z = tail ? u : Acc(0);
+  const Acc cdf = normal_cdf_nonpositive(z);
+  const EpilogueOutputs<Acc> at_tail{multiply_value * z * cdf, multiply_value * (cdf + z * normal_density(z))};
+  return tail ? at_tail : epilogue_at_nonnegative(u, multiply_value);
+}
+
+// d out / d u alone.
+template <typename Acc>
+FCT_HD Acc epilogue_derivative(Acc u, Acc multiply_value) {
+  return epilogue_value_and_derivative(u, multiply_value).factor;
 }
 
 // The epilogue's scalars in the accumulation type, converted once per kernel rather than per element.
