@@ -5,7 +5,8 @@
 // with Phi the standard normal CDF, i.e. out = multiply_value * GELU(min(u, 0)) with exact (erf) GELU.
 // Because z <= 0, Phi(z) = 0.5 * erfc(-z / sqrt(2)): erfc of a positive argument has no cancellation,
 // whereas 0.5 * (1 + erf(z / sqrt(2))) loses every digit for very negative z. Where u >= 0, z = 0 and the
-// result is exactly 0: no transcendental call is made.
+// result is exactly 0 (the CUDA epilogue skips evaluating Phi for a group of outputs where a whole warp has
+// u >= 0).
 // The identity epilogue (enabled == false) is a plain transposed convolution: out = acc + bias.
 #pragma once
 

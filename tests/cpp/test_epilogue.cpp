@@ -122,7 +122,7 @@ void apply_epilogue_composes(test::Rng& rng, const char* type_name) {
     const Acc value = fused_convt::epilogue_from_preactivation(u, fused.multiply_value);
     const Acc derivative = fused_convt::epilogue_derivative(u, fused.multiply_value);
     CHECK_MSG(same_bits(fused_convt::apply_epilogue(fused, a), value), t + " apply_epilogue adds add_value");
-    // The training forward's one-erfc evaluation of both is bitwise the separate ones.
+    // The training forward's one evaluation of Phi for both is bitwise the separate ones.
     const auto both = fused_convt::apply_epilogue_with_factor(fused, a);
     CHECK_MSG(same_bits(both.value, value) && same_bits(both.factor, derivative),
               t + " apply_epilogue_with_factor equals value and derivative at u = " + test::fmt(double(u)));
