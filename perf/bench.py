@@ -8,7 +8,9 @@ All in one process, on one GPU. For every (shape, mode) case it
      nn.ConvTranspose2d init, add 0.5, mul 2.0: almost every output is exactly 0);
   2. times, on the KernelBench data, the forward (inference, no grad) and forward + backward (gradients
      w.r.t. input, weight and bias for a fixed random output gradient), as medians of
-     triton.testing.do_bench (CUDA events without triton, time.perf_counter on the CPU);
+     triton.testing.do_bench (CUDA events without triton, time.perf_counter on the CPU); and the forward on
+     the randn data too (``fwd_randn_ms``: fused_convt skips the GELU's erfc where a whole warp's outputs
+     are 0, which is nearly everywhere on the KernelBench data and on 22% of the randn data's outputs);
   3. measures the bytes a training forward leaves allocated for the backward, output excluded;
   4. sets each time against a floor from ceilings measured at start: (input + output bytes) / device copy
      bandwidth, and flops / the matching matmul rate.
@@ -363,7 +365,7 @@ class Case:
         self.floors = floors(p, self.dtype, rate_name, ceilings)
         problem = {**dataclasses.asdict(p), "output_shape": list(output_shape(p)), "flops": self.floors["flops"],
                    "fwd_bytes": self.floors["fwd_bytes"], "randn_add_value": RANDN_ADD_VALUE}
-        self.records = {name: {"shape": shape, "mode": mode, "impl": name, "fwd_ms": None, "fwdbwd_ms": None,
+        self.records = {name: {"shape": shape, "mode": mode, "impl": name, "fwd_ms": None, "fwd_randn_ms": None, "fwdbwd_ms": None,
                                "saved_bytes": None, "max_rel_err": None, "errors": {}, "data": {},
                                "floor_ms": self.floors["floor_ms"], "floor_bytes_ms": self.floors["floor_bytes_ms"],
                                "floor_flops_ms": self.floors["floor_flops_ms"],
@@ -438,6 +440,9 @@ class Case:
                 error = self.guarded(impl.name, f"forward check on {data.name} data", check, device)
                 if error is not None:
                     self.records[impl.name]["errors"][data.name] = error
+                if data.name == "randn":
+                    self.records[impl.name]["fwd_randn_ms"] = self.guarded(
+                        impl.name, "forward timing on randn data", lambda: self._forward_ms(impl, data, timer), device)
             del ref
             free_memory(device)
         # `data` is the KernelBench data now, and every impl holds it: time on it.
@@ -445,15 +450,18 @@ class Case:
             impl.load(data)
             self._time(impl, data, device, timer, backward)
 
+    @staticmethod
+    def _forward_ms(impl: Impl, data: Data, timer: Timer) -> float:
+        """Inference forward on data (already loaded into impl)."""
+        x = impl.prepare(data.x)
+        with torch.no_grad(), impl.context():
+            return timer(lambda: impl.model(x))
+
     def _time(self, impl: Impl, data: Data, device, timer: Timer, backward: bool) -> None:
         record = self.records[impl.name]
         x = impl.prepare(data.x)
-
-        def forward_ms():
-            with torch.no_grad(), impl.context():
-                return timer(lambda: impl.model(x))
-
-        record["fwd_ms"] = self.guarded(impl.name, "forward timing", forward_ms, device)
+        record["fwd_ms"] = self.guarded(impl.name, "forward timing", lambda: self._forward_ms(impl, data, timer),
+                                        device)
         if not backward:
             return
 
@@ -498,7 +506,7 @@ def print_case(records: List[dict]) -> None:
     by_impl = {r["impl"]: r for r in records}
     baselines = {label: by_impl.get(name, {}) for label, name in
                  (("eager", "eager"), ("compile", "compile"), ("best", "best_tuned"))}
-    header = (f"   {'impl':<22} {'fwd_ms':>9} {'fwdbwd_ms':>10} {'eager/x fwd|fb':>16} {'compile/x fwd|fb':>17} "
+    header = (f"   {'impl':<22} {'fwd_ms':>9} {'fwd_randn':>10} {'fwdbwd_ms':>10} {'eager/x fwd|fb':>16} {'compile/x fwd|fb':>17} "
               f"{'best/x fwd|fb':>15} {'%floor':>7} {'rel_randn':>10} {'rel_kb':>10} {'abs_randn':>10} "
               f"{'saved_MB':>9}")
     print(header)
@@ -507,7 +515,8 @@ def print_case(records: List[dict]) -> None:
                 for b in baselines.values()]
         errors = r["errors"]
         saved_mb = r["saved_bytes"] / 1e6 if r["saved_bytes"] is not None else None
-        print(f"   {r['impl']:<22} {fmt(r['fwd_ms'], '.4f'):>9} {fmt(r['fwdbwd_ms'], '.4f'):>10} {cols[0]:>16} "
+        print(f"   {r['impl']:<22} {fmt(r['fwd_ms'], '.4f'):>9} {fmt(r['fwd_randn_ms'], '.4f'):>10} "
+              f"{fmt(r['fwdbwd_ms'], '.4f'):>10} {cols[0]:>16} "
               f"{cols[1]:>17} {cols[2]:>15} {fmt(r['pct_of_floor'], '.1f'):>7} "
               f"{fmt(errors.get('randn', {}).get('rel_err'), '.2e'):>10} "
               f"{fmt(errors.get('kernelbench', {}).get('rel_err'), '.2e'):>10} "
@@ -529,7 +538,8 @@ def print_summary(records: List[dict]) -> None:
         parts = [f"{name}/ours = {ratio(by_impl[name]['fwd_ms'], ours['fwd_ms'])}, "
                  f"{ratio(by_impl[name]['fwdbwd_ms'], ours['fwdbwd_ms'])}"
                  for name in ("eager", "compile", "best_tuned") if name in by_impl]
-        print(f"   {shape:<{width}} {mode:<5} ours {ours['fwd_ms']:.4f} ms ({fmt(ours['pct_of_floor'], '.0f')}% of floor) | "
+        print(f"   {shape:<{width}} {mode:<5} ours {ours['fwd_ms']:.4f} ms ({fmt(ours['pct_of_floor'], '.0f')}% of floor; "
+              f"randn data {fmt(ours['fwd_randn_ms'], '.4f')} ms) | "
               + " | ".join(parts))
 
 
