@@ -10,20 +10,22 @@
 // Work split: a block owns kBlockM = 256 consecutive phase pixels (row-major over the phase grid, so any
 // image width wastes at most one partial tile) and BN output channels of one image, phase and group.
 // 8 warps each own 32 pixels x BN channels of fp32 accumulators (2 x BN/8 mma tiles).
-// Mainloop, per chunk of 16 input channels (two pipeline stages in shared memory):
+// Mainloop, in steps of (16 input channels, source phase) with the phase fastest (grad_input sums several
+// source phases; the forward has one), two pipeline stages in shared memory:
 //  * the input patch the tile reads (rows of the phase grid it spans, plus the taps' halo) sits channels-last
 //    in shared memory ([pixel][16 channels]) so that ldmatrix serves any tap offset: a tap just shifts the
-//    pixel row. The 16-bit forward copies it with 16-byte cp.async from a channels-last copy of the input that
-//    the launcher makes first (channels_last_pack.cuh; ~0.05 ms at kb_v1), so nothing of it passes through
-//    registers (tc_async_patch). Otherwise each thread loads whole pixels (16 channels) of the NCHW source,
-//    coalesced along the image row, into registers (grad_input forms g = grad_output x factor there);
+//    pixel row (per-source tables of shifts and weight taps are built once per block). The 16-bit forward
+//    copies the patch with 16-byte cp.async from a channels-last copy of the input that the launcher makes
+//    first (channels_last_pack.cuh; ~0.05 ms at kb_v1), so nothing of it passes through registers
+//    (tc_async_patch). Otherwise each thread loads whole pixels (16 channels) of the NCHW source, coalesced
+//    along the image row, into registers (grad_input forms g = grad_output x factor there);
 //  * the weight slice [tap][BN][16] comes from a pre-packed copy with 16-byte cp.async;
 //  * every warp runs ldmatrix + mma.sync over the phase's taps, in the precision policy Math (mma.cuh:
 //    TF32, 3xTF32 for exact float32, bf16 / fp16), accumulating in fp32.
-// The next chunk's loads are issued before the current chunk's MMAs, so memory latency hides under math.
+// The next step's loads are issued before the current step's MMAs, so memory latency hides under math.
 // Epilogue: the accumulators pass through shared memory so that each thread owns one pixel; bias, add, min,
-// GELU and scale are applied in registers and every output is written once (consecutive threads,
-// consecutive pixels).
+// GELU and scale are applied in registers, four output channels at a time, and every output is written once
+// (consecutive threads, consecutive pixels).
 #pragma once
 
 #include <algorithm>
@@ -415,7 +417,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
 
   // Epilogue. The accumulators go through shared memory (free after the mainloop), 32 channels at a time,
   // so that each thread then owns one pixel and walks the channels in a short loop: consecutive threads
-  // store consecutive pixels, and the loop body (with erfc) stays small enough for the instruction cache;
+  // store consecutive pixels, and the loop body (with Phi) stays small enough for the instruction cache;
   // a fully unrolled per-fragment epilogue was ~10k instructions and stalled on instruction fetch.
   float* tile = reinterpret_cast<float*>(smem);
   const int dst_plane = pr.dst_h * pr.dst_w;
