@@ -171,9 +171,11 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   // rows plus the taps' halo, full phase width; the next step's loads are issued before this step's MMAs.
   const int sources = kSumPhases ? pr.phases : 1;
   const int chunks = (pr.src_per_group + kTcChunk - 1) / kTcChunk;
-  const TcPhase& first_phase = pr.phase[kSumPhases ? 0 : phase_index];  // grad_input keeps phases with taps only
+  // A step's source: its row in the tap tables below (0 in the forward) and its phase.
+  auto source_of = [&](int step) { return kSumPhases ? step % sources : 0; };
+  auto phase_of = [&](int source) -> const TcPhase& { return pr.phase[kSumPhases ? source : phase_index]; };
+  const TcPhase& first_phase = phase_of(0);  // grad_input keeps phases with taps only
   const int steps = first_phase.taps_h * first_phase.taps_w > 0 ? sources * chunks : 0;
-  auto phase_of_step = [&](int step) -> const TcPhase& { return pr.phase[kSumPhases ? step % sources : phase_index]; };
 
   struct Patch {
     int min_off_h, min_off_w, row_first, cols, pixels;
@@ -205,7 +207,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   int* tap_weight = tap_shift + sources * pr.max_taps;
   for (int i = tid; i < sources * pr.max_taps; i += kTcThreads) {
     const int source = i / pr.max_taps, tap = i % pr.max_taps;
-    const TcPhase& ph = pr.phase[kSumPhases ? source : phase_index];
+    const TcPhase& ph = phase_of(source);
     if (tap < ph.taps_h * ph.taps_w) {
       const Patch patch = patch_of(ph);
       const int th = tap / ph.taps_w, tw = tap % ph.taps_w;
@@ -311,24 +313,25 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
       const int tap = row / BN, n = row % BN;
       const bool valid = n0 + n < pr.dst_per_group;
       const int weight_tap = tap_weight[source * pr.max_taps + tap];
-      const Smem* from = packed_group + (int64_t(weight_tap) * pr.dst_per_group + (valid ? n0 + n : 0)) * pr.src_padded + c0;
+      const Smem* from =
+          packed_group + (int64_t(weight_tap) * pr.dst_per_group + (valid ? n0 + n : 0)) * pr.src_padded + c0;
       cp_async_16(smem_address(tile + row * kRowBytes + piece * 16), reinterpret_cast<const uint4*>(from) + piece,
                   valid ? 16 : 0);
     }
     cp_async_commit();
   };
-  // Patch geometry and this thread's pixel offsets of the source last prepared: recomputed only when the
-  // source changes (every step of grad_input, once in the forward, whose per-step recomputation cost it
+  // Patch geometry and this thread's pixel offsets of the phase last prepared: recomputed only when the
+  // phase changes (every step of grad_input, once in the forward, whose per-step recomputation cost it
   // 1.24 -> 1.40 ms at kb_v1 bf16).
-  int prepared_source = -1;
+  int prepared_phase = -1;
   Patch prepared;
   int offsets[kTcPixelsPerThread];
   auto prepare = [&](int step) {
-    const int source = kSumPhases ? step % sources : phase_index;
-    if (source != prepared_source) {
-      prepared = patch_of(pr.phase[source]);
-      pixel_offsets(pr.phase[source], prepared, offsets);
-      prepared_source = source;
+    const int phase = kSumPhases ? source_of(step) : phase_index;
+    if (phase != prepared_phase) {
+      prepared = patch_of(pr.phase[phase]);
+      pixel_offsets(pr.phase[phase], prepared, offsets);
+      prepared_phase = phase;
     }
     return prepared;
   };
@@ -336,7 +339,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   // returns the step's patch geometry.
   constexpr bool async_patch = tc_async_patch<Dir, Math>();
   auto issue_loads = [&](int step, int stage) {
-    const TcPhase& ph = phase_of_step(step);
+    const TcPhase& ph = phase_of(source_of(step));
     const Patch patch = prepare(step);
     const int c0 = step / sources * kTcChunk;
     if constexpr (async_patch) {
@@ -349,18 +352,18 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
       }
       staged_pixels = patch.pixels;
     }
-    load_weights(kSumPhases ? step % sources : 0, ph.taps_h * ph.taps_w, c0, stage);  // commits the patch copies
+    load_weights(source_of(step), ph.taps_h * ph.taps_w, c0, stage);  // commits the patch copies
     return patch;
   };
   // Every warp's ldmatrix + mma.sync over the step's taps.
   auto multiply = [&](int step, int stage, const Patch& patch) {
-    const TcPhase& ph = phase_of_step(step);
+    const TcPhase& ph = phase_of(source_of(step));
     int a_row[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) a_row[i] = (frag_a[i] + patch.min_off_h - patch.row_first) * patch.cols + frag_b[i];
     const uint32_t patch_base = smem_address(smem + stage * pr.stage_bytes);
     const uint32_t weight_base = patch_base + pr.stage_patch_bytes;
-    const int* shifts = tap_shift + (kSumPhases ? step % sources : 0) * pr.max_taps;
+    const int* shifts = tap_shift + source_of(step) * pr.max_taps;
     const int taps = ph.taps_h * ph.taps_w;
     for (int tap = 0; tap < taps; ++tap) {
       const int shift = shifts[tap];
@@ -510,26 +513,24 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
           tile[column * kEpiStride + warp * 32 + i * 16 + g + (q >> 1) * 8] = acc[i][j][q];
         }
     __syncthreads();
-    {
-      const int first = part * kEpiFrags * 8, last = min(columns, first + kEpiFrags * 8);
-      const int64_t base = dst_image + int64_t(n0 + first) * dst_plane + pixel;
-      // Output and factor are each optional (ForwardArgs); a call with neither writes nothing.
-      auto store = [&](auto enabled) {
-        if (dst && dst_factor) {
-          store_columns(first, last, base, Yes{}, Yes{}, enabled);
-        } else if (dst_factor) {
-          store_columns(first, last, base, No{}, Yes{}, enabled);
-        } else if (dst) {
-          store_columns(first, last, base, Yes{}, No{}, enabled);
-        }
-      };
-      if constexpr (Dir == GatherDirection::GradInput) {
-        store_columns(first, last, base, Yes{}, No{}, No{});
-      } else if (epilogue.enabled) {
-        store(Yes{});
-      } else {
-        store(No{});
+    const int first = part * kEpiFrags * 8, last = min(columns, first + kEpiFrags * 8);
+    const int64_t base = dst_image + int64_t(n0 + first) * dst_plane + pixel;
+    // Output and factor are each optional (ForwardArgs); a call with neither writes nothing.
+    auto store = [&](auto enabled) {
+      if (dst && dst_factor) {
+        store_columns(first, last, base, Yes{}, Yes{}, enabled);
+      } else if (dst_factor) {
+        store_columns(first, last, base, No{}, Yes{}, enabled);
+      } else if (dst) {
+        store_columns(first, last, base, Yes{}, No{}, enabled);
       }
+    };
+    if constexpr (Dir == GatherDirection::GradInput) {
+      store_columns(first, last, base, Yes{}, No{}, No{});
+    } else if (epilogue.enabled) {
+      store(Yes{});
+    } else {
+      store(No{});
     }
     __syncthreads();
   }
