@@ -262,26 +262,45 @@ grad_weight_bias_partial_kernel(ConvTransposeParams p, BackwardPlan plan, const 
   }
 }
 
-// result[i] = sum over s in order of partial[s * count + i]. Unrolled so that the loads of several splits
-// are in flight together (the adds keep their order): with few outputs (the bias: one thread per channel
-// over splits x phases partials) a load-add chain per split took ~30 us.
+// result[i] = the sum over s of partial[s * count + i], in a fixed order (bitwise reproducible): a block
+// takes kSumResults consecutive results (coalesced loads along i) and kSumThreads / kSumResults lanes per
+// result; lane k adds splits k, k + lanes, ... in order, then the lanes' sums are added in lane order. With
+// one thread per result walking every split, few results (the bias: one per channel, over thousands of
+// partials) took ~60 us per call at kb_v0 (H100), a single chain of dependent adds.
+constexpr int kSumThreads = 256;
+constexpr int kSumResults = 32;
 template <typename T>
-__global__ void sum_splits_kernel(const typename DeviceAcc<T>::type* __restrict__ partial, int64_t splits,
-                                  int64_t count, T* __restrict__ result) {
+__global__ void __launch_bounds__(kSumThreads)
+sum_splits_kernel(const typename DeviceAcc<T>::type* __restrict__ partial, int64_t splits, int64_t count,
+                  T* __restrict__ result) {
   using Acc = typename DeviceAcc<T>::type;
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
+  constexpr int kLanes = kSumThreads / kSumResults;
+  __shared__ Acc lane_sums[kLanes][kSumResults];
+  const int r = int(threadIdx.x % kSumResults), k = int(threadIdx.x / kSumResults);
+  for (int64_t first = blockIdx.x * int64_t(kSumResults); first < count; first += int64_t(gridDim.x) * kSumResults) {
+    const int64_t i = first + r;
     Acc acc = Acc(0);
-#pragma unroll 8
-    for (int64_t s = 0; s < splits; ++s) acc += partial[s * count + i];
-    result[i] = from_acc<T>(acc);
+    if (i < count) {
+#pragma unroll 4
+      for (int64_t s = k; s < splits; s += kLanes) acc += partial[s * count + i];
+    }
+    lane_sums[k][r] = acc;
+    __syncthreads();
+    if (k == 0 && i < count) {
+      Acc total = lane_sums[0][r];
+#pragma unroll
+      for (int lane = 1; lane < kLanes; ++lane) total += lane_sums[lane][r];
+      result[i] = from_acc<T>(total);
+    }
+    __syncthreads();
   }
 }
 
 template <typename T>
 void launch_sum_splits(const typename DeviceAcc<T>::type* partial, int64_t splits, int64_t count, T* result,
                        cudaStream_t stream) {
-  const int blocks = int(std::min<int64_t>((count + 255) / 256, 65535));
-  sum_splits_kernel<T><<<blocks, 256, 0, stream>>>(partial, splits, count, result);
+  const int blocks = int(std::min<int64_t>((count + kSumResults - 1) / kSumResults, 65535));
+  sum_splits_kernel<T><<<blocks, kSumThreads, 0, stream>>>(partial, splits, count, result);
   check_launch("sum_splits_kernel");
 }
 

@@ -11,7 +11,7 @@
 // image width wastes at most one partial tile) and BN output channels of one image, phase and group.
 // 8 warps each own 32 pixels x BN channels of fp32 accumulators (2 x BN/8 mma tiles).
 // Mainloop, in steps of (16 input channels, source phase) with the phase fastest (grad_input sums several
-// source phases; the forward has one), two pipeline stages in shared memory:
+// source phases; the forward has one), two or three pipeline stages in shared memory (tc_stages):
 //  * the input patch the tile reads (rows of the phase grid it spans, plus the taps' halo) sits channels-last
 //    in shared memory ([pixel][16 channels]) so that ldmatrix serves any tap offset: a tap just shifts the
 //    pixel row (per-source tables of shifts and weight taps are built once per block). The 16-bit forward
@@ -81,6 +81,14 @@ struct TcProblem {
 template <GatherDirection Dir, typename Math>
 constexpr bool tc_async_patch() {
   return Dir == GatherDirection::Forward && sizeof(typename Math::Smem) == 2;
+}
+
+// Pipeline stages in shared memory. The register-staged path holds one step in registers: two. The
+// asynchronous patch copy keeps two steps in flight: a tile has only a few 16-channel steps (four at kb_v1),
+// and with one step of prefetch 40% of the mainloop's stall samples waited on global loads (Nsight Compute).
+template <GatherDirection Dir, typename Math>
+constexpr int tc_stages() {
+  return tc_async_patch<Dir, Math>() ? 3 : 2;
 }
 
 // Bytes of one staged row of kTcChunk values, padded by 16 B so that ldmatrix's eight row addresses of
@@ -200,10 +208,11 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
     return patch;
   };
 
-  // Per source and tap, written once per block behind the two stages: the patch-row shift of the tap and
+  // Per source and tap, written once per block behind the stages: the patch-row shift of the tap and
   // the packed weight tap it multiplies (kh * kernel_w + kw), tap = th * taps_w + tw. Deriving them per step
   // from the phase tables cost registers (spills) in the loop.
-  int* tap_shift = reinterpret_cast<int*>(smem + 2 * pr.stage_bytes);
+  constexpr int kStages = tc_stages<Dir, Math>();
+  int* tap_shift = reinterpret_cast<int*>(smem + kStages * pr.stage_bytes);
   int* tap_weight = tap_shift + sources * pr.max_taps;
   for (int i = tid; i < sources * pr.max_taps; i += kTcThreads) {
     const int source = i / pr.max_taps, tap = i % pr.max_taps;
@@ -395,27 +404,41 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
     }
   };
 
+  // Prologue: the first kStages - 1 steps. A missing step commits an empty group, so that the wait below
+  // always leaves exactly the kStages - 2 youngest groups in flight.
+  static_assert(async_patch || kStages == 2, "the register-staged patch holds one step");
   Patch current{};
-  if (steps > 0) {
-    current = issue_loads(0, 0);
-    if constexpr (!async_patch) store_patch(0);
-    cp_async_wait_all();
-    __syncthreads();
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < steps) {
+      const Patch patch = issue_loads(s, s);
+      if (s == 0) current = patch;
+      if constexpr (!async_patch) store_patch(s);
+    } else {
+      cp_async_commit();
+    }
   }
+  cp_async_wait<kStages - 2>();
+  __syncthreads();
+  int stage = 0;
   for (int step = 0; step < steps; ++step) {
-    const int stage = step & 1;
-    const bool more = step + 1 < steps;
+    // Step step + kStages - 1 goes into the stage the previous step read (released by its barrier).
+    const int ahead = step + kStages - 1, ahead_stage = stage == 0 ? kStages - 1 : stage - 1;
     Patch next = current;
-    if (more) next = issue_loads(step + 1, stage ^ 1);
+    if (ahead < steps) {
+      next = issue_loads(ahead, ahead_stage);
+    } else {
+      cp_async_commit();
+    }
     // The forward's one source keeps its geometry in `prepared`; carrying step geometries through the loop
     // there cost registers (spills) and time (TF32 kb_v1 1.78 -> 1.94 ms).
     multiply(step, stage, kSumPhases ? current : prepared);
     if constexpr (!async_patch) {
-      if (more) store_patch(stage ^ 1);
+      if (ahead < steps) store_patch(ahead_stage);
     }
-    cp_async_wait_all();
+    cp_async_wait<kStages - 2>();
     __syncthreads();
-    if constexpr (kSumPhases) current = next;
+    if constexpr (kSumPhases) current = next;  // two stages there: `next` is step + 1
+    stage = stage + 1 == kStages ? 0 : stage + 1;
   }
 
   // Epilogue. The accumulators go through shared memory (free after the mainloop), 32 channels at a time,
@@ -576,6 +599,23 @@ inline int span_of(const int* offsets, int n) {
   return hi - lo;
 }
 
+// The most phase rows a tile of kTcBlockM consecutive phase pixels spans (the kernel's patch_of), over the
+// tiles of an extent_h x extent_w grid. A tile's start modulo the width repeats after at most extent_w tiles,
+// and the last tile may be partial, so those tiles cover every case. Exact rather than the worst case over
+// all starts: the bound decides whether a shape takes this path (k5 s1 at 36 x 36 outputs: 13 -> 12 rows
+// with 40 columns, under kTcMaxPatchPixels; it fell back to the direct kernel at 2x eager's time).
+inline int max_tile_rows(int extent_h, int extent_w) {
+  const int64_t count = int64_t(extent_h) * extent_w;
+  const int64_t tiles = (count + kTcBlockM - 1) / kTcBlockM;
+  auto rows_of = [&](int64_t tile) {
+    const int64_t first = tile * kTcBlockM, last = std::min(first + kTcBlockM, count) - 1;
+    return int(last / extent_w - first / extent_w + 1);
+  };
+  int rows = tiles > 0 ? rows_of(tiles - 1) : 0;
+  for (int64_t tile = 0; tile < std::min<int64_t>(tiles, extent_w); ++tile) rows = std::max(rows, rows_of(tile));
+  return rows;
+}
+
 // Fills the tile counts and staging sizes from the phases; false if a tile's patch would not fit.
 inline bool finish_tc_problem(TcProblem* pr) {
   int max_count = 0;
@@ -584,9 +624,7 @@ inline bool finish_tc_problem(TcProblem* pr) {
     const TcPhase& ph = pr->phase[i];
     max_count = std::max(max_count, ph.extent_h * ph.extent_w);
     pr->max_taps = std::max(pr->max_taps, ph.taps_h * ph.taps_w);
-    // A tile of kTcBlockM consecutive phase pixels spans at most this many phase rows (kernel's patch bounds).
-    const int a_span = std::min(ph.extent_h, (kTcBlockM - 1) / ph.extent_w + 2);
-    const int64_t rows = int64_t(a_span - 1) + span_of(ph.off_h, ph.taps_h) + 1;
+    const int64_t rows = int64_t(max_tile_rows(ph.extent_h, ph.extent_w)) + span_of(ph.off_h, ph.taps_h);
     const int64_t cols = int64_t(ph.extent_w - 1) + span_of(ph.off_w, ph.taps_w) + 1;
     if (rows * cols > kTcMaxPatchPixels) return false;
     // The kernel addresses inside one image with 32-bit offsets.
@@ -730,7 +768,7 @@ bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src, 
     const size_t epilogue_bytes = (size_t(std::min(BN, 32)) * (kTcBlockM + 4) + BN) * sizeof(float);
     const int sources = Dir == GatherDirection::GradInput ? pr.phases : 1;  // tap tables' sources
     const size_t tables_bytes = 2 * size_t(sources) * pr.max_taps * sizeof(int);
-    const size_t smem = std::max(2 * size_t(pr.stage_bytes) + tables_bytes, epilogue_bytes);
+    const size_t smem = std::max(tc_stages<Dir, Math>() * size_t(pr.stage_bytes) + tables_bytes, epilogue_bytes);
     const int64_t grid_x = pr.batch * pr.m_tiles * (Dir == GatherDirection::GradInput ? 1 : pr.phases);
     const int64_t grid_y = int64_t(pr.groups) * pr.n_tiles;
     if (smem > max_dynamic_smem_bytes() || grid_x > 0x7fffffff || grid_y > 65535) return false;
