@@ -25,31 +25,74 @@
 
 namespace fused_convt {
 
-constexpr int kPackAlign = 8;     // channel padding per group: 16 bytes of 16-bit values, 32 of float
-constexpr int kPackChannels = 32;  // channels of one transpose tile (one per lane when writing)
+constexpr int kPackAlign = 8;      // channel padding per group: 16 bytes of 16-bit values, 32 of float
+constexpr int kPackChannels = 64;  // channels of one transpose tile
 constexpr int kPackPixels = 64;    // pixels of one tile (two per lane when reading)
+constexpr int kPackVector = 4;     // adjacent channels a thread moves together (one 16-byte shared access)
 constexpr int kPackThreads = 256;
 constexpr int kPackWarps = kPackThreads / 32;
-constexpr int kPackChannelsPerWarp = kPackChannels / kPackWarps;
+constexpr int kPackVectors = kPackChannels / kPackVector;       // channel vectors of a tile's pixel row
+constexpr int kPackVectorsPerWarp = kPackVectors / kPackWarps;  // channel vectors one warp reads
 constexpr int kPackPixelsPerLane = kPackPixels / 32;
+constexpr int kPackWritePixels = kPackPixels * kPackVectors / kPackThreads;  // pixel rows one thread writes
+// Tile row pitch in values. Reading, a quarter warp stores 16-byte vectors at pixels p..p+7 of one channel
+// vector: word offsets p x 68 = 4p (mod 32 banks), eight distinct 4-bank groups. Writing, a quarter warp loads
+// eight consecutive vectors of one pixel row. Both phases are free of bank conflicts.
+constexpr int kPackPitch = kPackChannels + kPackVector;
+static_assert(kPackVectors % kPackWarps == 0 && kPackThreads % kPackVectors == 0, "pack tile shape");
 
 FCT_HD int64_t padded_channels(int64_t per_group) { return (per_group + kPackAlign - 1) / kPackAlign * kPackAlign; }
 
+template <typename S, int W>
+struct alignas(W * sizeof(S)) PackPiece {
+  S v[W];
+};
+
+// A thread's channel vector stored into a destination row in pieces of `width` values (a power of two, at most
+// W), one store each. `width` divides the per-group channel count, so a piece (width-aligned in the tile) lies in
+// one group and is width-aligned in the row (rows and groups are multiples of kPackAlign values; the base is
+// 16-byte aligned, as cp.async needs). dst_channel[k] < 0: channel k is past the last channel, and so is its
+// whole piece (width divides the channel count).
+template <int W, typename Smem>
+__device__ __forceinline__ void store_pieces(int width, Smem* row, const int (&dst_channel)[kPackVector],
+                                             const Smem (&v)[kPackVector]) {
+  if constexpr (W > 1) {
+    if (width < W) return store_pieces<W / 2>(width, row, dst_channel, v);
+  }
+#pragma unroll
+  for (int k = 0; k < kPackVector; k += W) {
+    if (dst_channel[k] < 0) continue;
+    PackPiece<Smem, W> piece;
+#pragma unroll
+    for (int i = 0; i < W; ++i) piece.v[i] = v[k + i];
+    *reinterpret_cast<PackPiece<Smem, W>*>(row + dst_channel[k]) = piece;
+  }
+}
+
 // grid = (batch x pixel blocks, channel tiles). A block walks one contiguous range of one image's pixels
 // (rows x cols flattened: a channel's plane is contiguous, whatever the image width) in tiles of
-// kPackChannels x kPackPixels: warps read channel rows (lanes along pixels, coalesced, 8 loads per thread in
-// flight per tile), then write pixel rows (lanes along channels). Index math is kept out of the per-value
-// path: versions that derived each destination per stored value were compute-bound at ~0.4-1 TB/s (H100).
-// Walking image rows instead of the flattened plane also wasted most of a tile at each row end.
+// kPackChannels x kPackPixels: warps read channel rows (lanes along pixels, coalesced; 16 loads per thread,
+// 32 with the factor, all in flight before any is used) and put them in shared memory as pixel rows; then
+// each thread writes vectors of kPackVector adjacent channels of a pixel row (8-byte stores of 16-bit values,
+// 16-byte of float; a warp covers two pixel rows' 64 channels), in narrower pieces where the per-group
+// channel count is not a multiple of kPackVector. The tile and the destination rows are double-buffered: one
+// barrier per tile. (The previous 32-channel tile stored one 2-byte value per lane, 64 B per warp store, with
+// two barriers per tile: 1.8 TB/s at kb_v1 bf16, H100.) Index math is kept out of the per-value path: versions
+// that derived each destination per stored value were compute-bound at ~0.4-1 TB/s (H100). Walking image
+// rows instead of the flattened plane also wasted most of a tile at each row end.
+// 3 blocks per SM: at most 80 registers, which the loads in flight take without spilling (35 KB of shared
+// memory per block).
 // bias_partial[(n * pixel_blocks + pixel_block) * channels + c] = sum of the block's values of channel c.
-template <typename T, typename Math>
-__global__ void __launch_bounds__(kPackThreads)
+template <typename T, typename Math, bool kFactor>
+__global__ void __launch_bounds__(kPackThreads, 3)
 pack_channels_last_kernel(const T* __restrict__ src, const T* __restrict__ factor, int channels, int groups,
                           int padded, int pixel_blocks, PhaseSplitLayout layout, typename Math::Smem* __restrict__ dst,
                           typename DeviceAcc<T>::type* __restrict__ bias_partial) {
   using Acc = typename DeviceAcc<T>::type;
-  __shared__ Acc tile[kPackChannels][kPackPixels + 1];
-  __shared__ int64_t dst_rows[kPackPixels];
+  using Smem = typename Math::Smem;
+  static_assert(sizeof(Acc) == 4, "the tile's padding assumes 4-byte values");
+  __shared__ __align__(16) Acc tile[2][kPackPixels][kPackPitch];
+  __shared__ int64_t dst_rows[2][kPackPixels];
   const int cols = layout.w.size;
   const int plane = layout.h.size * cols;  // < 2^31 (validated)
   const int pixel_block = int(blockIdx.x % pixel_blocks);
@@ -60,65 +103,116 @@ pack_channels_last_kernel(const T* __restrict__ src, const T* __restrict__ facto
   const int c0 = blockIdx.y * kPackChannels;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int per_group = channels / groups;
-  // Channels this warp reads, and the channel this lane writes (its place in a padded pixel row).
-  const int read_channels = min(kPackChannelsPerWarp, max(0, channels - c0 - warp + kPackWarps - 1) / kPackWarps);
-  const T* src_channel = src + (n * channels + c0 + warp) * int64_t(plane);
-  const T* factor_channel = factor ? factor + (n * channels + c0 + warp) * int64_t(plane) : nullptr;
-  const int64_t channel_step = int64_t(kPackWarps) * plane;
-  const int c_write = c0 + lane;
-  const int64_t dst_channel = c_write < channels ? int64_t(c_write / per_group) * padded + c_write % per_group : 0;
 
-  Acc bias_sum[kPackChannelsPerWarp];
+  // Reading: the warp's channel vectors warp + i x kPackWarps, their channels after the first `read_channels`
+  // being past the last channel. A vector wholly past it is not loaded (a warp-uniform predicate); the others'
+  // loads are clamped to channel read_channels - 1 and to the last pixel, and the values out of range are
+  // zeroed after the loads.
+  const int first_read = c0 + warp * kPackVector;
+  const int read_channels = channels - first_read;
+  const int64_t src_offset = (n * channels + first_read) * int64_t(plane);
+  constexpr int kVectorStride = kPackWarps * kPackVector;  // channels between a warp's vectors
+  // Writing: this thread's channel vector (the same in every pixel row it writes), its channels' places in a
+  // padded row (-1 past the last channel), and the widest piece that the group layout allows.
+  const int write_vector = int(threadIdx.x) % kPackVectors;
+  const int write_pixel = int(threadIdx.x) / kPackVectors;
+  int dst_channel[kPackVector];
 #pragma unroll
-  for (int i = 0; i < kPackChannelsPerWarp; ++i) bias_sum[i] = Acc(0);
+  for (int k = 0; k < kPackVector; ++k) {
+    const int c = c0 + write_vector * kPackVector + k;
+    dst_channel[k] = c < channels ? c / per_group * padded + c % per_group : -1;
+  }
+  const int piece_width = min(per_group & -per_group, kPackVector);  // largest power of two dividing per_group
 
-  for (int p0 = begin; p0 < end; p0 += kPackPixels) {
-    Acc v[kPackChannelsPerWarp][kPackPixelsPerLane];
+  Acc bias_sum[kPackVectorsPerWarp][kPackVector];
 #pragma unroll
-    for (int i = 0; i < kPackChannelsPerWarp; ++i)
+  for (int i = 0; i < kPackVectorsPerWarp; ++i)
 #pragma unroll
-      for (int j = 0; j < kPackPixelsPerLane; ++j) {
-        const int pixel = p0 + j * 32 + lane;
-        const bool ok = i < read_channels && pixel < end;
-        v[i][j] = ok ? to_acc(src_channel[i * channel_step + pixel]) : Acc(0);
-        if (factor_channel && ok) v[i][j] *= to_acc(factor_channel[i * channel_step + pixel]);
-      }
+    for (int k = 0; k < kPackVector; ++k) bias_sum[i][k] = Acc(0);
+
+  int buffer = 0;
+  for (int p0 = begin; p0 < end; p0 += kPackPixels, buffer ^= 1) {
+    // All loads are issued before any value is used: loads guarded per value compiled to each conversion
+    // waiting for its load (one memory round trip after another).
+    T raw[kPackVectorsPerWarp][kPackVector][kPackPixelsPerLane];
+    T raw_factor[kPackVectorsPerWarp][kPackVector][kPackPixelsPerLane];
+#pragma unroll
+    for (int i = 0; i < kPackVectorsPerWarp; ++i) {
+      const bool vector_read = i * kVectorStride < read_channels;
+#pragma unroll
+      for (int k = 0; k < kPackVector; ++k)
+#pragma unroll
+        for (int j = 0; j < kPackPixelsPerLane; ++j) {
+          const int64_t at = src_offset + int64_t(min(i * kVectorStride + k, read_channels - 1)) * plane +
+                             min(p0 + j * 32 + lane, end - 1);
+          raw[i][k][j] = vector_read ? src[at] : T();
+          if constexpr (kFactor) raw_factor[i][k][j] = vector_read ? factor[at] : T();
+        }
+    }
+    Acc v[kPackVectorsPerWarp][kPackVector][kPackPixelsPerLane];
+#pragma unroll
+    for (int i = 0; i < kPackVectorsPerWarp; ++i)
+#pragma unroll
+      for (int k = 0; k < kPackVector; ++k)
+#pragma unroll
+        for (int j = 0; j < kPackPixelsPerLane; ++j) {
+          const bool ok = i * kVectorStride + k < read_channels && p0 + j * 32 + lane < end;
+          v[i][k][j] = ok ? to_acc(raw[i][k][j]) * (kFactor ? to_acc(raw_factor[i][k][j]) : Acc(1)) : Acc(0);
+        }
     // Destination row of each pixel of the tile (PhaseSplitLayout::pixel_row in 32-bit steps), decoded once
     // per pixel by one thread while the loads are in flight: decoding it in the write loop (every lane, every
     // channel tile) was ~100 integer instructions per 32 stored values and made this kernel compute-bound.
-    // The barrier at the end of the previous tile protects both dst_rows and tile.
+    // This buffer (of tile and dst_rows) was last read two tiles ago, before every thread passed the previous
+    // tile's barrier.
     if (dst && threadIdx.x < kPackPixels && p0 + int(threadIdx.x) < end) {
       const int o_h = (p0 + int(threadIdx.x)) / cols, o_w = p0 + int(threadIdx.x) - o_h * cols;
       const int rh = layout.h.phase_of(o_h), rw = layout.w.phase_of(o_w);
       const int extent_h = layout.h.extent(rh), extent_w = layout.w.extent(rw);
-      dst_rows[threadIdx.x] =
+      dst_rows[buffer][threadIdx.x] =
           layout.batch * (int64_t(layout.h.before(rh)) * cols + int64_t(extent_h) * layout.w.before(rw)) +
           (n * extent_h + layout.h.index_in_phase(o_h, rh)) * extent_w + layout.w.index_in_phase(o_w, rw);
     }
 #pragma unroll
-    for (int i = 0; i < kPackChannelsPerWarp; ++i)
+    for (int i = 0; i < kPackVectorsPerWarp; ++i)
 #pragma unroll
       for (int j = 0; j < kPackPixelsPerLane; ++j) {
-        bias_sum[i] += v[i][j];
-        if (dst) tile[warp + i * kPackWarps][j * 32 + lane] = v[i][j];
+        PackPiece<Acc, kPackVector> column;
+#pragma unroll
+        for (int k = 0; k < kPackVector; ++k) {
+          bias_sum[i][k] += v[i][k][j];
+          column.v[k] = v[i][k][j];
+        }
+        if (dst) {
+          *reinterpret_cast<PackPiece<Acc, kPackVector>*>(
+              &tile[buffer][j * 32 + lane][(warp + i * kPackWarps) * kPackVector]) = column;
+        }
       }
     if (dst == nullptr) continue;  // bias only (uniform over the block): the tile is not used
     __syncthreads();
-    if (c_write < channels) {
-      for (int q = warp; q < kPackPixels && p0 + q < end; q += kPackWarps)
-        dst[dst_rows[q] * layout.row + dst_channel] = Math::to_smem(from_acc<T>(tile[lane][q]));
+#pragma unroll
+    for (int s = 0; s < kPackWritePixels; ++s) {
+      const int q = write_pixel + s * (kPackThreads / kPackVectors);
+      if (p0 + q >= end) break;
+      const PackPiece<Acc, kPackVector> column =
+          *reinterpret_cast<const PackPiece<Acc, kPackVector>*>(&tile[buffer][q][write_vector * kPackVector]);
+      Smem values[kPackVector];
+#pragma unroll
+      for (int k = 0; k < kPackVector; ++k) values[k] = Math::to_smem(from_acc<T>(column.v[k]));
+      store_pieces<kPackVector>(piece_width, dst + dst_rows[buffer][q] * layout.row, dst_channel, values);
     }
-    __syncthreads();
   }
 
   if (bias_partial) {
     // Lanes hold pixels: a fixed butterfly over the lanes, then lane 0 writes the warp's channels.
 #pragma unroll
-    for (int i = 0; i < kPackChannelsPerWarp; ++i) {
-      const Acc v = warp_sum(bias_sum[i]);
-      const int c = c0 + warp + i * kPackWarps;
-      if (lane == 0 && c < channels) bias_partial[(n * pixel_blocks + pixel_block) * channels + c] = v;
-    }
+    for (int i = 0; i < kPackVectorsPerWarp; ++i)
+#pragma unroll
+      for (int k = 0; k < kPackVector; ++k) {
+        const Acc sum = warp_sum(bias_sum[i][k]);
+        const int channel = i * kVectorStride + k;
+        if (lane == 0 && channel < read_channels)
+          bias_partial[(n * pixel_blocks + pixel_block) * channels + first_read + channel] = sum;
+      }
   }
 }
 
@@ -140,8 +234,9 @@ void launch_pack_channels_last(const T* src, const T* factor, int channels, int 
   if (blocks_x == 0 || blocks_y == 0) return;  // empty batch: no values, and the bias sums have no partials
   if (blocks_x > 0x7fffffff || blocks_y > 65535)
     throw std::invalid_argument("fused_convt: channels-last pack grid too large (batch x pixel blocks > 2^31 - 1 "
-                                "or channels > 65535 x 32)");
-  pack_channels_last_kernel<T, Math><<<dim3(unsigned(blocks_x), unsigned(blocks_y)), kPackThreads, 0, stream>>>(
+                                "or channels > 65535 x 64)");
+  const auto kernel = factor ? pack_channels_last_kernel<T, Math, true> : pack_channels_last_kernel<T, Math, false>;
+  kernel<<<dim3(unsigned(blocks_x), unsigned(blocks_y)), kPackThreads, 0, stream>>>(
       src, factor, channels, groups, padded, pixel_blocks, layout, dst, bias_partial);
   check_launch("pack_channels_last_kernel");
 }
