@@ -1,5 +1,7 @@
+import importlib.util
 import os
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,3 +30,12 @@ def exact_fp32():
     torch.backends.cuda.matmul.allow_tf32 = False
     yield
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = old
+
+
+def load_perf_script(name: str):
+    """A perf/ script (not a package) loaded as a module, so that its code paths can run under pytest."""
+    path = Path(__file__).resolve().parents[2] / "perf" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"fused_convt_perf_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,24 +1,15 @@
 """perf/bench.py's own code paths on the CPU (--device cpu --quick): it runs to the end, and the JSON it writes
 holds the fields results are compared by (issue 4's schema) with real, checked values."""
-import importlib.util
 import json
 import math
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("fused_convt_bench", ROOT / "perf" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_perf_script
 
 
 def test_bench_cpu_run_writes_comparable_records(tmp_path):
-    bench = load_bench()
+    bench = load_perf_script("bench")
     assert bench.main(["--device", "cpu", "--quick", "--out", str(tmp_path)]) == 0
     (path,) = tmp_path.glob("*.json")
     result = json.loads(path.read_text())

@@ -1,23 +1,14 @@
 """perf/profile_kernel.py on the CPU: its workloads run (a tiny problem), and its summary of an Nsight Compute
 source-page CSV adds each counter per region (before / between / after the HMMAs) and per memory opcode."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_profile_kernel():
-    spec = importlib.util.spec_from_file_location("fused_convt_profile_kernel", ROOT / "perf" / "profile_kernel.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from conftest import load_perf_script
 
 
 @pytest.mark.parametrize("kind,dtype,data", [("forward", "bf16", "kernelbench"), ("grad_input", "tf32", "randn")])
 def test_workloads_run_on_cpu(kind, dtype, data):
-    assert load_profile_kernel().main(["run", kind, "--dtype", dtype, "--data", data, "--device", "cpu"]) == 0
+    profile = load_perf_script("profile_kernel")
+    assert profile.main(["run", kind, "--dtype", dtype, "--data", data, "--device", "cpu"]) == 0
 
 
 CSV = '''"Kernel Name","implicit_gemm_conv_kernel"
@@ -35,7 +26,7 @@ CSV = '''"Kernel Name","implicit_gemm_conv_kernel"
 
 
 def test_summary_splits_counters_by_region_and_opcode(tmp_path):
-    profile = load_profile_kernel()
+    profile = load_perf_script("profile_kernel")
     path = tmp_path / "source.csv"
     path.write_text(CSV)
     totals = profile.summarize(path)
