@@ -20,8 +20,8 @@ Implementations: fused_convt (ours), fused_convt_recompute (ours, recompute=True
 for backward), eager (the KernelBench model verbatim), compile (torch.compile of it, default mode) and
 best_tuned (channels_last + cudnn.benchmark + torch.compile, the fastest PyTorch setup in
 shared/ANCHORS.md). Modes: tf32 (fp32 tensors, cuDNN and cuBLAS TF32 on: PyTorch's default), fp32 (TF32
-off), bf16, fp16; fused_convt follows torch.backends.cudnn.allow_tf32 like cuDNN does. The sweep runs in the first selected mode with fused_convt, eager and compile only, and
-compile's error there is measured on the KernelBench data alone (the randn data's add_value would cost a
+off), bf16, fp16; fused_convt follows torch.backends.cudnn.allow_tf32 like cuDNN does. The sweep runs in every selected
+mode with fused_convt, eager and compile only (~2 minutes per mode on an H100), and compile's error there is measured on the KernelBench data alone (the randn data's add_value would cost a
 recompile per point).
 
   PYTHONPATH=python python perf/bench.py                              # kb_v0, kb_v1 x tf32, bf16
@@ -621,7 +621,7 @@ def parse_args(argv=None):
     parser.add_argument("--shapes", default="kb_v0,kb_v1",
                         help="comma-separated of kb_v0, kb_v1 (default both); 'none' for the sweep alone")
     parser.add_argument("--modes", default="tf32,bf16", help="comma-separated of tf32, fp32, bf16, fp16")
-    parser.add_argument("--sweep", action="store_true", help="add ~20 smaller points, in the first mode")
+    parser.add_argument("--sweep", action="store_true", help="add ~20 smaller points, in every selected mode")
     parser.add_argument("--no-backward", action="store_true", help="time the forward only (no saved bytes)")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile and best_tuned")
     parser.add_argument("--quick", action="store_true", help="short timing runs, smaller ceiling matmuls")
@@ -670,7 +670,8 @@ def main(argv=None) -> int:
     plan = [(shape, SHAPES[shape], mode, impl_names(MAIN_IMPLS), True)
             for shape in args.shape_list for mode in args.mode_list]
     if args.sweep:
-        plan += [(name, p, args.mode_list[0], impl_names(SWEEP_IMPLS), False) for name, p in sweep_problems().items()]
+        plan += [(name, p, mode, impl_names(SWEEP_IMPLS), False)
+                 for mode in args.mode_list for name, p in sweep_problems().items()]
     if device.type == "cpu":
         plan = [(f"{shape}-cpu-tiny", tiny_for_cpu(p), mode, impls, compile_randn)
                 for shape, p, mode, impls, compile_randn in plan]

@@ -31,3 +31,22 @@ def test_bench_cpu_run_writes_comparable_records(tmp_path):
         assert 0.5 < r["data"]["randn"]["nonzero_frac"] < 0.95, where
         assert r["data"]["kernelbench"]["nonzero_frac"] < 0.05, where
     assert {r["impl"] for r in records} == {"fused_convt", "fused_convt_recompute", "eager"}
+
+
+def test_bench_cpu_sweep_covers_every_point_in_every_mode(tmp_path):
+    bench = load_perf_script("bench")
+    assert bench.main(["--device", "cpu", "--quick", "--shapes", "none", "--sweep", "--modes", "tf32,bf16",
+                       "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*.json")
+    records = json.loads(path.read_text())["records"]
+    points = {f"{name}-cpu-tiny" for name in bench.sweep_problems()}
+    assert len(points) == 20
+    assert {(r["shape"], r["mode"]) for r in records} == {(s, m) for s in points for m in ("tf32", "bf16")}
+    # Issue 4's sweep axes: every kernel size 2-5 with every stride 1-3.
+    problems = bench.sweep_problems().values()
+    assert {(p.kernel[0], p.stride[0]) for p in problems} >= {(k, s) for k in (2, 3, 4, 5) for s in (1, 2, 3)}
+    for r in records:
+        where = f"{r['shape']} {r['mode']} {r['impl']}"
+        assert r["error"] is None and r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0, where
+        if r["impl"] == "fused_convt":
+            assert 0 <= r["max_rel_err"] < (1e-5 if r["mode"] == "tf32" else 3e-2), where
