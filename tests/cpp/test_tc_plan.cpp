@@ -1,4 +1,4 @@
-// The tensor-core planner's host side (cuda/implicit_gemm_conv.cuh) against brute force; needs no GPU.
+// The tensor-core planner (cuda/tc_problem.h, plain C++) against brute force.
 // max_tile_rows must be the most phase rows that any of a grid's kTcBlockM-pixel tiles spans, and for forward
 // and grad_input problems the planned max_patch_pixels must be exactly the largest staged patch of any tile
 // (rows spanned plus the taps' halo, times the phase width plus the halo, as the kernel's patch_of sizes
@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <string>
 
-#include "implicit_gemm_conv.cuh"
+#include "tc_problem.h"
 #include "test_util.h"
 
 namespace {

@@ -1,0 +1,226 @@
+// The tensor-core path's problem description and its host-side planning: the tile and staging constants,
+// one TcPhase per stride-1 sub-problem, and the builders that decide whether a forward or grad_input problem
+// takes the implicit-GEMM kernel (implicit_gemm_conv.cuh) and size its shared-memory patch exactly. Plain
+// C++ (no CUDA), so the planner is tested on any machine (tests/cpp/test_tc_plan.cpp).
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "fused_convt/params.h"
+#include "fused_convt/tap_map.h"
+
+namespace fused_convt {
+
+constexpr int kTcBlockM = 256;
+constexpr int kTcWarps = 8;
+constexpr int kTcThreads = kTcWarps * 32;
+constexpr int kTcChunk = 16;            // input channels per pipeline stage
+constexpr int kTcMaxAxisTaps = 8;
+constexpr int kTcMaxPhases = 16;
+constexpr int kTcPixelsPerThread = 2;   // patch pixels each thread stages: the patch holds <= 512 pixels
+constexpr int kTcMaxPatchPixels = kTcPixelsPerThread * kTcThreads;
+
+// One stride-1 sub-problem. Phase pixel (a, b) is the destination (first_h + a*dst_step_h, first_w + b*...)
+// and its tap (th, tw) reads source sample (a + off_h[th], b + off_w[tw]) of the source grid sampled as
+// (sample*src_step + src_offset): the forward pass reads the input directly (step 1, offset 0), one output
+// phase per block; grad_input reads the stride phases of grad_output (step s, offset r), all with the same
+// destination, and each block sums them in registers.
+struct TcPhase {
+  int first_h, first_w, extent_h, extent_w;
+  int src_offset_h, src_offset_w;
+  int taps_h, taps_w;
+  int kh[kTcMaxAxisTaps], kw[kTcMaxAxisTaps];
+  int off_h[kTcMaxAxisTaps], off_w[kTcMaxAxisTaps];
+};
+
+struct TcProblem {
+  int64_t batch;
+  int groups;
+  int dst_channels, dst_h, dst_w, dst_per_group;
+  int src_channels, src_h, src_w, src_per_group, src_padded;
+  int kernel_w, kernel_taps;
+  int dst_step_h, dst_step_w;
+  int src_step_h, src_step_w;
+  int phases, m_tiles, n_tiles;
+  int max_taps, max_patch_pixels;      // over all phases: sizes of the staging buffers
+  int stage_patch_bytes, stage_bytes;  // shared-memory layout, set by the launcher
+  TcPhase phase[kTcMaxPhases];
+};
+
+// The phases of one axis of the forward pass (PhaseSpan in tap_map.h) with their taps: kernel index k and
+// input shift, so that phase pixel a reads input a + offset. Phases without outputs are left out.
+struct AxisPhase {
+  int first, extent, taps;
+  int kernel_index[kTcMaxAxisTaps], offset[kTcMaxAxisTaps];
+};
+
+// Returns false when an axis phase has more taps than the fast path holds.
+inline bool forward_axis_phases(int64_t out, int64_t kernel, int64_t stride, int64_t pad,
+                                int64_t dilation, AxisPhase* phases, int* count) {
+  *count = 0;
+  for (int64_t r = 0; r < stride; ++r) {
+    const PhaseSpan span = phase_span(out, stride, pad, r);
+    if (span.extent == 0) continue;
+    AxisPhase ph{};
+    ph.first = span.first;
+    ph.extent = span.extent;
+    for (int64_t k = 0; k < kernel; ++k) {
+      if (phase_of_tap(k, stride, dilation) != r) continue;
+      if (ph.taps == kTcMaxAxisTaps) return false;
+      ph.kernel_index[ph.taps] = int(k);
+      ph.offset[ph.taps] = phase_tap_offset(span, k, stride, dilation, r);
+      ++ph.taps;
+    }
+    phases[(*count)++] = ph;
+  }
+  return true;
+}
+
+inline int span_of(const int* offsets, int n) {
+  if (n == 0) return 0;
+  int lo = offsets[0], hi = offsets[0];
+  for (int i = 1; i < n; ++i) { lo = std::min(lo, offsets[i]); hi = std::max(hi, offsets[i]); }
+  return hi - lo;
+}
+
+// The most phase rows a tile of kTcBlockM consecutive phase pixels spans (the kernel's patch_of), over the
+// tiles of an extent_h x extent_w grid. A tile's start modulo the width repeats after at most extent_w tiles,
+// and the last tile may be partial, so those tiles cover every case. Exact rather than the worst case over
+// all starts: the bound decides whether a shape takes this path (k5 s1 at 36 x 36 outputs: 13 -> 12 rows
+// with 40 columns, under kTcMaxPatchPixels; it fell back to the direct kernel at 2x eager's time).
+inline int max_tile_rows(int extent_h, int extent_w) {
+  const int64_t count = int64_t(extent_h) * extent_w;
+  const int64_t tiles = (count + kTcBlockM - 1) / kTcBlockM;
+  auto rows_of = [&](int64_t tile) {
+    const int64_t first = tile * kTcBlockM, last = std::min(first + kTcBlockM, count) - 1;
+    return int(last / extent_w - first / extent_w + 1);
+  };
+  int rows = tiles > 0 ? rows_of(tiles - 1) : 0;
+  for (int64_t tile = 0; tile < std::min<int64_t>(tiles, extent_w); ++tile) rows = std::max(rows, rows_of(tile));
+  return rows;
+}
+
+// Fills the tile counts and staging sizes from the phases; false if a tile's patch would not fit.
+inline bool finish_tc_problem(TcProblem* pr) {
+  int max_count = 0;
+  pr->max_taps = pr->max_patch_pixels = 0;
+  for (int i = 0; i < pr->phases; ++i) {
+    const TcPhase& ph = pr->phase[i];
+    max_count = std::max(max_count, ph.extent_h * ph.extent_w);
+    pr->max_taps = std::max(pr->max_taps, ph.taps_h * ph.taps_w);
+    const int64_t rows = int64_t(max_tile_rows(ph.extent_h, ph.extent_w)) + span_of(ph.off_h, ph.taps_h);
+    const int64_t cols = int64_t(ph.extent_w - 1) + span_of(ph.off_w, ph.taps_w) + 1;
+    if (rows * cols > kTcMaxPatchPixels) return false;
+    // The kernel addresses inside one image with 32-bit offsets.
+    if (int64_t(pr->src_channels) * pr->src_h * pr->src_w > INT32_MAX ||
+        int64_t(pr->dst_channels) * pr->dst_h * pr->dst_w > INT32_MAX)
+      return false;
+    pr->max_patch_pixels = std::max(pr->max_patch_pixels, int(rows * cols));
+  }
+  pr->m_tiles = (max_count + kTcBlockM - 1) / kTcBlockM;
+  return pr->phases > 0;
+}
+
+// Builds the forward TcProblem (without the launch-dependent fields); false if the fast path does not
+// cover these parameters (too many phases or taps, or a patch larger than the staging buffers).
+inline bool forward_tc_problem(const ConvTransposeParams& p, TcProblem* pr) {
+  AxisPhase rows[kTcMaxPhases], cols[kTcMaxPhases];
+  int row_count = 0, col_count = 0;
+  if (p.stride_h * p.stride_w > kTcMaxPhases) return false;
+  if (!forward_axis_phases(p.out_h(), p.kernel_h, p.stride_h, p.pad_h, p.dil_h, rows, &row_count) ||
+      !forward_axis_phases(p.out_w(), p.kernel_w, p.stride_w, p.pad_w, p.dil_w, cols, &col_count))
+    return false;
+  *pr = TcProblem{};
+  pr->batch = p.batch;
+  pr->groups = int(p.groups);
+  pr->dst_channels = int(p.out_channels);
+  pr->dst_h = int(p.out_h());
+  pr->dst_w = int(p.out_w());
+  pr->dst_per_group = int(p.out_channels_per_group());
+  pr->src_channels = int(p.in_channels);
+  pr->src_h = int(p.in_h);
+  pr->src_w = int(p.in_w);
+  pr->src_per_group = int(p.in_channels_per_group());
+  pr->src_padded = (pr->src_per_group + kTcChunk - 1) / kTcChunk * kTcChunk;
+  pr->kernel_w = int(p.kernel_w);
+  pr->kernel_taps = int(p.kernel_h * p.kernel_w);
+  pr->dst_step_h = int(p.stride_h);
+  pr->dst_step_w = int(p.stride_w);
+  pr->src_step_h = pr->src_step_w = 1;
+  for (int i = 0; i < row_count; ++i) {
+    for (int j = 0; j < col_count; ++j) {
+      TcPhase& ph = pr->phase[pr->phases++];
+      ph.first_h = rows[i].first;
+      ph.first_w = cols[j].first;
+      ph.extent_h = rows[i].extent;
+      ph.extent_w = cols[j].extent;
+      ph.taps_h = rows[i].taps;
+      ph.taps_w = cols[j].taps;
+      for (int k = 0; k < kTcMaxAxisTaps; ++k) {
+        ph.kh[k] = rows[i].kernel_index[k];
+        ph.off_h[k] = rows[i].offset[k];
+        ph.kw[k] = cols[j].kernel_index[k];
+        ph.off_w[k] = cols[j].offset[k];
+      }
+    }
+  }
+  return finish_tc_problem(pr);
+}
+
+// grad_input on tensor cores: grad_input[i] = sum over k of g[i*s - p + k*d] * w[k]. Writing
+// k*d - p = s*q + r (0 <= r < s), tap k reads sample i + q of the stride phase r of g (rows r, r + s, ...).
+// So each of the s_h * s_w phases of g is a stride-1 correlation with the taps of that phase, and
+// grad_input is their sum: one TcPhase per phase of g (phases without taps are left out), all with the
+// whole of grad_input as destination, summed by every block in registers (a fixed order: deterministic).
+// False if the fast path does not apply.
+inline bool grad_input_tc_problem(const ConvTransposeParams& p, TcProblem* pr) {
+  if (p.stride_h * p.stride_w > kTcMaxPhases) return false;
+  *pr = TcProblem{};
+  pr->batch = p.batch;
+  pr->groups = int(p.groups);
+  pr->dst_channels = int(p.in_channels);
+  pr->dst_h = int(p.in_h);
+  pr->dst_w = int(p.in_w);
+  pr->dst_per_group = int(p.in_channels_per_group());
+  pr->src_channels = int(p.out_channels);
+  pr->src_h = int(p.out_h());
+  pr->src_w = int(p.out_w());
+  pr->src_per_group = int(p.out_channels_per_group());
+  pr->src_padded = (pr->src_per_group + kTcChunk - 1) / kTcChunk * kTcChunk;
+  pr->kernel_w = int(p.kernel_w);
+  pr->kernel_taps = int(p.kernel_h * p.kernel_w);
+  pr->dst_step_h = pr->dst_step_w = 1;
+  pr->src_step_h = int(p.stride_h);
+  pr->src_step_w = int(p.stride_w);
+  for (int64_t rh = 0; rh < p.stride_h; ++rh) {
+    for (int64_t rw = 0; rw < p.stride_w; ++rw) {
+      TcPhase ph{};
+      ph.extent_h = pr->dst_h;
+      ph.extent_w = pr->dst_w;
+      ph.src_offset_h = int(rh);
+      ph.src_offset_w = int(rw);
+      const int64_t axis[2][4] = {{p.kernel_h, p.stride_h, p.pad_h, p.dil_h},
+                                  {p.kernel_w, p.stride_w, p.pad_w, p.dil_w}};
+      const int64_t phase_of_axis[2] = {rh, rw};
+      int* taps[2] = {&ph.taps_h, &ph.taps_w};
+      int* kernel_index[2] = {ph.kh, ph.kw};
+      int* offset[2] = {ph.off_h, ph.off_w};
+      for (int a = 0; a < 2; ++a) {
+        for (int64_t k = 0; k < axis[a][0]; ++k) {
+          const int64_t shifted = k * axis[a][3] - axis[a][2];  // k*d - p = s*q + r
+          const int64_t q = floor_div(shifted, axis[a][1]);
+          if (shifted - q * axis[a][1] != phase_of_axis[a]) continue;
+          if (*taps[a] == kTcMaxAxisTaps) return false;
+          kernel_index[a][*taps[a]] = int(k);
+          offset[a][*taps[a]] = int(q);
+          ++*taps[a];
+        }
+      }
+      if (ph.taps_h > 0 && ph.taps_w > 0) pr->phase[pr->phases++] = ph;
+    }
+  }
+  return finish_tc_problem(pr);
+}
+
+}  // namespace fused_convt
