@@ -166,10 +166,10 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
       patch.min_off_w = min(patch.min_off_w, ph.off_w[i]);
       max_off_w = max(max_off_w, ph.off_w[i]);
     }
-    const int a_first = m0 / ph.extent_w, a_last = (min(m0 + kTcBlockM, count) - 1) / ph.extent_w;
-    patch.row_first = a_first + patch.min_off_h;
+    const TileRows rows = tile_rows(m0, count, ph.extent_w);
+    patch.row_first = rows.first + patch.min_off_h;
     patch.cols = ph.extent_w + max_off_w - patch.min_off_w;
-    patch.pixels = (a_last + max_off_h - patch.row_first + 1) * patch.cols;
+    patch.pixels = (rows.last + max_off_h - patch.row_first + 1) * patch.cols;
     return patch;
   };
 

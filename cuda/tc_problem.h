@@ -84,6 +84,17 @@ inline int span_of(const int* offsets, int n) {
   return hi - lo;
 }
 
+// The first and last phase row of the tile of kTcBlockM consecutive pixels from m0, in a grid of `count`
+// pixels with rows of `extent_w` (the last tile may be partial): the kernel's patch geometry and the planner's
+// bound below both come from it. I: int in the kernel, int64_t on the host.
+struct TileRows {
+  int first, last;
+};
+template <typename I>
+FCT_HD TileRows tile_rows(I m0, I count, I extent_w) {
+  return {int(m0 / extent_w), int((std::min<I>(m0 + kTcBlockM, count) - 1) / extent_w)};
+}
+
 // The most phase rows a tile of kTcBlockM consecutive phase pixels spans (the kernel's patch_of), over the
 // tiles of an extent_h x extent_w grid. A tile's start modulo the width repeats after at most extent_w tiles,
 // and the last tile may be partial, so those tiles cover every case. Exact rather than the worst case over
@@ -93,8 +104,8 @@ inline int max_tile_rows(int extent_h, int extent_w) {
   const int64_t count = int64_t(extent_h) * extent_w;
   const int64_t tiles = (count + kTcBlockM - 1) / kTcBlockM;
   auto rows_of = [&](int64_t tile) {
-    const int64_t first = tile * kTcBlockM, last = std::min(first + kTcBlockM, count) - 1;
-    return int(last / extent_w - first / extent_w + 1);
+    const TileRows rows = tile_rows<int64_t>(tile * kTcBlockM, count, extent_w);
+    return rows.last - rows.first + 1;
   };
   int rows = tiles > 0 ? rows_of(tiles - 1) : 0;
   for (int64_t tile = 0; tile < std::min<int64_t>(tiles, extent_w); ++tile) rows = std::max(rows, rows_of(tile));
