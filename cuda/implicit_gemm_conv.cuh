@@ -40,20 +40,22 @@
 namespace fused_convt {
 
 // Whether the patch is copied asynchronously from a channels-last copy of the source (the launcher's src_cl)
-// instead of staged through registers. The 16-bit forward does: at kb_v1 bf16 (H100) 2.15 -> 1.86 ms with
-// the copy included. The float forward does not: its rows are twice as long and it measured slower,
-// 1.85 -> 2.26 ms (TF32). grad_input forms g while staging (issue 3 keeps g out of global memory there).
+// instead of staged through registers: the forward, every type. At kb_v1 bf16 (H100) 2.15 -> 1.86 ms with the
+// copy included. Float measured slower at first, 1.85 -> 2.26 ms (TF32), when each lane copied half a
+// 32-byte sector per copy (copy_patch now gives consecutive lanes one row's pieces). grad_input forms g
+// while staging (issue 3 keeps g out of global memory there).
 template <GatherDirection Dir, typename Math>
 constexpr bool tc_async_patch() {
-  return Dir == GatherDirection::Forward && sizeof(typename Math::Smem) == 2;
+  return Dir == GatherDirection::Forward;
 }
 
-// Pipeline stages in shared memory. The register-staged path holds one step in registers: two. The
+// Pipeline stages in shared memory. The register-staged path holds one step in registers: two. The 16-bit
 // asynchronous patch copy keeps two steps in flight: a tile has only a few 16-channel steps (four at kb_v1),
 // and with one step of prefetch 40% of the mainloop's stall samples waited on global loads (Nsight Compute).
+// Float stages are twice the bytes: three would leave one block per SM.
 template <GatherDirection Dir, typename Math>
 constexpr int tc_stages() {
-  return tc_async_patch<Dir, Math>() ? 3 : 2;
+  return tc_async_patch<Dir, Math>() && sizeof(typename Math::Smem) == 2 ? 3 : 2;
 }
 
 // Bytes of one staged row of kTcChunk values, padded by 16 B so that ldmatrix's eight row addresses of
