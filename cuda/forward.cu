@@ -1,7 +1,7 @@
 // CUDA forward entry point: validates, makes the caller's device current and, on the caller's stream, runs
 // the tensor-core implicit-GEMM kernel where it applies (float16, bfloat16, float32 as TF32 or, without TF32,
 // as exact 3xTF32; phases and patches within its limits), else the direct gather kernel (float64, the rest).
-// For the 16-bit types it first makes a channels-last copy of the input in the workspace (tc_async_patch).
+// It first makes a channels-last copy of the input in the workspace (tc_async_patch).
 #include "implicit_gemm_conv.cuh"
 #include "problems.cuh"
 
@@ -18,7 +18,7 @@ int cuda_device_count() {
   return count;
 }
 
-// Workspace: [packed weight (rounded up to 256 B)][16-bit types: channels-last copy of the input], in the
+// Workspace: [packed weight (rounded up to 256 B)][channels-last copy of the input], in the
 // operand type (4-byte words for float under every policy, 2-byte values for the 16-bit types).
 static size_t forward_packed_bytes(const TcProblem& problem, DType dtype) {
   const size_t bytes = dtype == DType::Float32 ? packed_weight_bytes<Tf32Math>(problem)
@@ -30,8 +30,9 @@ size_t forward_workspace_bytes(const ConvTransposeParams& params, DType dtype) {
   validate(params);
   TcProblem problem;
   if (dtype == DType::Float64 || !forward_tc_problem(params, &problem)) return 0;
-  // The channels-last copy of the input: 16-bit types only (tc_async_patch).
-  const size_t source = dtype == DType::Float32 ? 0 : channels_last_source_bytes<Half16Math<__half>>(problem);
+  // The channels-last copy of the input (tc_async_patch), in the operand type.
+  const size_t source = dtype == DType::Float32 ? channels_last_source_bytes<Tf32Math>(problem)
+                                                : channels_last_source_bytes<Half16Math<__half>>(problem);
   return forward_packed_bytes(problem, dtype) + source;
 }
 

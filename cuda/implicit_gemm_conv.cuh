@@ -40,20 +40,22 @@
 namespace fused_convt {
 
 // Whether the patch is copied asynchronously from a channels-last copy of the source (the launcher's src_cl)
-// instead of staged through registers. The 16-bit forward does: at kb_v1 bf16 (H100) 2.15 -> 1.86 ms with
-// the copy included. The float forward does not: its rows are twice as long and it measured slower,
-// 1.85 -> 2.26 ms (TF32). grad_input forms g while staging (issue 3 keeps g out of global memory there).
+// instead of staged through registers: the forward, every type. At kb_v1 bf16 (H100) 2.15 -> 1.86 ms with the
+// copy included. Float measured slower at first, 1.85 -> 2.26 ms (TF32), when each lane copied half a
+// 32-byte sector per copy (copy_patch now gives consecutive lanes one row's pieces). grad_input forms g
+// while staging (issue 3 keeps g out of global memory there).
 template <GatherDirection Dir, typename Math>
 constexpr bool tc_async_patch() {
-  return Dir == GatherDirection::Forward && sizeof(typename Math::Smem) == 2;
+  return Dir == GatherDirection::Forward;
 }
 
-// Pipeline stages in shared memory. The register-staged path holds one step in registers: two. The
+// Pipeline stages in shared memory. The register-staged path holds one step in registers: two. The 16-bit
 // asynchronous patch copy keeps two steps in flight: a tile has only a few 16-channel steps (four at kb_v1),
 // and with one step of prefetch 40% of the mainloop's stall samples waited on global loads (Nsight Compute).
+// Float stages are twice the bytes: three would leave one block per SM.
 template <GatherDirection Dir, typename Math>
 constexpr int tc_stages() {
-  return tc_async_patch<Dir, Math>() ? 3 : 2;
+  return tc_async_patch<Dir, Math>() && sizeof(typename Math::Smem) == 2 ? 3 : 2;
 }
 
 // Bytes of one staged row of kTcChunk values, padded by 16 B so that ldmatrix's eight row addresses of
@@ -210,18 +212,30 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   constexpr int kWords = kTcChunk / Traits::kValuesPerWord;
   uint32_t staged[kTcPixelsPerThread][kWords];
   int staged_pixels = 0;
-  // Offset of each patch pixel this thread stages within a channel plane (-1 outside the image).
-  auto pixel_offsets = [&](const TcPhase& ph, const Patch& patch, int (&offsets)[kTcPixelsPerThread]) {
+  // The patch pixels whose offsets a thread keeps: the register path stages whole pixels (tid + j x
+  // threads); the asynchronous copy takes one 16-byte piece (tid % kRowChunks) of each of its pixels, so that
+  // consecutive lanes copy the pieces of one row and a warp's copies cover whole 32-byte sectors. (A lane per
+  // pixel read half a sector per copy, each sector twice: twice the patch's L2 sector traffic, in a forward
+  // that Nsight Compute shows L2-bound.)
+  constexpr bool async_patch = tc_async_patch<Dir, Math>();
+  constexpr int kOffsets = async_patch ? kTcMaxPatchPixels * kRowChunks / kTcThreads : kTcPixelsPerThread;
+  auto offset_pixel = [&](int j) {
+    return async_patch ? tid / kRowChunks + j * (kTcThreads / kRowChunks) : tid + j * kTcThreads;
+  };
+  // Offset of each of those pixels within a channel plane (-1 outside the image). The lambdas take the
+  // kOffsets-long array by pointer: a reference-to-array parameter sized by the local constant crashed nvcc
+  // 13.0's front end (cudafe++).
+  auto pixel_offsets = [&](const TcPhase& ph, const Patch& patch, int* offsets) {
 #pragma unroll
-    for (int j = 0; j < kTcPixelsPerThread; ++j) {
-      const int p = tid + j * kTcThreads;
+    for (int j = 0; j < kOffsets; ++j) {
+      const int p = offset_pixel(j);
       const int y = (patch.row_first + p / patch.cols) * pr.src_step_h + ph.src_offset_h;
       const int x = (patch.min_off_w + p % patch.cols) * pr.src_step_w + ph.src_offset_w;
       const bool inside = p < patch.pixels && y >= 0 && y < pr.src_h && x >= 0 && x < pr.src_w;
       offsets[j] = inside ? y * pr.src_w + x : -1;
     }
   };
-  auto load_patch_with = [&](const int (&offsets)[kTcPixelsPerThread], int c0, auto with_factor) {
+  auto load_patch_with = [&](const int* offsets, int c0, auto with_factor) {
     constexpr bool kFactor = decltype(with_factor)::value;
     const int channels = min(kTcChunk, pr.src_per_group - c0);
 #pragma unroll
@@ -264,18 +278,17 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   };
   // With a channels-last source each staged patch row is kRowChunks contiguous 16-byte pieces: copied
   // asynchronously (zero-filled outside the image), with no register staging and no conversion.
-  auto copy_patch = [&](const int (&offsets)[kTcPixelsPerThread], int pixels, int c0, int stage) {
+  auto copy_patch = [&](const int* offsets, int pixels, int c0, int stage) {
     unsigned char* patch = smem + stage * pr.stage_bytes;
+    const int piece = tid % kRowChunks;
 #pragma unroll
-    for (int j = 0; j < kTcPixelsPerThread; ++j) {
-      const int p = tid + j * kTcThreads;
+    for (int j = 0; j < kOffsets; ++j) {
+      const int p = offset_pixel(j);
       if (p < pixels) {
         const bool inside = offsets[j] >= 0;
         const Smem* from = cl_group + (inside ? offsets[j] * cl_row : 0) + c0;
-#pragma unroll
-        for (int q = 0; q < kRowChunks; ++q)
-          cp_async_16(smem_address(patch + p * kRowBytes + q * 16), reinterpret_cast<const uint4*>(from) + q,
-                      inside ? 16 : 0);
+        cp_async_16(smem_address(patch + p * kRowBytes + piece * 16), reinterpret_cast<const uint4*>(from) + piece,
+                    inside ? 16 : 0);
       }
     }
   };
@@ -299,7 +312,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   // 1.24 -> 1.40 ms at kb_v1 bf16).
   int prepared_phase = -1;
   Patch prepared;
-  int offsets[kTcPixelsPerThread];
+  int offsets[kOffsets];
   auto prepare = [&](int step) {
     const int phase = kSumPhases ? source_of(step) : phase_index;
     if (phase != prepared_phase) {
@@ -311,7 +324,6 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   };
   // Issues every load of a step into a stage (the register-staged patch waits in `staged` for store_patch);
   // returns the step's patch geometry.
-  constexpr bool async_patch = tc_async_patch<Dir, Math>();
   auto issue_loads = [&](int step, int stage) {
     const TcPhase& ph = phase_of(source_of(step));
     const Patch patch = prepare(step);
