@@ -58,6 +58,15 @@ constexpr int tc_stages() {
   return tc_async_patch<Dir, Math>() && sizeof(typename Math::Smem) == 2 ? 3 : 2;
 }
 
+// Blocks per SM the kernel is compiled for (its register bound): two, 128 registers, for the 64 accumulators
+// of BN = 64 plus the staging; three where the accumulators are few and nothing is staged in registers (the
+// 16-bit forward at BN <= 32 fits 80 registers without spilling), so that the short blocks of small channel
+// counts (kb_v0: 16 output channels, two steps per tile) overlap more.
+template <GatherDirection Dir, typename Math, int BN>
+constexpr int tc_min_blocks() {
+  return tc_async_patch<Dir, Math>() && BN <= 32 ? 3 : 2;
+}
+
 // Bytes of one staged row of kTcChunk values, padded by 16 B so that ldmatrix's eight row addresses of
 // consecutive pixels fall in distinct bank groups.
 template <typename Math>
@@ -87,7 +96,7 @@ __global__ void pack_weight_kernel(const T* __restrict__ weight, typename Math::
 // Two blocks per SM: the second block's mainloop hides this one's prologue, epilogue and barriers.
 // T is the storage type, Math the tensor-core policy (mma.cuh).
 template <typename T, typename Math, GatherDirection Dir, int BN>
-__global__ void __launch_bounds__(kTcThreads, 2)
+__global__ void __launch_bounds__(kTcThreads, tc_min_blocks<Dir, Math, BN>())
 implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, const T* __restrict__ src,
                           const T* __restrict__ src_factor, const typename Math::Smem* __restrict__ src_cl,
                           const typename Math::Smem* __restrict__ packed, const T* __restrict__ bias,
