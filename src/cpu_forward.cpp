@@ -69,6 +69,9 @@ void forward_cpu(const ConvTransposeParams& params, const Epilogue& epilogue, DT
   validate(params);
   if (params.has_bias != (args.bias != nullptr))
     throw std::invalid_argument("fused_convt: bias pointer must be given exactly when params.has_bias");
+  if (args.input_channels_last)
+    throw std::invalid_argument("fused_convt: forward_cpu reads NCHW input only (input_channels_last is for "
+                                "forward_cuda where forward_reads_channels_last() is true)");
   if (params.output_numel() == 0) return;
   dispatch_host_dtype(dtype, [&](auto tag) { forward_typed<decltype(tag)>(params, epilogue, args); });
 }

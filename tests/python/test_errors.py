@@ -222,10 +222,11 @@ NATIVE_CASES = [
 ]
 
 
-def native_cpu_forward_with_null_pointers(params):
+def native_cpu_forward_with_null_pointers(params, input_channels_last=False):
     """forward_cpu validates before it reads any pointer, so a refused call never touches these nulls."""
     null = 0
-    fused_convt._C.forward(params, fused_convt._C.Epilogue(), 0, null, null, null, null, null, null, False, -1, 0)
+    fused_convt._C.forward(params, fused_convt._C.Epilogue(), 0, null, null, null, null, null, null, False,
+                           input_channels_last, -1, 0)
 
 
 def test_native_validate_accepts_the_valid_params():
@@ -250,6 +251,24 @@ def test_native_validate_names_the_field(changes, msg):
 def test_native_forward_refuses_a_missing_bias_pointer():
     with pytest.raises(ValueError, match=r"bias pointer must be given exactly when params\.has_bias"):
         native_cpu_forward_with_null_pointers(valid_params())
+
+
+def test_native_cpu_forward_refuses_channels_last_input():
+    """NHWC input is read in place only by the CUDA tensor-core path; the CPU path says so instead of reading
+    the memory as NCHW."""
+    p = valid_params()
+    p.has_bias = False
+    with pytest.raises(ValueError, match=r"forward_cpu reads NCHW input only"):
+        native_cpu_forward_with_null_pointers(p, input_channels_last=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_channels_last_in_place_needs_16_bit_and_whole_chunks(dtype):
+    """valid_params has 3 and 2 channels per group: never a whole 16-channel chunk, so no dtype reads its
+    channels_last input in place (answered before any device is touched; False in CPU-only builds too), and
+    float32 / float64 never do."""
+    from fused_convt.ops import _DTYPE_TAGS
+    assert fused_convt._C.forward_reads_channels_last(valid_params(), _DTYPE_TAGS[dtype], 0) is False
 
 
 def test_numpy_scalars_are_accepted_like_python_numbers():
