@@ -508,7 +508,7 @@ def print_case(records: List[dict]) -> None:
     by_impl = {r["impl"]: r for r in records}
     baselines = {label: by_impl.get(name, {}) for label, name in
                  (("eager", "eager"), ("compile", "compile"), ("best", "best_tuned"))}
-    header = (f"   {'impl':<22} {'fwd_ms':>9} {'fwd_randn':>10} {'fwdbwd_ms':>10} {'eager/x fwd|fb':>16} "
+    header = (f"   {'impl':<25} {'fwd_ms':>9} {'fwd_randn':>10} {'fwdbwd_ms':>10} {'eager/x fwd|fb':>16} "
               f"{'compile/x fwd|fb':>17} "
               f"{'best/x fwd|fb':>15} {'%floor':>7} {'rel_randn':>10} {'rel_kb':>10} {'abs_randn':>10} "
               f"{'saved_MB':>9}")
@@ -518,7 +518,7 @@ def print_case(records: List[dict]) -> None:
                 for b in baselines.values()]
         errors = r["errors"]
         saved_mb = r["saved_bytes"] / 1e6 if r["saved_bytes"] is not None else None
-        print(f"   {r['impl']:<22} {fmt(r['fwd_ms'], '.4f'):>9} {fmt(r['fwd_randn_ms'], '.4f'):>10} "
+        print(f"   {r['impl']:<25} {fmt(r['fwd_ms'], '.4f'):>9} {fmt(r['fwd_randn_ms'], '.4f'):>10} "
               f"{fmt(r['fwdbwd_ms'], '.4f'):>10} {cols[0]:>16} "
               f"{cols[1]:>17} {cols[2]:>15} {fmt(r['pct_of_floor'], '.1f'):>7} "
               f"{fmt(errors.get('randn', {}).get('rel_err'), '.2e'):>10} "
