@@ -27,7 +27,8 @@ struct ForwardArgs {
   // float16/bfloat16 always use tensor cores with fp32 accumulation; float64 runs fp64 FMA.
   bool allow_tf32 = false;
   // The input's memory is NHWC, PyTorch's channels_last: element (n, c, h, w) at ((n*H + h)*W + w)*C + c.
-  // Only where forward_reads_channels_last() is true (forward_cuda refuses it elsewhere); NCHW otherwise.
+  // forward_cpu reads it always, forward_cuda where forward_reads_channels_last() is true (it refuses it
+  // elsewhere); NCHW otherwise.
   bool input_channels_last = false;
 };
 

@@ -58,11 +58,12 @@ def _output_shape(input: Tensor, weight: Tensor, stride, padding, output_padding
 
 
 def _forward_layout(input: Tensor, params) -> Tensor:
-    """The input as the native forward reads it: a channels_last CUDA tensor in place where the tensor-core path
-    takes NHWC as it is (float16 / bfloat16, whole 16-channel chunks per group: no transpose at all), else an
-    NCHW-contiguous tensor (a copy if it was not one)."""
-    if (input.is_cuda and not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last)
-            and _C.forward_reads_channels_last(params, _DTYPE_TAGS[input.dtype], input.device.index)):
+    """The input as the native forward reads it: a channels_last tensor in place on the CPU, and on CUDA where
+    the tensor-core path takes NHWC as it is (float16 / bfloat16, whole 16-channel chunks per group: no
+    transpose at all); else an NCHW-contiguous tensor (a copy if it was not one)."""
+    if (not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last)
+            and (not input.is_cuda or _C.forward_reads_channels_last(params, _DTYPE_TAGS[input.dtype],
+                                                                       input.device.index))):
         return input
     return input.contiguous()
 

@@ -222,11 +222,11 @@ NATIVE_CASES = [
 ]
 
 
-def native_cpu_forward_with_null_pointers(params, input_channels_last=False):
+def native_cpu_forward_with_null_pointers(params):
     """forward_cpu validates before it reads any pointer, so a refused call never touches these nulls."""
     null = 0
-    fused_convt._C.forward(params, fused_convt._C.Epilogue(), 0, null, null, null, null, null, null, False,
-                           input_channels_last, -1, 0)
+    fused_convt._C.forward(params, fused_convt._C.Epilogue(), 0, null, null, null, null, null, null, False, False,
+                           -1, 0)
 
 
 def test_native_validate_accepts_the_valid_params():
@@ -251,15 +251,6 @@ def test_native_validate_names_the_field(changes, msg):
 def test_native_forward_refuses_a_missing_bias_pointer():
     with pytest.raises(ValueError, match=r"bias pointer must be given exactly when params\.has_bias"):
         native_cpu_forward_with_null_pointers(valid_params())
-
-
-def test_native_cpu_forward_refuses_channels_last_input():
-    """NHWC input is read in place only by the CUDA tensor-core path; the CPU path says so instead of reading
-    the memory as NCHW."""
-    p = valid_params()
-    p.has_bias = False
-    with pytest.raises(ValueError, match=r"forward_cpu reads NCHW input only"):
-        native_cpu_forward_with_null_pointers(p, input_channels_last=True)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
