@@ -400,7 +400,7 @@ bool launch_grad_input_tensor_cores(const ConvTransposeParams& params, const Bac
       return launch_implicit_gemm_conv<T, decltype(math), GatherDirection::GradInput>(
           problem, Epilogue{}, static_cast<const T*>(args.grad_output), static_cast<const T*>(args.grad_factor),
           static_cast<const T*>(args.weight), layout.weight_group_stride, layout.weight_src_stride,
-          layout.weight_dst_stride, nullptr, static_cast<T*>(args.grad_input), nullptr, packed, nullptr,
+          layout.weight_dst_stride, nullptr, static_cast<T*>(args.grad_input), nullptr, packed, nullptr, false,
           stream);
     };
     if constexpr (std::is_same_v<T, float>) {

@@ -1,7 +1,8 @@
 // CUDA forward entry point: validates, makes the caller's device current and, on the caller's stream, runs
 // the tensor-core implicit-GEMM kernel where it applies (float16, bfloat16, float32 as TF32 or, without TF32,
 // as exact 3xTF32; phases and patches within its limits), else the direct gather kernel (float64, the rest).
-// It first makes a channels-last copy of the input in the workspace (tc_async_patch).
+// It first makes a channels-last copy of the input in the workspace (tc_async_patch), or, for the 16-bit
+// types, reads the input in place where it is already NHWC (forward_reads_channels_last).
 #include "implicit_gemm_conv.cuh"
 #include "problems.cuh"
 
@@ -36,9 +37,23 @@ size_t forward_workspace_bytes(const ConvTransposeParams& params, DType dtype) {
   return forward_packed_bytes(problem, dtype) + source;
 }
 
+bool forward_reads_channels_last(const ConvTransposeParams& params, DType dtype, int device) {
+  validate(params);
+  TcProblem problem;
+  if ((dtype != DType::Float16 && dtype != DType::BFloat16) || !forward_tc_problem(params, &problem) ||
+      problem.src_padded != problem.src_per_group)
+    return false;
+  DeviceGuard guard(device);
+  // Both 16-bit policies stage the same bytes: one answer for the two.
+  return implicit_gemm_fits<Half16Math<__half>, GatherDirection::Forward>(problem);
+}
+
 void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, DType dtype,
                   const ForwardArgs& args, const CudaContext& ctx) {
   validate(params);
+  if (args.input_channels_last && !forward_reads_channels_last(params, dtype, ctx.device))
+    throw std::invalid_argument("fused_convt: a channels_last input is read in place only where "
+                                "forward_reads_channels_last() is true; pass NCHW (contiguous) input here");
   if (params.has_bias != (args.bias != nullptr))
     throw std::invalid_argument("fused_convt: bias pointer must be given exactly when params.has_bias");
   if (params.output_numel() == 0) return;
@@ -60,13 +75,18 @@ void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, D
         auto launch = [&](auto math) {
           using Math = decltype(math);
           using Smem = typename Math::Smem;
-          Smem* source = tc_async_patch<GatherDirection::Forward, Math>()
-                             ? reinterpret_cast<Smem*>(static_cast<unsigned char*>(args.workspace) +
-                                                       forward_packed_bytes(fast, dtype))
-                             : nullptr;
+          // The channels-last source: the input itself where it is NHWC, else a copy in the workspace.
+          Smem* source = nullptr;
+          if constexpr (tc_async_patch<GatherDirection::Forward, Math>()) {
+            source = args.input_channels_last
+                         ? const_cast<Smem*>(reinterpret_cast<const Smem*>(input))
+                         : reinterpret_cast<Smem*>(static_cast<unsigned char*>(args.workspace) +
+                                                   forward_packed_bytes(fast, dtype));
+          }
           return launch_implicit_gemm_conv<T, decltype(math), GatherDirection::Forward>(
               fast, epilogue, input, nullptr, weight, direct.weight_group_stride, direct.weight_src_stride,
-              direct.weight_dst_stride, bias, output, grad_factor, args.workspace, source, stream);
+              direct.weight_dst_stride, bias, output, grad_factor, args.workspace, source, args.input_channels_last,
+              stream);
         };
         bool launched;
         if constexpr (std::is_same_v<T, float>) {
@@ -77,6 +97,8 @@ void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, D
         if (launched) return;
       }
     }
+    if (args.input_channels_last)  // forward_reads_channels_last() promised the tensor-core path
+      throw std::logic_error("fused_convt: channels_last input reached the NCHW gather kernel");
     launch_gather_conv<T, GatherDirection::Forward>(direct, epilogue, input, nullptr, weight, bias, output,
                                                     grad_factor, stream);
   });

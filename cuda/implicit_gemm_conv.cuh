@@ -14,11 +14,11 @@
 // source phases; the forward has one), two or three pipeline stages in shared memory (tc_stages):
 //  * the input patch the tile reads (rows of the phase grid it spans, plus the taps' halo) sits channels-last
 //    in shared memory ([pixel][16 channels]) so that ldmatrix serves any tap offset: a tap just shifts the
-//    pixel row (per-source tables of shifts and weight taps are built once per block). The 16-bit forward
-//    copies the patch with 16-byte cp.async from a channels-last copy of the input that the launcher makes
-//    first (channels_last_pack.cuh; ~0.05 ms at kb_v1), so nothing of it passes through registers
-//    (tc_async_patch). Otherwise each thread loads whole pixels (16 channels) of the NCHW source, coalesced
-//    along the image row, into registers (grad_input forms g = grad_output x factor there);
+//    pixel row (per-source tables of shifts and weight taps are built once per block). The forward copies
+//    the patch with 16-byte cp.async from a channels-last copy of the input that the launcher makes first
+//    (channels_last_pack.cuh; ~0.05 ms at kb_v1 bf16) or from a channels_last input itself, so nothing of it
+//    passes through registers (tc_async_patch). grad_input loads whole pixels (16 channels) of the NCHW
+//    source, coalesced along the image row, into registers and forms g = grad_output x factor there;
 //  * the weight slice [tap][BN][16] comes from a pre-packed copy with 16-byte cp.async;
 //  * every warp runs ldmatrix + mma.sync over the phase's taps, in the precision policy Math (mma.cuh:
 //    TF32, 3xTF32 for exact float32, bf16 / fp16), accumulating in fp32.
@@ -557,29 +557,56 @@ size_t channels_last_source_bytes(const TcProblem& pr) {
   return size_t(pr.batch) * pr.src_h * pr.src_w * pr.groups * pr.src_padded * sizeof(typename Math::Smem);
 }
 
+// The channel tile the launcher picks from the group width, as a compile-time constant for f.
+template <typename F>
+decltype(auto) with_channel_tile(const TcProblem& pr, F&& f) {
+  if (pr.dst_per_group <= 16) return f(std::integral_constant<int, 16>{});
+  if (pr.dst_per_group <= 32) return f(std::integral_constant<int, 32>{});
+  return f(std::integral_constant<int, 64>{});
+}
+
+// Fills the launch-dependent fields of pr for channel tile BN (tiles, shared-memory layout) and returns the
+// kernel's dynamic shared memory in bytes, or 0 when it or the grid does not fit the current device.
+template <typename Math, GatherDirection Dir, int BN>
+size_t layout_implicit_gemm(TcProblem* pr) {
+  constexpr int kRowBytes = tc_row_bytes<Math>();
+  pr->n_tiles = (pr->dst_per_group + BN - 1) / BN;
+  pr->stage_patch_bytes = pr->max_patch_pixels * kRowBytes;
+  pr->stage_bytes = pr->stage_patch_bytes + pr->max_taps * BN * kRowBytes;
+  const size_t epilogue_bytes = (size_t(std::min(BN, 32)) * (kTcBlockM + 4) + BN) * sizeof(float);
+  const int sources = Dir == GatherDirection::GradInput ? pr->phases : 1;  // tap tables' sources
+  const size_t tables_bytes = 2 * size_t(sources) * pr->max_taps * sizeof(int);
+  const size_t smem = std::max(tc_stages<Dir, Math>() * size_t(pr->stage_bytes) + tables_bytes, epilogue_bytes);
+  const int64_t grid_x = pr->batch * pr->m_tiles * (Dir == GatherDirection::GradInput ? 1 : pr->phases);
+  const int64_t grid_y = int64_t(pr->groups) * pr->n_tiles;
+  if (smem > max_dynamic_smem_bytes() || grid_x > 0x7fffffff || grid_y > 65535) return 0;
+  return smem;
+}
+
+// Whether launch_implicit_gemm_conv would run this problem on the current device (rather than return false).
+template <typename Math, GatherDirection Dir>
+bool implicit_gemm_fits(TcProblem pr) {
+  return with_channel_tile(pr, [&](auto bn) { return layout_implicit_gemm<Math, Dir, decltype(bn)::value>(&pr) > 0; });
+}
+
 // Packs the weight into the workspace and launches the implicit-GEMM kernel with a channel tile BN chosen
 // from the group width. Returns false (launching nothing) when shared memory or the grid do not fit.
+// src_cl: the channels-last source of the asynchronous path, made here from src unless src_cl_ready (the
+// caller's input already has that layout: NHWC at whole 16-channel chunks per group).
 template <typename T, typename Math, GatherDirection Dir>
 bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src, const T* src_factor,
                                const T* weight, int64_t weight_group_stride, int weight_src_stride,
                                int weight_dst_stride, const T* bias, T* dst, T* dst_factor, void* workspace,
-                               typename Math::Smem* src_cl, cudaStream_t stream) {
+                               typename Math::Smem* src_cl, bool src_cl_ready, cudaStream_t stream) {
   using Smem = typename Math::Smem;
-  constexpr int kRowBytes = tc_row_bytes<Math>();
   if (tc_async_patch<Dir, Math>() != (src_cl != nullptr))
     throw std::logic_error("fused_convt: implicit GEMM launched with the wrong channels-last source");
-  auto launch = [&](auto bn_constant) -> bool {
+  return with_channel_tile(pr, [&](auto bn_constant) -> bool {
     constexpr int BN = decltype(bn_constant)::value;
-    pr.n_tiles = (pr.dst_per_group + BN - 1) / BN;
-    pr.stage_patch_bytes = pr.max_patch_pixels * kRowBytes;
-    pr.stage_bytes = pr.stage_patch_bytes + pr.max_taps * BN * kRowBytes;
-    const size_t epilogue_bytes = (size_t(std::min(BN, 32)) * (kTcBlockM + 4) + BN) * sizeof(float);
-    const int sources = Dir == GatherDirection::GradInput ? pr.phases : 1;  // tap tables' sources
-    const size_t tables_bytes = 2 * size_t(sources) * pr.max_taps * sizeof(int);
-    const size_t smem = std::max(tc_stages<Dir, Math>() * size_t(pr.stage_bytes) + tables_bytes, epilogue_bytes);
+    const size_t smem = layout_implicit_gemm<Math, Dir, BN>(&pr);
+    if (smem == 0) return false;
     const int64_t grid_x = pr.batch * pr.m_tiles * (Dir == GatherDirection::GradInput ? 1 : pr.phases);
     const int64_t grid_y = int64_t(pr.groups) * pr.n_tiles;
-    if (smem > max_dynamic_smem_bytes() || grid_x > 0x7fffffff || grid_y > 65535) return false;
 
     Smem* packed = static_cast<Smem*>(workspace);
     const int64_t packed_count = int64_t(pr.groups) * pr.kernel_taps * pr.dst_per_group * pr.src_padded;
@@ -589,7 +616,7 @@ bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src, 
                                                            weight_group_stride, weight_src_stride,
                                                            weight_dst_stride);
     check_launch("pack_weight_kernel");
-    if (src_cl) {
+    if (src_cl && !src_cl_ready) {
       if (pr.src_padded != pr.src_per_group)
         check_cuda(cudaMemsetAsync(src_cl, 0, channels_last_source_bytes<Math>(pr), stream), "cudaMemsetAsync");
       const PhaseSplitLayout layout{pr.batch, PhaseAxis{pr.src_h, 1, 0}, PhaseAxis{pr.src_w, 1, 0},
@@ -604,10 +631,7 @@ bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src, 
                                                                                   packed, bias, dst, dst_factor);
     check_launch("implicit_gemm_conv_kernel");
     return true;
-  };
-  if (pr.dst_per_group <= 16) return launch(std::integral_constant<int, 16>{});
-  if (pr.dst_per_group <= 32) return launch(std::integral_constant<int, 32>{});
-  return launch(std::integral_constant<int, 64>{});
+  });
 }
 
 }  // namespace fused_convt

@@ -17,7 +17,7 @@ All in one process, on one GPU. For every (shape, mode) case it
 It prints a table and writes perf/results/<gpu>-<date>.json with a plot beside it (.png).
 
 Implementations: fused_convt (ours), fused_convt_recompute (ours, recompute=True: only the inputs are saved
-for backward), eager (the KernelBench model verbatim), compile (torch.compile of it, default mode) and
+for backward), fused_convt_channels_last (ours with a channels_last input, as best_tuned gets it), eager (the KernelBench model verbatim), compile (torch.compile of it, default mode) and
 best_tuned (channels_last + cudnn.benchmark + torch.compile, the fastest PyTorch setup in
 shared/ANCHORS.md). Modes: tf32 (fp32 tensors, cuDNN and cuBLAS TF32 on: PyTorch's default), fp32 (TF32
 off), bf16, fp16; fused_convt follows torch.backends.cudnn.allow_tf32 like cuDNN does. The sweep runs in every selected
@@ -69,7 +69,7 @@ MODES = {
     "fp16": (torch.float16, True, "bf16"),
 }
 SHAPES = {"kb_v0": KB_V0, "kb_v1": KB_V1}
-MAIN_IMPLS = ["fused_convt", "fused_convt_recompute", "eager", "compile", "best_tuned"]
+MAIN_IMPLS = ["fused_convt", "fused_convt_recompute", "fused_convt_channels_last", "eager", "compile", "best_tuned"]
 SWEEP_IMPLS = ["fused_convt", "eager", "compile"]
 COMPILED_IMPLS = {"compile", "best_tuned"}
 RANDN_ADD_VALUE = -0.5
@@ -283,7 +283,8 @@ def build_impls(names: List[str], p: Problem, device, dtype) -> List[Impl]:
                 p.in_channels, p.out_channels, p.kernel, p.stride, p.padding, p.output_padding, p.groups, p.bias,
                 p.dilation, device=device, dtype=dtype, add_value=p.add_value, multiply_value=p.multiply_value,
                 recompute=name == "fused_convt_recompute")
-            impls.append(Impl(name, module, module))
+            # fused_convt_channels_last: the input arrives channels_last, as for best_tuned.
+            impls.append(Impl(name, module, module, channels_last=name == "fused_convt_channels_last"))
         elif name in ("eager", "compile"):
             if eager is None:
                 eager = KernelBenchModel(p, device, dtype)
@@ -507,7 +508,7 @@ def print_case(records: List[dict]) -> None:
     by_impl = {r["impl"]: r for r in records}
     baselines = {label: by_impl.get(name, {}) for label, name in
                  (("eager", "eager"), ("compile", "compile"), ("best", "best_tuned"))}
-    header = (f"   {'impl':<22} {'fwd_ms':>9} {'fwd_randn':>10} {'fwdbwd_ms':>10} {'eager/x fwd|fb':>16} "
+    header = (f"   {'impl':<25} {'fwd_ms':>9} {'fwd_randn':>10} {'fwdbwd_ms':>10} {'eager/x fwd|fb':>16} "
               f"{'compile/x fwd|fb':>17} "
               f"{'best/x fwd|fb':>15} {'%floor':>7} {'rel_randn':>10} {'rel_kb':>10} {'abs_randn':>10} "
               f"{'saved_MB':>9}")
@@ -517,7 +518,7 @@ def print_case(records: List[dict]) -> None:
                 for b in baselines.values()]
         errors = r["errors"]
         saved_mb = r["saved_bytes"] / 1e6 if r["saved_bytes"] is not None else None
-        print(f"   {r['impl']:<22} {fmt(r['fwd_ms'], '.4f'):>9} {fmt(r['fwd_randn_ms'], '.4f'):>10} "
+        print(f"   {r['impl']:<25} {fmt(r['fwd_ms'], '.4f'):>9} {fmt(r['fwd_randn_ms'], '.4f'):>10} "
               f"{fmt(r['fwdbwd_ms'], '.4f'):>10} {cols[0]:>16} "
               f"{cols[1]:>17} {cols[2]:>15} {fmt(r['pct_of_floor'], '.1f'):>7} "
               f"{fmt(errors.get('randn', {}).get('rel_err'), '.2e'):>10} "

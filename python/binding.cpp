@@ -18,9 +18,10 @@ T* as_ptr(std::uintptr_t address) { return reinterpret_cast<T*>(address); }
 
 void forward(const ConvTransposeParams& params, const Epilogue& epilogue, int dtype, std::uintptr_t input,
              std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t output, std::uintptr_t grad_factor,
-             std::uintptr_t workspace, bool allow_tf32, int device, std::uintptr_t stream) {
+             std::uintptr_t workspace, bool allow_tf32, bool input_channels_last, int device,
+             std::uintptr_t stream) {
   const ForwardArgs args{as_ptr(input),       as_ptr(weight),    as_ptr(bias), as_ptr(output),
-                         as_ptr(grad_factor), as_ptr(workspace), allow_tf32};
+                         as_ptr(grad_factor), as_ptr(workspace), allow_tf32,   input_channels_last};
   if (device < 0) {
     forward_cpu(params, epilogue, static_cast<DType>(dtype), args);
   } else {
@@ -81,6 +82,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("validate", &validate, "Raise ValueError if the problem description is invalid");
   m.def("cuda_compiled", &cuda_compiled);
   m.def("cuda_device_count", &cuda_device_count);
+  m.def("forward_reads_channels_last", [](const ConvTransposeParams& params, int dtype, int device) {
+    return forward_reads_channels_last(params, DType(dtype), device);
+  });
   m.def("forward_workspace_bytes",
         [](const ConvTransposeParams& params, int dtype) { return forward_workspace_bytes(params, DType(dtype)); });
   m.def("backward_workspace_bytes",

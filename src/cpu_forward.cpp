@@ -1,6 +1,7 @@
 // CPU forward: the gather form of the transposed convolution with the epilogue applied per output.
 // One (image, output channel) plane per OpenMP task; within a plane each output gathers the taps that
-// land on it (TapMap), accumulating in float (double for double) like the CUDA kernels.
+// land on it (TapMap), accumulating in float (double for double) like the CUDA kernels. The input is NCHW or,
+// with ForwardArgs::input_channels_last, NHWC: only the two strides below differ.
 #include "cpu_axis_taps.h"
 #include "cpu_dispatch.h"
 #include "fused_convt/api.h"
@@ -26,6 +27,8 @@ void forward_typed(const ConvTransposeParams& p, const Epilogue& epi, const Forw
   const int64_t in_per_group = p.in_channels_per_group(), out_per_group = p.out_channels_per_group();
   const int64_t taps = p.kernel_h * p.kernel_w, in_plane = p.in_h * p.in_w;
   const int64_t out_plane = int64_t(out_h) * out_w;
+  const int64_t channel_stride = args.input_channels_last ? 1 : in_plane;
+  const int64_t pixel_stride = args.input_channels_last ? p.in_channels : 1;
   const int64_t planes = p.batch * p.out_channels;
   const EpilogueConstants<Acc> epilogue(epi);
 
@@ -39,11 +42,11 @@ void forward_typed(const ConvTransposeParams& p, const Epilogue& epi, const Forw
         Acc acc = 0;
         for (int64_t ic_local = 0; ic_local < in_per_group; ++ic_local) {
           const int64_t ic = group * in_per_group + ic_local;
-          const T* x_plane = x + (n * p.in_channels + ic) * in_plane;
+          const T* x_plane = x + n * p.in_channels * in_plane + ic * channel_stride;
           const T* w_slice = w + (ic * out_per_group + oc_local) * taps;
           for (int r = rows.begin[oh]; r < rows.begin[oh + 1]; ++r) {
             for (int c = cols.begin[ow]; c < cols.begin[ow + 1]; ++c) {
-              acc += load_acc(x_plane, int64_t(rows.source[r]) * p.in_w + cols.source[c]) *
+              acc += load_acc(x_plane, (int64_t(rows.source[r]) * p.in_w + cols.source[c]) * pixel_stride) *
                      load_acc(w_slice, int64_t(rows.tap[r]) * p.kernel_w + cols.tap[c]);
             }
           }

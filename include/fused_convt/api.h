@@ -26,6 +26,10 @@ struct ForwardArgs {
   // "3xTF32" on tensor cores (each operand as two TF32 parts: near-fp32 accuracy, ~1e-6 relative).
   // float16/bfloat16 always use tensor cores with fp32 accumulation; float64 runs fp64 FMA.
   bool allow_tf32 = false;
+  // The input's memory is NHWC, PyTorch's channels_last: element (n, c, h, w) at ((n*H + h)*W + w)*C + c.
+  // forward_cpu reads it always, forward_cuda where forward_reads_channels_last() is true (it refuses it
+  // elsewhere); NCHW otherwise.
+  bool input_channels_last = false;
 };
 
 struct BackwardArgs {
@@ -61,6 +65,10 @@ int cuda_device_count();
 size_t forward_workspace_bytes(const ConvTransposeParams& params, DType dtype);
 void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, DType dtype,
                   const ForwardArgs& args, const CudaContext& ctx);
+// Whether forward_cuda on `device` reads an NHWC (channels_last) input in place, with no transpose: the
+// tensor-core path of float16 / bfloat16 at whole 16-channel chunks per group, where the channels-last copy it
+// otherwise makes of the input has exactly the NHWC layout. False without CUDA.
+bool forward_reads_channels_last(const ConvTransposeParams& params, DType dtype, int device);
 // Bytes of device scratch backward_cuda needs (deterministic split reductions and, for grad_weight, channels-last
 // operand copies about the size of the output). Pass grad_weight = false for calls that do not ask for it.
 size_t backward_workspace_bytes(const ConvTransposeParams& params, DType dtype, bool grad_weight = true);

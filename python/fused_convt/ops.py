@@ -57,7 +57,19 @@ def _output_shape(input: Tensor, weight: Tensor, stride, padding, output_padding
     return (input.shape[0], weight.shape[1] * groups, h, w)
 
 
+def _forward_layout(input: Tensor, params) -> Tensor:
+    """The input as the native forward reads it: a channels_last tensor in place on the CPU, and on CUDA where
+    the tensor-core path takes NHWC as it is (float16 / bfloat16, whole 16-channel chunks per group: no
+    transpose at all); else an NCHW-contiguous tensor (a copy if it was not one)."""
+    if (not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last)
+            and (not input.is_cuda or _C.forward_reads_channels_last(params, _DTYPE_TAGS[input.dtype],
+                                                                       input.device.index))):
+        return input
+    return input.contiguous()
+
+
 def _run_forward(input, weight, bias, params, epilogue, output, grad_factor, allow_tf32) -> None:
+    """input: NCHW-contiguous, or channels_last as _forward_layout leaves it."""
     device, stream = _where(input)
     dtype = _DTYPE_TAGS[input.dtype]
     workspace = None
@@ -65,7 +77,7 @@ def _run_forward(input, weight, bias, params, epilogue, output, grad_factor, all
         nbytes = _C.forward_workspace_bytes(params, dtype)
         workspace = torch.empty(nbytes, dtype=torch.uint8, device=input.device) if nbytes else None
     _C.forward(params, epilogue, dtype, _ptr(input), _ptr(weight), _ptr(bias), _ptr(output), _ptr(grad_factor),
-               _ptr(workspace), allow_tf32, device, stream)
+               _ptr(workspace), allow_tf32, not input.is_contiguous(), device, stream)
 
 
 def _forward_impl(
@@ -83,7 +95,7 @@ def _forward_impl(
     save_grad_factor: bool,
     allow_tf32: bool,
 ) -> Tuple[Tensor, Tensor]:
-    input, weight = input.contiguous(), weight.contiguous()
+    weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     shape = _output_shape(input, weight, stride, padding, output_padding, dilation, groups)
     output = input.new_empty(shape)
@@ -91,7 +103,7 @@ def _forward_impl(
     if output.numel() > 0:
         params = _params(input, weight, bias is not None, stride, padding, output_padding, dilation, groups)
         epilogue = _C.Epilogue(add_value, multiply_value, apply_epilogue)
-        _run_forward(input, weight, bias, params, epilogue, output, grad_factor, allow_tf32)
+        _run_forward(_forward_layout(input, params), weight, bias, params, epilogue, output, grad_factor, allow_tf32)
     return output, grad_factor
 
 

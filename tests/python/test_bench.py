@@ -30,7 +30,8 @@ def test_bench_cpu_run_writes_comparable_records(tmp_path):
         # The randn data makes both epilogue branches common; the KernelBench data makes nearly every output 0.
         assert 0.5 < r["data"]["randn"]["nonzero_frac"] < 0.95, where
         assert r["data"]["kernelbench"]["nonzero_frac"] < 0.05, where
-    assert {r["impl"] for r in records} == {"fused_convt", "fused_convt_recompute", "eager"}
+    assert {r["impl"] for r in records} == {"fused_convt", "fused_convt_recompute", "fused_convt_channels_last",
+                                            "eager"}
 
 
 def test_bench_cpu_sweep_covers_every_point_in_every_mode(tmp_path):

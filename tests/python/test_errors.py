@@ -225,7 +225,8 @@ NATIVE_CASES = [
 def native_cpu_forward_with_null_pointers(params):
     """forward_cpu validates before it reads any pointer, so a refused call never touches these nulls."""
     null = 0
-    fused_convt._C.forward(params, fused_convt._C.Epilogue(), 0, null, null, null, null, null, null, False, -1, 0)
+    fused_convt._C.forward(params, fused_convt._C.Epilogue(), 0, null, null, null, null, null, null, False, False,
+                           -1, 0)
 
 
 def test_native_validate_accepts_the_valid_params():
@@ -252,6 +253,15 @@ def test_native_forward_refuses_a_missing_bias_pointer():
         native_cpu_forward_with_null_pointers(valid_params())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_channels_last_in_place_needs_16_bit_and_whole_chunks(dtype):
+    """valid_params has 3 and 2 channels per group: never a whole 16-channel chunk, so no dtype reads its
+    channels_last input in place (answered before any device is touched; False in CPU-only builds too), and
+    float32 / float64 never do."""
+    from fused_convt.ops import _DTYPE_TAGS
+    assert fused_convt._C.forward_reads_channels_last(valid_params(), _DTYPE_TAGS[dtype], 0) is False
+
+
 def test_numpy_scalars_are_accepted_like_python_numbers():
     np = pytest.importorskip("numpy")
     x, w, b = torch.randn(1, 2, 4, 4), torch.randn(2, 3, 3, 3), torch.randn(3)
@@ -268,7 +278,8 @@ def test_workspace_sizes_follow_the_requested_gradients(dtype, operand_bytes):
     """grad_weight's workspace holds channels-last copies of g (output-sized, phase-split) and of x in the
     operand type, channels padded per group to 8 (valid_params: 3 and 2 per group, 2 groups); a backward
     without grad_weight asks for none of it, and Python sizes each call so (BackwardArgs::workspace_bytes
-    lets the C++ entry refuse a smaller one). The 16-bit forward also copies x channels-last, padded to 16."""
+    lets the C++ entry refuse a smaller one). The forward copies x channels-last, padded to 16, beside the
+    packed weight."""
     from fused_convt.ops import _DTYPE_TAGS
     p, tag = valid_params(), _DTYPE_TAGS[dtype]
     full = fused_convt._C.backward_workspace_bytes(p, tag, True)
@@ -279,7 +290,5 @@ def test_workspace_sizes_follow_the_requested_gradients(dtype, operand_bytes):
     assert fused_convt._C.backward_workspace_bytes(p, tag) == full
     forward = fused_convt._C.forward_workspace_bytes(p, tag)
     x_copy_forward = p.batch * p.in_h * p.in_w * p.groups * 16 * operand_bytes
-    if operand_bytes == 2:
-        assert forward >= x_copy_forward
-    else:
-        assert 0 < forward < x_copy_forward  # the packed weight only
+    packed_weight = p.groups * p.kernel_h * p.kernel_w * (p.out_channels // p.groups) * 16 * operand_bytes
+    assert forward >= x_copy_forward + packed_weight

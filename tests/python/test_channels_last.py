@@ -1,0 +1,59 @@
+"""channels_last inputs. The CPU path reads NHWC in place always; on CUDA the tensor-core path does where it can
+(float16 / bfloat16, whole 16-channel chunks per group), and elsewhere (float32 here) the input is made NCHW
+first. Either way the forward equals the NCHW input's bitwise (the same arithmetic on the same values, without
+the transpose), and so do the gradients."""
+import pytest
+import torch
+
+import fused_convt
+from fused_convt.ops import _DTYPE_TAGS, _params
+
+# (in channels, out channels, groups, kernel, stride, dtype, read in place)
+CASES = [
+    (32, 16, 1, 4, 2, torch.bfloat16, True),
+    (64, 32, 2, 3, 1, torch.float16, True),
+    (32, 32, 1, 5, 3, torch.bfloat16, True),
+    (48, 48, 3, 4, 2, torch.bfloat16, True),
+    (24, 16, 1, 4, 2, torch.bfloat16, False),  # 24 channels: a partial chunk, so an NCHW copy first
+    (32, 16, 1, 4, 2, torch.float32, False),
+]
+
+
+def make(device, cin, cout, groups, k, dtype):
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(3, cin, 9, 11, device=device, generator=g).to(dtype)
+    w = (torch.randn(cin, cout // groups, k, k, device=device, generator=g) * 0.1).to(dtype)
+    b = torch.randn(cout, device=device, generator=g).to(dtype)
+    return x, w, b
+
+
+@pytest.mark.parametrize("cin,cout,groups,k,stride,dtype,in_place", CASES)
+def test_channels_last_input_matches_nchw_bitwise(device, cin, cout, groups, k, stride, dtype, in_place):
+    x, w, b = make(device, cin, cout, groups, k, dtype)
+    x_cl = x.to(memory_format=torch.channels_last)
+    assert not x_cl.is_contiguous()
+    if device == "cuda":
+        params = _params(x, w, True, (stride, stride), (1, 1), (0, 0), (1, 1), groups)
+        assert fused_convt._C.forward_reads_channels_last(params, _DTYPE_TAGS[dtype], x.device.index) is in_place
+    kwargs = dict(stride=stride, padding=1, groups=groups, add_value=-0.3, multiply_value=1.5)
+    with torch.no_grad():
+        expected = fused_convt.conv_transpose2d_fused(x, w, b, **kwargs)
+        out = fused_convt.conv_transpose2d_fused(x_cl, w, b, **kwargs)
+    assert out.is_contiguous() and not out.isnan().any()
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("cin,cout,groups,k,stride,dtype,in_place", CASES[:2])
+def test_channels_last_input_gradients_match_nchw(device, cin, cout, groups, k, stride, dtype, in_place):
+    kwargs = dict(stride=stride, padding=1, groups=groups, add_value=-0.3, multiply_value=1.5)
+    grads = []
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x, w, b = make(device, cin, cout, groups, k, dtype)
+        x = x.to(memory_format=layout).requires_grad_()
+        w.requires_grad_()
+        b.requires_grad_()
+        y = fused_convt.conv_transpose2d_fused(x, w, b, **kwargs)
+        y.backward(torch.ones_like(y))
+        grads.append((y.detach(), x.grad, w.grad, b.grad))
+    for nchw, nhwc in zip(*grads):
+        assert torch.equal(nchw, nhwc)
