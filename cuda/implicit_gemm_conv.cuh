@@ -29,6 +29,7 @@
 #pragma once
 
 #include <algorithm>
+#include <climits>
 #include <type_traits>
 
 #include "channels_last_pack.cuh"
@@ -64,13 +65,29 @@ constexpr int tc_stages() {
 // counts (kb_v0: 16 output channels, two steps per tile) overlap more.
 template <GatherDirection Dir, typename Math, int BN>
 constexpr int tc_min_blocks() {
-  return tc_async_patch<Dir, Math>() && BN <= 32 ? 3 : 2;
+  return tc_async_patch<Dir, Math>() && sizeof(typename Math::Smem) == 2 && BN <= 32 ? 3 : 2;
 }
 
 // Bytes of one staged row of kTcChunk values, padded by 16 B so that ldmatrix's eight row addresses of
 // consecutive pixels fall in distinct bank groups.
 template <typename Math>
 constexpr int tc_row_bytes() { return kTcChunk * int(sizeof(typename Math::Smem)) + 16; }
+
+// Floats per pixel row of the epilogue's staged accumulators ([pixel][min(BN, 32) columns, + 4]): each
+// thread reads its pixel's columns four at a time (one 16-byte load per four outputs; a column-major tile
+// took a load per output), and the + 4 puts the eight rows of a quarter-warp's 16-byte loads in distinct
+// bank groups. Within a row the four-column groups are permuted (tc_epilogue_slot) so that the fragment
+// writes (8-byte, columns 2t and 2t + 1 of rows g) are conflict-free too: in natural order they were 2-way
+// (twice the shared-memory wavefronts of the writes; bf16 kb_v1 1.005 -> 1.037 ms on the H100).
+template <int BN>
+constexpr int tc_epilogue_stride() { return (BN < 32 ? BN : 32) + 4; }
+
+// Position in a staged row of column c (of the part's `columns`): group c / 4 goes to slot
+// c / 8 + (columns / 8) * ((c / 4) & 1), i.e. the first halves of the 8-column fragments, then the second
+// halves, so that the rows g = 0..3 and half t / 2 of one write land on eight distinct 16-byte bank groups.
+__host__ __device__ constexpr int tc_epilogue_slot(int c, int columns) {
+  return ((c >> 3) + (columns >> 3) * ((c >> 2) & 1)) * 4 + (c & 3);
+}
 
 // Packs the weight as [group][kh*kw][dst_local][src_local padded to kTcChunk] in the MMA's operand type
 // (TF32-rounded float or the 16-bit type), so that a block's weight tile is whole 16-byte rows.
@@ -109,7 +126,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   static_assert(kNFrags % 2 == 0, "B fragments are loaded in pairs");
   constexpr int kEpiFrags = kNFrags < 4 ? kNFrags : 4;  // fragments (8 channels each) per epilogue pass
   constexpr int kEpiParts = kNFrags / kEpiFrags;
-  constexpr int kEpiStride = kTcBlockM + 4;             // floats; +4 spreads the fragment writes over banks
+  constexpr int kEpiStride = tc_epilogue_stride<BN>();
 
   extern __shared__ __align__(128) unsigned char smem[];
 
@@ -135,8 +152,9 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   const T* src_group = src + src_image;
   const T* factor_group = src_factor ? src_factor + src_image : nullptr;
   // Channels-last copy of the source ([image][pixel][group][src_padded]), when the caller made one.
-  const int64_t cl_row = int64_t(pr.groups) * pr.src_padded;
-  const Smem* cl_group = src_cl ? src_cl + image * src_plane * cl_row + int64_t(group) * pr.src_padded : nullptr;
+  const int cl_row = pr.groups * pr.src_padded;
+  const Smem* cl_group =
+      src_cl ? src_cl + image * src_plane * int64_t(cl_row) + int64_t(group) * pr.src_padded : nullptr;
   const Smem* packed_group = packed + int64_t(group) * pr.kernel_taps * pr.dst_per_group * pr.src_padded;
 
   float acc[2][kNFrags][4];
@@ -158,8 +176,13 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   // A step's source: its row in the tap tables below (0 in the forward) and its phase.
   auto source_of = [&](int step) { return kSumPhases ? step % sources : 0; };
   auto phase_of = [&](int source) -> const TcPhase& { return pr.phase[kSumPhases ? source : phase_index]; };
-  const TcPhase& first_phase = phase_of(0);  // grad_input keeps phases with taps only
-  const int steps = first_phase.taps_h * first_phase.taps_w > 0 ? sources * chunks : 0;
+  // Taps of a step's source. The forward reads its one phase's count once: a field of pr.phase[phase_index]
+  // is a constant-bank load with a computed index at every use (per step, in the loads and in the MMAs).
+  const int forward_taps = dst_phase.taps_h * dst_phase.taps_w;
+  auto taps_of = [&](int source) {
+    return kSumPhases ? phase_of(source).taps_h * phase_of(source).taps_w : forward_taps;
+  };
+  const int steps = taps_of(0) > 0 ? sources * chunks : 0;  // grad_input keeps phases with taps only
 
   struct Patch {
     int min_off_h, min_off_w, row_first, cols, pixels;
@@ -184,9 +207,9 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
     return patch;
   };
 
-  // Per source and tap, written once per block behind the stages: the patch-row shift of the tap and
-  // the packed weight tap it multiplies (kh * kernel_w + kw), tap = th * taps_w + tw. Deriving them per step
-  // from the phase tables cost registers (spills) in the loop.
+  // Per source and tap, written once per block behind the stages: the patch-row shift of the tap and the
+  // offset in the group's packed weight of the tap it multiplies (kh * kernel_w + kw), tap = th * taps_w + tw.
+  // Deriving them per step from the phase tables cost registers (spills) in the loop.
   constexpr int kStages = tc_stages<Dir, Math>();
   int* tap_shift = reinterpret_cast<int*>(smem + kStages * pr.stage_bytes);
   int* tap_weight = tap_shift + sources * pr.max_taps;
@@ -197,7 +220,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
       const Patch patch = patch_of(ph);
       const int th = tap / ph.taps_w, tw = tap % ph.taps_w;
       tap_shift[i] = (ph.off_h[th] - patch.min_off_h) * patch.cols + ph.off_w[tw] - patch.min_off_w;
-      tap_weight[i] = ph.kh[th] * pr.kernel_w + ph.kw[tw];
+      tap_weight[i] = (ph.kh[th] * pr.kernel_w + ph.kw[tw]) * pr.dst_per_group * pr.src_padded;
     }
   }
   __syncthreads();
@@ -228,20 +251,37 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   // that Nsight Compute shows L2-bound.)
   constexpr bool async_patch = tc_async_patch<Dir, Math>();
   constexpr int kOffsets = async_patch ? kTcMaxPatchPixels * kRowChunks / kTcThreads : kTcPixelsPerThread;
-  auto offset_pixel = [&](int j) {
-    return async_patch ? tid / kRowChunks + j * (kTcThreads / kRowChunks) : tid + j * kTcThreads;
-  };
-  // Offset of each of those pixels within a channel plane (-1 outside the image). The lambdas take the
-  // kOffsets-long array by pointer: a reference-to-array parameter sized by the local constant crashed nvcc
-  // 13.0's front end (cudafe++).
+  constexpr int kPixelStep = async_patch ? kTcThreads / kRowChunks : kTcThreads;  // between a thread's pixels
+  auto offset_pixel = [&](int j) { return (async_patch ? tid / kRowChunks : tid) + j * kPixelStep; };
+  constexpr int kPieceValues = 16 / int(sizeof(Smem));
+  constexpr int kNotInPatch = INT_MIN;
+  // Where each of those pixels is read from. Register path: its offset within a channel plane (-1 outside
+  // the image). Asynchronous copy: the offset of the thread's piece in the channels-last image, -1 where the
+  // pixel lies outside the image (zero-filled), kNotInPatch past the patch's last pixel (not copied), so that
+  // a step's copy is an add and a select per piece. The lambdas take the kOffsets-long array by pointer: a
+  // reference-to-array parameter sized by the local constant crashed nvcc 13.0's front end (cudafe++).
   auto pixel_offsets = [&](const TcPhase& ph, const Patch& patch, int* offsets) {
+    // The pixel's (row, column) in the patch advances by a fixed step: two divisions, not one per pixel.
+    const int step_rows = kPixelStep / patch.cols, step_cols = kPixelStep % patch.cols;
+    int row = offset_pixel(0) / patch.cols, col = offset_pixel(0) % patch.cols;
 #pragma unroll
     for (int j = 0; j < kOffsets; ++j) {
       const int p = offset_pixel(j);
-      const int y = (patch.row_first + p / patch.cols) * pr.src_step_h + ph.src_offset_h;
-      const int x = (patch.min_off_w + p % patch.cols) * pr.src_step_w + ph.src_offset_w;
+      const int y = (patch.row_first + row) * pr.src_step_h + ph.src_offset_h;
+      const int x = (patch.min_off_w + col) * pr.src_step_w + ph.src_offset_w;
       const bool inside = p < patch.pixels && y >= 0 && y < pr.src_h && x >= 0 && x < pr.src_w;
-      offsets[j] = inside ? y * pr.src_w + x : -1;
+      if constexpr (async_patch) {
+        offsets[j] = inside ? (y * pr.src_w + x) * cl_row + (tid % kRowChunks) * kPieceValues
+                            : (p < patch.pixels ? -1 : kNotInPatch);
+      } else {
+        offsets[j] = inside ? y * pr.src_w + x : -1;
+      }
+      row += step_rows;
+      col += step_cols;
+      if (col >= patch.cols) {
+        col -= patch.cols;
+        ++row;
+      }
     }
   };
   auto load_patch_with = [&](const int* offsets, int c0, auto with_factor) {
@@ -287,33 +327,31 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   };
   // With a channels-last source each staged patch row is kRowChunks contiguous 16-byte pieces: copied
   // asynchronously (zero-filled outside the image), with no register staging and no conversion.
-  auto copy_patch = [&](const int* offsets, int pixels, int c0, int stage) {
-    unsigned char* patch = smem + stage * pr.stage_bytes;
-    const int piece = tid % kRowChunks;
+  // A thread's patch pieces start at piece_smem within a stage, kPixelStep rows apart.
+  const uint32_t piece_smem = (tid / kRowChunks) * kRowBytes + (tid % kRowChunks) * 16;
+  auto copy_patch = [&](const int* offsets, int c0, int stage) {
+    const uint32_t to = smem_address(smem + stage * pr.stage_bytes) + piece_smem;
 #pragma unroll
     for (int j = 0; j < kOffsets; ++j) {
-      const int p = offset_pixel(j);
-      if (p < pixels) {
-        const bool inside = offsets[j] >= 0;
-        const Smem* from = cl_group + (inside ? offsets[j] * cl_row : 0) + c0;
-        cp_async_16(smem_address(patch + p * kRowBytes + piece * 16), reinterpret_cast<const uint4*>(from) + piece,
-                    inside ? 16 : 0);
-      }
+      if (offsets[j] != kNotInPatch)
+        cp_async_16(to + j * kPixelStep * kRowBytes, cl_group + (max(offsets[j], 0) + c0), offsets[j] >= 0 ? 16 : 0);
     }
   };
-  // The weight slice [tap][BN][16 channels] of a step.
+  // The weight slice [tap][BN][16 channels] of a step. A thread copies piece tid % kRowChunks of channel row
+  // (tid / kRowChunks) % BN of every kWeightTapStep-th tap from its first: the channel row and piece are the
+  // same in every step, so a copy costs a table read and an add.
+  static_assert(kTcThreads / kRowChunks % BN == 0, "a thread's weight pieces keep their channel row");
+  constexpr int kWeightTapStep = kTcThreads / kRowChunks / BN;
+  const int weight_n = tid / kRowChunks % BN, weight_first_tap = tid / kRowChunks / BN;
+  const bool weight_valid = n0 + weight_n < pr.dst_per_group;
+  const int weight_at = (weight_valid ? n0 + weight_n : 0) * pr.src_padded + tid % kRowChunks * kPieceValues;
+  const uint32_t weight_smem =
+      pr.stage_patch_bytes + (weight_first_tap * BN + weight_n) * kRowBytes + tid % kRowChunks * 16;
   auto load_weights = [&](int source, int taps, int c0, int stage) {
-    unsigned char* tile = smem + stage * pr.stage_bytes + pr.stage_patch_bytes;
-    for (int i = tid; i < taps * BN * kRowChunks; i += kTcThreads) {
-      const int piece = i % kRowChunks, row = i / kRowChunks;
-      const int tap = row / BN, n = row % BN;
-      const bool valid = n0 + n < pr.dst_per_group;
-      const int weight_tap = tap_weight[source * pr.max_taps + tap];
-      const Smem* from =
-          packed_group + (int64_t(weight_tap) * pr.dst_per_group + (valid ? n0 + n : 0)) * pr.src_padded + c0;
-      cp_async_16(smem_address(tile + row * kRowBytes + piece * 16), reinterpret_cast<const uint4*>(from) + piece,
-                  valid ? 16 : 0);
-    }
+    uint32_t to = smem_address(smem + stage * pr.stage_bytes) + weight_smem;
+    const int* weight_taps = tap_weight + source * pr.max_taps;
+    for (int tap = weight_first_tap; tap < taps; tap += kWeightTapStep, to += kWeightTapStep * BN * kRowBytes)
+      cp_async_16(to, packed_group + (weight_taps[tap] + weight_at + c0), weight_valid ? 16 : 0);
     cp_async_commit();
   };
   // Patch geometry and this thread's pixel offsets of the phase last prepared: recomputed only when the
@@ -334,11 +372,11 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   // Issues every load of a step into a stage (the register-staged patch waits in `staged` for store_patch);
   // returns the step's patch geometry.
   auto issue_loads = [&](int step, int stage) {
-    const TcPhase& ph = phase_of(source_of(step));
+    const int source = source_of(step);
     const Patch patch = prepare(step);
     const int c0 = step / sources * kTcChunk;
     if constexpr (async_patch) {
-      copy_patch(offsets, patch.pixels, c0, stage);
+      copy_patch(offsets, c0, stage);
     } else {
       if (Dir == GatherDirection::GradInput && factor_group) {
         load_patch_with(offsets, c0, std::true_type{});
@@ -347,19 +385,18 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
       }
       staged_pixels = patch.pixels;
     }
-    load_weights(source_of(step), ph.taps_h * ph.taps_w, c0, stage);  // commits the patch copies
+    load_weights(source, taps_of(source), c0, stage);  // commits the patch copies
     return patch;
   };
   // Every warp's ldmatrix + mma.sync over the step's taps.
   auto multiply = [&](int step, int stage, const Patch& patch) {
-    const TcPhase& ph = phase_of(source_of(step));
     int a_row[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) a_row[i] = (frag_a[i] + patch.min_off_h - patch.row_first) * patch.cols + frag_b[i];
     const uint32_t patch_base = smem_address(smem + stage * pr.stage_bytes);
     const uint32_t weight_base = patch_base + pr.stage_patch_bytes;
     const int* shifts = tap_shift + source_of(step) * pr.max_taps;
-    const int taps = ph.taps_h * ph.taps_w;
+    const int taps = taps_of(source_of(step));
     for (int tap = 0; tap < taps; ++tap) {
       const int shift = shifts[tap];
 #pragma unroll
@@ -371,21 +408,22 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
           ldmatrix_x4(raw, patch_base + (a_row[i] + shift) * kRowBytes + ks * 32 + (lane >> 4) * 16);
           Traits::make_a(a[i], raw);
         }
-        // B fragments in pairs, each used at once, so only two are live at a time.
+        // Every B fragment of the slice is loaded before the first MMA, so that the ldmatrix latencies
+        // overlap: loaded in pairs, each used at once, the compiler left each MMA waiting on its own load
+        // once the loop's load state took the registers it had used to run them ahead (Nsight Compute).
+        typename Traits::BFrag b[kNFrags];
 #pragma unroll
         for (int j = 0; j < kNFrags; j += 2) {
           uint32_t raw[4];
           const int n = j * 8 + (lane & 7) + (lane >> 4) * 8;
           ldmatrix_x4(raw, weight_base + (tap * BN + n) * kRowBytes + ks * 32 + ((lane >> 3) & 1) * 16);
-          typename Traits::BFrag b0, b1;
-          Traits::make_b(b0, raw[0], raw[1]);
-          Traits::make_b(b1, raw[2], raw[3]);
-#pragma unroll
-          for (int i = 0; i < 2; ++i) {
-            Traits::mma(acc[i][j], a[i], b0);
-            Traits::mma(acc[i][j + 1], a[i], b1);
-          }
+          Traits::make_b(b[j], raw[0], raw[1]);
+          Traits::make_b(b[j + 1], raw[2], raw[3]);
         }
+#pragma unroll
+        for (int j = 0; j < kNFrags; ++j)
+#pragma unroll
+          for (int i = 0; i < 2; ++i) Traits::mma(acc[i][j], a[i], b[j]);
       }
     }
   };
@@ -443,7 +481,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   }
   // Per-column shift (bias, plus add_value where the epilogue is on: one add per output instead of two),
   // staged once per block behind the tile (a global load per element would stall).
-  float* column_shift = tile + kEpiFrags * 8 * kEpiStride;
+  float* column_shift = tile + kTcBlockM * kEpiStride;
   if (tid < BN) {
     const int n = n0 + tid;
     const float column_bias =
@@ -472,11 +510,14 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
       // channels), so its reads need no clamping; only the stores stop at `last`.
       const float4 shift = *reinterpret_cast<const float4*>(column_shift + column);
       const float shifts[kEpiGroup] = {shift.x, shift.y, shift.z, shift.w};
+      const float4 sums =
+          *reinterpret_cast<const float4*>(tile + tid * kEpiStride + tc_epilogue_slot(column - first, kEpiFrags * 8));
+      const float staged[kEpiGroup] = {sums.x, sums.y, sums.z, sums.w};
       float pre[kEpiGroup];
       bool tail = false;
 #pragma unroll
       for (int k = 0; k < kEpiGroup; ++k) {
-        pre[k] = tile[(column - first + k) * kEpiStride + tid] + shifts[k];
+        pre[k] = staged[k] + shifts[k];
         tail |= pre[k] < 0.0f;
       }
       EpilogueOutputs<float> result[kEpiGroup];
@@ -496,15 +537,23 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
 #pragma unroll
         for (int k = 0; k < kEpiGroup; ++k) result[k] = epilogue_at_nonnegative(pre[k], epilogue.multiply_value);
       }
+      // Plane offsets within the image are 32-bit (finish_tc_problem): one wide multiply-add per address.
+      auto store_output = [&](int k) {
+        if constexpr (kValue) out[k * dst_plane] = from_acc<T>(result[k].value);
+        if constexpr (kFactor) out_factor[k * dst_plane] = from_acc<T>(result[k].factor);
+      };
+      if (stores) {
+        if (column + kEpiGroup <= last) {  // every group but a group width's ragged end
 #pragma unroll
-      for (int k = 0; k < kEpiGroup; ++k) {
-        if (stores && column + k < last) {
-          if constexpr (kValue) out[int64_t(k) * dst_plane] = from_acc<T>(result[k].value);
-          if constexpr (kFactor) out_factor[int64_t(k) * dst_plane] = from_acc<T>(result[k].factor);
+          for (int k = 0; k < kEpiGroup; ++k) store_output(k);
+        } else {
+#pragma unroll
+          for (int k = 0; k < kEpiGroup; ++k)
+            if (column + k < last) store_output(k);
         }
       }
-      if constexpr (kValue) out += kEpiGroup * int64_t(dst_plane);
-      if constexpr (kFactor) out_factor += kEpiGroup * int64_t(dst_plane);
+      if constexpr (kValue) out += kEpiGroup * dst_plane;
+      if constexpr (kFactor) out_factor += kEpiGroup * dst_plane;
     }
   };
   using Yes = std::true_type;
@@ -517,9 +566,10 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
 #pragma unroll
       for (int i = 0; i < 2; ++i)
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int column = (j - part * kEpiFrags) * 8 + 2 * t + (q & 1);
-          tile[column * kEpiStride + warp * 32 + i * 16 + g + (q >> 1) * 8] = acc[i][j][q];
+        for (int h = 0; h < 2; ++h) {  // an mma tile's rows g and g + 8, two adjacent columns each
+          const int column = (j - part * kEpiFrags) * 8 + 2 * t, row = warp * 32 + i * 16 + g + h * 8;
+          *reinterpret_cast<float2*>(tile + row * kEpiStride + tc_epilogue_slot(column, kEpiFrags * 8)) =
+              make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
         }
     __syncthreads();
     const int first = part * kEpiFrags * 8, last = min(columns, first + kEpiFrags * 8);
@@ -573,7 +623,7 @@ size_t layout_implicit_gemm(TcProblem* pr) {
   pr->n_tiles = (pr->dst_per_group + BN - 1) / BN;
   pr->stage_patch_bytes = pr->max_patch_pixels * kRowBytes;
   pr->stage_bytes = pr->stage_patch_bytes + pr->max_taps * BN * kRowBytes;
-  const size_t epilogue_bytes = (size_t(std::min(BN, 32)) * (kTcBlockM + 4) + BN) * sizeof(float);
+  const size_t epilogue_bytes = (size_t(kTcBlockM) * tc_epilogue_stride<BN>() + BN) * sizeof(float);
   const int sources = Dir == GatherDirection::GradInput ? pr->phases : 1;  // tap tables' sources
   const size_t tables_bytes = 2 * size_t(sources) * pr->max_taps * sizeof(int);
   const size_t smem = std::max(tc_stages<Dir, Math>() * size_t(pr->stage_bytes) + tables_bytes, epilogue_bytes);

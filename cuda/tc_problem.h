@@ -123,9 +123,12 @@ inline bool finish_tc_problem(TcProblem* pr) {
     const int64_t rows = int64_t(max_tile_rows(ph.extent_h, ph.extent_w)) + span_of(ph.off_h, ph.taps_h);
     const int64_t cols = int64_t(ph.extent_w - 1) + span_of(ph.off_w, ph.taps_w) + 1;
     if (rows * cols > kTcMaxPatchPixels) return false;
-    // The kernel addresses inside one image with 32-bit offsets.
+    // The kernel addresses inside one image (NCHW, or its channels-last source padded per group) and inside
+    // one group's packed weight with 32-bit offsets.
     if (int64_t(pr->src_channels) * pr->src_h * pr->src_w > INT32_MAX ||
-        int64_t(pr->dst_channels) * pr->dst_h * pr->dst_w > INT32_MAX)
+        int64_t(pr->groups) * pr->src_padded * pr->src_h * pr->src_w > INT32_MAX ||
+        int64_t(pr->dst_channels) * pr->dst_h * pr->dst_w > INT32_MAX ||
+        int64_t(pr->kernel_taps) * pr->dst_per_group * pr->src_padded > INT32_MAX)
       return false;
     pr->max_patch_pixels = std::max(pr->max_patch_pixels, int(rows * cols));
   }
