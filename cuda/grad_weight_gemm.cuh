@@ -147,8 +147,7 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
   constexpr int kPieces = kGemmTile * int(sizeof(Smem)) / 16;  // 16-byte pieces per row
   constexpr int kValuesPerPiece = 16 / int(sizeof(Smem));
   constexpr int kRowsPerPass = kGemmThreads / kPieces;          // rows one pass of the block copies
-  constexpr int kPasses = kGemmPixels / kRowsPerPass;
-  static_assert(kGemmPixels % kRowsPerPass == 0, "whole rows per pass");
+  static_assert(kRowsPerPass == kGemmPixels, "one copy row per thread and step");
   extern __shared__ __align__(128) unsigned char smem[];
 
   const WeightBlock block(plan.phases, plan.tap_groups, plan.ic_tiles, int(p.stride_w));
@@ -177,7 +176,7 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
     tap_off_w[t] = phase_tap_offset(phase_span(p.out_w(), p.stride_w, p.pad_w, rw), tap_kw[t], p.stride_w, p.dil_w, rw);
   }
 
-  // Copy assignment: thread -> (row r0 + pass * kRowsPerPass, 16-byte piece). Channel limits are per group.
+  // Copy assignment: thread -> (row row0 of each step, 16-byte piece). Channel limits are per group.
   const int piece = tid % kPieces, row0 = tid / kPieces;
   const int in_padded = int(padded_channels(p.in_channels_per_group()));
   const int out_padded = int(padded_channels(p.out_channels_per_group()));
@@ -187,27 +186,44 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
   const Smem* x_group = x_cl + group * in_padded + ic0 + piece * kValuesPerPiece;
   const int in_h = int(p.in_h), in_w = int(p.in_w);
 
-  auto load_stage = [&](int64_t base, int stage) {
-    const uint32_t stage_address = smem_address(smem + stage * kStageBytes);
+  const int64_t steps = pixel_begin < pixel_end ? (pixel_end - pixel_begin + kGemmPixels - 1) / kGemmPixels : 0;
+  // The thread's copy row of the next step to load: its pixel and (image n, phase row a, column b). Steps
+  // are loaded in order, so the position advances by kGemmPixels pixels: two divisions per block instead of
+  // two per step (one of them 64-bit, a called subroutine), which were most of a step's copy instructions.
+  int64_t pixel = pixel_begin + row0, n = 0;
+  int a = 0, b = 0, step_a = 0, step_b = 0;
+  if (steps > 0) {
+    n = pixel / phase_plane;
+    const int ab = int(pixel - n * phase_plane);
+    a = ab / extent_w;
+    b = ab - a * extent_w;
+    step_a = kGemmPixels / extent_w;
+    step_b = kGemmPixels - step_a * extent_w;
+  }
+  auto load_stage = [&](int stage) {
+    const uint32_t to = smem_address(smem + stage * kStageBytes) + row0 * kRowBytes + piece * 16;
+    const bool pixel_ok = pixel < pixel_end;
+    const bool g_ok = pixel_ok && g_piece_ok;
+    cp_async_16(to, g_phase + (g_ok ? pixel * gl.row : 0), g_ok ? 16 : 0);
+    const int64_t image_row = n * in_h;
 #pragma unroll
-    for (int pass = 0; pass < kPasses; ++pass) {
-      const int row = row0 + pass * kRowsPerPass;
-      const int64_t pixel = base + row;
-      const bool pixel_ok = pixel < pixel_end;
-      const int64_t n = pixel_ok ? pixel / phase_plane : 0;
-      const int ab = pixel_ok ? int(pixel - n * phase_plane) : 0;
-      const int a = ab / extent_w, b = ab - a * extent_w;
-      const uint32_t to = stage_address + row * kRowBytes + piece * 16;
-      const bool g_ok = pixel_ok && g_piece_ok;
-      cp_async_16(to, g_phase + (g_ok ? pixel * gl.row : 0), g_ok ? 16 : 0);
-#pragma unroll
-      for (int t = 0; t < kGemmTaps; ++t) {
-        if (t >= taps) break;
-        const int ih = a + tap_off_h[t], iw = b + tap_off_w[t];
-        const bool ok = pixel_ok && x_piece_ok && ih >= 0 && ih < in_h && iw >= 0 && iw < in_w;
-        const int64_t x_pixel = ok ? (n * in_h + ih) * in_w + iw : 0;
-        cp_async_16(to + (1 + t) * kTileBytes, x_group + x_pixel * plan.x_row, ok ? 16 : 0);
-      }
+    for (int t = 0; t < kGemmTaps; ++t) {
+      if (t >= taps) break;
+      const int ih = a + tap_off_h[t], iw = b + tap_off_w[t];
+      const bool ok = pixel_ok && x_piece_ok && ih >= 0 && ih < in_h && iw >= 0 && iw < in_w;
+      const int64_t x_pixel = ok ? (image_row + ih) * in_w + iw : 0;
+      cp_async_16(to + (1 + t) * kTileBytes, x_group + x_pixel * plan.x_row, ok ? 16 : 0);
+    }
+    pixel += kGemmPixels;
+    a += step_a;
+    b += step_b;
+    if (b >= extent_w) {
+      b -= extent_w;
+      ++a;
+    }
+    while (a >= extent_h) {  // into the next image (several for planes smaller than a step)
+      a -= extent_h;
+      ++n;
     }
   };
 
@@ -215,17 +231,16 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
 #pragma unroll
   for (int k = 0; k < kGemmTaps * 2 * 2 * 4; ++k) (&acc[0][0][0][0])[k] = 0.0f;
 
-  const int64_t steps = pixel_begin < pixel_end ? (pixel_end - pixel_begin + kGemmPixels - 1) / kGemmPixels : 0;
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
-    if (s < steps) load_stage(pixel_begin + s * kGemmPixels, s);
+    if (s < steps) load_stage(s);
     cp_async_commit();
   }
   for (int64_t step = 0; step < steps; ++step) {
     cp_async_wait<kStages - 2>();
     __syncthreads();  // stage `step` is visible; everyone is done with the stage the next copy overwrites
     const int64_t next = step + kStages - 1;
-    if (next < steps) load_stage(pixel_begin + next * kGemmPixels, int(next % kStages));
+    if (next < steps) load_stage(int(next % kStages));
     cp_async_commit();
 
     const uint32_t g_tile = smem_address(smem + int(step % kStages) * kStageBytes);
