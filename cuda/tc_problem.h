@@ -21,6 +21,22 @@ constexpr int kTcMaxPhases = 16;
 constexpr int kTcPixelsPerThread = 2;   // patch pixels each thread stages: the patch holds <= 512 pixels
 constexpr int kTcMaxPatchPixels = kTcPixelsPerThread * kTcThreads;
 
+// Floats per pixel row of the epilogue's staged accumulators ([pixel][min(BN, 32) columns, + 4]): each
+// thread reads its pixel's columns four at a time (one 16-byte load per four outputs; a column-major tile
+// took a load per output), and the + 4 puts the eight rows of a quarter-warp's 16-byte loads in distinct
+// bank groups. Within a row the four-column groups are permuted (tc_epilogue_slot) so that the fragment
+// writes (8-byte, columns 2t and 2t + 1 of rows g) are conflict-free too: in natural order they were 2-way
+// (twice the shared-memory wavefronts of the writes; bf16 kb_v1 1.005 -> 1.037 ms on the H100).
+template <int BN>
+constexpr int tc_epilogue_stride() { return (BN < 32 ? BN : 32) + 4; }
+
+// Position in a staged row of column c (of the part's `columns`): group c / 4 goes to slot
+// c / 8 + (columns / 8) * ((c / 4) & 1), i.e. the first halves of the 8-column fragments, then the second
+// halves, so that the rows g = 0..3 and half t / 2 of one write land on eight distinct 16-byte bank groups.
+FCT_HD constexpr int tc_epilogue_slot(int c, int columns) {
+  return ((c >> 3) + (columns >> 3) * ((c >> 2) & 1)) * 4 + (c & 3);
+}
+
 // One stride-1 sub-problem. Phase pixel (a, b) is the destination (first_h + a*dst_step_h, first_w + b*...)
 // and its tap (th, tw) reads source sample (a + off_h[th], b + off_w[tw]) of the source grid sampled as
 // (sample*src_step + src_offset): the forward pass reads the input directly (step 1, offset 0), one output

@@ -3,10 +3,14 @@
 // and grad_input problems the planned max_patch_pixels must be exactly the largest staged patch of any tile
 // (rows spanned plus the taps' halo, times the phase width plus the halo, as the kernel's patch_of sizes
 // it): smaller and a tile would overrun its shared-memory stage; larger and shapes that fit fall back to
-// the slow gather kernel (the sweep's k5 s1 point did, at twice eager's time).
+// the slow gather kernel (the sweep's k5 s1 point did, at twice eager's time). Also: the epilogue's staged
+// tile layout (a permutation, free of shared-memory bank conflicts for the kernel's accesses) and the
+// planner's refusal of problems whose 32-bit in-image or in-group offsets would overflow.
 #include <algorithm>
 #include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "tc_problem.h"
 #include "test_util.h"
@@ -55,9 +59,96 @@ void check_plan(const char* which, bool planned, const TcProblem& pr, const fuse
   CHECK_MSG(pr.max_patch_pixels <= kTcMaxPatchPixels, std::string(which) + " " + test::describe(p));
 }
 
+// Most words any one of the 32 banks serves in one shared-memory wavefront group: the accesses of `lanes`
+// (word address, width in words), split the way the hardware splits them (8-byte accesses by half-warp,
+// 16-byte ones by quarter-warp). 1 means conflict-free.
+int bank_conflict_ways(const std::vector<std::pair<int, int>>& lanes) {
+  const int width = lanes.front().second, group = width == 4 ? 8 : width == 2 ? 16 : 32;
+  int worst = 0;
+  for (size_t first = 0; first < lanes.size(); first += group) {
+    std::vector<std::vector<int>> words(32);
+    for (size_t lane = first; lane < first + group && lane < lanes.size(); ++lane)
+      for (int k = 0; k < lanes[lane].second; ++k) {
+        const int word = lanes[lane].first + k;
+        std::vector<int>& bank = words[word % 32];
+        if (std::find(bank.begin(), bank.end(), word) == bank.end()) bank.push_back(word);
+      }
+    for (const std::vector<int>& bank : words) worst = std::max(worst, int(bank.size()));
+  }
+  return worst;
+}
+
+// The epilogue's staged tile for a channel tile of BN: `columns` = min(BN, 32) per part, rows of stride floats.
+// Writes: lane (g = lane / 4, t = lane % 4) stores columns 2t, 2t + 1 of fragment j at row g (+ 8); reads:
+// lane l loads the four columns of a group at row l.
+void check_epilogue_layout(int columns, int stride, int max_write_ways) {
+  const std::string label = std::to_string(columns) + " columns, stride " + std::to_string(stride);
+  std::vector<int> seen(columns, 0);
+  for (int c = 0; c < columns; ++c) {
+    const int slot = fused_convt::tc_epilogue_slot(c, columns);
+    CHECK_MSG(slot >= 0 && slot < columns, label);
+    if (slot >= 0 && slot < columns) ++seen[slot];
+    CHECK_MSG(slot % 4 == c % 4, label + ": a group of four columns stays contiguous");
+  }
+  CHECK_MSG(std::count(seen.begin(), seen.end(), 1) == columns, label + ": slots are a permutation");
+  for (int j = 0; j < columns / 8; ++j)
+    for (int h = 0; h < 2; ++h) {
+      std::vector<std::pair<int, int>> writes;
+      for (int lane = 0; lane < 32; ++lane) {
+        const int g = lane / 4, t = lane % 4;
+        writes.push_back({(g + 8 * h) * stride + fused_convt::tc_epilogue_slot(j * 8 + 2 * t, columns), 2});
+      }
+      const int ways = bank_conflict_ways(writes);
+      CHECK_MSG(ways <= max_write_ways, label + ": fragment writes " + std::to_string(ways) + "-way");
+    }
+  for (int c = 0; c < columns; c += 4) {
+    std::vector<std::pair<int, int>> reads;
+    for (int lane = 0; lane < 32; ++lane) reads.push_back({lane * stride + fused_convt::tc_epilogue_slot(c, columns), 4});
+    CHECK_MSG(bank_conflict_ways(reads) == 1, label + ": 16-byte reads conflict");
+  }
+}
+
 }  // namespace
 
 int main() {
+  // BN 32 and 64 stage 32 columns: both access patterns conflict-free. BN 16 (16 columns) reads conflict-free;
+  // its writes are 2-way (no stride of 16 + 4k avoids both).
+  check_epilogue_layout(32, fused_convt::tc_epilogue_stride<64>(), 1);
+  check_epilogue_layout(32, fused_convt::tc_epilogue_stride<32>(), 1);
+  check_epilogue_layout(16, fused_convt::tc_epilogue_stride<16>(), 2);
+  // The model itself: the natural column order at the same stride has 2-way writes (what the permutation fixes).
+  {
+    std::vector<std::pair<int, int>> writes;
+    for (int lane = 0; lane < 32; ++lane) writes.push_back({(lane / 4) * 36 + 2 * (lane % 4), 2});
+    CHECK(bank_conflict_ways(writes) == 2);
+  }
+
+  // 32-bit offsets: one channel per group padded to 16 in the channels-last source (64 x 16 x 2^18 x 16
+  // values = 2^32, although the NCHW input has only 2^28), and a packed weight group of 64 taps x 2^21 output
+  // channels x 16: both go to the gather kernel instead. (Narrow images: the patch itself fits.)
+  {
+    fused_convt::ConvTransposeParams wide;
+    wide.batch = 1;
+    wide.in_channels = wide.out_channels = wide.groups = 64;
+    wide.in_h = int64_t(1) << 18;
+    wide.in_w = 16;
+    wide.kernel_h = wide.kernel_w = 2;
+    wide.stride_h = wide.stride_w = 2;
+    TcProblem planned;
+    CHECK_MSG(!fused_convt::forward_tc_problem(wide, &planned), "channels-last image offsets overflow int32");
+    wide.in_h = int64_t(1) << 14;  // 64 x 16 x 2^14 x 16 = 2^28: fits
+    CHECK(fused_convt::forward_tc_problem(wide, &planned));
+    fused_convt::ConvTransposeParams many;
+    many.batch = 1;
+    many.in_channels = 16;
+    many.out_channels = int64_t(1) << 21;
+    many.in_h = many.in_w = 1;
+    many.kernel_h = many.kernel_w = 8;
+    CHECK_MSG(!fused_convt::forward_tc_problem(many, &planned), "packed weight group offsets overflow int32");
+    many.out_channels = int64_t(1) << 20;  // 64 x 2^20 x 16 = 2^30: fits
+    CHECK(fused_convt::forward_tc_problem(many, &planned));
+  }
+
   for (int extent_h = 1; extent_h <= 40; ++extent_h)
     for (int extent_w = 1; extent_w <= 700; extent_w += extent_w < 300 ? 1 : 37)
       CHECK_MSG(fused_convt::max_tile_rows(extent_h, extent_w) == brute_force_tile_rows(extent_h, extent_w),
