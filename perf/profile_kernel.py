@@ -1,10 +1,13 @@
-"""Nsight Compute at the instruction level for the implicit-GEMM kernels (the forward, grad_input) at kb_v1.
+"""Nsight Compute at the instruction level for the implicit-GEMM kernels (the forward, the training forward
+that also stores d out / d pre-activation, grad_input) at kb_v1.
 
 Two subcommands:
   run        one call of the op, twice (profile the second: --launch-skip 1), on KernelBench's data or randn:
                ncu --kernel-name regex:implicit_gemm --launch-skip 1 --launch-count 1 --set full \\
                    --import-source yes --page source --print-source sass --csv \\
                    python perf/profile_kernel.py run forward --dtype bf16 > forward.csv
+             (whether half-written output sectors reach DRAM as read-modify-writes, perf/NOTES.md's first open
+             item: --metrics dram__bytes_read.sum,dram__bytes_write.sum with `run train_forward --dtype tf32`)
   summarize  reads that CSV: executed warp instructions, stall samples (with the top stall reasons) and every
              per-instruction counter whose name holds "Sectors" (L2 / L1 traffic), by region (before the first
              HMMA, from the first to the last HMMA, after the last) and by memory opcode (LDGSTS = the cp.async
@@ -45,8 +48,9 @@ def run(kind: str, dtype_name: str, data_name: str, device_name: str) -> None:
     op = torch.ops.fused_convt
     with torch.no_grad():
         for _ in range(2):
-            if kind == "forward":
-                op.conv_transpose2d_fused(data.x, data.weight, data.bias, *conv, *epilogue, False, True)
+            if kind in ("forward", "train_forward"):  # the training forward also stores d out / d pre-activation
+                op.conv_transpose2d_fused(data.x, data.weight, data.bias, *conv, *epilogue, kind == "train_forward",
+                                          True)
             else:
                 _, factor = op.conv_transpose2d_fused(data.x, data.weight, data.bias, *conv, *epilogue, True, True)
                 grad = torch.randn(factor.shape, dtype=dtype, device=device)
@@ -129,7 +133,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     run_parser = sub.add_parser("run", help="one op call, twice, for ncu")
-    run_parser.add_argument("kind", choices=("forward", "grad_input"))
+    run_parser.add_argument("kind", choices=("forward", "train_forward", "grad_input"))
     run_parser.add_argument("--dtype", choices=("bf16", "fp16", "tf32"), default="bf16")
     run_parser.add_argument("--data", choices=("kernelbench", "randn"), default="kernelbench")
     run_parser.add_argument("--device", default="cuda", help="cpu: a tiny problem, to test this script")

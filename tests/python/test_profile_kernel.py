@@ -5,7 +5,8 @@ import pytest
 from conftest import load_perf_script
 
 
-@pytest.mark.parametrize("kind,dtype,data", [("forward", "bf16", "kernelbench"), ("grad_input", "tf32", "randn")])
+@pytest.mark.parametrize("kind,dtype,data", [("forward", "bf16", "kernelbench"), ("train_forward", "tf32", "kernelbench"),
+                                             ("grad_input", "tf32", "randn")])
 def test_workloads_run_on_cpu(kind, dtype, data):
     profile = load_perf_script("profile_kernel")
     assert profile.main(["run", kind, "--dtype", dtype, "--data", data, "--device", "cpu"]) == 0
