@@ -73,16 +73,13 @@ void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, D
         if (!args.workspace)
           throw std::invalid_argument("fused_convt: forward_cuda needs a workspace of forward_workspace_bytes() bytes");
         auto launch = [&](auto math) {
-          using Math = decltype(math);
-          using Smem = typename Math::Smem;
-          // The channels-last source: the input itself where it is NHWC, else a copy in the workspace.
-          Smem* source = nullptr;
-          if constexpr (tc_async_patch<GatherDirection::Forward, Math>()) {
-            source = args.input_channels_last
-                         ? const_cast<Smem*>(reinterpret_cast<const Smem*>(input))
-                         : reinterpret_cast<Smem*>(static_cast<unsigned char*>(args.workspace) +
-                                                   forward_packed_bytes(fast, dtype));
-          }
+          using Smem = typename decltype(math)::Smem;
+          // The channels-last source (tc_async_patch): the input itself where it is NHWC, else a copy in the
+          // workspace.
+          Smem* source = args.input_channels_last
+                             ? const_cast<Smem*>(reinterpret_cast<const Smem*>(input))
+                             : reinterpret_cast<Smem*>(static_cast<unsigned char*>(args.workspace) +
+                                                       forward_packed_bytes(fast, dtype));
           return launch_implicit_gemm_conv<T, decltype(math), GatherDirection::Forward>(
               fast, epilogue, input, nullptr, weight, direct.weight_group_stride, direct.weight_src_stride,
               direct.weight_dst_stride, bias, output, grad_factor, args.workspace, source, args.input_channels_last,

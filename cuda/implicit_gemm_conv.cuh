@@ -237,8 +237,10 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   constexpr bool async_patch = tc_async_patch<Dir, Math>();
   constexpr int kOffsets = async_patch ? kTcMaxPatchPixels * kRowChunks / kTcThreads : kTcPixelsPerThread;
   constexpr int kPixelStep = async_patch ? kTcThreads / kRowChunks : kTcThreads;  // between a thread's pixels
-  auto offset_pixel = [&](int j) { return (async_patch ? tid / kRowChunks : tid) + j * kPixelStep; };
-  constexpr int kPieceValues = 16 / int(sizeof(Smem));
+  // The 16-byte piece of a staged row a thread copies (patch and weights alike), and the row it starts at.
+  const int piece = tid % kRowChunks, piece_row = tid / kRowChunks;
+  auto offset_pixel = [&](int j) { return (async_patch ? piece_row : tid) + j * kPixelStep; };
+  constexpr int kPieceValues = kTcChunk / kRowChunks;
   constexpr int kNotInPatch = INT_MIN;
   // Where each of those pixels is read from. Register path: its offset within a channel plane (-1 outside
   // the image). Asynchronous copy: the offset of the thread's piece in the channels-last image, -1 where the
@@ -256,7 +258,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
       const int x = (patch.min_off_w + col) * pr.src_step_w + ph.src_offset_w;
       const bool inside = p < patch.pixels && y >= 0 && y < pr.src_h && x >= 0 && x < pr.src_w;
       if constexpr (async_patch) {
-        offsets[j] = inside ? (y * pr.src_w + x) * cl_row + (tid % kRowChunks) * kPieceValues
+        offsets[j] = inside ? (y * pr.src_w + x) * cl_row + piece * kPieceValues
                             : (p < patch.pixels ? -1 : kNotInPatch);
       } else {
         offsets[j] = inside ? y * pr.src_w + x : -1;
@@ -313,7 +315,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   // With a channels-last source each staged patch row is kRowChunks contiguous 16-byte pieces: copied
   // asynchronously (zero-filled outside the image), with no register staging and no conversion.
   // A thread's patch pieces start at piece_smem within a stage, kPixelStep rows apart.
-  const uint32_t piece_smem = (tid / kRowChunks) * kRowBytes + (tid % kRowChunks) * 16;
+  const uint32_t piece_smem = piece_row * kRowBytes + piece * 16;
   auto copy_patch = [&](const int* offsets, int c0, int stage) {
     const uint32_t to = smem_address(smem + stage * pr.stage_bytes) + piece_smem;
 #pragma unroll
@@ -322,16 +324,15 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
         cp_async_16(to + j * kPixelStep * kRowBytes, cl_group + (max(offsets[j], 0) + c0), offsets[j] >= 0 ? 16 : 0);
     }
   };
-  // The weight slice [tap][BN][16 channels] of a step. A thread copies piece tid % kRowChunks of channel row
-  // (tid / kRowChunks) % BN of every kWeightTapStep-th tap from its first: the channel row and piece are the
-  // same in every step, so a copy costs a table read and an add.
+  // The weight slice [tap][BN][16 channels] of a step. A thread copies its piece of channel row piece_row % BN
+  // of every kWeightTapStep-th tap from its first: the channel row and piece are the same in every step, so a
+  // copy costs a table read and an add.
   static_assert(kTcThreads / kRowChunks % BN == 0, "a thread's weight pieces keep their channel row");
   constexpr int kWeightTapStep = kTcThreads / kRowChunks / BN;
-  const int weight_n = tid / kRowChunks % BN, weight_first_tap = tid / kRowChunks / BN;
+  const int weight_n = piece_row % BN, weight_first_tap = piece_row / BN;
   const bool weight_valid = n0 + weight_n < pr.dst_per_group;
-  const int weight_at = (weight_valid ? n0 + weight_n : 0) * pr.src_padded + tid % kRowChunks * kPieceValues;
-  const uint32_t weight_smem =
-      pr.stage_patch_bytes + (weight_first_tap * BN + weight_n) * kRowBytes + tid % kRowChunks * 16;
+  const int weight_at = (weight_valid ? n0 + weight_n : 0) * pr.src_padded + piece * kPieceValues;
+  const uint32_t weight_smem = pr.stage_patch_bytes + (weight_first_tap * BN + weight_n) * kRowBytes + piece * 16;
   auto load_weights = [&](int source, int taps, int c0, int stage) {
     uint32_t to = smem_address(smem + stage * pr.stage_bytes) + weight_smem;
     const int* weight_taps = tap_weight + source * pr.max_taps;
