@@ -66,10 +66,12 @@ void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, D
     const T* bias = static_cast<const T*>(args.bias);
     T* output = static_cast<T*>(args.output);
     T* grad_factor = static_cast<T*>(args.grad_factor);
-    const GatherProblem direct = forward_gather_problem(params);
+    GatherProblem direct = forward_gather_problem(params);
+    direct.dst_channels_last = args.output_channels_last;
     if constexpr (!std::is_same_v<T, double>) {
       TcProblem fast;
       if (forward_tc_problem(params, &fast)) {
+        fast.dst_channels_last = args.output_channels_last;
         if (!args.workspace)
           throw std::invalid_argument("fused_convt: forward_cuda needs a workspace of forward_workspace_bytes() bytes");
         auto launch = [&](auto math) {

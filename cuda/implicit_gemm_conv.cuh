@@ -95,6 +95,20 @@ __global__ void pack_weight_kernel(const T* __restrict__ weight, typename Math::
   }
 }
 
+// Four consecutive values of a channels_last row as one 16-byte (float) or 8-byte (16-bit) store; `to` is
+// aligned to that size (the caller checks).
+template <typename T>
+__device__ __forceinline__ void store_four(T* to, const float* v) {
+  if constexpr (sizeof(T) == 4) {
+    *reinterpret_cast<float4*>(to) = make_float4(v[0], v[1], v[2], v[3]);
+  } else {
+    const T pairs[4] = {from_acc<T>(v[0]), from_acc<T>(v[1]), from_acc<T>(v[2]), from_acc<T>(v[3])};
+    uint2 word;
+    memcpy(&word, pairs, sizeof(word));
+    *reinterpret_cast<uint2*>(to) = word;
+  }
+}
+
 // Two blocks per SM: the second block's mainloop hides this one's prologue, epilogue and barriers.
 // T is the storage type, Math the tensor-core policy (mma.cuh).
 template <typename T, typename Math, GatherDirection Dir, int BN>
@@ -465,6 +479,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
     const int a = m / dst_phase.extent_w, b = m % dst_phase.extent_w;
     pixel = (dst_phase.first_h + a * pr.dst_step_h) * pr.dst_w + dst_phase.first_w + b * pr.dst_step_w;
   }
+  const bool stores = m < count;
   // Per-column shift (bias, plus add_value where the epilogue is on: one add per output instead of two),
   // staged once per block behind the tile (a global load per element would stall).
   float* column_shift = tile + kTcBlockM * kEpiStride;
@@ -475,6 +490,10 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
     const bool shifted = Dir == GatherDirection::Forward && epilogue.enabled;  // grad_input stores plain sums
     column_shift[tid] = column_bias + (shifted ? epilogue.add_value : 0.0f);
   }
+  // A channels_last (NHWC) destination: each tile pixel's offset in the image, channel 0 (-1 past the
+  // tile's last pixel), for the threads that store it (store_pixels).
+  int* pixel_at = reinterpret_cast<int*>(column_shift + BN);
+  if (Dir == GatherDirection::Forward && pr.dst_channels_last) pixel_at[tid] = stores ? pixel * pr.dst_channels : -1;
   const int columns = min(BN, pr.dst_per_group - n0);
   // One column loop per combination of what is written (value, d value / d pre-activation) and whether the
   // epilogue is on, chosen once per launch: testing the output pointers and the switch per element, with
@@ -485,10 +504,28 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   // (the vote needs them all); lanes past the tile's last pixel do not store.
   constexpr int kEpiGroup = 4;  // = a float4 of column shifts
   static_assert(kEpiFrags * 8 % kEpiGroup == 0, "groups tile the staged columns");
-  const bool stores = m < count;
+  // The epilogue of one group of kEpiGroup columns from its pre-activations (pointers: see pixel_offsets).
+  auto evaluate = [&](const float* pre, bool tail, EpilogueOutputs<float>* result, auto write_factor, auto enabled) {
+    constexpr bool kFactor = decltype(write_factor)::value, kEnabled = decltype(enabled)::value;
+    if (!kEnabled) {
+#pragma unroll
+      for (int k = 0; k < kEpiGroup; ++k) result[k] = {pre[k], 1.0f};
+    } else if (__any_sync(0xffffffffu, tail)) {
+#pragma unroll
+      for (int k = 0; k < kEpiGroup; ++k) {
+        if constexpr (kFactor) {
+          result[k] = epilogue_value_and_derivative(pre[k], epilogue.multiply_value);
+        } else {
+          result[k].value = epilogue_from_preactivation(pre[k], epilogue.multiply_value);
+        }
+      }
+    } else {
+#pragma unroll
+      for (int k = 0; k < kEpiGroup; ++k) result[k] = epilogue_at_nonnegative(pre[k], epilogue.multiply_value);
+    }
+  };
   auto store_columns = [&](int first, int last, int64_t base, auto write_value, auto write_factor, auto enabled) {
     constexpr bool kValue = decltype(write_value)::value, kFactor = decltype(write_factor)::value;
-    constexpr bool kEnabled = decltype(enabled)::value;
     T* out = kValue ? dst + base : nullptr;
     T* out_factor = kFactor ? dst_factor + base : nullptr;
     for (int column = first; column < last; column += kEpiGroup) {
@@ -507,22 +544,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
         tail |= pre[k] < 0.0f;
       }
       EpilogueOutputs<float> result[kEpiGroup];
-      if (!kEnabled) {
-#pragma unroll
-        for (int k = 0; k < kEpiGroup; ++k) result[k] = {pre[k], 1.0f};
-      } else if (__any_sync(0xffffffffu, tail)) {
-#pragma unroll
-        for (int k = 0; k < kEpiGroup; ++k) {
-          if constexpr (kFactor) {
-            result[k] = epilogue_value_and_derivative(pre[k], epilogue.multiply_value);
-          } else {
-            result[k].value = epilogue_from_preactivation(pre[k], epilogue.multiply_value);
-          }
-        }
-      } else {
-#pragma unroll
-        for (int k = 0; k < kEpiGroup; ++k) result[k] = epilogue_at_nonnegative(pre[k], epilogue.multiply_value);
-      }
+      evaluate(pre, tail, result, write_factor, enabled);
       // Plane offsets within the image are 32-bit (finish_tc_problem): one wide multiply-add per address.
       auto store_output = [&](int k) {
         if constexpr (kValue) out[k * dst_plane] = from_acc<T>(result[k].value);
@@ -540,6 +562,60 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
       }
       if constexpr (kValue) out += kEpiGroup * dst_plane;
       if constexpr (kFactor) out_factor += kEpiGroup * dst_plane;
+    }
+  };
+  // NHWC destination: the lanes run along the channels, kGroups lanes per pixel each owning a group of four
+  // columns, so that a warp's stores cover whole runs of its pixels' channels (a thread per pixel, as
+  // above, would write 32 scattered pieces per instruction). Four columns go as one 8- or 16-byte store
+  // where the layout keeps them aligned.
+  const bool vector_stores = pr.dst_channels % kEpiGroup == 0 && pr.dst_per_group % kEpiGroup == 0 &&
+                             reinterpret_cast<uintptr_t>(dst) % 16 == 0 &&
+                             reinterpret_cast<uintptr_t>(dst_factor) % 16 == 0;
+  const int64_t dst_image_cl = image * int64_t(dst_plane) * pr.dst_channels + int64_t(group) * pr.dst_per_group + n0;
+  auto store_pixels = [&](int first, int last, auto write_value, auto write_factor, auto enabled) {
+    constexpr bool kValue = decltype(write_value)::value, kFactor = decltype(write_factor)::value;
+    constexpr int kGroups = kEpiFrags * 8 / kEpiGroup, kPixelsPerPass = 32 / kGroups;
+    const int column = first + lane % kGroups * kEpiGroup;
+    const float4 shift = *reinterpret_cast<const float4*>(column_shift + column);
+    const float shifts[kEpiGroup] = {shift.x, shift.y, shift.z, shift.w};
+    const int slot = tc_epilogue_slot(column - first, kEpiFrags * 8);
+    T* out = kValue ? dst + dst_image_cl + column : nullptr;
+    T* out_factor = kFactor ? dst_factor + dst_image_cl + column : nullptr;
+    const bool whole = vector_stores && column + kEpiGroup <= last;
+#pragma unroll 1
+    for (int pass = 0; pass < 32 / kPixelsPerPass; ++pass) {
+      const int p = warp * 32 + pass * kPixelsPerPass + lane / kGroups;
+      const float4 sums = *reinterpret_cast<const float4*>(tile + p * kEpiStride + slot);
+      const float staged[kEpiGroup] = {sums.x, sums.y, sums.z, sums.w};
+      float pre[kEpiGroup];
+      bool tail = false;
+#pragma unroll
+      for (int k = 0; k < kEpiGroup; ++k) {
+        pre[k] = staged[k] + shifts[k];
+        tail |= pre[k] < 0.0f;
+      }
+      EpilogueOutputs<float> result[kEpiGroup];
+      evaluate(pre, tail, result, write_factor, enabled);
+      const int at = pixel_at[p];
+      if (at < 0 || column >= last) continue;
+      if (whole) {
+        if constexpr (kValue) {
+          const float values[kEpiGroup] = {result[0].value, result[1].value, result[2].value, result[3].value};
+          store_four(out + at, values);
+        }
+        if constexpr (kFactor) {
+          const float factors[kEpiGroup] = {result[0].factor, result[1].factor, result[2].factor, result[3].factor};
+          store_four(out_factor + at, factors);
+        }
+      } else {
+#pragma unroll
+        for (int k = 0; k < kEpiGroup; ++k) {
+          if (column + k < last) {
+            if constexpr (kValue) out[at + k] = from_acc<T>(result[k].value);
+            if constexpr (kFactor) out_factor[at + k] = from_acc<T>(result[k].factor);
+          }
+        }
+      }
     }
   };
   using Yes = std::true_type;
@@ -561,13 +637,20 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
     const int first = part * kEpiFrags * 8, last = min(columns, first + kEpiFrags * 8);
     const int64_t base = dst_image + int64_t(n0 + first) * dst_plane + pixel;
     // Output and factor are each optional (ForwardArgs); a call with neither writes nothing.
+    auto store_as = [&](auto write_value, auto write_factor, auto enabled) {
+      if (Dir == GatherDirection::Forward && pr.dst_channels_last) {
+        store_pixels(first, last, write_value, write_factor, enabled);
+      } else {
+        store_columns(first, last, base, write_value, write_factor, enabled);
+      }
+    };
     auto store = [&](auto enabled) {
       if (dst && dst_factor) {
-        store_columns(first, last, base, Yes{}, Yes{}, enabled);
+        store_as(Yes{}, Yes{}, enabled);
       } else if (dst_factor) {
-        store_columns(first, last, base, No{}, Yes{}, enabled);
+        store_as(No{}, Yes{}, enabled);
       } else if (dst) {
-        store_columns(first, last, base, Yes{}, No{}, enabled);
+        store_as(Yes{}, No{}, enabled);
       }
     };
     if constexpr (Dir == GatherDirection::GradInput) {
@@ -609,7 +692,8 @@ size_t layout_implicit_gemm(TcProblem* pr) {
   pr->n_tiles = (pr->dst_per_group + BN - 1) / BN;
   pr->stage_patch_bytes = pr->max_patch_pixels * kRowBytes;
   pr->stage_bytes = pr->stage_patch_bytes + pr->max_taps * BN * kRowBytes;
-  const size_t epilogue_bytes = (size_t(kTcBlockM) * tc_epilogue_stride<BN>() + BN) * sizeof(float);
+  // Staged tile, column shifts, and the channels_last pixel table (store_pixels).
+  const size_t epilogue_bytes = (size_t(kTcBlockM) * tc_epilogue_stride<BN>() + BN + kTcBlockM) * sizeof(float);
   const int sources = Dir == GatherDirection::GradInput ? pr->phases : 1;  // tap tables' sources
   const size_t tables_bytes = 2 * size_t(sources) * pr->max_taps * sizeof(int);
   const size_t smem = std::max(tc_stages<Dir, Math>() * size_t(pr->stage_bytes) + tables_bytes, epilogue_bytes);

@@ -54,6 +54,7 @@ struct TcProblem {
   int64_t batch;
   int groups;
   int dst_channels, dst_h, dst_w, dst_per_group;
+  int dst_channels_last;  // the destination is NHWC (a channels_last forward output); else NCHW
   int src_channels, src_h, src_w, src_per_group, src_padded;
   int kernel_w, kernel_taps;
   int dst_step_h, dst_step_w;

@@ -18,10 +18,11 @@ T* as_ptr(std::uintptr_t address) { return reinterpret_cast<T*>(address); }
 
 void forward(const ConvTransposeParams& params, const Epilogue& epilogue, int dtype, std::uintptr_t input,
              std::uintptr_t weight, std::uintptr_t bias, std::uintptr_t output, std::uintptr_t grad_factor,
-             std::uintptr_t workspace, bool allow_tf32, bool input_channels_last, int device,
-             std::uintptr_t stream) {
-  const ForwardArgs args{as_ptr(input),       as_ptr(weight),    as_ptr(bias), as_ptr(output),
-                         as_ptr(grad_factor), as_ptr(workspace), allow_tf32,   input_channels_last};
+             std::uintptr_t workspace, bool allow_tf32, bool input_channels_last, bool output_channels_last,
+             int device, std::uintptr_t stream) {
+  const ForwardArgs args{as_ptr(input),       as_ptr(weight),    as_ptr(bias),        as_ptr(output),
+                         as_ptr(grad_factor), as_ptr(workspace), allow_tf32,          input_channels_last,
+                         output_channels_last};
   if (device < 0) {
     forward_cpu(params, epilogue, static_cast<DType>(dtype), args);
   } else {

@@ -30,6 +30,9 @@ struct ForwardArgs {
   // forward_cpu reads it always, forward_cuda where forward_reads_channels_last() is true (it refuses it
   // elsewhere); NCHW otherwise.
   bool input_channels_last = false;
+  // output and grad_factor are NHWC (channels_last; what PyTorch's convolutions return for a channels_last
+  // input), else NCHW. Both paths, every type.
+  bool output_channels_last = false;
 };
 
 struct BackwardArgs {

@@ -57,19 +57,30 @@ def _output_shape(input: Tensor, weight: Tensor, stride, padding, output_padding
     return (input.shape[0], weight.shape[1] * groups, h, w)
 
 
+def _is_channels_last(t: Tensor) -> bool:
+    """A 4-D tensor laid out NHWC and not also NCHW-contiguous (where both hold, e.g. 1 x 1 images or one
+    channel, the two layouts are the same memory)."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def _output_format(input: Tensor) -> torch.memory_format:
+    """The output's layout follows the input's, as for PyTorch's convolutions: channels_last in, out."""
+    return torch.channels_last if _is_channels_last(input) else torch.contiguous_format
+
+
 def _forward_layout(input: Tensor, params) -> Tensor:
     """The input as the native forward reads it: a channels_last tensor in place on the CPU, and on CUDA where
     the tensor-core path takes NHWC as it is (float16 / bfloat16, whole 16-channel chunks per group: no
     transpose at all); else an NCHW-contiguous tensor (a copy if it was not one)."""
-    if (not input.is_contiguous() and input.is_contiguous(memory_format=torch.channels_last)
-            and (not input.is_cuda or _C.forward_reads_channels_last(params, _DTYPE_TAGS[input.dtype],
-                                                                       input.device.index))):
+    if _is_channels_last(input) and (not input.is_cuda or _C.forward_reads_channels_last(
+            params, _DTYPE_TAGS[input.dtype], input.device.index)):
         return input
     return input.contiguous()
 
 
 def _run_forward(input, weight, bias, params, epilogue, output, grad_factor, allow_tf32) -> None:
-    """input: NCHW-contiguous, or channels_last as _forward_layout leaves it."""
+    """input: NCHW-contiguous, or channels_last as _forward_layout leaves it; output and grad_factor (either
+    may be None or empty): NCHW-contiguous or both channels_last."""
     device, stream = _where(input)
     dtype = _DTYPE_TAGS[input.dtype]
     workspace = None
@@ -77,7 +88,9 @@ def _run_forward(input, weight, bias, params, epilogue, output, grad_factor, all
         nbytes = _C.forward_workspace_bytes(params, dtype)
         workspace = torch.empty(nbytes, dtype=torch.uint8, device=input.device) if nbytes else None
     _C.forward(params, epilogue, dtype, _ptr(input), _ptr(weight), _ptr(bias), _ptr(output), _ptr(grad_factor),
-               _ptr(workspace), allow_tf32, not input.is_contiguous(), device, stream)
+               _ptr(workspace), allow_tf32, not input.is_contiguous(),
+               any(t is not None and t.numel() > 0 and not t.is_contiguous() for t in (output, grad_factor)),
+               device, stream)
 
 
 def _forward_impl(
@@ -98,13 +111,19 @@ def _forward_impl(
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     shape = _output_shape(input, weight, stride, padding, output_padding, dilation, groups)
-    output = input.new_empty(shape)
-    grad_factor = input.new_empty(shape if save_grad_factor and apply_epilogue else (0,))
+    output, grad_factor = _forward_outputs(input, shape, save_grad_factor and apply_epilogue)
     if output.numel() > 0:
         params = _params(input, weight, bias is not None, stride, padding, output_padding, dilation, groups)
         epilogue = _C.Epilogue(add_value, multiply_value, apply_epilogue)
         _run_forward(_forward_layout(input, params), weight, bias, params, epilogue, output, grad_factor, allow_tf32)
     return output, grad_factor
+
+
+def _forward_outputs(input: Tensor, shape, with_factor: bool) -> Tuple[Tensor, Tensor]:
+    """The output and the saved factor (empty unless with_factor), in the input's layout (_output_format)."""
+    layout = _output_format(input)
+    empty = lambda size: torch.empty(size, dtype=input.dtype, device=input.device, memory_format=layout)
+    return empty(shape), (empty(shape) if with_factor else input.new_empty((0,)))
 
 
 _forward_op = torch.library.custom_op("fused_convt::conv_transpose2d_fused", _forward_impl, mutates_args=())
@@ -114,8 +133,7 @@ _forward_op = torch.library.custom_op("fused_convt::conv_transpose2d_fused", _fo
 def _(input, weight, bias, stride, padding, output_padding, dilation, groups, add_value, multiply_value,
       apply_epilogue, save_grad_factor, allow_tf32):
     shape = _output_shape(input, weight, stride, padding, output_padding, dilation, groups)
-    grad_factor = input.new_empty(shape if save_grad_factor and apply_epilogue else (0,))
-    return input.new_empty(shape), grad_factor
+    return _forward_outputs(input, shape, save_grad_factor and apply_epilogue)
 
 
 def _backward_impl(

@@ -53,6 +53,22 @@ void check_forward(const ConvTransposeParams& p, const Epilogue& epi, test::Rng&
   fused_convt::forward_cpu(p, epi, dtype, ForwardArgs{x.data(), w.data(), bias, nullptr, factor_only.data()});
   CHECK_MSG(test::bitwise_equal(out_only, out), what + ": output without grad_factor differs");
   CHECK_MSG(test::bitwise_equal(factor_only, factor), what + ": grad_factor without output differs");
+
+  // NHWC (channels_last) output and grad_factor: the same values, permuted.
+  auto out_cl = test::poisoned<T>(p.output_numel()), factor_cl = test::poisoned<T>(p.output_numel());
+  ForwardArgs nhwc{x.data(), w.data(), bias, out_cl.data(), factor_cl.data()};
+  nhwc.output_channels_last = true;
+  fused_convt::forward_cpu(p, epi, dtype, nhwc);
+  const int64_t channels = p.out_channels, plane = p.out_h() * p.out_w();
+  bool same = true;
+  for (int64_t n = 0; n < p.batch; ++n)
+    for (int64_t c = 0; c < channels; ++c)
+      for (int64_t i = 0; i < plane; ++i) {
+        const size_t nchw_at = size_t((n * channels + c) * plane + i), nhwc_at = size_t((n * plane + i) * channels + c);
+        same = same && std::memcmp(&out_cl[nhwc_at], &out[nchw_at], sizeof(T)) == 0 &&
+               std::memcmp(&factor_cl[nhwc_at], &factor[nchw_at], sizeof(T)) == 0;
+      }
+  CHECK_MSG(same, what + ": channels_last output or grad_factor differs from the NCHW one");
 }
 
 // Problems that reach the corners of the index math, named by what they exercise.

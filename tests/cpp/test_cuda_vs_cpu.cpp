@@ -143,6 +143,29 @@ void check_case(const ConvTransposeParams& p, const Epilogue& epi, const CaseOpt
   run_forward();
   CHECK_MSG(!options.full || test::bitwise_equal(out_dev.download<T>(), out), what + ": forward output not reproducible");
   CHECK_MSG(test::bitwise_equal(factor_dev.download<T>(), factor), what + ": forward grad_factor not reproducible");
+  // A channels_last (NHWC) output: the same arithmetic stored in the other layout, so bitwise the NCHW run's
+  // values, permuted; a missed or misplaced element shows as the poison or a mismatch.
+  {
+    ForwardArgs nhwc_args = forward_args;
+    nhwc_args.output_channels_last = true;
+    for (DeviceBuffer* buffer : {&out_dev, &factor_dev, &forward_workspace}) buffer->poison();
+    cuda_ok(cudaDeviceSynchronize(), "poison");
+    fused_convt::forward_cuda(p, epi, dtype, nhwc_args, ctx);
+    sync();
+    const int64_t channels = p.out_channels, plane = p.out_h() * p.out_w();
+    auto as_nchw = [&](const std::vector<T>& nhwc) {
+      std::vector<T> nchw(nhwc.size());
+      for (int64_t n = 0; n < p.batch; ++n)
+        for (int64_t c = 0; c < channels; ++c)
+          for (int64_t i = 0; i < plane; ++i)
+            nchw[size_t((n * channels + c) * plane + i)] = nhwc[size_t((n * plane + i) * channels + c)];
+      return nchw;
+    };
+    CHECK_MSG(!options.full || test::bitwise_equal(as_nchw(out_dev.download<T>()), out),
+              what + ": channels_last output differs from the NCHW output");
+    CHECK_MSG(test::bitwise_equal(as_nchw(factor_dev.download<T>()), factor),
+              what + ": channels_last grad_factor differs from the NCHW grad_factor");
+  }
 
   // ---- backward, with the grad_factor the CPU forward saved (identical input for both paths)
   BackwardArgs cpu_args;

@@ -1,7 +1,8 @@
 """channels_last inputs. The CPU path reads NHWC in place always; on CUDA the tensor-core path does where it can
 (float16 / bfloat16, whole 16-channel chunks per group), and elsewhere (float32 here) the input is made NCHW
-first. Either way the forward equals the NCHW input's bitwise (the same arithmetic on the same values, without
-the transpose), and so do the gradients."""
+first. The output is channels_last too, as PyTorch's convolutions return for a channels_last input, written
+NHWC by the kernels themselves. Either way the forward equals the NCHW input's bitwise (the same arithmetic on
+the same values, without the transposes), and so do the gradients."""
 import pytest
 import torch
 
@@ -39,12 +40,15 @@ def test_channels_last_input_matches_nchw_bitwise(device, cin, cout, groups, k, 
     with torch.no_grad():
         expected = fused_convt.conv_transpose2d_fused(x, w, b, **kwargs)
         out = fused_convt.conv_transpose2d_fused(x_cl, w, b, **kwargs)
-    assert out.is_contiguous() and not out.isnan().any()
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert expected.is_contiguous() and not out.isnan().any()
     assert torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("cin,cout,groups,k,stride,dtype,in_place", CASES[:2])
-def test_channels_last_input_gradients_match_nchw(device, cin, cout, groups, k, stride, dtype, in_place):
+@pytest.mark.parametrize("recompute", [False, True], ids=["saved-factor", "recompute"])
+@pytest.mark.parametrize("cin,cout,groups,k,stride,dtype,in_place", CASES[:2] + CASES[-1:])
+def test_channels_last_input_gradients_match_nchw(device, cin, cout, groups, k, stride, dtype, in_place, recompute):
+    """The training forward stores the factor NHWC too (the backward reads it as NCHW after a copy)."""
     kwargs = dict(stride=stride, padding=1, groups=groups, add_value=-0.3, multiply_value=1.5)
     grads = []
     for layout in (torch.contiguous_format, torch.channels_last):
@@ -52,8 +56,23 @@ def test_channels_last_input_gradients_match_nchw(device, cin, cout, groups, k, 
         x = x.to(memory_format=layout).requires_grad_()
         w.requires_grad_()
         b.requires_grad_()
-        y = fused_convt.conv_transpose2d_fused(x, w, b, **kwargs)
-        y.backward(torch.ones_like(y))
+        y = fused_convt.FusedConvTranspose2dFunction.apply(x, w, b, stride, 1, 0, groups, 1, -0.3, 1.5, recompute)
+        assert y.is_contiguous(memory_format=layout)
+        grad = torch.randn(y.shape, device=device, dtype=dtype, generator=torch.Generator(device=device).manual_seed(1))
+        y.backward(grad.contiguous(memory_format=layout))
         grads.append((y.detach(), x.grad, w.grad, b.grad))
     for nchw, nhwc in zip(*grads):
         assert torch.equal(nchw, nhwc)
+
+
+def test_channels_last_output_under_opcheck(device):
+    """The fake kernel gives the output and the factor the real kernel's channels_last strides."""
+    x, w, b = make(device, 32, 16, 1, 4, torch.float32)
+    x = x.to(memory_format=torch.channels_last).requires_grad_()
+    args = (x, w.requires_grad_(), b.requires_grad_(), [2, 2], [1, 1], [0, 0], [1, 1], 1, -0.3, 1.5, True, True,
+            False)
+    result = torch.library.opcheck(torch.ops.fused_convt.conv_transpose2d_fused.default, args)
+    assert set(result.values()) == {"SUCCESS"}, result
+    out, factor = torch.ops.fused_convt.conv_transpose2d_fused(*args)
+    for t in (out, factor):
+        assert t.is_contiguous(memory_format=torch.channels_last) and not t.is_contiguous()

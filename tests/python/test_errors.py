@@ -226,7 +226,7 @@ def native_cpu_forward_with_null_pointers(params):
     """forward_cpu validates before it reads any pointer, so a refused call never touches these nulls."""
     null = 0
     fused_convt._C.forward(params, fused_convt._C.Epilogue(), 0, null, null, null, null, null, null, False, False,
-                           -1, 0)
+                           False, -1, 0)
 
 
 def test_native_validate_accepts_the_valid_params():
