@@ -96,4 +96,12 @@ inline size_t max_dynamic_smem_bytes() {
   return static_cast<size_t>(bytes);
 }
 
+// An attribute of the current device.
+inline int current_device_attribute(cudaDeviceAttr attribute) {
+  int device = 0, value = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&value, attribute, device), "cudaDeviceGetAttribute");
+  return value;
+}
+
 }  // namespace fused_convt

@@ -32,6 +32,8 @@
 #include <climits>
 #include <type_traits>
 
+#include <cooperative_groups.h>
+
 #include "channels_last_pack.cuh"
 #include "cuda_common.cuh"
 #include "gather_conv.cuh"
@@ -110,8 +112,9 @@ __device__ __forceinline__ void store_four(T* to, const float* v) {
 }
 
 // Two blocks per SM: the second block's mainloop hides this one's prologue, epilogue and barriers.
-// T is the storage type, Math the tensor-core policy (mma.cuh).
-template <typename T, typename Math, GatherDirection Dir, int BN>
+// T is the storage type, Math the tensor-core policy (mma.cuh); kCluster: the forward's blocks store through
+// epilogue clusters (pr.epilogue_cluster; the launcher's rule is at the launch).
+template <typename T, typename Math, GatherDirection Dir, int BN, bool kCluster>
 __global__ void __launch_bounds__(kTcThreads, tc_min_blocks<Dir, Math, BN>())
 implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, const T* __restrict__ src,
                           const T* __restrict__ src_factor, const typename Math::Smem* __restrict__ src_cl,
@@ -482,7 +485,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   const bool stores = m < count;
   // Per-column shift (bias, plus add_value where the epilogue is on: one add per output instead of two),
   // staged once per block behind the tile (a global load per element would stall).
-  float* column_shift = tile + kTcBlockM * kEpiStride;
+  float* column_shift = tile + tc_epilogue_tile_floats<BN>();
   if (tid < BN) {
     const int n = n0 + tid;
     const float column_bias =
@@ -524,7 +527,10 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
       for (int k = 0; k < kEpiGroup; ++k) result[k] = epilogue_at_nonnegative(pre[k], epilogue.multiply_value);
     }
   };
-  auto store_columns = [&](int first, int last, int64_t base, auto write_value, auto write_factor, auto enabled) {
+  // Columns [first, last) of a pixel whose staged row is `row` (column c at row + slot_of(c)) and whose
+  // channel `first` sits at `base` (stored if `in_tile`).
+  auto store_columns = [&](const float* row, auto slot_of, int first, int last, int64_t base, bool in_tile,
+                           auto write_value, auto write_factor, auto enabled) {
     constexpr bool kValue = decltype(write_value)::value, kFactor = decltype(write_factor)::value;
     T* out = kValue ? dst + base : nullptr;
     T* out_factor = kFactor ? dst_factor + base : nullptr;
@@ -534,7 +540,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
       const float4 shift = *reinterpret_cast<const float4*>(column_shift + column);
       const float shifts[kEpiGroup] = {shift.x, shift.y, shift.z, shift.w};
       const float4 sums =
-          *reinterpret_cast<const float4*>(tile + tid * kEpiStride + tc_epilogue_slot(column - first, kEpiFrags * 8));
+          *reinterpret_cast<const float4*>(row + slot_of(column));
       const float staged[kEpiGroup] = {sums.x, sums.y, sums.z, sums.w};
       float pre[kEpiGroup];
       bool tail = false;
@@ -550,7 +556,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
         if constexpr (kValue) out[k * dst_plane] = from_acc<T>(result[k].value);
         if constexpr (kFactor) out_factor[k * dst_plane] = from_acc<T>(result[k].factor);
       };
-      if (stores) {
+      if (in_tile) {
         if (column + kEpiGroup <= last) {  // every group but a group width's ragged end
 #pragma unroll
           for (int k = 0; k < kEpiGroup; ++k) store_output(k);
@@ -618,9 +624,60 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
       }
     }
   };
+  // A cluster of the row phase's column phases (tc_epilogue_cluster; forward, NCHW): each block stages the
+  // part's columns of rank r's share into block r's tile (distributed shared memory, rows in the cluster's
+  // output-row order: tc_cluster_stride), and then stores its share for the pixels of all the cluster's
+  // tiles, so that a warp's lanes write consecutive values of a row (whole sectors, each written once)
+  // instead of every s_w-th. The exchange goes by stores, which do not wait: reading the partners' tiles
+  // instead (a remote load's latency per four columns) cost more than the sectors saved.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const int cluster = kCluster ? pr.epilogue_cluster : 1;
+#else
+  constexpr int cluster = 1;  // no clusters before sm_90: each block stores its own phase
+#endif
+  static_assert(kTcThreads == kTcBlockM, "a cluster's S x kTcBlockM pixels go S per thread");
+  constexpr int kColumns = kEpiFrags * 8;  // staged per part
+  const int share = kColumns / cluster, cluster_stride = tc_cluster_stride(kColumns, cluster);
+  const int share_shift = 31 - __clz(share);  // shares are powers of two (16 or 32 columns, S = 2 or 4)
+  // Where the staging puts column `column` (of the part) of tile row `row`.
+  auto staged_at = [&](int column, int row) -> float* {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (cluster > 1) {
+      const unsigned owner = unsigned(column >> share_shift);
+      return cooperative_groups::this_cluster().map_shared_rank(tile, owner) +
+             (row * cluster + dst_phase.first_w) * cluster_stride + (column & (share - 1));
+    }
+#endif
+    return tile + row * kEpiStride + tc_epilogue_slot(column, kColumns);
+  };
+  auto store_cluster = [&](int first, int last, auto write_value, auto write_factor, auto enabled) {
+    const int rank = int(blockIdx.x % unsigned(cluster));  // in the cluster: its blocks are consecutive in x
+    const int lo = first + rank * share, hi = min(last, lo + share);
+#pragma unroll 1
+    for (int j = 0; j < cluster; ++j) {
+      const int q = tid + j * kTcThreads;  // the pixel's row in the cluster's output-row order
+      const int slot = q % cluster, mq = m0 + q / cluster;
+      const int a = mq / dst_phase.extent_w, b = mq % dst_phase.extent_w;
+      const int at = (dst_phase.first_h + a * pr.dst_step_h) * pr.dst_w + b * cluster + slot;
+      store_columns(tile + q * cluster_stride, [&](int column) { return column - lo; }, lo, hi,
+                    dst_image + int64_t(n0 + lo) * dst_plane + at, mq < count, write_value, write_factor, enabled);
+    }
+  };
+  // Between staging a part and reading it, and before the tile is restaged (or the block exits while a
+  // cluster partner may still write to it).
+  auto sync_tile = [&] {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (cluster > 1) {
+      cooperative_groups::this_cluster().sync();
+      return;
+    }
+#endif
+    __syncthreads();
+  };
   using Yes = std::true_type;
   using No = std::false_type;
   const int g = lane >> 2, t = lane & 3;
+  if (cluster > 1) sync_tile();  // the partners' tiles are their stages until their mainloops are done
 #pragma unroll
   for (int part = 0; part < kEpiParts; ++part) {
 #pragma unroll
@@ -630,18 +687,21 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
 #pragma unroll
         for (int h = 0; h < 2; ++h) {  // an mma tile's rows g and g + 8, two adjacent columns each
           const int column = (j - part * kEpiFrags) * 8 + 2 * t, row = warp * 32 + i * 16 + g + h * 8;
-          *reinterpret_cast<float2*>(tile + row * kEpiStride + tc_epilogue_slot(column, kEpiFrags * 8)) =
-              make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+          *reinterpret_cast<float2*>(staged_at(column, row)) = make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
         }
-    __syncthreads();
+    sync_tile();
     const int first = part * kEpiFrags * 8, last = min(columns, first + kEpiFrags * 8);
+    auto own_slot = [&](int column) { return tc_epilogue_slot(column - first, kColumns); };
     const int64_t base = dst_image + int64_t(n0 + first) * dst_plane + pixel;
     // Output and factor are each optional (ForwardArgs); a call with neither writes nothing.
     auto store_as = [&](auto write_value, auto write_factor, auto enabled) {
       if (Dir == GatherDirection::Forward && pr.dst_channels_last) {
         store_pixels(first, last, write_value, write_factor, enabled);
+      } else if (cluster > 1) {
+        store_cluster(first, last, write_value, write_factor, enabled);
       } else {
-        store_columns(first, last, base, write_value, write_factor, enabled);
+        store_columns(tile + tid * kEpiStride, own_slot, first, last, base, stores, write_value, write_factor,
+                      enabled);
       }
     };
     auto store = [&](auto enabled) {
@@ -654,13 +714,13 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
       }
     };
     if constexpr (Dir == GatherDirection::GradInput) {
-      store_columns(first, last, base, Yes{}, No{}, No{});
+      store_columns(tile + tid * kEpiStride, own_slot, first, last, base, stores, Yes{}, No{}, No{});
     } else if (epilogue.enabled) {
       store(Yes{});
     } else {
       store(No{});
     }
-    __syncthreads();
+    sync_tile();
   }
 }
 
@@ -693,7 +753,7 @@ size_t layout_implicit_gemm(TcProblem* pr) {
   pr->stage_patch_bytes = pr->max_patch_pixels * kRowBytes;
   pr->stage_bytes = pr->stage_patch_bytes + pr->max_taps * BN * kRowBytes;
   // Staged tile, column shifts, and the channels_last pixel table (store_pixels).
-  const size_t epilogue_bytes = (size_t(kTcBlockM) * tc_epilogue_stride<BN>() + BN + kTcBlockM) * sizeof(float);
+  const size_t epilogue_bytes = (size_t(tc_epilogue_tile_floats<BN>()) + BN + kTcBlockM) * sizeof(float);
   const int sources = Dir == GatherDirection::GradInput ? pr->phases : 1;  // tap tables' sources
   const size_t tables_bytes = 2 * size_t(sources) * pr->max_taps * sizeof(int);
   const size_t smem = std::max(tc_stages<Dir, Math>() * size_t(pr->stage_bytes) + tables_bytes, epilogue_bytes);
@@ -744,12 +804,33 @@ bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src, 
       launch_pack_channels_last<T, Math>(src, nullptr, pr.src_channels, pr.groups, pr.src_padded, layout, src_cl,
                                          nullptr, stream);
     }
-    auto kernel = implicit_gemm_conv_kernel<T, Math, Dir, BN>;
+    auto kernel = implicit_gemm_conv_kernel<T, Math, Dir, BN, false>;
+    if constexpr (Dir == GatherDirection::Forward) {
+      // Epilogue clusters for the training forward of large problems (tc_training_epilogue_cluster).
+      if (dst && dst_factor && current_device_attribute(cudaDevAttrClusterLaunch)) {
+        const int resident = tc_min_blocks<Dir, Math, BN>() * current_device_attribute(cudaDevAttrMultiProcessorCount);
+        pr.epilogue_cluster = tc_training_epilogue_cluster(pr, BN, int(sizeof(T)), resident,
+                                                           current_device_attribute(cudaDevAttrL2CacheSize));
+      }
+      if (pr.epilogue_cluster > 1) kernel = implicit_gemm_conv_kernel<T, Math, Dir, BN, true>;
+    }
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
                "cudaFuncSetAttribute(implicit_gemm_conv_kernel)");
-    kernel<<<dim3(unsigned(grid_x), unsigned(grid_y)), kTcThreads, smem, stream>>>(pr, epi, src, src_factor, src_cl,
-                                                                                  packed, bias, dst, dst_factor);
-    check_launch("implicit_gemm_conv_kernel");
+    cudaLaunchConfig_t config{};
+    config.gridDim = dim3(unsigned(grid_x), unsigned(grid_y));
+    config.blockDim = dim3(kTcThreads);
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    cudaLaunchAttribute cluster{};
+    if (pr.epilogue_cluster > 1) {  // grid_x is a multiple: phases are row-major, s_w per row phase
+      cluster.id = cudaLaunchAttributeClusterDimension;
+      cluster.val.clusterDim.x = unsigned(pr.epilogue_cluster);
+      cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
+      config.attrs = &cluster;
+      config.numAttrs = 1;
+    }
+    check_cuda(cudaLaunchKernelEx(&config, kernel, pr, epi, src, src_factor, src_cl, packed, bias, dst, dst_factor),
+               "implicit_gemm_conv_kernel");
     return true;
   });
 }

@@ -37,6 +37,24 @@ FCT_HD constexpr int tc_epilogue_slot(int c, int columns) {
   return ((c >> 3) + (columns >> 3) * ((c >> 2) & 1)) * 4 + (c & 3);
 }
 
+// The staged tile of an epilogue cluster of S blocks (tc_epilogue_cluster, S = 2 or 4): block r receives from
+// every block of the cluster the part's columns [r * share, (r + 1) * share), share = columns / S, in rows of
+// the cluster's output-row order (row m * S + slot for phase pixel m of the phase whose first output column
+// is slot), share + 4 floats apart: a quarter-warp's 16-byte reads of eight consecutive rows fall in distinct
+// bank groups, and at S = 2 the fragment writes (rows g * S, 8-byte columns 2t) are conflict-free too. A
+// share of four (S = 4, 16 columns) packs its rows: + 4 would put every other row in the same bank group.
+constexpr int kTcMaxEpilogueCluster = 4;
+FCT_HD constexpr int tc_cluster_stride(int columns, int cluster) {
+  return columns / cluster < 8 ? columns / cluster : columns / cluster + 4;
+}
+
+// Floats of the staged tile under either layout.
+template <int BN>
+constexpr int tc_epilogue_tile_floats() {
+  constexpr int columns = BN < 32 ? BN : 32, cluster_floats = columns + 4 * kTcMaxEpilogueCluster;
+  return kTcBlockM * (tc_epilogue_stride<BN>() > cluster_floats ? tc_epilogue_stride<BN>() : cluster_floats);
+}
+
 // One stride-1 sub-problem. Phase pixel (a, b) is the destination (first_h + a*dst_step_h, first_w + b*...)
 // and its tap (th, tw) reads source sample (a + off_h[th], b + off_w[tw]) of the source grid sampled as
 // (sample*src_step + src_offset): the forward pass reads the input directly (step 1, offset 0), one output
@@ -55,6 +73,7 @@ struct TcProblem {
   int groups;
   int dst_channels, dst_h, dst_w, dst_per_group;
   int dst_channels_last;  // the destination is NHWC (a channels_last forward output); else NCHW
+  int epilogue_cluster;   // blocks that store their column phases together (tc_epilogue_cluster); 1: none
   int src_channels, src_h, src_w, src_per_group, src_padded;
   int kernel_w, kernel_taps;
   int dst_step_h, dst_step_w;
@@ -150,7 +169,44 @@ inline bool finish_tc_problem(TcProblem* pr) {
     pr->max_patch_pixels = std::max(pr->max_patch_pixels, int(rows * cols));
   }
   pr->m_tiles = (max_count + kTcBlockM - 1) / kTcBlockM;
+  pr->epilogue_cluster = 1;  // the launcher's choice (tc_epilogue_cluster)
   return pr->phases > 0;
+}
+
+// The forward's blocks each own one output phase, so an NCHW output row interleaves the s_w column phases of
+// its row phase value by value, and each 32-byte sector is written in pieces by s_w blocks: where the pieces
+// do not meet in L2, each becomes a DRAM read-modify-write (Nsight Compute, kb_v1 TF32 training forward with
+// value and factor: 1.23 GB of DRAM reads for 0.13 GB of input, 3.07 GB written for 2.18). A cluster of those
+// s_w blocks (consecutive in the grid: the phases are row-major) can instead exchange their staged tiles
+// through distributed shared memory and each store whole runs of output rows for a share of the channels.
+// That needs the column phases to tile every row identically: all s_w present, equal extents, so that phase
+// pixel m of each is the same (a, b) and output column first_w + b * s_w, with the first_w a rotation of
+// 0 .. s_w - 1. Returns s_w where that holds (NCHW destination; s_w 2 or 4, so that the shares of 16 or 32
+// staged columns are whole groups of four), else 1.
+inline int tc_epilogue_cluster(const TcProblem& pr) {
+  const int s = pr.dst_step_w;
+  if ((s != 2 && s != 4) || pr.dst_channels_last || pr.phases % s != 0) return 1;
+  for (int i = 0; i < pr.phases; ++i) {
+    const TcPhase& ph = pr.phase[i];
+    const TcPhase& lead = pr.phase[i - i % s];  // the row phase's first column phase
+    if (ph.extent_w * s != pr.dst_w || ph.extent_h != lead.extent_h || ph.first_h != lead.first_h ||
+        ph.first_w != (lead.first_w + i % s) % s)
+      return 1;
+  }
+  return s;
+}
+
+// The launcher's rule for epilogue clusters (tc_epilogue_cluster), applied only where the forward writes both
+// the output and d output / d pre-activation (the training forward): where the half-written sectors of the
+// blocks in flight could outgrow the L2 cache: more than a quarter of it in their channel tiles of both
+// outputs. On the H100 (50 MB L2), kb_v1 (34 MB in TF32, 17 MB in bf16) gained (TF32 3.25 -> 2.09 ms, bf16
+// 1.75 -> 1.65) and kb_v0 (9 MB, 7 MB) lost (TF32 0.114 -> 0.135 ms); with the output alone clusters cost more
+// than they save (kb_v1 TF32 1.44 -> 1.71 ms: the cluster barriers, the blocks waiting for their partners).
+inline int tc_training_epilogue_cluster(const TcProblem& pr, int channel_tile, int value_bytes, int resident_blocks,
+                                        int64_t l2_bytes) {
+  const int64_t in_flight = int64_t(resident_blocks) * kTcBlockM * std::min(channel_tile, pr.dst_per_group) *
+                            value_bytes * 2;
+  return 4 * in_flight > l2_bytes ? tc_epilogue_cluster(pr) : 1;
 }
 
 // Builds the forward TcProblem (without the launch-dependent fields); false if the fast path does not

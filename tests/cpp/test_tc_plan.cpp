@@ -5,7 +5,9 @@
 // it): smaller and a tile would overrun its shared-memory stage; larger and shapes that fit fall back to
 // the slow gather kernel (the sweep's k5 s1 point did, at twice eager's time). Also: the epilogue's staged
 // tile layout (a permutation, free of shared-memory bank conflicts for the kernel's accesses) and the
-// planner's refusal of problems whose 32-bit in-image or in-group offsets would overflow.
+// planner's refusal of problems whose 32-bit in-image or in-group offsets would overflow. And the forward's
+// epilogue clusters (tc_epilogue_cluster): the kernel's row-order pixel map must be each phase's own pixels,
+// every output pixel once.
 #include <algorithm>
 #include <cstdint>
 #include <string>
@@ -60,7 +62,7 @@ void check_plan(const char* which, bool planned, const TcProblem& pr, const fuse
 }
 
 // Most words any one of the 32 banks serves in one shared-memory wavefront group: the accesses of `lanes`
-// (word address, width in words), split the way the hardware splits them (8-byte accesses by half-warp,
+// (word address, width in words; a negative address: an inactive lane), split the way the hardware splits them (8-byte accesses by half-warp,
 // 16-byte ones by quarter-warp). 1 means conflict-free.
 int bank_conflict_ways(const std::vector<std::pair<int, int>>& lanes) {
   const int width = lanes.front().second, group = width == 4 ? 8 : width == 2 ? 16 : 32;
@@ -68,7 +70,7 @@ int bank_conflict_ways(const std::vector<std::pair<int, int>>& lanes) {
   for (size_t first = 0; first < lanes.size(); first += group) {
     std::vector<std::vector<int>> words(32);
     for (size_t lane = first; lane < first + group && lane < lanes.size(); ++lane)
-      for (int k = 0; k < lanes[lane].second; ++k) {
+      for (int k = 0; lanes[lane].first >= 0 && k < lanes[lane].second; ++k) {
         const int word = lanes[lane].first + k;
         std::vector<int>& bank = words[word % 32];
         if (std::find(bank.begin(), bank.end(), word) == bank.end()) bank.push_back(word);
@@ -108,6 +110,74 @@ void check_epilogue_layout(int columns, int stride, int max_write_ways) {
   }
 }
 
+// The staged tile of an epilogue cluster of S blocks (tc_cluster_stride): every block (slot s) puts column c of
+// its tile row m into block c / share's tile at row m * S + s, column c % share. Each place of each block's
+// tile must be written exactly once and fit tc_epilogue_tile_floats; the owner's 16-byte reads of 32
+// consecutive rows must be conflict-free, and the fragment writes at most max_write_ways.
+template <int BN>
+void check_cluster_layout(int cluster, int max_write_ways) {
+  const int columns = BN < 32 ? BN : 32, share = columns / cluster;
+  const int stride = fused_convt::tc_cluster_stride(columns, cluster);
+  const std::string label = "BN " + std::to_string(BN) + ", cluster " + std::to_string(cluster);
+  const int floats = fused_convt::tc_epilogue_tile_floats<BN>();
+  std::vector<int> written(size_t(cluster) * floats, 0);
+  for (int slot = 0; slot < cluster; ++slot)
+    for (int m = 0; m < kTcBlockM; ++m)
+      for (int c = 0; c < columns; ++c) {
+        const int at = (m * cluster + slot) * stride + c % share;
+        CHECK_MSG(at + 1 <= floats, label + ": the tile overflows");
+        if (at < floats) ++written[size_t(c / share) * floats + at];
+      }
+  CHECK_MSG(std::count(written.begin(), written.end(), 1) == cluster * kTcBlockM * columns &&
+                std::count(written.begin(), written.end(), 0) == int(written.size()) - cluster * kTcBlockM * columns,
+            label + ": places written other than once");
+  for (int c = 0; c < share; c += 4) {
+    std::vector<std::pair<int, int>> reads;
+    for (int lane = 0; lane < 32; ++lane) reads.push_back({lane * stride + c, 4});
+    CHECK_MSG(bank_conflict_ways(reads) == 1, label + ": 16-byte reads conflict");
+  }
+  for (int j = 0; j < columns / 8; ++j)
+    for (int h = 0; h < 2; ++h)
+      for (int owner = 0; owner < cluster; ++owner) {  // each destination's banks
+        std::vector<std::pair<int, int>> writes;
+        for (int lane = 0; lane < 32; ++lane) {
+          const int g = lane / 4, c = j * 8 + 2 * (lane % 4);
+          writes.push_back(c / share == owner ? std::make_pair((g + 8 * h) * cluster * stride + c % share, 2)
+                                              : std::make_pair(-1, 2));
+        }
+        const int ways = bank_conflict_ways(writes);
+        CHECK_MSG(ways <= max_write_ways, label + ": fragment writes " + std::to_string(ways) + "-way");
+      }
+}
+
+// The kernel's store map under a cluster of S column phases (store_cluster in implicit_gemm_conv.cuh): any
+// block (rank r) of the cluster of row phase `lead` stores place q of the cluster's row order, m = q / S and
+// slot = q % S, at output (first_h + a * step_h) * dst_w + b * S + slot, where (a, b) is m in its own phase's
+// grid, from the staged row m of the tile of rank (slot - first_w of rank 0) mod S. That must be the pixel
+// that rank's phase computes at m, and the clusters together must write every output pixel exactly once.
+void check_epilogue_cluster(const TcProblem& pr, const fused_convt::ConvTransposeParams& p, int* clustered) {
+  const int s = fused_convt::tc_epilogue_cluster(pr);
+  if (s == 1) return;
+  ++*clustered;
+  const std::string label = test::describe(p);
+  std::vector<int> written(size_t(pr.dst_h) * pr.dst_w, 0);
+  for (int lead = 0; lead < pr.phases; lead += s)
+    for (int rank = 0; rank < s; ++rank) {
+      const TcPhase& mine = pr.phase[lead + rank];
+      for (int m = 0; m < mine.extent_h * mine.extent_w; ++m)
+        for (int slot = 0; slot < s; ++slot) {
+          const int at = (mine.first_h + m / mine.extent_w * pr.dst_step_h) * pr.dst_w + m % mine.extent_w * s + slot;
+          const TcPhase& owner = pr.phase[lead + (slot - pr.phase[lead].first_w + s) % s];
+          const int own = (owner.first_h + m / owner.extent_w * pr.dst_step_h) * pr.dst_w + owner.first_w +
+                          m % owner.extent_w * pr.dst_step_w;
+          CHECK_MSG(at == own, label + ": a cluster stores another phase's pixel");
+          if (rank == 0 && at >= 0 && at < int(written.size())) ++written[at];
+        }
+    }
+  CHECK_MSG(std::count(written.begin(), written.end(), 1) == int(written.size()),
+            label + ": the clusters do not write every output pixel once");
+}
+
 }  // namespace
 
 int main() {
@@ -116,6 +186,12 @@ int main() {
   check_epilogue_layout(32, fused_convt::tc_epilogue_stride<64>(), 1);
   check_epilogue_layout(32, fused_convt::tc_epilogue_stride<32>(), 1);
   check_epilogue_layout(16, fused_convt::tc_epilogue_stride<16>(), 2);
+  // Cluster tiles: conflict-free at S = 2; at S = 4 the fragment writes of a group of rows g * 4 are 2-way.
+  check_cluster_layout<64>(2, 1);
+  check_cluster_layout<32>(2, 1);
+  check_cluster_layout<16>(2, 1);
+  check_cluster_layout<64>(4, 2);
+  check_cluster_layout<16>(4, 2);
   // The model itself: the natural column order at the same stride has 2-way writes (what the permutation fixes).
   {
     std::vector<std::pair<int, int>> writes;
@@ -157,13 +233,14 @@ int main() {
   // Random problems, images up to 80 pixels a side and kernels up to 7 taps: many fit the fast path, some
   // (wide halos, long rows) do not.
   test::Rng rng(20261125);
-  int accepted_forward = 0, accepted_grad_input = 0;
+  int accepted_forward = 0, accepted_grad_input = 0, clustered = 0;
   for (int trial = 0; trial < 4000; ++trial) {
     fused_convt::ConvTransposeParams p = test::random_params(rng, 80);
     p.kernel_h = rng.integer(1, 7);
     p.kernel_w = rng.integer(1, 7);
     if (!test::is_valid(p)) continue;
     TcProblem pr;
+    if (fused_convt::forward_tc_problem(p, &pr)) check_epilogue_cluster(pr, p, &clustered);
     check_plan("forward", fused_convt::forward_tc_problem(p, &pr), pr, p, &accepted_forward);
     check_plan("grad_input", fused_convt::grad_input_tc_problem(p, &pr), pr, p, &accepted_grad_input);
   }
@@ -175,6 +252,38 @@ int main() {
   k5.kernel_h = k5.kernel_w = 5;
   TcProblem pr;
   CHECK(fused_convt::forward_tc_problem(k5, &pr) && pr.max_patch_pixels == 480);
+  CHECK_MSG(fused_convt::tc_epilogue_cluster(pr) == 1, "stride 1 has one column phase");
+  // kb_v1 (64 x 64 input, k4 s2: 130 output columns, 65 per column phase) stores through clusters of two;
+  // not with an NHWC destination (a pixel's channels are contiguous there), nor with 129 output columns
+  // (output_padding 1 at padding 1: the column phases hold 65 and 64).
+  fused_convt::ConvTransposeParams kb;
+  kb.batch = 128;
+  kb.in_channels = 64;
+  kb.out_channels = 128;
+  kb.in_h = kb.in_w = 64;
+  kb.kernel_h = kb.kernel_w = 4;
+  kb.stride_h = kb.stride_w = 2;
+  CHECK(fused_convt::forward_tc_problem(kb, &pr) && fused_convt::tc_epilogue_cluster(pr) == 2);
+  pr.dst_channels_last = 1;
+  CHECK(fused_convt::tc_epilogue_cluster(pr) == 1);
+  kb.pad_h = kb.pad_w = 1;
+  kb.out_pad_w = 1;
+  CHECK(fused_convt::forward_tc_problem(kb, &pr) && pr.dst_w == 129 && fused_convt::tc_epilogue_cluster(pr) == 1);
+  CHECK_MSG(clustered > 100, "too few random problems store through clusters: " + std::to_string(clustered));
+  // The launcher's rule on an H100 (132 SMs, 50 MiB L2): kb_v1's training forward clusters in TF32 (two blocks
+  // per SM, 64-channel tiles of 4-byte values) and bf16; kb_v0's (16 output channels) does not.
+  const int64_t l2 = int64_t(50) << 20;
+  kb.pad_h = kb.pad_w = kb.out_pad_w = 0;
+  CHECK(fused_convt::forward_tc_problem(kb, &pr));
+  CHECK(fused_convt::tc_training_epilogue_cluster(pr, 64, 4, 2 * 132, l2) == 2);
+  CHECK(fused_convt::tc_training_epilogue_cluster(pr, 64, 2, 2 * 132, l2) == 2);
+  fused_convt::ConvTransposeParams kb0 = kb;
+  kb0.in_channels = 32;
+  kb0.out_channels = 16;
+  kb0.in_h = kb0.in_w = 32;
+  CHECK(fused_convt::forward_tc_problem(kb0, &pr) && fused_convt::tc_epilogue_cluster(pr) == 2);
+  CHECK(fused_convt::tc_training_epilogue_cluster(pr, 16, 4, 2 * 132, l2) == 1);
+  CHECK(fused_convt::tc_training_epilogue_cluster(pr, 16, 2, 3 * 132, l2) == 1);
   CHECK_MSG(accepted_forward > 1000 && accepted_grad_input > 1000,
             "too few problems on the fast path: " + std::to_string(accepted_forward) + " forward, " +
                 std::to_string(accepted_grad_input) + " grad_input");

@@ -16,6 +16,10 @@ CASES = [
     (Problem(1, 6, 40, (4, 5), (3, 2), (1, 2), (1, 0), (0, 1), groups=2, bias=False), None),
     (Problem(2, 16, 80, (3, 4), (5, 3), (3, 1), (2, 1), (2, 0), (1, 2)), None),
     (Problem(1, 4, 4, (3, 3), (9, 9), (1, 1), dilation=(3, 3)), None),
+    # the training forward's epilogue clusters (tc_training_epilogue_cluster): two column phases with a partial
+    # channel tile (float only), four column phases with 72 channels (a ragged second tile)
+    (Problem(2, 8, 40, (5, 7), (4, 4), (2, 2), add_value=-0.5), None),
+    (Problem(1, 16, 72, (4, 6), (3, 4), (2, 4)), None),
 ]
 DTYPES = [(torch.float32, True, 5e-3), (torch.float32, False, 1e-5), (torch.bfloat16, None, 3e-2),
           (torch.float16, None, 5e-3), (torch.float64, None, 1e-12)]
