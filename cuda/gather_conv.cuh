@@ -29,7 +29,7 @@ constexpr int kGatherThreads = kGatherTileH * kGatherTileW;
 struct GatherProblem {
   int64_t batch;
   int dst_channels, dst_h, dst_w;
-  int dst_channels_last;  // the destination is NHWC (a channels_last forward output); else NCHW
+  int dst_channels_last;  // dst is NHWC (a channels_last forward output); else NCHW. dst_factor: NCHW always
   int src_channels, src_h, src_w;
   int groups, dst_per_group, src_per_group;
   int kernel_h, kernel_w;
@@ -173,14 +173,14 @@ gather_conv_kernel(GatherProblem pr, Epilogue epi, const T* __restrict__ src, co
     if (dst_local0 + dc >= pr.dst_per_group) break;
     const int channel = group * pr.dst_per_group + dst_local0 + dc;
     const int64_t pixel = int64_t(out_y) * pr.dst_w + out_x;
-    const int64_t index = pr.dst_channels_last ? (n * dst_plane + pixel) * pr.dst_channels + channel
-                                               : (n * pr.dst_channels + channel) * dst_plane + pixel;
+    const int64_t factor_index = (n * pr.dst_channels + channel) * dst_plane + pixel;
+    const int64_t index = pr.dst_channels_last ? (n * dst_plane + pixel) * pr.dst_channels + channel : factor_index;
     if constexpr (Dir == GatherDirection::Forward) {
       const Acc pre = acc[dc] + (bias ? to_acc(bias[channel]) : Acc(0));
       if (dst_factor) {
         const EpilogueOutputs<Acc> both = apply_epilogue_with_factor(epilogue, pre);
         if (dst) dst[index] = from_acc<T>(both.value);
-        dst_factor[index] = from_acc<T>(both.factor);
+        dst_factor[factor_index] = from_acc<T>(both.factor);
       } else if (dst) {
         dst[index] = from_acc<T>(apply_epilogue(epilogue, pre));
       }

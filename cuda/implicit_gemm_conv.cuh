@@ -570,23 +570,20 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
       if constexpr (kFactor) out_factor += kEpiGroup * dst_plane;
     }
   };
-  // NHWC destination: the lanes run along the channels, kGroups lanes per pixel each owning a group of four
-  // columns, so that a warp's stores cover whole runs of its pixels' channels (a thread per pixel, as
-  // above, would write 32 scattered pieces per instruction). Four columns go as one 8- or 16-byte store
-  // where the layout keeps them aligned.
+  // NHWC destination (the value; the factor stays NCHW): the lanes run along the channels, kGroups lanes per
+  // pixel each owning a group of four columns, so that a warp's stores cover whole runs of its pixels'
+  // channels (a thread per pixel, as above, would write 32 scattered pieces per instruction). Four columns go
+  // as one 8- or 16-byte store where the layout keeps them aligned.
   const bool vector_stores = pr.dst_channels % kEpiGroup == 0 && pr.dst_per_group % kEpiGroup == 0 &&
-                             reinterpret_cast<uintptr_t>(dst) % 16 == 0 &&
-                             reinterpret_cast<uintptr_t>(dst_factor) % 16 == 0;
+                             reinterpret_cast<uintptr_t>(dst) % 16 == 0;
   const int64_t dst_image_cl = image * int64_t(dst_plane) * pr.dst_channels + int64_t(group) * pr.dst_per_group + n0;
-  auto store_pixels = [&](int first, int last, auto write_value, auto write_factor, auto enabled) {
-    constexpr bool kValue = decltype(write_value)::value, kFactor = decltype(write_factor)::value;
+  auto store_pixels = [&](int first, int last, auto enabled) {
     constexpr int kGroups = kEpiFrags * 8 / kEpiGroup, kPixelsPerPass = 32 / kGroups;
     const int column = first + lane % kGroups * kEpiGroup;
     const float4 shift = *reinterpret_cast<const float4*>(column_shift + column);
     const float shifts[kEpiGroup] = {shift.x, shift.y, shift.z, shift.w};
     const int slot = tc_epilogue_slot(column - first, kEpiFrags * 8);
-    T* out = kValue ? dst + dst_image_cl + column : nullptr;
-    T* out_factor = kFactor ? dst_factor + dst_image_cl + column : nullptr;
+    T* out = dst + dst_image_cl + column;
     const bool whole = vector_stores && column + kEpiGroup <= last;
 #pragma unroll 1
     for (int pass = 0; pass < 32 / kPixelsPerPass; ++pass) {
@@ -601,26 +598,16 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
         tail |= pre[k] < 0.0f;
       }
       EpilogueOutputs<float> result[kEpiGroup];
-      evaluate(pre, tail, result, write_factor, enabled);
+      evaluate(pre, tail, result, std::false_type{}, enabled);
       const int at = pixel_at[p];
       if (at < 0 || column >= last) continue;
       if (whole) {
-        if constexpr (kValue) {
-          const float values[kEpiGroup] = {result[0].value, result[1].value, result[2].value, result[3].value};
-          store_four(out + at, values);
-        }
-        if constexpr (kFactor) {
-          const float factors[kEpiGroup] = {result[0].factor, result[1].factor, result[2].factor, result[3].factor};
-          store_four(out_factor + at, factors);
-        }
+        const float values[kEpiGroup] = {result[0].value, result[1].value, result[2].value, result[3].value};
+        store_four(out + at, values);
       } else {
 #pragma unroll
-        for (int k = 0; k < kEpiGroup; ++k) {
-          if (column + k < last) {
-            if constexpr (kValue) out[at + k] = from_acc<T>(result[k].value);
-            if constexpr (kFactor) out_factor[at + k] = from_acc<T>(result[k].factor);
-          }
-        }
+        for (int k = 0; k < kEpiGroup; ++k)
+          if (column + k < last) out[at + k] = from_acc<T>(result[k].value);
       }
     }
   };
@@ -696,7 +683,11 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
     // Output and factor are each optional (ForwardArgs); a call with neither writes nothing.
     auto store_as = [&](auto write_value, auto write_factor, auto enabled) {
       if (Dir == GatherDirection::Forward && pr.dst_channels_last) {
-        store_pixels(first, last, write_value, write_factor, enabled);
+        // The value NHWC; the factor stays NCHW (ForwardArgs::output_channels_last), the way of the NCHW
+        // output (its epilogue evaluated a second time: the channels_last training forward only).
+        if constexpr (decltype(write_value)::value) store_pixels(first, last, enabled);
+        if constexpr (decltype(write_factor)::value)
+          store_columns(tile + tid * kEpiStride, own_slot, first, last, base, stores, No{}, Yes{}, enabled);
       } else if (cluster > 1) {
         store_cluster(first, last, write_value, write_factor, enabled);
       } else {

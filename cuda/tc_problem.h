@@ -72,7 +72,7 @@ struct TcProblem {
   int64_t batch;
   int groups;
   int dst_channels, dst_h, dst_w, dst_per_group;
-  int dst_channels_last;  // the destination is NHWC (a channels_last forward output); else NCHW
+  int dst_channels_last;  // dst is NHWC (a channels_last forward output); else NCHW. dst_factor: NCHW always
   int epilogue_cluster;   // blocks that store their column phases together (tc_epilogue_cluster); 1: none
   int src_channels, src_h, src_w, src_per_group, src_padded;
   int kernel_w, kernel_taps;

@@ -1,8 +1,8 @@
 // CPU forward: the gather form of the transposed convolution with the epilogue applied per output.
 // One (image, output channel) plane per OpenMP task; within a plane each output gathers the taps that
 // land on it (TapMap), accumulating in float (double for double) like the CUDA kernels. The input is NCHW or,
-// with ForwardArgs::input_channels_last, NHWC, and so is the output (output_channels_last): only strides
-// differ.
+// with ForwardArgs::input_channels_last, NHWC, and so is the output (output_channels_last; grad_factor stays
+// NCHW): only strides differ.
 #include "cpu_axis_taps.h"
 #include "cpu_dispatch.h"
 #include "fused_convt/api.h"
@@ -53,13 +53,13 @@ void forward_typed(const ConvTransposeParams& p, const Epilogue& epi, const Forw
           }
         }
         const int64_t pixel = int64_t(oh) * out_w + ow;
-        const int64_t index = args.output_channels_last ? (n * out_plane + pixel) * p.out_channels + oc
-                                                        : plane * out_plane + pixel;
+        const int64_t factor_index = plane * out_plane + pixel;  // NCHW always
+        const int64_t index = args.output_channels_last ? (n * out_plane + pixel) * p.out_channels + oc : factor_index;
         const Acc pre = acc + bias_value;
         if (factor) {
           const EpilogueOutputs<Acc> both = apply_epilogue_with_factor(epilogue, pre);
           if (out) store_from_acc(out, index, both.value);
-          store_from_acc(factor, index, both.factor);
+          store_from_acc(factor, factor_index, both.factor);
         } else if (out) {
           store_from_acc(out, index, apply_epilogue(epilogue, pre));
         }

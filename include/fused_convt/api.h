@@ -30,8 +30,9 @@ struct ForwardArgs {
   // forward_cpu reads it always, forward_cuda where forward_reads_channels_last() is true (it refuses it
   // elsewhere); NCHW otherwise.
   bool input_channels_last = false;
-  // output and grad_factor are NHWC (channels_last; what PyTorch's convolutions return for a channels_last
-  // input), else NCHW. Both paths, every type.
+  // output is NHWC (channels_last; what PyTorch's convolutions return for a channels_last input), else NCHW.
+  // Both paths, every type. grad_factor stays NCHW: it is saved for the backward, whose kernels read NCHW
+  // (an NHWC factor cost the channels_last training step a transpose of it).
   bool output_channels_last = false;
 };
 

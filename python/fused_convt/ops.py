@@ -79,8 +79,8 @@ def _forward_layout(input: Tensor, params) -> Tensor:
 
 
 def _run_forward(input, weight, bias, params, epilogue, output, grad_factor, allow_tf32) -> None:
-    """input: NCHW-contiguous, or channels_last as _forward_layout leaves it; output and grad_factor (either
-    may be None or empty): NCHW-contiguous or both channels_last."""
+    """input: NCHW-contiguous, or channels_last as _forward_layout leaves it; output (None or empty: not
+    written) NCHW-contiguous or channels_last; grad_factor (likewise optional) NCHW-contiguous."""
     device, stream = _where(input)
     dtype = _DTYPE_TAGS[input.dtype]
     workspace = None
@@ -89,7 +89,7 @@ def _run_forward(input, weight, bias, params, epilogue, output, grad_factor, all
         workspace = torch.empty(nbytes, dtype=torch.uint8, device=input.device) if nbytes else None
     _C.forward(params, epilogue, dtype, _ptr(input), _ptr(weight), _ptr(bias), _ptr(output), _ptr(grad_factor),
                _ptr(workspace), allow_tf32, not input.is_contiguous(),
-               any(t is not None and t.numel() > 0 and not t.is_contiguous() for t in (output, grad_factor)),
+               output is not None and output.numel() > 0 and not output.is_contiguous(),
                device, stream)
 
 
@@ -120,10 +120,10 @@ def _forward_impl(
 
 
 def _forward_outputs(input: Tensor, shape, with_factor: bool) -> Tuple[Tensor, Tensor]:
-    """The output and the saved factor (empty unless with_factor), in the input's layout (_output_format)."""
-    layout = _output_format(input)
-    empty = lambda size: torch.empty(size, dtype=input.dtype, device=input.device, memory_format=layout)
-    return empty(shape), (empty(shape) if with_factor else input.new_empty((0,)))
+    """The output, in the input's layout (_output_format), and the saved factor (empty unless with_factor),
+    NCHW always: the backward's kernels read it so (a channels_last factor would cost them a transpose)."""
+    output = torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=_output_format(input))
+    return output, (torch.empty(shape, dtype=input.dtype, device=input.device) if with_factor else input.new_empty((0,)))
 
 
 _forward_op = torch.library.custom_op("fused_convt::conv_transpose2d_fused", _forward_impl, mutates_args=())
