@@ -527,6 +527,18 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
       for (int k = 0; k < kEpiGroup; ++k) result[k] = epilogue_at_nonnegative(pre[k], epilogue.multiply_value);
     }
   };
+  // The pre-activations of the four staged sums at `sums` (their column shifts added); true if one is negative.
+  auto preactivations = [&](const float* sums, const float (&shifts)[kEpiGroup], float (&pre)[kEpiGroup]) {
+    const float4 four = *reinterpret_cast<const float4*>(sums);
+    const float staged[kEpiGroup] = {four.x, four.y, four.z, four.w};
+    bool tail = false;
+#pragma unroll
+    for (int k = 0; k < kEpiGroup; ++k) {
+      pre[k] = staged[k] + shifts[k];
+      tail |= pre[k] < 0.0f;
+    }
+    return tail;
+  };
   // Columns [first, last) of a pixel whose staged row is `row` (column c at row + slot_of(c)) and whose
   // channel `first` sits at `base` (stored if `in_tile`).
   auto store_columns = [&](const float* row, auto slot_of, int first, int last, int64_t base, bool in_tile,
@@ -539,16 +551,8 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
       // channels), so its reads need no clamping; only the stores stop at `last`.
       const float4 shift = *reinterpret_cast<const float4*>(column_shift + column);
       const float shifts[kEpiGroup] = {shift.x, shift.y, shift.z, shift.w};
-      const float4 sums =
-          *reinterpret_cast<const float4*>(row + slot_of(column));
-      const float staged[kEpiGroup] = {sums.x, sums.y, sums.z, sums.w};
       float pre[kEpiGroup];
-      bool tail = false;
-#pragma unroll
-      for (int k = 0; k < kEpiGroup; ++k) {
-        pre[k] = staged[k] + shifts[k];
-        tail |= pre[k] < 0.0f;
-      }
+      const bool tail = preactivations(row + slot_of(column), shifts, pre);
       EpilogueOutputs<float> result[kEpiGroup];
       evaluate(pre, tail, result, write_factor, enabled);
       // Plane offsets within the image are 32-bit (finish_tc_problem): one wide multiply-add per address.
@@ -588,15 +592,8 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
 #pragma unroll 1
     for (int pass = 0; pass < 32 / kPixelsPerPass; ++pass) {
       const int p = warp * 32 + pass * kPixelsPerPass + lane / kGroups;
-      const float4 sums = *reinterpret_cast<const float4*>(tile + p * kEpiStride + slot);
-      const float staged[kEpiGroup] = {sums.x, sums.y, sums.z, sums.w};
       float pre[kEpiGroup];
-      bool tail = false;
-#pragma unroll
-      for (int k = 0; k < kEpiGroup; ++k) {
-        pre[k] = staged[k] + shifts[k];
-        tail |= pre[k] < 0.0f;
-      }
+      const bool tail = preactivations(tile + p * kEpiStride + slot, shifts, pre);
       EpilogueOutputs<float> result[kEpiGroup];
       evaluate(pre, tail, result, std::false_type{}, enabled);
       const int at = pixel_at[p];
