@@ -25,7 +25,9 @@
 // The next step's loads are issued before the current step's MMAs, so memory latency hides under math.
 // Epilogue: the accumulators pass through shared memory so that each thread owns one pixel; bias, add, min,
 // GELU and scale are applied in registers, four output channels at a time, and every output is written once
-// (consecutive threads, consecutive pixels).
+// (consecutive threads, consecutive pixels). The training forward of large problems launches the column
+// phases of a row phase as a thread-block cluster that exchanges tiles, so that its output rows are written in
+// whole sectors (store_cluster, tc_training_epilogue_cluster).
 #pragma once
 
 #include <algorithm>
