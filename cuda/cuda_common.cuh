@@ -87,21 +87,17 @@ void dispatch_device_dtype(DType dtype, Fn&& fn) {
 
 inline int ceil_div_int(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
 
-// Largest dynamic shared memory a block of this device may opt in to.
-inline size_t max_dynamic_smem_bytes() {
-  int device = 0, bytes = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-             "cudaDeviceGetAttribute");
-  return static_cast<size_t>(bytes);
-}
-
 // An attribute of the current device.
 inline int current_device_attribute(cudaDeviceAttr attribute) {
   int device = 0, value = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
   check_cuda(cudaDeviceGetAttribute(&value, attribute, device), "cudaDeviceGetAttribute");
   return value;
+}
+
+// Largest dynamic shared memory a block of this device may opt in to.
+inline size_t max_dynamic_smem_bytes() {
+  return static_cast<size_t>(current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
 }
 
 }  // namespace fused_convt

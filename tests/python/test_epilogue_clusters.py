@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from conftest import requires_cuda
+from fused_convt._validation import output_size
 from reference import REL_TOL, Problem, composite_float64, rel_err
 
 CLUSTER_PROBLEMS = [
@@ -67,7 +68,6 @@ def test_cluster_problems_take_the_cluster_shape():
     """Each problem above meets tc_epilogue_cluster's shape condition (mirrored here: stride_w 2 or 4, output
     width a multiple of it), so the test exercises clusters wherever the device launches them."""
     for p in CLUSTER_PROBLEMS:
-        out_w = (p.in_hw[1] - 1) * p.stride[1] - 2 * p.padding[1] + p.dilation[1] * (p.kernel[1] - 1) + \
-            p.output_padding[1] + 1
+        out_w = output_size(p.in_hw[1], p.kernel[1], p.stride[1], p.padding[1], p.dilation[1], p.output_padding[1])
         assert p.stride[1] in (2, 4) and out_w % p.stride[1] == 0
         assert p.out_channels // p.groups >= 40
