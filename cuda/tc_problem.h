@@ -63,6 +63,10 @@ constexpr int tc_epilogue_tile_floats() {
 struct TcPhase {
   int first_h, first_w, extent_h, extent_w;
   int src_offset_h, src_offset_w;
+  // grad_input reading the g pass's phase-split copy (grad_input_copy_layout): this source's plane there (its
+  // first pixel row and extents; sample (a, b) is its pixel (a, b)). Unused otherwise.
+  int64_t copy_first_row;
+  int copy_extent_h, copy_extent_w;
   int taps_h, taps_w;
   int kh[kTcMaxAxisTaps], kw[kTcMaxAxisTaps];
   int off_h[kTcMaxAxisTaps], off_w[kTcMaxAxisTaps];
@@ -308,6 +312,23 @@ inline bool grad_input_tc_problem(const ConvTransposeParams& p, TcProblem* pr) {
     }
   }
   return finish_tc_problem(pr);
+}
+
+// Points grad_input's sources at the g pass's copy of g (layout g: phase-split by (o + pad) mod s, channels-last,
+// `row` values per pixel, channels padded per group), so that the kernel copies its patches from there. Source
+// sample i of a phase reads grad_output row o = i * s + r (r < s), which the copy holds in its phase
+// r' = (r + pad) mod s at index i: the rows of phase r' below o = r start below pad. False (nothing changed)
+// where the copy's channel padding is not the kernel's 16-channel chunks (a chunk would read the next group's g).
+inline bool grad_input_copy_layout(TcProblem* pr, const PhaseSplitLayout& g) {
+  if (g.row != int64_t(pr->groups) * pr->src_padded) return false;
+  for (int i = 0; i < pr->phases; ++i) {
+    TcPhase& ph = pr->phase[i];
+    const int rh = g.h.phase_of(ph.src_offset_h), rw = g.w.phase_of(ph.src_offset_w);
+    ph.copy_first_row = g.phase_first_row(rh, rw);
+    ph.copy_extent_h = g.h.extent(rh);
+    ph.copy_extent_w = g.w.extent(rw);
+  }
+  return true;
 }
 
 }  // namespace fused_convt
