@@ -63,10 +63,6 @@ constexpr int tc_epilogue_tile_floats() {
 struct TcPhase {
   int first_h, first_w, extent_h, extent_w;
   int src_offset_h, src_offset_w;
-  // grad_input reading the g pass's phase-split copy (grad_input_copy_layout): this source's plane there (its
-  // first pixel row and extents; sample (a, b) is its pixel (a, b)). Unused otherwise.
-  int64_t copy_first_row;
-  int copy_extent_h, copy_extent_w;
   int taps_h, taps_w;
   int kh[kTcMaxAxisTaps], kw[kTcMaxAxisTaps];
   int off_h[kTcMaxAxisTaps], off_w[kTcMaxAxisTaps];
@@ -86,6 +82,11 @@ struct TcProblem {
   int max_taps, max_patch_pixels;      // over all phases: sizes of the staging buffers
   int stage_patch_bytes, stage_bytes;  // shared-memory layout, set by the launcher
   TcPhase phase[kTcMaxPhases];
+  // grad_input reading the g pass's phase-split copy (grad_input_copy_layout): each source phase's plane there
+  // (its first pixel row and extents; sample (a, b) is its pixel (a, b)). Unused otherwise. (Behind the
+  // phases, so that the other kernels' parameter layout is unchanged.)
+  int64_t copy_first_row[kTcMaxPhases];
+  int copy_extent_h[kTcMaxPhases], copy_extent_w[kTcMaxPhases];
 };
 
 // The phases of one axis of the forward pass (PhaseSpan in tap_map.h) with their taps: kernel index k and
@@ -322,11 +323,10 @@ inline bool grad_input_tc_problem(const ConvTransposeParams& p, TcProblem* pr) {
 inline bool grad_input_copy_layout(TcProblem* pr, const PhaseSplitLayout& g) {
   if (g.row != int64_t(pr->groups) * pr->src_padded) return false;
   for (int i = 0; i < pr->phases; ++i) {
-    TcPhase& ph = pr->phase[i];
-    const int rh = g.h.phase_of(ph.src_offset_h), rw = g.w.phase_of(ph.src_offset_w);
-    ph.copy_first_row = g.phase_first_row(rh, rw);
-    ph.copy_extent_h = g.h.extent(rh);
-    ph.copy_extent_w = g.w.extent(rw);
+    const int rh = g.h.phase_of(pr->phase[i].src_offset_h), rw = g.w.phase_of(pr->phase[i].src_offset_w);
+    pr->copy_first_row[i] = g.phase_first_row(rh, rw);
+    pr->copy_extent_h[i] = g.h.extent(rh);
+    pr->copy_extent_w[i] = g.w.extent(rw);
   }
   return true;
 }

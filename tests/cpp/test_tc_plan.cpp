@@ -204,10 +204,11 @@ void check_grad_input_copy(TcProblem pr, const fused_convt::ConvTransposeParams&
         const int o_h = a * int(p.stride_h) + ph.src_offset_h, o_w = b * int(p.stride_w) + ph.src_offset_w;
         const int ca = a, cb = b;
         const bool inside = o_h >= 0 && o_h < out_h && o_w >= 0 && o_w < out_w;
-        const bool in_plane = ca >= 0 && ca < ph.copy_extent_h && cb >= 0 && cb < ph.copy_extent_w;
+        const bool in_plane = ca >= 0 && ca < pr.copy_extent_h[i] && cb >= 0 && cb < pr.copy_extent_w[i];
         CHECK_MSG(inside == in_plane, label + ": copy plane bounds");
         if (inside)
-          CHECK_MSG(ph.copy_first_row + (n * ph.copy_extent_h + ca) * ph.copy_extent_w + cb == g.pixel_row(n, o_h, o_w),
+          CHECK_MSG(pr.copy_first_row[i] + (n * pr.copy_extent_h[i] + ca) * pr.copy_extent_w[i] + cb ==
+                        g.pixel_row(n, o_h, o_w),
                     label + ": copy index");
       }
   }
