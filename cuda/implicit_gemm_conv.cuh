@@ -853,7 +853,8 @@ bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src, 
       if (pr.epilogue_cluster > 1) return run(std::integral_constant<TcVariant, TcVariant::EpilogueCluster>{});
       return run(Plain{});
     } else {
-      if (src_cl) return run(std::integral_constant<TcVariant, TcVariant::CopiedSource>{});
+      // The copied form stages more (three 16-bit stages); where that does not fit, g is formed in registers.
+      if (src_cl && run(std::integral_constant<TcVariant, TcVariant::CopiedSource>{})) return true;
       return run(Plain{});
     }
   });
