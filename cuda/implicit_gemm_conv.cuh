@@ -456,11 +456,13 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   // Prologue: the first kStages - 1 steps. A missing step commits an empty group, so that the wait below
   // always leaves exactly the kStages - 2 youngest groups in flight.
   static_assert(async_patch || kStages == 2, "the register-staged patch holds one step");
-  Patch current{};
+  // grad_input's step geometries in flight, oldest (the step multiplied next) first: its sources differ in
+  // taps, so each step has its own patch, and with three stages two steps are ahead of the one multiplied.
+  Patch in_flight[kStages - 1] = {};
+#pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < steps) {
-      const Patch patch = issue_loads(s, s);
-      if (s == 0) current = patch;
+      in_flight[s] = issue_loads(s, s);
       if constexpr (!async_patch) store_patch(s);
     } else {
       cp_async_commit();
@@ -472,21 +474,25 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   for (int step = 0; step < steps; ++step) {
     // Step step + kStages - 1 goes into the stage the previous step read (released by its barrier).
     const int ahead = step + kStages - 1, ahead_stage = stage == 0 ? kStages - 1 : stage - 1;
-    Patch next = current;
+    Patch ahead_patch{};
     if (ahead < steps) {
-      next = issue_loads(ahead, ahead_stage);
+      ahead_patch = issue_loads(ahead, ahead_stage);
     } else {
       cp_async_commit();
     }
     // The forward's one source keeps its geometry in `prepared`; carrying step geometries through the loop
     // there cost registers (spills) and time (TF32 kb_v1 1.78 -> 1.94 ms).
-    multiply(step, stage, kSumPhases ? current : prepared);
+    multiply(step, stage, kSumPhases ? in_flight[0] : prepared);
     if constexpr (!async_patch) {
       if (ahead < steps) store_patch(ahead_stage);
     }
     cp_async_wait<kStages - 2>();
     __syncthreads();
-    if constexpr (kSumPhases) current = next;  // two stages there: `next` is step + 1
+    if constexpr (kSumPhases) {
+#pragma unroll
+      for (int i = 0; i + 1 < kStages - 1; ++i) in_flight[i] = in_flight[i + 1];
+      in_flight[kStages - 2] = ahead_patch;
+    }
     stage = stage + 1 == kStages ? 0 : stage + 1;
   }
 
