@@ -2,11 +2,12 @@
 // of grad_output, see grad_input_tc_problem) or, where that does not apply, the direct gather kernel;
 // grad_weight and grad_bias through deterministic split reductions.
 //
-// grad_input forms g = grad_output * grad_factor in registers as it loads its tiles. grad_weight (tensor-core
-// dtypes) is a GEMM over pixels whose operands must be channels-last rows for 16-byte asynchronous copies:
-// one pass forms g, sums grad_bias and writes g phase-split, channels-last, in the operand type into the
-// workspace (channels_last_pack.cuh), x gets a channels-last copy, and grad_weight_gemm.cuh multiplies
-// them. float64 keeps a direct FFMA kernel for both (below).
+// grad_weight (tensor-core dtypes) is a GEMM over pixels whose operands must be channels-last rows for 16-byte
+// asynchronous copies: one pass forms g = grad_output * grad_factor, sums grad_bias and writes g phase-split,
+// channels-last, in the operand type into the workspace (channels_last_pack.cuh), x gets a channels-last copy,
+// and grad_weight_gemm.cuh multiplies them. That pass runs first, and grad_input copies its tiles from the g
+// it wrote (as the forward copies its input's channels-last copy); without grad_weight there is no copy and
+// grad_input forms g in registers as it loads its tiles. float64 keeps a direct FFMA kernel for both (below).
 //
 // float64: grad_weight[ic, oc_local, kh, kw] = sum over (n, ih, iw) of x[n, ic, ih, iw] * g[n, oc, oh, ow]
 // with oh = ih*s - p + kh*d. Grouped by output phase (shared/DESIGN.md, as in the forward): the phase pixel
@@ -354,13 +355,32 @@ size_t backward_workspace_bytes(const ConvTransposeParams& params, DType dtype, 
   return backward_workspace_layout(params, dtype, grad_weight).total;
 }
 
-// grad_weight and grad_bias of the tensor-core dtypes (Math: the operand policy of mma.cuh).
+// grad_input on tensor cores; false (nothing launched) where the fast path does not apply. g_copy: the g
+// pass's phase-split copy of g where grad_weight made one (null: g formed from grad_output and the factor).
 template <typename T, typename Math>
-void launch_grad_weight_bias(const ConvTransposeParams& p, DType dtype, const BackwardArgs& args,
-                             unsigned char* workspace, const BackwardWorkspace& w, cudaStream_t stream) {
+bool launch_grad_input_tensor_cores(const ConvTransposeParams& params, const BackwardArgs& args, void* packed,
+                                    typename Math::Smem* g_copy, const PhaseSplitLayout& g_layout,
+                                    cudaStream_t stream) {
+  TcProblem problem;
+  if (!grad_input_tc_problem(params, &problem)) return false;
+  if (g_copy && !grad_input_copy_layout(&problem, g_layout)) g_copy = nullptr;
+  const GatherProblem layout = grad_input_gather_problem(params);
+  return launch_implicit_gemm_conv<T, Math, GatherDirection::GradInput>(
+      problem, Epilogue{}, static_cast<const T*>(args.grad_output), static_cast<const T*>(args.grad_factor),
+      static_cast<const T*>(args.weight), layout.weight_group_stride, layout.weight_src_stride,
+      layout.weight_dst_stride, nullptr, static_cast<T*>(args.grad_input), nullptr, packed, g_copy, true, stream);
+}
+
+// The backward of the tensor-core dtypes (Math: the operand policy of mma.cuh). The g pass runs first where
+// grad_weight or grad_bias is wanted, so that grad_input copies its patches from the g it wrote (as the forward
+// copies its input's channels-last copy) instead of forming g again in registers; then grad_input, then
+// grad_weight's x copy and GEMM, then the ordered sums.
+template <typename T, typename Math>
+void launch_backward_tensor_cores(const ConvTransposeParams& p, DType dtype, const BackwardArgs& args,
+                                  unsigned char* workspace, const BackwardWorkspace& w, cudaStream_t stream) {
   using Smem = typename Math::Smem;
   const WeightGemmPlan plan = plan_weight_gemm(p, dtype);
-  float* weight_partial = reinterpret_cast<float*>(workspace + w.weight_partial);
+  float* weight_partial = args.grad_weight ? reinterpret_cast<float*>(workspace + w.weight_partial) : nullptr;
   float* bias_partial = args.grad_bias ? reinterpret_cast<float*>(workspace + w.bias_partial) : nullptr;
   Smem* x_cl = args.grad_weight ? reinterpret_cast<Smem*>(workspace + w.x_cl) : nullptr;
   Smem* g_split = args.grad_weight ? reinterpret_cast<Smem*>(workspace + w.g_split) : nullptr;
@@ -371,9 +391,20 @@ void launch_grad_weight_bias(const ConvTransposeParams& p, DType dtype, const Ba
     if (padded_channels(p.in_channels_per_group()) != p.in_channels_per_group())
       check_cuda(cudaMemsetAsync(x_cl, 0, w.g_split - w.x_cl, stream), "cudaMemsetAsync");
   }
-  launch_pack_channels_last<T, Math>(static_cast<const T*>(args.grad_output), static_cast<const T*>(args.grad_factor),
-                                     int(p.out_channels), int(p.groups), int(padded_channels(p.out_channels_per_group())),
-                                     plan.g_layout, g_split, bias_partial, stream);
+  if (args.grad_weight || args.grad_bias)
+    launch_pack_channels_last<T, Math>(static_cast<const T*>(args.grad_output), static_cast<const T*>(args.grad_factor),
+                                       int(p.out_channels), int(p.groups), int(padded_channels(p.out_channels_per_group())),
+                                       plan.g_layout, g_split, bias_partial, stream);
+  if (args.grad_input && p.input_numel() > 0) {
+    const bool tensor_cores = workspace && packed_grad_input_weight_bytes(p, dtype) > 0 &&
+                              launch_grad_input_tensor_cores<T, Math>(p, args, workspace, g_split, plan.g_layout, stream);
+    if (!tensor_cores) {
+      launch_gather_conv<T, GatherDirection::GradInput>(
+          grad_input_gather_problem(p), Epilogue{}, static_cast<const T*>(args.grad_output),
+          static_cast<const T*>(args.grad_factor), static_cast<const T*>(args.weight), nullptr,
+          static_cast<T*>(args.grad_input), nullptr, stream);
+    }
+  }
   if (args.grad_weight) {
     const PhaseSplitLayout x_layout{p.batch, PhaseAxis{int(p.in_h), 1, 0}, PhaseAxis{int(p.in_w), 1, 0}, plan.x_row};
     launch_pack_channels_last<T, Math>(static_cast<const T*>(args.input), nullptr, int(p.in_channels), int(p.groups),
@@ -383,31 +414,6 @@ void launch_grad_weight_bias(const ConvTransposeParams& p, DType dtype, const Ba
   }
   if (args.grad_bias) {
     launch_sum_splits<T>(bias_partial, bias_partial_count(p), p.out_channels, static_cast<T*>(args.grad_bias), stream);
-  }
-}
-
-// grad_input on tensor cores; false (nothing launched) where the fast path does not apply.
-template <typename T>
-bool launch_grad_input_tensor_cores(const ConvTransposeParams& params, const BackwardArgs& args, void* packed,
-                                    cudaStream_t stream) {
-  if constexpr (std::is_same_v<T, double>) {
-    return false;
-  } else {
-    TcProblem problem;
-    if (!grad_input_tc_problem(params, &problem)) return false;
-    const GatherProblem layout = grad_input_gather_problem(params);
-    auto launch = [&](auto math) {
-      return launch_implicit_gemm_conv<T, decltype(math), GatherDirection::GradInput>(
-          problem, Epilogue{}, static_cast<const T*>(args.grad_output), static_cast<const T*>(args.grad_factor),
-          static_cast<const T*>(args.weight), layout.weight_group_stride, layout.weight_src_stride,
-          layout.weight_dst_stride, nullptr, static_cast<T*>(args.grad_input), nullptr, packed, nullptr, false,
-          stream);
-    };
-    if constexpr (std::is_same_v<T, float>) {
-      return args.allow_tf32 ? launch(Tf32Math{}) : launch(Fp32SplitMath{});
-    } else {
-      return launch(Half16Math<T>{});
-    }
   }
 }
 
@@ -428,20 +434,14 @@ void backward_cuda(const ConvTransposeParams& params, DType dtype, const Backwar
 
   dispatch_device_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
-    const GradLoader<T> g{static_cast<const T*>(args.grad_output), static_cast<const T*>(args.grad_factor)};
     unsigned char* workspace = static_cast<unsigned char*>(args.workspace);
-
-    if (args.grad_input && params.input_numel() > 0) {
-      const bool tensor_cores = workspace && packed_grad_input_weight_bytes(params, dtype) > 0 &&
-                                launch_grad_input_tensor_cores<T>(params, args, workspace, stream);
-      if (!tensor_cores) {
+    if constexpr (std::is_same_v<T, double>) {
+      const GradLoader<T> g{static_cast<const T*>(args.grad_output), static_cast<const T*>(args.grad_factor)};
+      if (args.grad_input && params.input_numel() > 0)
         launch_gather_conv<T, GatherDirection::GradInput>(
             grad_input_gather_problem(params), Epilogue{}, g.grad_output, g.grad_factor,
             static_cast<const T*>(args.weight), nullptr, static_cast<T*>(args.grad_input), nullptr, stream);
-      }
-    }
-    if (!args.grad_weight && !args.grad_bias) return;
-    if constexpr (std::is_same_v<T, double>) {
+      if (!args.grad_weight && !args.grad_bias) return;
       // Without grad_weight the blocks only sum the bias: one tap group and ic tile.
       const BackwardPlan plan = plan_backward(params);
       BackwardPlan launch_plan = plan;
@@ -466,12 +466,12 @@ void backward_cuda(const ConvTransposeParams& params, DType dtype, const Backwar
                              static_cast<T*>(args.grad_bias), stream);
     } else if constexpr (std::is_same_v<T, float>) {
       if (args.allow_tf32) {
-        launch_grad_weight_bias<T, Tf32Math>(params, dtype, args, workspace, layout, stream);
+        launch_backward_tensor_cores<T, Tf32Math>(params, dtype, args, workspace, layout, stream);
       } else {
-        launch_grad_weight_bias<T, Fp32SplitMath>(params, dtype, args, workspace, layout, stream);
+        launch_backward_tensor_cores<T, Fp32SplitMath>(params, dtype, args, workspace, layout, stream);
       }
     } else {
-      launch_grad_weight_bias<T, Half16Math<T>>(params, dtype, args, workspace, layout, stream);
+      launch_backward_tensor_cores<T, Half16Math<T>>(params, dtype, args, workspace, layout, stream);
     }
   });
 }

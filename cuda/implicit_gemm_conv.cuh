@@ -44,23 +44,30 @@
 
 namespace fused_convt {
 
+// What a launch adds to its direction's way (one template parameter, so that each direction compiles only
+// the variants it uses). Forward: Plain, or EpilogueCluster (the training forward's clusters, store_cluster).
+// GradInput: Plain (g = grad_output x factor formed in registers while staging), or CopiedSource (patches
+// copied from the g pass's phase-split copy of g, where grad_weight made one: grad_input_copy_layout).
+enum class TcVariant { Plain, EpilogueCluster, CopiedSource };
+
 // Whether the patch is copied asynchronously from a channels-last copy of the source (the launcher's src_cl)
-// instead of staged through registers: the forward, every type. At kb_v1 bf16 (H100) 2.15 -> 1.86 ms with the
-// copy included. Float measured slower at first, 1.85 -> 2.26 ms (TF32), when each lane copied half a
-// 32-byte sector per copy (copy_patch now gives consecutive lanes one row's pieces). grad_input forms g
-// while staging (issue 3 keeps g out of global memory there).
-template <GatherDirection Dir, typename Math>
+// instead of staged through registers: the forward, every type, and grad_input from the g pass's copy. At
+// kb_v1 bf16 (H100) the forward went 2.15 -> 1.86 ms with the copy included. Float measured slower at first,
+// 1.85 -> 2.26 ms (TF32), when each lane copied half a 32-byte sector per copy (copy_patch now gives
+// consecutive lanes one row's pieces). Without that copy grad_input forms g while staging (issue 3 keeps g
+// out of global memory for it).
+template <GatherDirection Dir, TcVariant Variant>
 constexpr bool tc_async_patch() {
-  return Dir == GatherDirection::Forward;
+  return Dir == GatherDirection::Forward || Variant == TcVariant::CopiedSource;
 }
 
 // Pipeline stages in shared memory. The register-staged path holds one step in registers: two. The 16-bit
 // asynchronous patch copy keeps two steps in flight: a tile has only a few 16-channel steps (four at kb_v1),
 // and with one step of prefetch 40% of the mainloop's stall samples waited on global loads (Nsight Compute).
 // Float stages are twice the bytes: three would leave one block per SM.
-template <GatherDirection Dir, typename Math>
+template <GatherDirection Dir, typename Math, TcVariant Variant>
 constexpr int tc_stages() {
-  return tc_async_patch<Dir, Math>() && sizeof(typename Math::Smem) == 2 ? 3 : 2;
+  return tc_async_patch<Dir, Variant>() && sizeof(typename Math::Smem) == 2 ? 3 : 2;
 }
 
 // Blocks per SM the kernel is compiled for (its register bound): two, 128 registers, for the 64 accumulators
@@ -68,9 +75,9 @@ constexpr int tc_stages() {
 // 16-bit forward at BN <= 32: 80 registers, BN 16 keeping 40 bytes of its copy state on the stack), so that
 // the short blocks of small channel counts (kb_v0: 16 output channels, two steps per tile) overlap more:
 // kb_v0 bf16 0.084 -> 0.078 ms (H100). Float stays at two: exact fp32 at BN 32 spilled 192 bytes under 80.
-template <GatherDirection Dir, typename Math, int BN>
+template <GatherDirection Dir, typename Math, int BN, TcVariant Variant>
 constexpr int tc_min_blocks() {
-  return tc_async_patch<Dir, Math>() && sizeof(typename Math::Smem) == 2 && BN <= 32 ? 3 : 2;
+  return tc_async_patch<Dir, Variant>() && sizeof(typename Math::Smem) == 2 && BN <= 32 ? 3 : 2;
 }
 
 // Bytes of one staged row of kTcChunk values, padded by 16 B so that ldmatrix's eight row addresses of
@@ -114,10 +121,9 @@ __device__ __forceinline__ void store_four(T* to, const float* v) {
 }
 
 // Two blocks per SM: the second block's mainloop hides this one's prologue, epilogue and barriers.
-// T is the storage type, Math the tensor-core policy (mma.cuh); kCluster: the forward's blocks store through
-// epilogue clusters (pr.epilogue_cluster; the launcher's rule is at the launch).
-template <typename T, typename Math, GatherDirection Dir, int BN, bool kCluster>
-__global__ void __launch_bounds__(kTcThreads, tc_min_blocks<Dir, Math, BN>())
+// T is the storage type, Math the tensor-core policy (mma.cuh), Variant as TcVariant says.
+template <typename T, typename Math, GatherDirection Dir, int BN, TcVariant Variant>
+__global__ void __launch_bounds__(kTcThreads, tc_min_blocks<Dir, Math, BN, Variant>())
 implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, const T* __restrict__ src,
                           const T* __restrict__ src_factor, const typename Math::Smem* __restrict__ src_cl,
                           const typename Math::Smem* __restrict__ packed, const T* __restrict__ bias,
@@ -214,7 +220,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   // Per source and tap, written once per block behind the stages: the patch-row shift of the tap and the
   // offset in the group's packed weight of the tap it multiplies (kh * kernel_w + kw), tap = th * taps_w + tw.
   // Deriving them per step from the phase tables cost registers (spills) in the loop.
-  constexpr int kStages = tc_stages<Dir, Math>();
+  constexpr int kStages = tc_stages<Dir, Math, Variant>();
   int* tap_shift = reinterpret_cast<int*>(smem + kStages * pr.stage_bytes);
   int* tap_weight = tap_shift + sources * pr.max_taps;
   for (int i = tid; i < sources * pr.max_taps; i += kTcThreads) {
@@ -253,7 +259,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   // consecutive lanes copy the pieces of one row and a warp's copies cover whole 32-byte sectors. (A lane per
   // pixel read half a sector per copy, each sector twice: twice the patch's L2 sector traffic, in a forward
   // that Nsight Compute shows L2-bound.)
-  constexpr bool async_patch = tc_async_patch<Dir, Math>();
+  constexpr bool async_patch = tc_async_patch<Dir, Variant>();
   constexpr int kOffsets = async_patch ? kTcMaxPatchPixels * kRowChunks / kTcThreads : kTcPixelsPerThread;
   constexpr int kPixelStep = async_patch ? kTcThreads / kRowChunks : kTcThreads;  // between a thread's pixels
   // The 16-byte piece of a staged row a thread copies (patch and weights alike), and the row it starts at.
@@ -266,7 +272,8 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   // pixel lies outside the image (zero-filled), kNotInPatch past the patch's last pixel (not copied), so that
   // a step's copy is an add and a select per piece. The lambdas take the kOffsets-long array by pointer: a
   // reference-to-array parameter sized by the local constant crashed nvcc 13.0's front end (cudafe++).
-  auto pixel_offsets = [&](const TcPhase& ph, const Patch& patch, int* offsets) {
+  auto pixel_offsets = [&](int source_phase, const Patch& patch, int* offsets) {
+    const TcPhase& ph = pr.phase[source_phase];
     // The pixel's (row, column) in the patch advances by a fixed step: two divisions, not one per pixel.
     const int step_rows = kPixelStep / patch.cols, step_cols = kPixelStep % patch.cols;
     int row = offset_pixel(0) / patch.cols, col = offset_pixel(0) % patch.cols;
@@ -277,8 +284,11 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
       const int x = (patch.min_off_w + col) * pr.src_step_w + ph.src_offset_w;
       const bool inside = p < patch.pixels && y >= 0 && y < pr.src_h && x >= 0 && x < pr.src_w;
       if constexpr (async_patch) {
-        offsets[j] = inside ? (y * pr.src_w + x) * cl_row + piece * kPieceValues
-                            : (p < patch.pixels ? -1 : kNotInPatch);
+        // The forward's copy is the source image; grad_input's is the source phase's plane (copy_base), where
+        // sample (row_first + row, min_off_w + col) is pixel (row_first + row, min_off_w + col).
+        const int at = kSumPhases ? (patch.row_first + row) * pr.copy_extent_w[source_phase] + patch.min_off_w + col
+                                  : y * pr.src_w + x;
+        offsets[j] = inside ? at * cl_row + piece * kPieceValues : (p < patch.pixels ? -1 : kNotInPatch);
       } else {
         offsets[j] = inside ? y * pr.src_w + x : -1;
       }
@@ -335,12 +345,22 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   // asynchronously (zero-filled outside the image), with no register staging and no conversion.
   // A thread's patch pieces start at piece_smem within a stage, kPixelStep rows apart.
   const uint32_t piece_smem = piece_row * kRowBytes + piece * 16;
-  auto copy_patch = [&](const int* offsets, int c0, int stage) {
+  auto copy_patch = [&](const int* offsets, const Smem* from, int c0, int stage) {
     const uint32_t to = smem_address(smem + stage * pr.stage_bytes) + piece_smem;
 #pragma unroll
     for (int j = 0; j < kOffsets; ++j) {
       if (offsets[j] != kNotInPatch)
-        cp_async_16(to + j * kPixelStep * kRowBytes, cl_group + (max(offsets[j], 0) + c0), offsets[j] >= 0 ? 16 : 0);
+        cp_async_16(to + j * kPixelStep * kRowBytes, from + (max(offsets[j], 0) + c0), offsets[j] >= 0 ? 16 : 0);
+    }
+  };
+  // Where a source's channels-last pixels start for this block's image and group: the forward's input copy,
+  // or grad_input's source phase plane in the g pass's copy.
+  auto copy_base = [&](int source) -> const Smem* {
+    if constexpr (kSumPhases) {
+      return src_cl + (pr.copy_first_row[source] + image * int64_t(pr.copy_extent_h[source]) * pr.copy_extent_w[source]) *
+                          cl_row + int64_t(group) * pr.src_padded;
+    } else {
+      return cl_group;
     }
   };
   // The weight slice [tap][BN][16 channels] of a step. A thread copies its piece of channel row piece_row % BN
@@ -369,7 +389,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
     const int phase = kSumPhases ? source_of(step) : phase_index;
     if (phase != prepared_phase) {
       prepared = patch_of(pr.phase[phase]);
-      pixel_offsets(pr.phase[phase], prepared, offsets);
+      pixel_offsets(phase, prepared, offsets);
       prepared_phase = phase;
     }
     return prepared;
@@ -381,7 +401,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
     const Patch patch = prepare(step);
     const int c0 = step / sources * kTcChunk;
     if constexpr (async_patch) {
-      copy_patch(offsets, c0, stage);
+      copy_patch(offsets, copy_base(source), c0, stage);
     } else {
       if (Dir == GatherDirection::GradInput && factor_group) {
         load_patch_with(offsets, c0, std::true_type{});
@@ -436,11 +456,13 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   // Prologue: the first kStages - 1 steps. A missing step commits an empty group, so that the wait below
   // always leaves exactly the kStages - 2 youngest groups in flight.
   static_assert(async_patch || kStages == 2, "the register-staged patch holds one step");
-  Patch current{};
+  // grad_input's step geometries in flight, oldest (the step multiplied next) first: its sources differ in
+  // taps, so each step has its own patch, and with three stages two steps are ahead of the one multiplied.
+  Patch in_flight[kStages - 1] = {};
+#pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (s < steps) {
-      const Patch patch = issue_loads(s, s);
-      if (s == 0) current = patch;
+      in_flight[s] = issue_loads(s, s);
       if constexpr (!async_patch) store_patch(s);
     } else {
       cp_async_commit();
@@ -452,21 +474,25 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   for (int step = 0; step < steps; ++step) {
     // Step step + kStages - 1 goes into the stage the previous step read (released by its barrier).
     const int ahead = step + kStages - 1, ahead_stage = stage == 0 ? kStages - 1 : stage - 1;
-    Patch next = current;
+    Patch ahead_patch{};
     if (ahead < steps) {
-      next = issue_loads(ahead, ahead_stage);
+      ahead_patch = issue_loads(ahead, ahead_stage);
     } else {
       cp_async_commit();
     }
     // The forward's one source keeps its geometry in `prepared`; carrying step geometries through the loop
     // there cost registers (spills) and time (TF32 kb_v1 1.78 -> 1.94 ms).
-    multiply(step, stage, kSumPhases ? current : prepared);
+    multiply(step, stage, kSumPhases ? in_flight[0] : prepared);
     if constexpr (!async_patch) {
       if (ahead < steps) store_patch(ahead_stage);
     }
     cp_async_wait<kStages - 2>();
     __syncthreads();
-    if constexpr (kSumPhases) current = next;  // two stages there: `next` is step + 1
+    if constexpr (kSumPhases) {
+#pragma unroll
+      for (int i = 0; i + 1 < kStages - 1; ++i) in_flight[i] = in_flight[i + 1];
+      in_flight[kStages - 2] = ahead_patch;
+    }
     stage = stage + 1 == kStages ? 0 : stage + 1;
   }
 
@@ -617,7 +643,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   // instead of every s_w-th. The exchange goes by stores, which do not wait: reading the partners' tiles
   // instead (a remote load's latency per four columns) cost more than the sectors saved.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const int cluster = kCluster ? pr.epilogue_cluster : 1;
+  const int cluster = Variant == TcVariant::EpilogueCluster ? pr.epilogue_cluster : 1;
 #else
   constexpr int cluster = 1;  // no clusters before sm_90: each block stores its own phase
 #endif
@@ -736,7 +762,7 @@ decltype(auto) with_channel_tile(const TcProblem& pr, F&& f) {
 
 // Fills the launch-dependent fields of pr for channel tile BN (tiles, shared-memory layout) and returns the
 // kernel's dynamic shared memory in bytes, or 0 when it or the grid does not fit the current device.
-template <typename Math, GatherDirection Dir, int BN>
+template <typename Math, GatherDirection Dir, int BN, TcVariant Variant>
 size_t layout_implicit_gemm(TcProblem* pr) {
   constexpr int kRowBytes = tc_row_bytes<Math>();
   pr->n_tiles = (pr->dst_per_group + BN - 1) / BN;
@@ -746,7 +772,7 @@ size_t layout_implicit_gemm(TcProblem* pr) {
   const size_t epilogue_bytes = (size_t(tc_epilogue_tile_floats<BN>()) + BN + kTcBlockM) * sizeof(float);
   const int sources = Dir == GatherDirection::GradInput ? pr->phases : 1;  // tap tables' sources
   const size_t tables_bytes = 2 * size_t(sources) * pr->max_taps * sizeof(int);
-  const size_t smem = std::max(tc_stages<Dir, Math>() * size_t(pr->stage_bytes) + tables_bytes, epilogue_bytes);
+  const size_t smem = std::max(tc_stages<Dir, Math, Variant>() * size_t(pr->stage_bytes) + tables_bytes, epilogue_bytes);
   const int64_t grid_x = pr->batch * pr->m_tiles * (Dir == GatherDirection::GradInput ? 1 : pr->phases);
   const int64_t grid_y = int64_t(pr->groups) * pr->n_tiles;
   if (smem > max_dynamic_smem_bytes() || grid_x > 0x7fffffff || grid_y > 65535) return 0;
@@ -756,72 +782,87 @@ size_t layout_implicit_gemm(TcProblem* pr) {
 // Whether launch_implicit_gemm_conv would run this problem on the current device (rather than return false).
 template <typename Math, GatherDirection Dir>
 bool implicit_gemm_fits(TcProblem pr) {
-  return with_channel_tile(pr, [&](auto bn) { return layout_implicit_gemm<Math, Dir, decltype(bn)::value>(&pr) > 0; });
+  // Every variant of a direction stages the same bytes but the copied grad_input, which has more stages.
+  return with_channel_tile(pr, [&](auto bn) {
+    return layout_implicit_gemm<Math, Dir, decltype(bn)::value, TcVariant::Plain>(&pr) > 0;
+  });
 }
 
 // Packs the weight into the workspace and launches the implicit-GEMM kernel with a channel tile BN chosen
 // from the group width. Returns false (launching nothing) when shared memory or the grid do not fit.
-// src_cl: the channels-last source of the asynchronous path, made here from src unless src_cl_ready (the
-// caller's input already has that layout: NHWC at whole 16-channel chunks per group).
+// src_cl: the channels-last source of the asynchronous path. Forward: always; made here from src unless
+// src_cl_ready (the caller's input already has that layout: NHWC at whole 16-channel chunks per group).
+// grad_input: the g pass's copy of g where there is one (pr then from grad_input_copy_layout; src and
+// src_factor unused), else null (g formed from src and src_factor while staging).
 template <typename T, typename Math, GatherDirection Dir>
 bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src, const T* src_factor,
                                const T* weight, int64_t weight_group_stride, int weight_src_stride,
                                int weight_dst_stride, const T* bias, T* dst, T* dst_factor, void* workspace,
                                typename Math::Smem* src_cl, bool src_cl_ready, cudaStream_t stream) {
   using Smem = typename Math::Smem;
-  if (tc_async_patch<Dir, Math>() != (src_cl != nullptr))
-    throw std::logic_error("fused_convt: implicit GEMM launched with the wrong channels-last source");
+  if (Dir == GatherDirection::Forward && !src_cl)
+    throw std::logic_error("fused_convt: the implicit-GEMM forward launched without its channels-last source");
   return with_channel_tile(pr, [&](auto bn_constant) -> bool {
     constexpr int BN = decltype(bn_constant)::value;
-    const size_t smem = layout_implicit_gemm<Math, Dir, BN>(&pr);
-    if (smem == 0) return false;
-    const int64_t grid_x = pr.batch * pr.m_tiles * (Dir == GatherDirection::GradInput ? 1 : pr.phases);
-    const int64_t grid_y = int64_t(pr.groups) * pr.n_tiles;
+    auto run = [&](auto variant_constant) -> bool {
+      constexpr TcVariant Variant = decltype(variant_constant)::value;
+      const size_t smem = layout_implicit_gemm<Math, Dir, BN, Variant>(&pr);
+      if (smem == 0) return false;
+      const int64_t grid_x = pr.batch * pr.m_tiles * (Dir == GatherDirection::GradInput ? 1 : pr.phases);
+      const int64_t grid_y = int64_t(pr.groups) * pr.n_tiles;
 
-    Smem* packed = static_cast<Smem*>(workspace);
-    const int64_t packed_count = int64_t(pr.groups) * pr.kernel_taps * pr.dst_per_group * pr.src_padded;
-    const int pack_blocks = int(std::min<int64_t>((packed_count + 255) / 256, 4096));
-    pack_weight_kernel<T, Math><<<pack_blocks, 256, 0, stream>>>(weight, packed, pr.groups, pr.kernel_taps,
-                                                           pr.dst_per_group, pr.src_per_group, pr.src_padded,
-                                                           weight_group_stride, weight_src_stride,
-                                                           weight_dst_stride);
-    check_launch("pack_weight_kernel");
-    if (src_cl && !src_cl_ready) {
-      if (pr.src_padded != pr.src_per_group)
-        check_cuda(cudaMemsetAsync(src_cl, 0, channels_last_source_bytes<Math>(pr), stream), "cudaMemsetAsync");
-      const PhaseSplitLayout layout{pr.batch, PhaseAxis{pr.src_h, 1, 0}, PhaseAxis{pr.src_w, 1, 0},
-                                    int64_t(pr.groups) * pr.src_padded};
-      launch_pack_channels_last<T, Math>(src, nullptr, pr.src_channels, pr.groups, pr.src_padded, layout, src_cl,
-                                         nullptr, stream);
-    }
-    auto kernel = implicit_gemm_conv_kernel<T, Math, Dir, BN, false>;
+      Smem* packed = static_cast<Smem*>(workspace);
+      const int64_t packed_count = int64_t(pr.groups) * pr.kernel_taps * pr.dst_per_group * pr.src_padded;
+      const int pack_blocks = int(std::min<int64_t>((packed_count + 255) / 256, 4096));
+      pack_weight_kernel<T, Math><<<pack_blocks, 256, 0, stream>>>(weight, packed, pr.groups, pr.kernel_taps,
+                                                             pr.dst_per_group, pr.src_per_group, pr.src_padded,
+                                                             weight_group_stride, weight_src_stride,
+                                                             weight_dst_stride);
+      check_launch("pack_weight_kernel");
+      if (src_cl && !src_cl_ready) {
+        if (pr.src_padded != pr.src_per_group)
+          check_cuda(cudaMemsetAsync(src_cl, 0, channels_last_source_bytes<Math>(pr), stream), "cudaMemsetAsync");
+        const PhaseSplitLayout layout{pr.batch, PhaseAxis{pr.src_h, 1, 0}, PhaseAxis{pr.src_w, 1, 0},
+                                      int64_t(pr.groups) * pr.src_padded};
+        launch_pack_channels_last<T, Math>(src, nullptr, pr.src_channels, pr.groups, pr.src_padded, layout, src_cl,
+                                           nullptr, stream);
+      }
+      auto kernel = implicit_gemm_conv_kernel<T, Math, Dir, BN, Variant>;
+      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
+                 "cudaFuncSetAttribute(implicit_gemm_conv_kernel)");
+      cudaLaunchConfig_t config{};
+      config.gridDim = dim3(unsigned(grid_x), unsigned(grid_y));
+      config.blockDim = dim3(kTcThreads);
+      config.dynamicSmemBytes = smem;
+      config.stream = stream;
+      cudaLaunchAttribute cluster{};
+      if (Variant == TcVariant::EpilogueCluster) {  // grid_x is a multiple: phases are row-major, s_w per row phase
+        cluster.id = cudaLaunchAttributeClusterDimension;
+        cluster.val.clusterDim.x = unsigned(pr.epilogue_cluster);
+        cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
+        config.attrs = &cluster;
+        config.numAttrs = 1;
+      }
+      check_cuda(cudaLaunchKernelEx(&config, kernel, pr, epi, src, src_factor, src_cl, packed, bias, dst, dst_factor),
+                 "implicit_gemm_conv_kernel");
+      return true;
+    };
+    using Plain = std::integral_constant<TcVariant, TcVariant::Plain>;
     if constexpr (Dir == GatherDirection::Forward) {
       // Epilogue clusters for the training forward of large problems (tc_training_epilogue_cluster).
       if (dst && dst_factor && current_device_attribute(cudaDevAttrClusterLaunch)) {
-        const int resident = tc_min_blocks<Dir, Math, BN>() * current_device_attribute(cudaDevAttrMultiProcessorCount);
+        const int resident =
+            tc_min_blocks<Dir, Math, BN, TcVariant::Plain>() * current_device_attribute(cudaDevAttrMultiProcessorCount);
         pr.epilogue_cluster = tc_training_epilogue_cluster(pr, BN, int(sizeof(T)), resident,
                                                            current_device_attribute(cudaDevAttrL2CacheSize));
       }
-      if (pr.epilogue_cluster > 1) kernel = implicit_gemm_conv_kernel<T, Math, Dir, BN, true>;
+      if (pr.epilogue_cluster > 1) return run(std::integral_constant<TcVariant, TcVariant::EpilogueCluster>{});
+      return run(Plain{});
+    } else {
+      // The copied form stages more (three 16-bit stages); where that does not fit, g is formed in registers.
+      if (src_cl && run(std::integral_constant<TcVariant, TcVariant::CopiedSource>{})) return true;
+      return run(Plain{});
     }
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-               "cudaFuncSetAttribute(implicit_gemm_conv_kernel)");
-    cudaLaunchConfig_t config{};
-    config.gridDim = dim3(unsigned(grid_x), unsigned(grid_y));
-    config.blockDim = dim3(kTcThreads);
-    config.dynamicSmemBytes = smem;
-    config.stream = stream;
-    cudaLaunchAttribute cluster{};
-    if (pr.epilogue_cluster > 1) {  // grid_x is a multiple: phases are row-major, s_w per row phase
-      cluster.id = cudaLaunchAttributeClusterDimension;
-      cluster.val.clusterDim.x = unsigned(pr.epilogue_cluster);
-      cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
-      config.attrs = &cluster;
-      config.numAttrs = 1;
-    }
-    check_cuda(cudaLaunchKernelEx(&config, kernel, pr, epi, src, src_factor, src_cl, packed, bias, dst, dst_factor),
-               "implicit_gemm_conv_kernel");
-    return true;
   });
 }
 

@@ -82,6 +82,11 @@ struct TcProblem {
   int max_taps, max_patch_pixels;      // over all phases: sizes of the staging buffers
   int stage_patch_bytes, stage_bytes;  // shared-memory layout, set by the launcher
   TcPhase phase[kTcMaxPhases];
+  // grad_input reading the g pass's phase-split copy (grad_input_copy_layout): each source phase's plane there
+  // (its first pixel row and extents; sample (a, b) is its pixel (a, b)). Unused otherwise. (Behind the
+  // phases, so that the other kernels' parameter layout is unchanged.)
+  int64_t copy_first_row[kTcMaxPhases];
+  int copy_extent_h[kTcMaxPhases], copy_extent_w[kTcMaxPhases];
 };
 
 // The phases of one axis of the forward pass (PhaseSpan in tap_map.h) with their taps: kernel index k and
@@ -308,6 +313,22 @@ inline bool grad_input_tc_problem(const ConvTransposeParams& p, TcProblem* pr) {
     }
   }
   return finish_tc_problem(pr);
+}
+
+// Points grad_input's sources at the g pass's copy of g (layout g: phase-split by (o + pad) mod s, channels-last,
+// `row` values per pixel, channels padded per group), so that the kernel copies its patches from there. Source
+// sample i of a phase reads grad_output row o = i * s + r (r < s), which the copy holds in its phase
+// r' = (r + pad) mod s at index i: the rows of phase r' below o = r start below pad. False (nothing changed)
+// where the copy's channel padding is not the kernel's 16-channel chunks (a chunk would read the next group's g).
+inline bool grad_input_copy_layout(TcProblem* pr, const PhaseSplitLayout& g) {
+  if (g.row != int64_t(pr->groups) * pr->src_padded) return false;
+  for (int i = 0; i < pr->phases; ++i) {
+    const int rh = g.h.phase_of(pr->phase[i].src_offset_h), rw = g.w.phase_of(pr->phase[i].src_offset_w);
+    pr->copy_first_row[i] = g.phase_first_row(rh, rw);
+    pr->copy_extent_h[i] = g.h.extent(rh);
+    pr->copy_extent_w[i] = g.w.extent(rw);
+  }
+  return true;
 }
 
 }  // namespace fused_convt

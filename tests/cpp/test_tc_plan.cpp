@@ -178,6 +178,42 @@ void check_epilogue_cluster(const TcProblem& pr, const fused_convt::ConvTranspos
             label + ": the clusters do not write every output pixel once");
 }
 
+// grad_input's sources pointed at the g pass's phase-split copy (grad_input_copy_layout): sample (a, b) of a
+// source reads grad_output pixel (a * s_h + r_h, b * s_w + r_w); the kernel's index into the copy, pixel (a, b)
+// of the source's plane, must be that pixel's row in the layout (PhaseSplitLayout::pixel_row), and lie in the
+// plane exactly when the pixel lies in grad_output.
+void check_grad_input_copy(TcProblem pr, const fused_convt::ConvTransposeParams& p, int* checked) {
+  const int64_t out_h = p.out_h(), out_w = p.out_w();
+  const fused_convt::PhaseSplitLayout g{p.batch, fused_convt::PhaseAxis{int(out_h), int(p.stride_h), int(p.pad_h)},
+                                        fused_convt::PhaseAxis{int(out_w), int(p.stride_w), int(p.pad_w)},
+                                        int64_t(pr.groups) * pr.src_padded};
+  const std::string label = test::describe(p);
+  fused_convt::PhaseSplitLayout eight = g;  // the g pass's own padding to 8 channels, where it differs
+  eight.row = int64_t(pr.groups) * ((pr.src_per_group + 7) / 8 * 8);
+  if (eight.row != g.row) CHECK_MSG(!fused_convt::grad_input_copy_layout(&pr, eight), label + ": 8-channel padding taken");
+  if (!fused_convt::grad_input_copy_layout(&pr, g)) {
+    CHECK_MSG(false, label + ": 16-channel padding refused");
+    return;
+  }
+  ++*checked;
+  const int64_t n = p.batch - 1;
+  for (int i = 0; i < pr.phases; ++i) {
+    const TcPhase& ph = pr.phase[i];
+    for (int a = -2; a * p.stride_h + ph.src_offset_h < out_h + 2 * p.stride_h; ++a)
+      for (int b = -2; b * p.stride_w + ph.src_offset_w < out_w + 2 * p.stride_w; ++b) {
+        const int o_h = a * int(p.stride_h) + ph.src_offset_h, o_w = b * int(p.stride_w) + ph.src_offset_w;
+        const int ca = a, cb = b;
+        const bool inside = o_h >= 0 && o_h < out_h && o_w >= 0 && o_w < out_w;
+        const bool in_plane = ca >= 0 && ca < pr.copy_extent_h[i] && cb >= 0 && cb < pr.copy_extent_w[i];
+        CHECK_MSG(inside == in_plane, label + ": copy plane bounds");
+        if (inside)
+          CHECK_MSG(pr.copy_first_row[i] + (n * pr.copy_extent_h[i] + ca) * pr.copy_extent_w[i] + cb ==
+                        g.pixel_row(n, o_h, o_w),
+                    label + ": copy index");
+      }
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -233,7 +269,7 @@ int main() {
   // Random problems, images up to 80 pixels a side and kernels up to 7 taps: many fit the fast path, some
   // (wide halos, long rows) do not.
   test::Rng rng(20261125);
-  int accepted_forward = 0, accepted_grad_input = 0, clustered = 0;
+  int accepted_forward = 0, accepted_grad_input = 0, clustered = 0, copied = 0;
   for (int trial = 0; trial < 4000; ++trial) {
     fused_convt::ConvTransposeParams p = test::random_params(rng, 80);
     p.kernel_h = rng.integer(1, 7);
@@ -243,6 +279,7 @@ int main() {
     if (fused_convt::forward_tc_problem(p, &pr)) check_epilogue_cluster(pr, p, &clustered);
     check_plan("forward", fused_convt::forward_tc_problem(p, &pr), pr, p, &accepted_forward);
     check_plan("grad_input", fused_convt::grad_input_tc_problem(p, &pr), pr, p, &accepted_grad_input);
+    if (fused_convt::grad_input_tc_problem(p, &pr) && p.batch > 0) check_grad_input_copy(pr, p, &copied);
   }
   // The sweep's k5 s1 point (36 x 36 outputs): 8 rows of 36 plus a 4-row halo, 40 columns = 480 pixels.
   fused_convt::ConvTransposeParams k5;
@@ -270,6 +307,7 @@ int main() {
   kb.out_pad_w = 1;
   CHECK(fused_convt::forward_tc_problem(kb, &pr) && pr.dst_w == 129 && fused_convt::tc_epilogue_cluster(pr) == 1);
   CHECK_MSG(clustered > 100, "too few random problems store through clusters: " + std::to_string(clustered));
+  CHECK_MSG(copied > 1000, "too few grad_input problems checked against the g copy: " + std::to_string(copied));
   // The launcher's rule on an H100 (132 SMs, 50 MiB L2): kb_v1's training forward clusters in TF32 (two blocks
   // per SM, 64-channel tiles of 4-byte values) and bf16; kb_v0's (16 output channels) does not.
   const int64_t l2 = int64_t(50) << 20;
