@@ -263,6 +263,11 @@ std::vector<std::pair<std::string, ConvTransposeParams>> tiled_cases() {
   p.kernel_h = 7, p.kernel_w = 5, p.dil_h = 3, p.dil_w = 2, p.stride_h = 2, p.stride_w = 3, p.pad_h = 4, p.pad_w = 2;
   p.out_pad_h = 2, p.out_pad_w = 1;
   cases.push_back({"large dilated kernel", p});
+  // grad_input copies its patches from the g pass's copy (16 channels per group): the column phases have 2,
+  // 1 and 1 taps, so consecutive steps' patches differ (a 16-bit step once ran with a later step's patch).
+  p = make(2, 24, 32, 15, 11, 1);
+  p.kernel_h = p.kernel_w = 4, p.stride_h = 2, p.stride_w = 3, p.pad_h = 1, p.pad_w = 3, p.out_pad_h = 1;
+  cases.push_back({"k4 s(2, 3): grad_input's sources differ in taps", p});
   p = make(1, 4, 4, 6, 5, 1);
   p.kernel_h = p.kernel_w = 2, p.stride_h = 5, p.stride_w = 4, p.out_pad_h = 3;
   cases.push_back({"20 phases (direct kernel only)", p});
