@@ -20,6 +20,8 @@ CASES = [
     # channel tile (float only), four column phases with 72 channels (a ragged second tile)
     (Problem(2, 8, 40, (5, 7), (4, 4), (2, 2), add_value=-0.5), None),
     (Problem(1, 16, 72, (4, 6), (3, 4), (2, 4)), None),
+    # grad_input copying its patches from the g pass's copy (16 output channels), sources of 2, 1 and 1 taps
+    (Problem(2, 8, 16, (6, 5), (4, 4), (2, 3), (1, 3), (1, 0)), None),
 ]
 DTYPES = [(torch.float32, True, 5e-3), (torch.float32, False, 1e-5), (torch.bfloat16, None, 3e-2),
           (torch.float16, None, 5e-3), (torch.float64, None, 1e-12)]
