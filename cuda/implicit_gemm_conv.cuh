@@ -80,10 +80,9 @@ constexpr int tc_min_blocks() {
   return tc_async_patch<Dir, Variant>() && sizeof(typename Math::Smem) == 2 && BN <= 32 ? 3 : 2;
 }
 
-// Bytes of one staged row of kTcChunk values, padded by 16 B so that ldmatrix's eight row addresses of
-// consecutive pixels fall in distinct bank groups.
+// Bytes of one staged row of kTcChunk values: dense, its pieces permuted by tc_stage_offset.
 template <typename Math>
-constexpr int tc_row_bytes() { return kTcChunk * int(sizeof(typename Math::Smem)) + 16; }
+constexpr int tc_row_bytes() { return kTcChunk * int(sizeof(typename Math::Smem)); }
 
 // Packs the weight as [group][kh*kw][dst_local][src_local padded to kTcChunk] in the MMA's operand type
 // (TF32-rounded float or the 16-bit type), so that a block's weight tile is whole 16-byte rows.
@@ -334,17 +333,19 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
     for (int j = 0; j < kTcPixelsPerThread; ++j) {
       const int p = tid + j * kTcThreads;
       if (p < staged_pixels) {
-        uint4* to = reinterpret_cast<uint4*>(patch + p * kRowBytes);
 #pragma unroll
         for (int q = 0; q < kRowChunks; ++q)
-          to[q] = make_uint4(staged[j][4 * q], staged[j][4 * q + 1], staged[j][4 * q + 2], staged[j][4 * q + 3]);
+          *reinterpret_cast<uint4*>(patch + tc_stage_offset(p, q, kRowBytes)) =
+              make_uint4(staged[j][4 * q], staged[j][4 * q + 1], staged[j][4 * q + 2], staged[j][4 * q + 3]);
       }
     }
   };
   // With a channels-last source each staged patch row is kRowChunks contiguous 16-byte pieces: copied
   // asynchronously (zero-filled outside the image), with no register staging and no conversion.
   // A thread's patch pieces start at piece_smem within a stage, kPixelStep rows apart.
-  const uint32_t piece_smem = piece_row * kRowBytes + piece * 16;
+  // (A thread's rows are kPixelStep apart, a multiple of the swizzle's 8 rows: one permuted offset for all.)
+  static_assert(kPixelStep % 8 == 0, "a thread's patch rows share their swizzle");
+  const uint32_t piece_smem = tc_stage_offset(piece_row, piece, kRowBytes);
   auto copy_patch = [&](const int* offsets, const Smem* from, int c0, int stage) {
     const uint32_t to = smem_address(smem + stage * pr.stage_bytes) + piece_smem;
 #pragma unroll
@@ -371,7 +372,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   const int weight_n = piece_row % BN, weight_first_tap = piece_row / BN;
   const bool weight_valid = n0 + weight_n < pr.dst_per_group;
   const int weight_at = (weight_valid ? n0 + weight_n : 0) * pr.src_padded + piece * kPieceValues;
-  const uint32_t weight_smem = pr.stage_patch_bytes + (weight_first_tap * BN + weight_n) * kRowBytes + piece * 16;
+  const uint32_t weight_smem = pr.stage_patch_bytes + tc_stage_offset(weight_first_tap * BN + weight_n, piece, kRowBytes);
   auto load_weights = [&](int source, int taps, int c0, int stage) {
     uint32_t to = smem_address(smem + stage * pr.stage_bytes) + weight_smem;
     const int* weight_taps = tap_weight + source * pr.max_taps;
@@ -414,6 +415,8 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
     return patch;
   };
   // Every warp's ldmatrix + mma.sync over the step's taps.
+  // A lane's B rows (tap * BN + a multiple of 8 + lane % 8) all share the swizzle of row lane % 8.
+  const int b_swizzle = tc_stage_swizzle(lane & 7, kRowBytes);
   auto multiply = [&](int step, int stage, const Patch& patch) {
     int a_row[2];
 #pragma unroll
@@ -430,7 +433,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           uint32_t raw[4];
-          ldmatrix_x4(raw, patch_base + (a_row[i] + shift) * kRowBytes + ks * 32 + (lane >> 4) * 16);
+          ldmatrix_x4(raw, patch_base + tc_stage_offset(a_row[i] + shift, ks * 2 + (lane >> 4), kRowBytes));
           Traits::make_a(a[i], raw);
         }
         // Every B fragment of the slice is loaded before the first MMA, so that the ldmatrix latencies
@@ -441,7 +444,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
         for (int j = 0; j < kNFrags; j += 2) {
           uint32_t raw[4];
           const int n = j * 8 + (lane & 7) + (lane >> 4) * 8;
-          ldmatrix_x4(raw, weight_base + (tap * BN + n) * kRowBytes + ks * 32 + ((lane >> 3) & 1) * 16);
+          ldmatrix_x4(raw, weight_base + (tap * BN + n) * kRowBytes + (((ks * 2 + ((lane >> 3) & 1)) * 16) ^ b_swizzle));
           Traits::make_b(b[j], raw[0], raw[1]);
           Traits::make_b(b[j + 1], raw[2], raw[3]);
         }
@@ -766,7 +769,7 @@ template <typename Math, GatherDirection Dir, int BN, TcVariant Variant>
 size_t layout_implicit_gemm(TcProblem* pr) {
   constexpr int kRowBytes = tc_row_bytes<Math>();
   pr->n_tiles = (pr->dst_per_group + BN - 1) / BN;
-  pr->stage_patch_bytes = pr->max_patch_pixels * kRowBytes;
+  pr->stage_patch_bytes = (pr->max_patch_pixels * kRowBytes + 127) / 128 * 128;  // weight rows start on a line
   pr->stage_bytes = pr->stage_patch_bytes + pr->max_taps * BN * kRowBytes;
   // Staged tile, column shifts, and the channels_last pixel table (store_pixels).
   const size_t epilogue_bytes = (size_t(tc_epilogue_tile_floats<BN>()) + BN + kTcBlockM) * sizeof(float);

@@ -21,6 +21,18 @@ constexpr int kTcMaxPhases = 16;
 constexpr int kTcPixelsPerThread = 2;   // patch pixels each thread stages: the patch holds <= 512 pixels
 constexpr int kTcMaxPatchPixels = kTcPixelsPerThread * kTcThreads;
 
+// Staged rows of kTcChunk values (patch pixels and weight rows: 32 bytes for 16-bit operands, 64 for float)
+// lie dense in shared memory, the 16-byte pieces of row r permuted by an XOR with bits of r: bit 2 of r for
+// 32-byte rows, bits 1-2 for 64-byte rows (the Tensor Memory Accelerator's 32- and 64-byte swizzles, which
+// take the same bits of the byte offset). ldmatrix's eight row addresses of consecutive rows, from any
+// first row, then fall in eight distinct 16-byte bank groups, as the 16-byte padding of each row did
+// before; but a warp's copies now fill whole 128-byte lines (padded rows spread 32 pieces over 6 lines
+// for 16-bit rows). The permutation repeats every 8 rows.
+FCT_HD constexpr int tc_stage_swizzle(int row, int row_bytes) { return ((row * row_bytes) >> 3) & (row_bytes - 16); }
+FCT_HD constexpr int tc_stage_offset(int row, int piece, int row_bytes) {
+  return row * row_bytes + ((piece * 16) ^ tc_stage_swizzle(row, row_bytes));
+}
+
 // Floats per pixel row of the epilogue's staged accumulators ([pixel][min(BN, 32) columns, + 4]): each
 // thread reads its pixel's columns four at a time (one 16-byte load per four outputs; a column-major tile
 // took a load per output), and the + 4 puts the eight rows of a quarter-warp's 16-byte loads in distinct

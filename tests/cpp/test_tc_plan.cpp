@@ -80,6 +80,34 @@ int bank_conflict_ways(const std::vector<std::pair<int, int>>& lanes) {
   return worst;
 }
 
+// The staged rows of 16 channels (tc_stage_offset), row_bytes 32 (16-bit) or 64 (float): each row's pieces are
+// a permutation of its own 16-byte slots; ldmatrix's eight 16-byte row reads of rows r..r+7 (any r, any
+// piece) are conflict-free; a warp's 16-byte copies of consecutive rows' pieces fill whole 128-byte lines.
+void check_stage_layout(int row_bytes) {
+  const std::string label = "staged rows of " + std::to_string(row_bytes) + " bytes";
+  const int pieces = row_bytes / 16;
+  for (int row = 0; row < 64; ++row) {
+    std::vector<int> seen(pieces, 0);
+    for (int q = 0; q < pieces; ++q) {
+      const int offset = fused_convt::tc_stage_offset(row, q, row_bytes);
+      CHECK_MSG(offset % 16 == 0 && offset / row_bytes == row, label + ": a piece left its row");
+      if (offset / row_bytes == row) ++seen[(offset % row_bytes) / 16];
+    }
+    CHECK_MSG(std::count(seen.begin(), seen.end(), 1) == pieces, label + ": pieces of a row collide");
+  }
+  for (int first = 0; first < 64; ++first)
+    for (int q = 0; q < pieces; ++q) {
+      std::vector<std::pair<int, int>> reads;
+      for (int r = 0; r < 8; ++r) reads.push_back({fused_convt::tc_stage_offset(first + r, q, row_bytes) / 4, 4});
+      CHECK_MSG(bank_conflict_ways(reads) == 1, label + ": ldmatrix rows from " + std::to_string(first) + " conflict");
+    }
+  std::vector<int> lines;
+  for (int lane = 0; lane < 32; ++lane)
+    lines.push_back(fused_convt::tc_stage_offset(lane / pieces, lane % pieces, row_bytes) / 128);
+  std::sort(lines.begin(), lines.end());
+  CHECK_MSG(std::unique(lines.begin(), lines.end()) - lines.begin() == 4, label + ": a warp's copies span more than 4 lines");
+}
+
 // The epilogue's staged tile for a channel tile of BN: `columns` = min(BN, 32) per part, rows of stride floats.
 // Writes: lane (g = lane / 4, t = lane % 4) stores columns 2t, 2t + 1 of fragment j at row g (+ 8); reads:
 // lane l loads the four columns of a group at row l.
@@ -217,6 +245,8 @@ void check_grad_input_copy(TcProblem pr, const fused_convt::ConvTransposeParams&
 }  // namespace
 
 int main() {
+  check_stage_layout(32);
+  check_stage_layout(64);
   // BN 32 and 64 stage 32 columns: both access patterns conflict-free. BN 16 (16 columns) reads conflict-free;
   // its writes are 2-way (no stride of 16 + 4k avoids both).
   check_epilogue_layout(32, fused_convt::tc_epilogue_stride<64>(), 1);
