@@ -41,6 +41,7 @@
 #include "gather_conv.cuh"
 #include "mma.cuh"
 #include "tc_problem.h"
+#include "tma.cuh"
 
 namespace fused_convt {
 
@@ -48,7 +49,12 @@ namespace fused_convt {
 // the variants it uses). Forward: Plain, or EpilogueCluster (the training forward's clusters, store_cluster).
 // GradInput: Plain (g = grad_output x factor formed in registers while staging), or CopiedSource (patches
 // copied from the g pass's phase-split copy of g, where grad_weight made one: grad_input_copy_layout).
-enum class TcVariant { Plain, EpilogueCluster, CopiedSource };
+// Forward on sm_90: TmaPatch / TmaPatchCluster, the patch of each step copied by the Tensor Memory
+// Accelerator (tma.cuh, tc_tma_box) instead of per-thread cp.async.
+enum class TcVariant { Plain, EpilogueCluster, CopiedSource, TmaPatch, TmaPatchCluster };
+
+constexpr bool tc_tma(TcVariant v) { return v == TcVariant::TmaPatch || v == TcVariant::TmaPatchCluster; }
+constexpr bool tc_cluster(TcVariant v) { return v == TcVariant::EpilogueCluster || v == TcVariant::TmaPatchCluster; }
 
 // Whether the patch is copied asynchronously from a channels-last copy of the source (the launcher's src_cl)
 // instead of staged through registers: the forward, every type, and grad_input from the g pass's copy. At
@@ -83,6 +89,11 @@ constexpr int tc_min_blocks() {
 // Bytes of one staged row of kTcChunk values: dense, its pieces permuted by tc_stage_offset.
 template <typename Math>
 constexpr int tc_row_bytes() { return kTcChunk * int(sizeof(typename Math::Smem)); }
+
+// Where the TMA variants' per-stage barriers sit: behind the stages and the tap tables, 8-byte aligned.
+FCT_HD int tc_stage_barriers_offset(const TcProblem& pr, int stages, int sources) {
+  return (stages * pr.stage_bytes + 2 * sources * pr.max_taps * int(sizeof(int)) + 7) / 8 * 8;
+}
 
 // Packs the weight as [group][kh*kw][dst_local][src_local padded to kTcChunk] in the MMA's operand type
 // (TF32-rounded float or the 16-bit type), so that a block's weight tile is whole 16-byte rows.
@@ -126,7 +137,8 @@ __global__ void __launch_bounds__(kTcThreads, tc_min_blocks<Dir, Math, BN, Varia
 implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, const T* __restrict__ src,
                           const T* __restrict__ src_factor, const typename Math::Smem* __restrict__ src_cl,
                           const typename Math::Smem* __restrict__ packed, const T* __restrict__ bias,
-                          T* __restrict__ dst, T* __restrict__ dst_factor) {
+                          T* __restrict__ dst, T* __restrict__ dst_factor,
+                          const __grid_constant__ CUtensorMap patch_map) {
   using Traits = Math;
   using Smem = typename Traits::Smem;
   constexpr int kRowBytes = tc_row_bytes<Math>();
@@ -137,7 +149,12 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   constexpr int kEpiParts = kNFrags / kEpiFrags;
   constexpr int kEpiStride = tc_epilogue_stride<BN>();
 
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  // The TMA's swizzle follows address bits up to 512 (64-byte rows): its stages start on 1024-byte boundaries
+  // (the launcher adds the slack).
+  constexpr bool kTma = tc_tma(Variant);
+  unsigned char* smem =
+      kTma ? smem_raw + ((1024 - (smem_address(smem_raw) & 1023)) & 1023) : smem_raw;
 
   // The phase varies fastest: the blocks of all phases of one tile run together, so the interleaved
   // halves of each output sector they write meet in L2 instead of reaching DRAM as partial writes.
@@ -211,7 +228,8 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
     }
     const TileRows rows = tile_rows(m0, count, ph.extent_w);
     patch.row_first = rows.first + patch.min_off_h;
-    patch.cols = ph.extent_w + max_off_w - patch.min_off_w;
+    // (The TMA's box has one width for every phase: the patch rows are that long.)
+    patch.cols = kTma ? pr.patch_box_w : ph.extent_w + max_off_w - patch.min_off_w;
     patch.pixels = (rows.last + max_off_h - patch.row_first + 1) * patch.cols;
     return patch;
   };
@@ -231,6 +249,12 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
       tap_shift[i] = (ph.off_h[th] - patch.min_off_h) * patch.cols + ph.off_w[tw] - patch.min_off_w;
       tap_weight[i] = (ph.kh[th] * pr.kernel_w + ph.kw[tw]) * pr.dst_per_group * pr.src_padded;
     }
+  }
+  // TMA: per stage, the barrier its patch copy completes (one arrival: the thread that issues the copy).
+  const uint32_t stage_ready = smem_address(smem) + tc_stage_barriers_offset(pr, kStages, sources);
+  if (kTma && tid == 0) {
+    for (int st = 0; st < kStages; ++st) mbarrier_init(stage_ready + 8 * st, 1);
+    mbarrier_init_fence();
   }
   __syncthreads();
 
@@ -390,7 +414,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
     const int phase = kSumPhases ? source_of(step) : phase_index;
     if (phase != prepared_phase) {
       prepared = patch_of(pr.phase[phase]);
-      pixel_offsets(phase, prepared, offsets);
+      if constexpr (!kTma) pixel_offsets(phase, prepared, offsets);
       prepared_phase = phase;
     }
     return prepared;
@@ -401,7 +425,15 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
     const int source = source_of(step);
     const Patch patch = prepare(step);
     const int c0 = step / sources * kTcChunk;
-    if constexpr (async_patch) {
+    if constexpr (kTma) {
+      if (tid == 0) {
+        const TcPhase& ph = phase_of(source);
+        const uint32_t ready = stage_ready + 8 * stage;
+        mbarrier_arrive_expect_tx(ready, uint32_t(pr.patch_box_w * pr.patch_box_h * kRowBytes));
+        tma_load_4d(smem_address(smem + stage * pr.stage_bytes), &patch_map, group * pr.src_padded + c0,
+                    patch.min_off_w + ph.src_offset_w, patch.row_first + ph.src_offset_h, int(image), ready);
+      }
+    } else if constexpr (async_patch) {
       copy_patch(offsets, copy_base(source), c0, stage);
     } else {
       if (Dir == GatherDirection::GradInput && factor_group) {
@@ -417,7 +449,12 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   // Every warp's ldmatrix + mma.sync over the step's taps.
   // A lane's B rows (tap * BN + a multiple of 8 + lane % 8) all share the swizzle of row lane % 8.
   const int b_swizzle = tc_stage_swizzle(lane & 7, kRowBytes);
+  uint32_t ready_parity = 0;  // TMA: bit s, the phase of stage s's barrier the next wait expects
   auto multiply = [&](int step, int stage, const Patch& patch) {
+    if constexpr (kTma) {
+      mbarrier_wait(stage_ready + 8 * stage, (ready_parity >> stage) & 1);
+      ready_parity ^= 1u << stage;
+    }
     int a_row[2];
 #pragma unroll
     for (int i = 0; i < 2; ++i) a_row[i] = (frag_a[i] + patch.min_off_h - patch.row_first) * patch.cols + frag_b[i];
@@ -646,7 +683,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   // instead of every s_w-th. The exchange goes by stores, which do not wait: reading the partners' tiles
   // instead (a remote load's latency per four columns) cost more than the sectors saved.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const int cluster = Variant == TcVariant::EpilogueCluster ? pr.epilogue_cluster : 1;
+  const int cluster = tc_cluster(Variant) ? pr.epilogue_cluster : 1;
 #else
   constexpr int cluster = 1;  // no clusters before sm_90: each block stores its own phase
 #endif
@@ -768,14 +805,19 @@ decltype(auto) with_channel_tile(const TcProblem& pr, F&& f) {
 template <typename Math, GatherDirection Dir, int BN, TcVariant Variant>
 size_t layout_implicit_gemm(TcProblem* pr) {
   constexpr int kRowBytes = tc_row_bytes<Math>();
+  constexpr int kStages = tc_stages<Dir, Math, Variant>();
   pr->n_tiles = (pr->dst_per_group + BN - 1) / BN;
-  pr->stage_patch_bytes = (pr->max_patch_pixels * kRowBytes + 127) / 128 * 128;  // weight rows start on a line
-  pr->stage_bytes = pr->stage_patch_bytes + pr->max_taps * BN * kRowBytes;
+  // The TMA's boxes (one size for all phases) start on 1024-byte boundaries (its swizzle atoms); the other
+  // variants' weight rows start on a line.
+  const int align = tc_tma(Variant) ? 1024 : 128;
+  const int patch_pixels = tc_tma(Variant) ? pr->patch_box_w * pr->patch_box_h : pr->max_patch_pixels;
+  pr->stage_patch_bytes = (patch_pixels * kRowBytes + align - 1) / align * align;
+  pr->stage_bytes = (pr->stage_patch_bytes + pr->max_taps * BN * kRowBytes + align - 1) / align * align;
   // Staged tile, column shifts, and the channels_last pixel table (store_pixels).
   const size_t epilogue_bytes = (size_t(tc_epilogue_tile_floats<BN>()) + BN + kTcBlockM) * sizeof(float);
   const int sources = Dir == GatherDirection::GradInput ? pr->phases : 1;  // tap tables' sources
-  const size_t tables_bytes = 2 * size_t(sources) * pr->max_taps * sizeof(int);
-  const size_t smem = std::max(tc_stages<Dir, Math, Variant>() * size_t(pr->stage_bytes) + tables_bytes, epilogue_bytes);
+  const size_t staged = size_t(tc_stage_barriers_offset(*pr, kStages, sources)) + (tc_tma(Variant) ? 8 * kStages : 0);
+  const size_t smem = std::max(staged, epilogue_bytes) + (tc_tma(Variant) ? 1024 : 0);  // + the alignment slack
   const int64_t grid_x = pr->batch * pr->m_tiles * (Dir == GatherDirection::GradInput ? 1 : pr->phases);
   const int64_t grid_y = int64_t(pr->groups) * pr->n_tiles;
   if (smem > max_dynamic_smem_bytes() || grid_x > 0x7fffffff || grid_y > 65535) return 0;
@@ -805,6 +847,12 @@ bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src, 
   using Smem = typename Math::Smem;
   if (Dir == GatherDirection::Forward && !src_cl)
     throw std::logic_error("fused_convt: the implicit-GEMM forward launched without its channels-last source");
+  // The forward's patch by TMA where the device has one and the box fits its limits (tc_tma_box).
+  alignas(64) CUtensorMap patch_map{};
+  const bool tma = Dir == GatherDirection::Forward && pr.src_step_h == 1 && pr.src_step_w == 1 && tc_tma_box(pr) &&
+                   current_device_attribute(cudaDevAttrComputeCapabilityMajor) >= 9 &&
+                   encode_patch_map(&patch_map, src_cl, int(sizeof(Smem)), int64_t(pr.groups) * pr.src_padded,
+                                    pr.src_w, pr.src_h, pr.batch, pr.patch_box_w, pr.patch_box_h);
   return with_channel_tile(pr, [&](auto bn_constant) -> bool {
     constexpr int BN = decltype(bn_constant)::value;
     auto run = [&](auto variant_constant) -> bool {
@@ -839,14 +887,15 @@ bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src, 
       config.dynamicSmemBytes = smem;
       config.stream = stream;
       cudaLaunchAttribute cluster{};
-      if (Variant == TcVariant::EpilogueCluster) {  // grid_x is a multiple: phases are row-major, s_w per row phase
+      if (tc_cluster(Variant)) {  // grid_x is a multiple: phases are row-major, s_w per row phase
         cluster.id = cudaLaunchAttributeClusterDimension;
         cluster.val.clusterDim.x = unsigned(pr.epilogue_cluster);
         cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
         config.attrs = &cluster;
         config.numAttrs = 1;
       }
-      check_cuda(cudaLaunchKernelEx(&config, kernel, pr, epi, src, src_factor, src_cl, packed, bias, dst, dst_factor),
+      check_cuda(cudaLaunchKernelEx(&config, kernel, pr, epi, src, src_factor, src_cl, packed, bias, dst, dst_factor,
+                                    patch_map),
                  "implicit_gemm_conv_kernel");
       return true;
     };
@@ -859,7 +908,12 @@ bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src, 
         pr.epilogue_cluster = tc_training_epilogue_cluster(pr, BN, int(sizeof(T)), resident,
                                                            current_device_attribute(cudaDevAttrL2CacheSize));
       }
-      if (pr.epilogue_cluster > 1) return run(std::integral_constant<TcVariant, TcVariant::EpilogueCluster>{});
+      using V = TcVariant;
+      if (pr.epilogue_cluster > 1) {
+        if (tma && run(std::integral_constant<V, V::TmaPatchCluster>{})) return true;
+        return run(std::integral_constant<V, V::EpilogueCluster>{});
+      }
+      if (tma && run(std::integral_constant<V, V::TmaPatch>{})) return true;
       return run(Plain{});
     } else {
       // The copied form stages more (three 16-bit stages); where that does not fit, g is formed in registers.

@@ -92,6 +92,7 @@ struct TcProblem {
   int src_step_h, src_step_w;
   int phases, m_tiles, n_tiles;
   int max_taps, max_patch_pixels;      // over all phases: sizes of the staging buffers
+  int patch_box_w, patch_box_h;        // over all phases and tiles: the widest patch row, the most rows
   int stage_patch_bytes, stage_bytes;  // shared-memory layout, set by the launcher
   TcPhase phase[kTcMaxPhases];
   // grad_input reading the g pass's phase-split copy (grad_input_copy_layout): each source phase's plane there
@@ -168,7 +169,7 @@ inline int max_tile_rows(int extent_h, int extent_w) {
 // Fills the tile counts and staging sizes from the phases; false if a tile's patch would not fit.
 inline bool finish_tc_problem(TcProblem* pr) {
   int max_count = 0;
-  pr->max_taps = pr->max_patch_pixels = 0;
+  pr->max_taps = pr->max_patch_pixels = pr->patch_box_w = pr->patch_box_h = 0;
   for (int i = 0; i < pr->phases; ++i) {
     const TcPhase& ph = pr->phase[i];
     max_count = std::max(max_count, ph.extent_h * ph.extent_w);
@@ -184,10 +185,18 @@ inline bool finish_tc_problem(TcProblem* pr) {
         int64_t(pr->kernel_taps) * pr->dst_per_group * pr->src_padded > INT32_MAX)
       return false;
     pr->max_patch_pixels = std::max(pr->max_patch_pixels, int(rows * cols));
+    pr->patch_box_w = std::max(pr->patch_box_w, int(cols));
+    pr->patch_box_h = std::max(pr->patch_box_h, int(rows));
   }
   pr->m_tiles = (max_count + kTcBlockM - 1) / kTcBlockM;
   pr->epilogue_cluster = 1;  // the launcher's choice (tc_epilogue_cluster)
   return pr->phases > 0;
+}
+
+// Whether the forward's patches can come by TMA boxes of patch_box_w x patch_box_h pixels (one size for every
+// phase and tile, each patch at the top left of its box): a box is at most 256 pixels along each axis.
+inline bool tc_tma_box(const TcProblem& pr) {
+  return pr.patch_box_w > 0 && pr.patch_box_w <= 256 && pr.patch_box_h > 0 && pr.patch_box_h <= 256;
 }
 
 // The forward's blocks each own one output phase, so an NCHW output row interleaves the s_w column phases of

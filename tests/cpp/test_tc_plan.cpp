@@ -34,9 +34,11 @@ int brute_force_tile_rows(int extent_h, int extent_w) {
   return rows;
 }
 
-// The largest staged patch over every tile of every phase, walking the tiles one by one.
-int largest_patch(const TcProblem& pr) {
+// The largest staged patch over every tile of every phase, walking the tiles one by one; box_w / box_h (when
+// given): the widest patch row and the most patch rows, which the TMA's one box size must cover.
+int largest_patch(const TcProblem& pr, int* box_w = nullptr, int* box_h = nullptr) {
   int largest = 0;
+  if (box_w) *box_w = *box_h = 0;
   for (int i = 0; i < pr.phases; ++i) {
     const TcPhase& ph = pr.phase[i];
     const int halo_h = *std::max_element(ph.off_h, ph.off_h + ph.taps_h) - *std::min_element(ph.off_h, ph.off_h + ph.taps_h);
@@ -45,6 +47,10 @@ int largest_patch(const TcProblem& pr) {
     for (int m0 = 0; m0 < count; m0 += kTcBlockM) {
       const int rows = (std::min(m0 + kTcBlockM, count) - 1) / ph.extent_w - m0 / ph.extent_w + 1;
       largest = std::max(largest, (rows + halo_h) * (ph.extent_w + halo_w));
+      if (box_w) {
+        *box_w = std::max(*box_w, ph.extent_w + halo_w);
+        *box_h = std::max(*box_h, rows + halo_h);
+      }
     }
   }
   return largest;
@@ -54,7 +60,11 @@ void check_plan(const char* which, bool planned, const TcProblem& pr, const fuse
                 int* accepted) {
   if (!planned) return;  // outside the fast path's limits: the gather kernel runs it
   ++*accepted;
-  const int largest = largest_patch(pr);
+  int box_w = 0, box_h = 0;
+  const int largest = largest_patch(pr, &box_w, &box_h);
+  CHECK_MSG(pr.patch_box_w == box_w && pr.patch_box_h == box_h,
+            std::string(which) + " " + test::describe(p) + ": TMA box " + std::to_string(pr.patch_box_w) + " x " +
+                std::to_string(pr.patch_box_h) + ", tiles need " + std::to_string(box_w) + " x " + std::to_string(box_h));
   CHECK_MSG(largest == pr.max_patch_pixels, std::string(which) + " " + test::describe(p) + ": planned " +
                                                 std::to_string(pr.max_patch_pixels) + ", tiles need " +
                                                 std::to_string(largest));

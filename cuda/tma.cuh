@@ -1,0 +1,108 @@
+// The Tensor Memory Accelerator (sm_90): the forward's patch copy as one bulk tensor copy per pipeline stage.
+// A 4-D tensor map describes the channels-last source [image][row][column][channel]; one elected thread
+// asks for a box of [rows][columns][16 channels] starting at a (possibly negative) pixel, the hardware
+// fills what lies outside the image with zeros, writes shared memory in whole lines with the 32- or 64-byte
+// swizzle that tc_stage_offset reproduces, and signals an mbarrier with the bytes delivered. Host side:
+// the driver's cuTensorMapEncodeTiled, reached through the runtime (no link against libcuda).
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+#include "cuda_common.cuh"
+
+namespace fused_convt {
+
+// ---- device ------------------------------------------------------------------------------------------------
+
+__device__ __forceinline__ void mbarrier_init(uint32_t bar, uint32_t arrivals) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals));
+#endif
+}
+
+// Makes barrier initializations visible to the asynchronous proxy (the TMA unit) and to the cluster.
+__device__ __forceinline__ void mbarrier_init_fence() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::);
+  asm volatile("fence.proxy.async.shared::cta;\n" ::);
+#endif
+}
+
+// The one arrival of a stage's barrier, announcing the bytes its copy will deliver.
+__device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes) : "memory");
+#endif
+}
+
+// Waits until the barrier's phase `parity` has completed.
+__device__ __forceinline__ void mbarrier_wait(uint32_t bar, uint32_t parity) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "wait:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra wait;\n"
+      "}\n" ::"r"(bar),
+      "r"(parity)
+      : "memory");
+#endif
+}
+
+// Box of the tensor map at coordinates (c, x, y, n), innermost first, into shared memory at dst; completes
+// on bar.
+__device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map, int c, int x, int y, int n,
+                                            uint32_t bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5}], "
+      "[%6];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c), "r"(x), "r"(y), "r"(n), "r"(bar)
+      : "memory");
+#endif
+}
+
+// ---- host --------------------------------------------------------------------------------------------------
+
+// cuTensorMapEncodeTiled (its declaration's type; the symbol itself is never linked), looked up once; null
+// where the driver lacks it.
+using TensorMapEncoder = decltype(&cuTensorMapEncodeTiled);
+inline TensorMapEncoder tensor_map_encoder() {
+  static const TensorMapEncoder encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+      fn = nullptr;
+    cudaGetLastError();  // a failed lookup must not surface as the next launch's error
+    return reinterpret_cast<TensorMapEncoder>(fn);
+  }();
+  return encode;
+}
+
+// The map of a channels-last source of `batch` images of h x w pixels with `row` values per pixel (element
+// bytes 2 or 4), boxes of 16 channels x box_w x box_h pixels, swizzled as tc_stage_offset lays rows out
+// (32-byte rows: 32-byte swizzle, 64-byte rows: 64-byte swizzle). False where the driver cannot encode it.
+inline bool encode_patch_map(CUtensorMap* map, const void* source, int element_bytes, int64_t row, int64_t w,
+                             int64_t h, int64_t batch, int box_w, int box_h) {
+  const TensorMapEncoder encode = tensor_map_encoder();
+  if (!encode) return false;
+  const CUtensorMapDataType type = element_bytes == 2 ? CU_TENSOR_MAP_DATA_TYPE_UINT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT32;
+  const cuuint64_t dims[4] = {cuuint64_t(row), cuuint64_t(w), cuuint64_t(h), cuuint64_t(batch)};
+  const cuuint64_t pixel = cuuint64_t(row) * element_bytes;
+  const cuuint64_t strides[3] = {pixel, pixel * w, pixel * w * h};
+  const cuuint32_t box[4] = {16, cuuint32_t(box_w), cuuint32_t(box_h), 1};
+  const cuuint32_t steps[4] = {1, 1, 1, 1};
+  const CUtensorMapSwizzle swizzle = element_bytes == 2 ? CU_TENSOR_MAP_SWIZZLE_32B : CU_TENSOR_MAP_SWIZZLE_64B;
+  return encode(map, type, 4, const_cast<void*>(source), dims, strides, box, steps, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+}  // namespace fused_convt
