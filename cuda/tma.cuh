@@ -78,11 +78,11 @@ inline TensorMapEncoder tensor_map_encoder() {
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult found{};
     if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
-            cudaSuccess ||
-        found != cudaDriverEntryPointSuccess)
+        cudaSuccess) {
+      cudaGetLastError();  // a failed lookup must not surface as the next launch's error
       fn = nullptr;
-    cudaGetLastError();  // a failed lookup must not surface as the next launch's error
-    return reinterpret_cast<TensorMapEncoder>(fn);
+    }
+    return reinterpret_cast<TensorMapEncoder>(found == cudaDriverEntryPointSuccess ? fn : nullptr);
   }();
   return encode;
 }
