@@ -18,8 +18,10 @@
 //    the patch from a channels-last copy of the input that the launcher makes first (channels_last_pack.cuh;
 //    ~0.05 ms at kb_v1 bf16) or from a channels_last input itself, so nothing of it passes through registers
 //    (tc_async_patch): on sm_90 as one TMA box per step (tma.cuh), before that with 16-byte cp.async. Rows
-//    are dense, their 16-byte pieces swizzled (tc_stage_offset). grad_input loads whole pixels (16 channels) of the NCHW
-//    source, coalesced along the image row, into registers and forms g = grad_output x factor there;
+//    are dense, their 16-byte pieces swizzled (tc_stage_offset). grad_input copies its patches the same way
+//    (cp.async) from the g pass's phase-split copy of g where grad_weight made one; otherwise it loads whole
+//    pixels (16 channels) of the NCHW source, coalesced along the image row, into registers and forms
+//    g = grad_output x factor there;
 //  * the weight slice [tap][BN][16] comes from a pre-packed copy with 16-byte cp.async;
 //  * every warp runs ldmatrix + mma.sync over the phase's taps, in the precision policy Math (mma.cuh:
 //    TF32, 3xTF32 for exact float32, bf16 / fp16), accumulating in fp32.
