@@ -853,6 +853,7 @@ bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src, 
   // The forward's patch by TMA where the device has one and the box fits its limits (tc_tma_box).
   alignas(64) CUtensorMap patch_map{};
   const bool tma = Dir == GatherDirection::Forward && pr.src_step_h == 1 && pr.src_step_w == 1 && tc_tma_box(pr) &&
+                   !tma_disabled() &&
                    current_device_attribute(cudaDevAttrComputeCapabilityMajor) >= 9 &&
                    encode_patch_map(&patch_map, src_cl, int(sizeof(Smem)), int64_t(pr.groups) * pr.src_padded,
                                     pr.src_w, pr.src_h, pr.batch, pr.patch_box_w, pr.patch_box_h);
