@@ -9,8 +9,8 @@ from conftest import requires_cuda
 from reference import Problem
 
 PROBLEMS = [
-    # KernelBench-like (k4 s2, all four phases alike), with groups and padding
-    Problem(2, 32, 48, (9, 11), (4, 4), (2, 2), padding=(1, 1), groups=2, add_value=-0.5, multiply_value=2.0),
+    # KernelBench-like (k4 s2, all four phases alike), with groups (32 output channels each) and padding
+    Problem(2, 32, 64, (9, 11), (4, 4), (2, 2), padding=(1, 1), groups=2, add_value=-0.5, multiply_value=2.0),
     # column phases of 2, 1 and 1 taps (different patch widths: one TMA box for all), output_padding
     Problem(2, 24, 32, (7, 6), (4, 4), (2, 3), padding=(1, 2), output_padding=(1, 0), add_value=-0.5),
     # stride 1, channels not a multiple of 16 (padded chunks), tiles spanning five rows of 60
