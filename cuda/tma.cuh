@@ -87,8 +87,13 @@ inline TensorMapEncoder tensor_map_encoder() {
   static const TensorMapEncoder encode = [] {
     void* fn = nullptr;
     cudaDriverEntryPointQueryResult found{};
-    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
-        cudaSuccess) {
+#if CUDART_VERSION >= 12050
+    const cudaError_t status =
+        cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found);
+#else  // the unversioned query, deprecated from CUDA 12.5 on
+    const cudaError_t status = cudaGetDriverEntryPoint("cuTensorMapEncodeTiled", &fn, cudaEnableDefault, &found);
+#endif
+    if (status != cudaSuccess) {
       cudaGetLastError();  // a failed lookup must not surface as the next launch's error
       fn = nullptr;
     }
