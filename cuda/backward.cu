@@ -355,6 +355,15 @@ size_t backward_workspace_bytes(const ConvTransposeParams& params, DType dtype, 
   return backward_workspace_layout(params, dtype, grad_weight).total;
 }
 
+// grad_input by the direct gather kernel (float64, and shapes outside the tensor-core path).
+template <typename T>
+void launch_grad_input_gather(const ConvTransposeParams& params, const BackwardArgs& args, cudaStream_t stream) {
+  launch_gather_conv<T, GatherDirection::GradInput>(
+      grad_input_gather_problem(params), Epilogue{}, static_cast<const T*>(args.grad_output),
+      static_cast<const T*>(args.grad_factor), static_cast<const T*>(args.weight), nullptr,
+      static_cast<T*>(args.grad_input), nullptr, stream);
+}
+
 // grad_input on tensor cores; false (nothing launched) where the fast path does not apply. g_copy: the g
 // pass's phase-split copy of g where grad_weight made one (null: g formed from grad_output and the factor).
 template <typename T, typename Math>
@@ -398,12 +407,7 @@ void launch_backward_tensor_cores(const ConvTransposeParams& p, DType dtype, con
   if (args.grad_input && p.input_numel() > 0) {
     const bool tensor_cores = workspace && packed_grad_input_weight_bytes(p, dtype) > 0 &&
                               launch_grad_input_tensor_cores<T, Math>(p, args, workspace, g_split, plan.g_layout, stream);
-    if (!tensor_cores) {
-      launch_gather_conv<T, GatherDirection::GradInput>(
-          grad_input_gather_problem(p), Epilogue{}, static_cast<const T*>(args.grad_output),
-          static_cast<const T*>(args.grad_factor), static_cast<const T*>(args.weight), nullptr,
-          static_cast<T*>(args.grad_input), nullptr, stream);
-    }
+    if (!tensor_cores) launch_grad_input_gather<T>(p, args, stream);
   }
   if (args.grad_weight) {
     const PhaseSplitLayout x_layout{p.batch, PhaseAxis{int(p.in_h), 1, 0}, PhaseAxis{int(p.in_w), 1, 0}, plan.x_row};
@@ -437,10 +441,7 @@ void backward_cuda(const ConvTransposeParams& params, DType dtype, const Backwar
     unsigned char* workspace = static_cast<unsigned char*>(args.workspace);
     if constexpr (std::is_same_v<T, double>) {
       const GradLoader<T> g{static_cast<const T*>(args.grad_output), static_cast<const T*>(args.grad_factor)};
-      if (args.grad_input && params.input_numel() > 0)
-        launch_gather_conv<T, GatherDirection::GradInput>(
-            grad_input_gather_problem(params), Epilogue{}, g.grad_output, g.grad_factor,
-            static_cast<const T*>(args.weight), nullptr, static_cast<T*>(args.grad_input), nullptr, stream);
+      if (args.grad_input && params.input_numel() > 0) launch_grad_input_gather<T>(params, args, stream);
       if (!args.grad_weight && !args.grad_bias) return;
       // Without grad_weight the blocks only sum the bias: one tap group and ic tile.
       const BackwardPlan plan = plan_backward(params);

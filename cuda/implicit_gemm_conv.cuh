@@ -850,9 +850,10 @@ bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src, 
   using Smem = typename Math::Smem;
   if (Dir == GatherDirection::Forward && !src_cl)
     throw std::logic_error("fused_convt: the implicit-GEMM forward launched without its channels-last source");
-  // The forward's patch by TMA where the device has one and the box fits its limits (tc_tma_box).
+  // The forward's patch by TMA where the device has one and the box fits its limits (tc_tma_box). (The
+  // forward reads its source at step 1: box coordinates are input pixels.)
   alignas(64) CUtensorMap patch_map{};
-  const bool tma = Dir == GatherDirection::Forward && pr.src_step_h == 1 && pr.src_step_w == 1 && tc_tma_box(pr) &&
+  const bool tma = Dir == GatherDirection::Forward && tc_tma_box(pr) &&
                    !tma_disabled() &&
                    current_device_attribute(cudaDevAttrComputeCapabilityMajor) >= 9 &&
                    encode_patch_map(&patch_map, src_cl, int(sizeof(Smem)), int64_t(pr.groups) * pr.src_padded,

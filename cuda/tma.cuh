@@ -12,10 +12,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <stdexcept>
-#include <string>
-
-#include "cuda_common.cuh"
 
 namespace fused_convt {
 
