@@ -141,7 +141,8 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
                           const T* __restrict__ src_factor, const typename Math::Smem* __restrict__ src_cl,
                           const typename Math::Smem* __restrict__ packed, const T* __restrict__ bias,
                           T* __restrict__ dst, T* __restrict__ dst_factor,
-                          const __grid_constant__ CUtensorMap patch_map) {
+                          const __grid_constant__ CUtensorMap patch_map,
+                          const __grid_constant__ CUtensorMap weight_map) {
   using Traits = Math;
   using Smem = typename Traits::Smem;
   constexpr int kRowBytes = tc_row_bytes<Math>();
@@ -250,7 +251,9 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
       const Patch patch = patch_of(ph);
       const int th = tap / ph.taps_w, tw = tap % ph.taps_w;
       tap_shift[i] = (ph.off_h[th] - patch.min_off_h) * patch.cols + ph.off_w[tw] - patch.min_off_w;
-      tap_weight[i] = (ph.kh[th] * pr.kernel_w + ph.kw[tw]) * pr.dst_per_group * pr.src_padded;
+      // (TMA: the kernel tap's slab of the weight map; else its offset in the group's packed weight.)
+      const int kernel_tap = ph.kh[th] * pr.kernel_w + ph.kw[tw];
+      tap_weight[i] = kTma ? group * pr.kernel_taps + kernel_tap : kernel_tap * pr.dst_per_group * pr.src_padded;
     }
   }
   // TMA: per stage, the barrier its patch copy completes (one arrival: the thread that issues the copy).
@@ -401,10 +404,19 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   const int weight_at = (weight_valid ? n0 + weight_n : 0) * pr.src_padded + piece * kPieceValues;
   const uint32_t weight_smem = pr.stage_patch_bytes + tc_stage_offset(weight_first_tap * BN + weight_n, piece, kRowBytes);
   auto load_weights = [&](int source, int taps, int c0, int stage) {
-    uint32_t to = smem_address(smem + stage * pr.stage_bytes) + weight_smem;
     const int* weight_taps = tap_weight + source * pr.max_taps;
-    for (int tap = weight_first_tap; tap < taps; tap += kWeightTapStep, to += kWeightTapStep * BN * kRowBytes)
-      cp_async_16(to, packed_group + (weight_taps[tap] + weight_at + c0), weight_valid ? 16 : 0);
+    if constexpr (kTma) {
+      // One box of BN rows per tap, on the stage's barrier (issue_loads announced their bytes).
+      if (tid == 0) {
+        const uint32_t to = smem_address(smem + stage * pr.stage_bytes) + pr.stage_patch_bytes;
+        for (int tap = 0; tap < taps; ++tap)
+          tma_load_3d(to + tap * BN * kRowBytes, &weight_map, c0, n0, weight_taps[tap], stage_ready + 8 * stage);
+      }
+    } else {
+      uint32_t to = smem_address(smem + stage * pr.stage_bytes) + weight_smem;
+      for (int tap = weight_first_tap; tap < taps; tap += kWeightTapStep, to += kWeightTapStep * BN * kRowBytes)
+        cp_async_16(to, packed_group + (weight_taps[tap] + weight_at + c0), weight_valid ? 16 : 0);
+    }
     cp_async_commit();
   };
   // Patch geometry and this thread's pixel offsets of the phase last prepared: recomputed only when the
@@ -432,7 +444,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
       if (tid == 0) {
         const TcPhase& ph = phase_of(source);
         const uint32_t ready = stage_ready + 8 * stage;
-        mbarrier_arrive_expect_tx(ready, uint32_t(pr.patch_box_w * pr.patch_box_h * kRowBytes));
+        mbarrier_arrive_expect_tx(ready, uint32_t((pr.patch_box_w * pr.patch_box_h + taps_of(source) * BN) * kRowBytes));
         tma_load_4d(smem_address(smem + stage * pr.stage_bytes), &patch_map, group * pr.src_padded + c0,
                     patch.min_off_w + ph.src_offset_w, patch.row_first + ph.src_offset_h, int(image), ready);
       }
@@ -864,6 +876,11 @@ bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src, 
       constexpr TcVariant Variant = decltype(variant_constant)::value;
       const size_t smem = layout_implicit_gemm<Math, Dir, BN, Variant>(&pr);
       if (smem == 0) return false;
+      // The TMA variants copy the packed weight by tensor map too (encoded before anything is launched).
+      alignas(64) CUtensorMap weight_map{};
+      if (tc_tma(Variant) && !encode_weight_map(&weight_map, workspace, int(sizeof(Smem)), pr.src_padded,
+                                                pr.dst_per_group, int64_t(pr.groups) * pr.kernel_taps, BN))
+        return false;
       const int64_t grid_x = pr.batch * pr.m_tiles * (Dir == GatherDirection::GradInput ? 1 : pr.phases);
       const int64_t grid_y = int64_t(pr.groups) * pr.n_tiles;
 
@@ -900,7 +917,7 @@ bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src, 
         config.numAttrs = 1;
       }
       check_cuda(cudaLaunchKernelEx(&config, kernel, pr, epi, src, src_factor, src_cl, packed, bias, dst, dst_factor,
-                                    patch_map),
+                                    patch_map, weight_map),
                  "implicit_gemm_conv_kernel");
       return true;
     };
