@@ -93,9 +93,18 @@ constexpr int tc_min_blocks() {
 template <typename Math>
 constexpr int tc_row_bytes() { return kTcChunk * int(sizeof(typename Math::Smem)); }
 
-// Where the TMA variants' per-stage barriers sit: behind the stages and the tap tables, 8-byte aligned.
+// Shared memory of the epilogue (staged tile, column shifts, the channels_last pixel table of store_pixels),
+// which reuses the stages from the block's start.
+template <int BN>
+constexpr int tc_epilogue_bytes() { return (tc_epilogue_tile_floats<BN>() + BN + kTcBlockM) * int(sizeof(float)); }
+
+// Where the TMA variants' per-stage barriers sit: behind the stages and the tap tables, and behind the
+// epilogue's bytes too, 8-byte aligned: an mbarrier's memory may not serve anything else while it is one
+// (PTX: invalidated first), and the epilogue reuses the stages.
+template <int BN>
 FCT_HD int tc_stage_barriers_offset(const TcProblem& pr, int stages, int sources) {
-  return (stages * pr.stage_bytes + 2 * sources * pr.max_taps * int(sizeof(int)) + 7) / 8 * 8;
+  const int staged = stages * pr.stage_bytes + 2 * sources * pr.max_taps * int(sizeof(int));
+  return ((staged > tc_epilogue_bytes<BN>() ? staged : tc_epilogue_bytes<BN>()) + 7) / 8 * 8;
 }
 
 // Packs the weight as [group][kh*kw][dst_local][src_local padded to kTcChunk] in the MMA's operand type
@@ -257,7 +266,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
     }
   }
   // TMA: per stage, the barrier its patch copy completes (one arrival: the thread that issues the copy).
-  const uint32_t stage_ready = smem_address(smem) + tc_stage_barriers_offset(pr, kStages, sources);
+  const uint32_t stage_ready = smem_address(smem) + tc_stage_barriers_offset<BN>(pr, kStages, sources);
   if (kTma && tid == 0) {
     for (int st = 0; st < kStages; ++st) mbarrier_init(stage_ready + 8 * st, 1);
     mbarrier_init_fence();
@@ -828,11 +837,11 @@ size_t layout_implicit_gemm(TcProblem* pr) {
   const int patch_pixels = tc_tma(Variant) ? pr->patch_box_w * pr->patch_box_h : pr->max_patch_pixels;
   pr->stage_patch_bytes = (patch_pixels * kRowBytes + align - 1) / align * align;
   pr->stage_bytes = (pr->stage_patch_bytes + pr->max_taps * BN * kRowBytes + align - 1) / align * align;
-  // Staged tile, column shifts, and the channels_last pixel table (store_pixels).
-  const size_t epilogue_bytes = (size_t(tc_epilogue_tile_floats<BN>()) + BN + kTcBlockM) * sizeof(float);
   const int sources = Dir == GatherDirection::GradInput ? pr->phases : 1;  // tap tables' sources
-  const size_t staged = size_t(tc_stage_barriers_offset(*pr, kStages, sources)) + (tc_tma(Variant) ? 8 * kStages : 0);
-  const size_t smem = std::max(staged, epilogue_bytes) + (tc_tma(Variant) ? 1024 : 0);  // + the alignment slack
+  const size_t staged = size_t(kStages) * pr->stage_bytes + 2 * size_t(sources) * pr->max_taps * sizeof(int);
+  const size_t smem = tc_tma(Variant)  // barriers last, + the 1024-byte alignment slack
+                          ? size_t(tc_stage_barriers_offset<BN>(*pr, kStages, sources)) + 8 * kStages + 1024
+                          : std::max(staged, size_t(tc_epilogue_bytes<BN>()));
   const int64_t grid_x = pr->batch * pr->m_tiles * (Dir == GatherDirection::GradInput ? 1 : pr->phases);
   const int64_t grid_y = int64_t(pr->groups) * pr->n_tiles;
   if (smem > max_dynamic_smem_bytes() || grid_x > 0x7fffffff || grid_y > 65535) return 0;
