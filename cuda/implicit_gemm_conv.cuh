@@ -52,11 +52,14 @@ namespace fused_convt {
 // the variants it uses). Forward: Plain, or EpilogueCluster (the training forward's clusters, store_cluster).
 // GradInput: Plain (g = grad_output x factor formed in registers while staging), or CopiedSource (patches
 // copied from the g pass's phase-split copy of g, where grad_weight made one: grad_input_copy_layout).
-// Forward on sm_90: TmaPatch / TmaPatchCluster, the patch of each step copied by the Tensor Memory
-// Accelerator (tma.cuh, tc_tma_box) instead of per-thread cp.async.
-enum class TcVariant { Plain, EpilogueCluster, CopiedSource, TmaPatch, TmaPatchCluster };
+// On sm_90 the TMA variants copy each step's patch and weights with the Tensor Memory Accelerator (tma.cuh,
+// tc_tma_box) instead of per-thread cp.async: Forward TmaPatch / TmaPatchCluster, GradInput TmaCopiedSource
+// (from the g copy where its planes are uniform, TcProblem::copy_planes).
+enum class TcVariant { Plain, EpilogueCluster, CopiedSource, TmaPatch, TmaPatchCluster, TmaCopiedSource };
 
-constexpr bool tc_tma(TcVariant v) { return v == TcVariant::TmaPatch || v == TcVariant::TmaPatchCluster; }
+constexpr bool tc_tma(TcVariant v) {
+  return v == TcVariant::TmaPatch || v == TcVariant::TmaPatchCluster || v == TcVariant::TmaCopiedSource;
+}
 constexpr bool tc_cluster(TcVariant v) { return v == TcVariant::EpilogueCluster || v == TcVariant::TmaPatchCluster; }
 
 // Whether the patch is copied asynchronously from a channels-last copy of the source (the launcher's src_cl)
@@ -67,7 +70,7 @@ constexpr bool tc_cluster(TcVariant v) { return v == TcVariant::EpilogueCluster 
 // out of global memory for it).
 template <GatherDirection Dir, TcVariant Variant>
 constexpr bool tc_async_patch() {
-  return Dir == GatherDirection::Forward || Variant == TcVariant::CopiedSource;
+  return Dir == GatherDirection::Forward || Variant == TcVariant::CopiedSource || Variant == TcVariant::TmaCopiedSource;
 }
 
 // Pipeline stages in shared memory. The register-staged path holds one step in registers: two. The 16-bit
@@ -454,8 +457,14 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
         const TcPhase& ph = phase_of(source);
         const uint32_t ready = stage_ready + 8 * stage;
         mbarrier_arrive_expect_tx(ready, uint32_t((pr.patch_box_w * pr.patch_box_h + taps_of(source) * BN) * kRowBytes));
-        tma_load_4d(smem_address(smem + stage * pr.stage_bytes), &patch_map, group * pr.src_padded + c0,
-                    patch.min_off_w + ph.src_offset_w, patch.row_first + ph.src_offset_h, int(image), ready);
+        const uint32_t to = smem_address(smem + stage * pr.stage_bytes);
+        if constexpr (kSumPhases) {  // samples of the source phase's plane in the g copy
+          tma_load_5d(to, &patch_map, group * pr.src_padded + c0, patch.min_off_w, patch.row_first, int(image),
+                      pr.copy_plane[source], ready);
+        } else {  // input pixels
+          tma_load_4d(to, &patch_map, group * pr.src_padded + c0, patch.min_off_w + ph.src_offset_w,
+                      patch.row_first + ph.src_offset_h, int(image), ready);
+        }
       }
     } else if constexpr (async_patch) {
       copy_patch(offsets, copy_base(source), c0, stage);
@@ -871,14 +880,18 @@ bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src, 
   using Smem = typename Math::Smem;
   if (Dir == GatherDirection::Forward && !src_cl)
     throw std::logic_error("fused_convt: the implicit-GEMM forward launched without its channels-last source");
-  // The forward's patch by TMA where the device has one and the box fits its limits (tc_tma_box). (The
-  // forward reads its source at step 1: box coordinates are input pixels.)
+  // The patch by TMA where the device has one and the box fits its limits (tc_tma_box): the forward's from
+  // the channels-last input [image][h][w][row], grad_input's from the g copy where its planes are uniform
+  // [plane][image][h'][w'][row].
   alignas(64) CUtensorMap patch_map{};
-  const bool tma = Dir == GatherDirection::Forward && tc_tma_box(pr) &&
-                   !tma_disabled() &&
+  const int64_t cl_row = int64_t(pr.groups) * pr.src_padded;
+  const int64_t input_dims[4] = {cl_row, pr.src_w, pr.src_h, pr.batch};
+  const int64_t copy_dims[5] = {cl_row, pr.copy_plane_w, pr.copy_plane_h, pr.batch, pr.copy_planes};
+  const bool forward = Dir == GatherDirection::Forward;
+  const bool tma = src_cl && (forward || pr.copy_planes > 0) && tc_tma_box(pr) && !tma_disabled() &&
                    current_device_attribute(cudaDevAttrComputeCapabilityMajor) >= 9 &&
-                   encode_patch_map(&patch_map, src_cl, int(sizeof(Smem)), int64_t(pr.groups) * pr.src_padded,
-                                    pr.src_w, pr.src_h, pr.batch, pr.patch_box_w, pr.patch_box_h);
+                   encode_rows_map(&patch_map, src_cl, int(sizeof(Smem)), forward ? 4 : 5,
+                                   forward ? input_dims : copy_dims, pr.patch_box_w, pr.patch_box_h);
   return with_channel_tile(pr, [&](auto bn_constant) -> bool {
     constexpr int BN = decltype(bn_constant)::value;
     auto run = [&](auto variant_constant) -> bool {
@@ -887,8 +900,8 @@ bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src, 
       if (smem == 0) return false;
       // The TMA variants copy the packed weight by tensor map too (encoded before anything is launched).
       alignas(64) CUtensorMap weight_map{};
-      if (tc_tma(Variant) && !encode_weight_map(&weight_map, workspace, int(sizeof(Smem)), pr.src_padded,
-                                                pr.dst_per_group, int64_t(pr.groups) * pr.kernel_taps, BN))
+      const int64_t weight_dims[3] = {pr.src_padded, pr.dst_per_group, int64_t(pr.groups) * pr.kernel_taps};
+      if (tc_tma(Variant) && !encode_rows_map(&weight_map, workspace, int(sizeof(Smem)), 3, weight_dims, BN, 1))
         return false;
       const int64_t grid_x = pr.batch * pr.m_tiles * (Dir == GatherDirection::GradInput ? 1 : pr.phases);
       const int64_t grid_y = int64_t(pr.groups) * pr.n_tiles;
@@ -948,6 +961,7 @@ bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src, 
       return run(Plain{});
     } else {
       // The copied form stages more (three 16-bit stages); where that does not fit, g is formed in registers.
+      if (tma && run(std::integral_constant<TcVariant, TcVariant::TmaCopiedSource>{})) return true;
       if (src_cl && run(std::integral_constant<TcVariant, TcVariant::CopiedSource>{})) return true;
       return run(Plain{});
     }

@@ -100,6 +100,11 @@ struct TcProblem {
   // phases, so that the other kernels' parameter layout is unchanged.)
   int64_t copy_first_row[kTcMaxPhases];
   int copy_extent_h[kTcMaxPhases], copy_extent_w[kTcMaxPhases];
+  // Where every plane of the copy has the same extents (each output axis a multiple of its stride) the copy is
+  // a regular [plane][image][copy_plane_h][copy_plane_w][row] tensor, which one TMA map describes: each source's
+  // plane index there. copy_planes: their count, 0 where the extents differ.
+  int copy_plane[kTcMaxPhases];
+  int copy_planes, copy_plane_h, copy_plane_w;
 };
 
 // The phases of one axis of the forward pass (PhaseSpan in tap_map.h) with their taps: kernel index k and
@@ -348,7 +353,14 @@ inline bool grad_input_copy_layout(TcProblem* pr, const PhaseSplitLayout& g) {
     pr->copy_first_row[i] = g.phase_first_row(rh, rw);
     pr->copy_extent_h[i] = g.h.extent(rh);
     pr->copy_extent_w[i] = g.w.extent(rw);
+    pr->copy_plane[i] = rh * g.w.stride + rw;
   }
+  bool uniform = true;
+  for (int r = 1; r < g.h.stride; ++r) uniform = uniform && g.h.extent(r) == g.h.extent(0);
+  for (int r = 1; r < g.w.stride; ++r) uniform = uniform && g.w.extent(r) == g.w.extent(0);
+  pr->copy_planes = uniform ? g.h.stride * g.w.stride : 0;
+  pr->copy_plane_h = g.h.extent(0);
+  pr->copy_plane_w = g.w.extent(0);
   return true;
 }
 

@@ -66,6 +66,18 @@ __device__ __forceinline__ void tma_load_4d(uint32_t dst, const CUtensorMap* map
 #endif
 }
 
+// Box of a 5-D tensor map at coordinates (c, x, y, n, plane), innermost first.
+__device__ __forceinline__ void tma_load_5d(uint32_t dst, const CUtensorMap* map, int c, int x, int y, int n,
+                                            int plane, uint32_t bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.tensor.5d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3, %4, %5, "
+      "%6}], [%7];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c), "r"(x), "r"(y), "r"(n), "r"(plane), "r"(bar)
+      : "memory");
+#endif
+}
+
 // Box of a 3-D tensor map at coordinates (c, row, slab), innermost first.
 __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map, int c, int row, int slab,
                                             uint32_t bar) {
@@ -110,44 +122,28 @@ inline TensorMapEncoder tensor_map_encoder() {
   return encode;
 }
 
-// The swizzle that matches tc_stage_offset's rows of 16 values of element_bytes.
-inline CUtensorMapSwizzle stage_row_swizzle(int element_bytes) {
-  return element_bytes == 2 ? CU_TENSOR_MAP_SWIZZLE_32B : CU_TENSOR_MAP_SWIZZLE_64B;
-}
-inline CUtensorMapDataType stage_row_type(int element_bytes) {
-  return element_bytes == 2 ? CU_TENSOR_MAP_DATA_TYPE_UINT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT32;
-}
-
-// The map of a channels-last source of `batch` images of h x w pixels with `row` values per pixel (element
-// bytes 2 or 4), boxes of 16 channels x box_w x box_h pixels, swizzled as tc_stage_offset lays rows out
-// (32-byte rows: 32-byte swizzle, 64-byte rows: 64-byte swizzle). False where the driver cannot encode it.
-inline bool encode_patch_map(CUtensorMap* map, const void* source, int element_bytes, int64_t row, int64_t w,
-                             int64_t h, int64_t batch, int box_w, int box_h) {
+// The map of a dense tensor of rank 3-5 whose innermost dimension holds staged rows' values (element bytes 2
+// or 4): dims innermost first, boxes of 16 values x box[1] x box[2] (x 1 beyond), swizzled as tc_stage_offset
+// lays rows out (32-byte rows: the 32-byte swizzle, 64-byte rows: the 64-byte one). Coordinates past a
+// dimension read as zeros. False where the driver cannot encode it (no entry point, misaligned address, ...).
+inline bool encode_rows_map(CUtensorMap* map, const void* base, int element_bytes, int rank, const int64_t* dims,
+                            int box_1, int box_2) {
   const TensorMapEncoder encode = tensor_map_encoder();
-  if (!encode) return false;
-  const cuuint64_t dims[4] = {cuuint64_t(row), cuuint64_t(w), cuuint64_t(h), cuuint64_t(batch)};
-  const cuuint64_t pixel = cuuint64_t(row) * element_bytes;
-  const cuuint64_t strides[3] = {pixel, pixel * w, pixel * w * h};
-  const cuuint32_t box[4] = {16, cuuint32_t(box_w), cuuint32_t(box_h), 1};
-  const cuuint32_t steps[4] = {1, 1, 1, 1};
-  return encode(map, stage_row_type(element_bytes), 4, const_cast<void*>(source), dims, strides, box, steps,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, stage_row_swizzle(element_bytes), CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-}
-
-// The map of the packed weight [slab = group x tap][dst row][src_padded values], boxes of 16 values x bn rows
-// of one slab: rows past dst_rows read as zeros (a partial channel tile).
-inline bool encode_weight_map(CUtensorMap* map, const void* packed, int element_bytes, int64_t src_padded,
-                              int64_t dst_rows, int64_t slabs, int bn) {
-  const TensorMapEncoder encode = tensor_map_encoder();
-  if (!encode) return false;
-  const cuuint64_t dims[3] = {cuuint64_t(src_padded), cuuint64_t(dst_rows), cuuint64_t(slabs)};
-  const cuuint64_t row = cuuint64_t(src_padded) * element_bytes;
-  const cuuint64_t strides[2] = {row, row * dst_rows};
-  const cuuint32_t box[3] = {16, cuuint32_t(bn), 1};
-  const cuuint32_t steps[3] = {1, 1, 1};
-  return encode(map, stage_row_type(element_bytes), 3, const_cast<void*>(packed), dims, strides, box, steps,
-                CU_TENSOR_MAP_INTERLEAVE_NONE, stage_row_swizzle(element_bytes), CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+  if (!encode || rank < 3 || rank > 5) return false;
+  cuuint64_t extent[5], strides[4];
+  cuuint32_t box[5], steps[5];
+  cuuint64_t bytes = cuuint64_t(element_bytes);
+  for (int d = 0; d < rank; ++d) {
+    extent[d] = cuuint64_t(dims[d]);
+    if (d > 0) strides[d - 1] = bytes;
+    bytes *= extent[d];
+    box[d] = d == 0 ? 16 : d == 1 ? cuuint32_t(box_1) : d == 2 ? cuuint32_t(box_2) : 1;
+    steps[d] = 1;
+  }
+  const bool half = element_bytes == 2;
+  return encode(map, half ? CU_TENSOR_MAP_DATA_TYPE_UINT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT32, cuuint32_t(rank),
+                const_cast<void*>(base), extent, strides, box, steps, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                half ? CU_TENSOR_MAP_SWIZZLE_32B : CU_TENSOR_MAP_SWIZZLE_64B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
                 CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 

@@ -269,6 +269,9 @@ std::vector<std::pair<std::string, ConvTransposeParams>> tiled_cases() {
   p = make(2, 24, 32, 15, 11, 1);
   p.kernel_h = p.kernel_w = 4, p.stride_h = 2, p.stride_w = 3, p.pad_h = 1, p.pad_w = 3, p.out_pad_h = 1;
   cases.push_back({"k4 s(2, 3): grad_input's sources differ in taps", p});
+  // The same with 30 x 30 outputs: every g plane 15 x 10, so grad_input's patches come by TMA on sm_90.
+  p.pad_w = 2, p.out_pad_h = 0;
+  cases.push_back({"k4 s(2, 3), uniform g planes", p});
   p = make(1, 4, 4, 6, 5, 1);
   p.kernel_h = p.kernel_w = 2, p.stride_h = 5, p.stride_w = 4, p.out_pad_h = 3;
   cases.push_back({"20 phases (direct kernel only)", p});

@@ -234,6 +234,16 @@ void check_grad_input_copy(TcProblem pr, const fused_convt::ConvTransposeParams&
     return;
   }
   ++*checked;
+  // The TMA's view of the copy: one regular [plane][image][h'][w'] tensor exactly where every axis divides.
+  const bool uniform = out_h % p.stride_h == 0 && out_w % p.stride_w == 0;
+  CHECK_MSG((pr.copy_planes > 0) == uniform, label + ": uniform planes");
+  if (pr.copy_planes > 0) {
+    CHECK_MSG(pr.copy_planes == p.stride_h * p.stride_w, label + ": plane count");
+    for (int i = 0; i < pr.phases; ++i)
+      CHECK_MSG(pr.copy_extent_h[i] == pr.copy_plane_h && pr.copy_extent_w[i] == pr.copy_plane_w &&
+                    pr.copy_first_row[i] == int64_t(pr.copy_plane[i]) * p.batch * pr.copy_plane_h * pr.copy_plane_w,
+                label + ": plane " + std::to_string(i) + " is not where the TMA map puts it");
+  }
   const int64_t n = p.batch - 1;
   for (int i = 0; i < pr.phases; ++i) {
     const TcPhase& ph = pr.phase[i];
