@@ -43,3 +43,27 @@ def test_tma_and_cp_async_forwards_agree_bitwise(index, dtype, allow_tf32, train
     assert not torch.isnan(default[0]).any()
     # both epilogue branches occur (a test on all-zero outputs would compare little)
     assert 0 < (default[0] != 0).double().mean().item() < 1
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype,allow_tf32", DTYPES)
+@pytest.mark.parametrize("index", range(len(PROBLEMS)))
+def test_tma_and_cp_async_gradients_agree_bitwise(index, dtype, allow_tf32, monkeypatch):
+    """grad_input copies its patches from the g pass's copy (grad_weight requested) by TMA where the copy's
+    planes are uniform, by cp.async otherwise or with FUSED_CONVT_NO_TMA: the same values either way."""
+    p = PROBLEMS[index]
+    x, w, b = p.tensors(dtype, "cuda", seed=index)
+    grad = torch.randn(forward(p, x, w, b, allow_tf32, False)[0].shape, device="cuda", dtype=dtype)
+    grads = []
+    for no_tma in ("0", "1"):
+        monkeypatch.setenv("FUSED_CONVT_NO_TMA", no_tma)
+        leaves = [t.clone().requires_grad_() for t in (x, w, b)]
+        y = torch.ops.fused_convt.conv_transpose2d_fused(
+            leaves[0], leaves[1], leaves[2], [*p.stride], [*p.padding], [*p.output_padding], [*p.dilation],
+            p.groups, p.add_value, p.multiply_value, apply_epilogue=True, save_grad_factor=True,
+            allow_tf32=allow_tf32)[0]
+        y.backward(grad)
+        grads.append([t.grad for t in leaves])
+    for ours, theirs in zip(*grads):
+        assert torch.equal(ours, theirs)
+    assert grads[0][0].abs().max() > 0
