@@ -1,9 +1,11 @@
-// The Tensor Memory Accelerator (sm_90): the forward's patch copy as one bulk tensor copy per pipeline stage.
-// A 4-D tensor map describes the channels-last source [image][row][column][channel]; one elected thread
-// asks for a box of [rows][columns][16 channels] starting at a (possibly negative) pixel, the hardware
-// fills what lies outside the image with zeros, writes shared memory in whole lines with the 32- or 64-byte
-// swizzle that tc_stage_offset reproduces, and signals an mbarrier with the bytes delivered. Host side:
-// the driver's cuTensorMapEncodeTiled, reached through the runtime (no link against libcuda).
+// The Tensor Memory Accelerator (sm_90): the implicit GEMM's staging as bulk tensor copies, one per patch and
+// one per weight tap in each pipeline stage. A tensor map describes a source of 16-channel rows: the forward's
+// channels-last input [image][row][column][channel] (4-D), grad_input's g copy [plane][image][h'][w'][channel]
+// (5-D), the packed weight [group x tap][output channel][channel] (3-D). One elected thread asks for a box
+// starting at (possibly negative) coordinates; the hardware fills what lies outside the tensor with zeros,
+// writes shared memory in whole lines with the 32- or 64-byte swizzle that tc_stage_offset reproduces, and
+// signals an mbarrier with the bytes delivered. Host side: the driver's cuTensorMapEncodeTiled, reached
+// through the runtime (no link against libcuda).
 #pragma once
 
 #include <cuda.h>
