@@ -21,6 +21,8 @@ IntOrPair = Union[int, Sequence[int]]
 
 def _as_int(value, name: str) -> int:
     """Python and NumPy integers (not bools, not floats) as an int."""
+    if type(value) is int:  # the common case first: these checks run on every call (host time bounds small shapes)
+        return value
     if isinstance(value, (bool, np_bool)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"fused_convt: {name} must be an int or a pair of ints, got {value!r}")
     return int(value)
@@ -34,6 +36,8 @@ def as_pair(value: IntOrPair, name: str) -> List[int]:
 
 
 def as_groups(value) -> int:
+    if type(value) is int:
+        return value
     if isinstance(value, (bool, np_bool)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"fused_convt: groups must be a positive int, got {value!r}")
     return int(value)
@@ -41,6 +45,8 @@ def as_groups(value) -> int:
 
 def as_finite_float(value, name: str) -> float:
     """add_value / multiply_value: any real number (Python or NumPy) that is finite as a float."""
+    if type(value) is float and math.isfinite(value):
+        return value
     if isinstance(value, (bool, np_bool)) or not isinstance(value, numbers.Real):
         raise TypeError(f"fused_convt: {name} must be a finite float, got {value!r}")
     try:

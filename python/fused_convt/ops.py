@@ -222,19 +222,20 @@ def _plain_eager(tensors) -> bool:
 
 
 def _records_autograd(tensors) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    """(Tested before _plain_eager, which costs more: so it meets any argument, a non-tensor too.)"""
+    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
 
 
 def run_forward_op(*args):
     """``torch.ops.fused_convt.conv_transpose2d_fused(*args)``, called directly where that is the same."""
-    direct = _plain_eager(args[:3]) and not _records_autograd(args[:3])
+    direct = not _records_autograd(args[:3]) and _plain_eager(args[:3])  # (the cheaper test first)
     return (_forward_impl if direct else _forward_op)(*args)
 
 
 def run_backward_op(*args):
     """``torch.ops.fused_convt.conv_transpose2d_fused_backward(*args)``, called directly where that is the
     same. With create_graph (grad mode on in backward) the op runs, so double backward fails clearly."""
-    direct = _plain_eager(args[:5]) and not _records_autograd(args[:5])
+    direct = not _records_autograd(args[:5]) and _plain_eager(args[:5])
     return (_backward_impl if direct else _backward_op)(*args)
 
 
@@ -322,7 +323,7 @@ def resolve_allow_tf32(allow_tf32: Optional[bool]) -> bool:
 
 def _call(input, weight, bias, stride, padding, output_padding, groups, dilation, add_value, multiply_value,
           apply_epilogue, recompute, allow_tf32):
-    if apply_epilogue and _plain_eager((input, weight, bias)) and _records_autograd((input, weight, bias)):
+    if apply_epilogue and _records_autograd((input, weight, bias)) and _plain_eager((input, weight, bias)):
         # The explicit autograd.Function over the op implementations: same kernels, less host time than
         # the custom op's registered autograd (which torch.compile, export and dispatch modes still use).
         from .autograd import FusedConvTranspose2dFunction
