@@ -7,12 +7,14 @@
 // (output and d out / d u), the backward with all three gradients and with grad_weight + grad_bias alone.
 // Each line gives the median of 20 calls, each bracketed by CUDA events and synchronized (so a call's host
 // work before its first launch counts), the average of 20 calls back to back (as triton's do_bench sees
-// them), and a checksum of the result's bytes: two builds that should compute the same bits print the same
-// checksums. Exits 77 without a GPU. It links only the library and the CUDA runtime, so a build made on one
+// them), the host time per call in that back-to-back loop (what a small shape's time is made of when it
+// exceeds the GPU's), and a checksum of the result's bytes: two builds that should compute the same bits
+// print the same checksums. Exits 77 without a GPU. It links only the library and the CUDA runtime, so a build made on one
 // machine runs on another with a newer driver: perf/NOTES.md's quick device check.
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
@@ -89,13 +91,17 @@ void time_call(const char* label, const std::string& what, const std::function<v
   }
   std::sort(synced.begin(), synced.end());
   check(cudaEventRecord(start), "cudaEventRecord");
+  const auto host_start = std::chrono::steady_clock::now();
   for (int i = 0; i < 20; ++i) call();
+  const double host_us =
+      std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - host_start).count() / 20;
   check(cudaEventRecord(stop), "cudaEventRecord");
   check(cudaEventSynchronize(stop), "cudaEventSynchronize");
   float back_to_back = 0;
   check(cudaEventElapsedTime(&back_to_back, start, stop), "cudaEventElapsedTime");
-  std::printf("%-10s %-44s synced %8.4f ms   back-to-back %8.4f ms   checksum %016llx\n", label, what.c_str(),
-              synced[synced.size() / 2], back_to_back / 20, static_cast<unsigned long long>(checksum(result)));
+  std::printf("%-10s %-44s synced %8.4f ms   back-to-back %8.4f ms   host %7.1f us   checksum %016llx\n", label,
+              what.c_str(), synced[synced.size() / 2], back_to_back / 20, host_us,
+              static_cast<unsigned long long>(checksum(result)));
   cudaEventDestroy(start);
   cudaEventDestroy(stop);
 }
