@@ -22,7 +22,7 @@
 //    (cp.async) from the g pass's phase-split copy of g where grad_weight made one; otherwise it loads whole
 //    pixels (16 channels) of the NCHW source, coalesced along the image row, into registers and forms
 //    g = grad_output x factor there;
-//  * the weight slice [tap][BN][16] comes from a pre-packed copy with 16-byte cp.async;
+//  * the weight slice [tap][BN][16] comes from a pre-packed copy, by TMA on sm_90, else with 16-byte cp.async;
 //  * every warp runs ldmatrix + mma.sync over the phase's taps, in the precision policy Math (mma.cuh:
 //    TF32, 3xTF32 for exact float32, bf16 / fp16), accumulating in fp32.
 // The next step's loads are issued before the current step's MMAs, so memory latency hides under math.
@@ -860,7 +860,8 @@ size_t layout_implicit_gemm(TcProblem* pr) {
 // Whether launch_implicit_gemm_conv would run this problem on the current device (rather than return false).
 template <typename Math, GatherDirection Dir>
 bool implicit_gemm_fits(TcProblem pr) {
-  // Every variant of a direction stages the same bytes but the copied grad_input, which has more stages.
+  // Plain decides: the launcher falls back to it wherever another variant does not fit (the TMA ones stage
+  // aligned boxes, the copied grad_input three 16-bit stages).
   return with_channel_tile(pr, [&](auto bn) {
     return layout_implicit_gemm<Math, Dir, decltype(bn)::value, TcVariant::Plain>(&pr) > 0;
   });

@@ -19,12 +19,12 @@ _INT32_MAX = 2**31 - 1
 IntOrPair = Union[int, Sequence[int]]
 
 
-def _as_int(value, name: str) -> int:
+def _as_int(value, name: str, expected: str = "an int or a pair of ints") -> int:
     """Python and NumPy integers (not bools, not floats) as an int."""
     if type(value) is int:  # the common case first: these checks run on every call (host time bounds small shapes)
         return value
     if isinstance(value, (bool, np_bool)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"fused_convt: {name} must be an int or a pair of ints, got {value!r}")
+        raise TypeError(f"fused_convt: {name} must be {expected}, got {value!r}")
     return int(value)
 
 
@@ -36,11 +36,7 @@ def as_pair(value: IntOrPair, name: str) -> List[int]:
 
 
 def as_groups(value) -> int:
-    if type(value) is int:
-        return value
-    if isinstance(value, (bool, np_bool)) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"fused_convt: groups must be a positive int, got {value!r}")
-    return int(value)
+    return _as_int(value, "groups", "a positive int")
 
 
 def as_finite_float(value, name: str) -> float:
