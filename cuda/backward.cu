@@ -264,44 +264,56 @@ grad_weight_bias_partial_kernel(ConvTransposeParams p, BackwardPlan plan, const 
 }
 
 // result[i] = the sum over s of partial[s * count + i], in a fixed order (bitwise reproducible): a block
-// takes kSumResults consecutive results (coalesced loads along i) and kSumThreads / kSumResults lanes per
-// result; lane k adds splits k, k + lanes, ... in order, then the lanes' sums are added in lane order. With
+// takes kResults consecutive results (coalesced loads along i) and kSumThreads / kResults lanes per result;
+// lane k adds splits k, k + lanes, ... in order, then the lanes' sums are added by a fixed pairwise tree. With
 // one thread per result walking every split, few results (the bias: one per channel, over thousands of
-// partials) took ~60 us per call at kb_v0 (H100), a single chain of dependent adds.
+// partials) took ~60 us per call at kb_v0 (H100), a single chain of dependent adds; with 8 lanes each, the 16
+// bias sums of kb_v0 (2048 partials) were still one block of 30 us (Nsight Compute): few results get a block
+// each. (kResults is a template parameter: with a run-time lane count the split loop's loads no longer
+// overlapped, and kb_v1's weight sums went from 25 to 38 us.)
 constexpr int kSumThreads = 256;
-constexpr int kSumResults = 32;
-template <typename T>
+template <typename T, int kResults>
 __global__ void __launch_bounds__(kSumThreads)
 sum_splits_kernel(const typename DeviceAcc<T>::type* __restrict__ partial, int64_t splits, int64_t count,
                   T* __restrict__ result) {
   using Acc = typename DeviceAcc<T>::type;
-  constexpr int kLanes = kSumThreads / kSumResults;
-  __shared__ Acc lane_sums[kLanes][kSumResults];
-  const int r = int(threadIdx.x % kSumResults), k = int(threadIdx.x / kSumResults);
-  for (int64_t first = blockIdx.x * int64_t(kSumResults); first < count; first += int64_t(gridDim.x) * kSumResults) {
+  constexpr int kLanes = kSumThreads / kResults;
+  __shared__ Acc lane_sums[kSumThreads];  // [lane][result]
+  const int r = int(threadIdx.x) % kResults, k = int(threadIdx.x) / kResults;
+  for (int64_t first = blockIdx.x * int64_t(kResults); first < count; first += int64_t(gridDim.x) * kResults) {
     const int64_t i = first + r;
     Acc acc = Acc(0);
     if (i < count) {
 #pragma unroll 4
       for (int64_t s = k; s < splits; s += kLanes) acc += partial[s * count + i];
     }
-    lane_sums[k][r] = acc;
+    lane_sums[threadIdx.x] = acc;
     __syncthreads();
-    if (k == 0 && i < count) {
-      Acc total = lane_sums[0][r];
 #pragma unroll
-      for (int lane = 1; lane < kLanes; ++lane) total += lane_sums[lane][r];
-      result[i] = from_acc<T>(total);
+    for (int half = kLanes / 2; half > 0; half /= 2) {
+      if (k < half) lane_sums[threadIdx.x] += lane_sums[threadIdx.x + half * kResults];
+      __syncthreads();
     }
-    __syncthreads();
+    if (k == 0 && i < count) result[i] = from_acc<T>(lane_sums[r]);
+    __syncthreads();  // before the next round's lane sums overwrite these
   }
 }
 
+// 32 results per block where that makes 256 blocks or more, else one result per block (256 lanes): a choice
+// by count alone, so the order of the additions, and the bits, are the same on every device.
 template <typename T>
 void launch_sum_splits(const typename DeviceAcc<T>::type* partial, int64_t splits, int64_t count, T* result,
                        cudaStream_t stream) {
-  const int blocks = int(std::min<int64_t>((count + kSumResults - 1) / kSumResults, 65535));
-  sum_splits_kernel<T><<<blocks, kSumThreads, 0, stream>>>(partial, splits, count, result);
+  constexpr int kWide = 32;
+  const bool wide = count >= 256 * kWide;
+  const int64_t per_block = wide ? kWide : 1;
+  const int blocks = int(std::min<int64_t>((count + per_block - 1) / per_block, 65535));
+  if (blocks == 0) return;
+  if (wide) {
+    sum_splits_kernel<T, kWide><<<blocks, kSumThreads, 0, stream>>>(partial, splits, count, result);
+  } else {
+    sum_splits_kernel<T, 1><<<blocks, kSumThreads, 0, stream>>>(partial, splits, count, result);
+  }
   check_launch("sum_splits_kernel");
 }
 

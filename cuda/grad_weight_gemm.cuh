@@ -2,13 +2,14 @@
 //
 // grad_weight[ic, oc, kh, kw] = sum over the pixels (n, a, b) of output phase (r_h, r_w) that tap (kh, kw)
 // feeds of X[n, a + off_h, b + off_w, ic] * G[phase, n, a, b, oc] (offsets from tap_map.h). A block owns one
-// phase, up to kGemmTaps of its taps, a 64 x 64 (ic, oc) tile, one group and one contiguous slice ("split")
-// of the phase's pixels. Per pipeline stage it copies a step of pixel rows of G (once for all its taps) and, per
-// tap, the matching rows of X into shared memory with 16-byte cp.async (zero-filled outside the image),
-// up to kGemmMaxStages stages deep, so the loads of later stages are in flight while the tensor cores work on this
-// one; registers hold only accumulators and fragments. Operands sit [pixel][channel] (the reduction index
-// outermost), so 16-bit fragments come from ldmatrix.trans and 32-bit ones from conflict-free 32-bit loads
-// (row stride = 8 mod 32 words). Each split writes its own partial sums; sum_splits adds them in order.
+// phase, up to kGemmTaps of its taps, a TM x TN (ic, oc) tile (64 x 64, narrower where a group has few
+// channels: GemmShape), one group and one contiguous slice ("split") of the phase's pixels. Per pipeline
+// stage it copies a step of pixel rows of G (once for all its taps) and, per tap, the matching rows of X into
+// shared memory with 16-byte cp.async (zero-filled outside the image), up to kGemmMaxStages stages deep, so
+// the loads of later stages are in flight while the tensor cores work on this one; registers hold only
+// accumulators and fragments. Operands sit [pixel][channel] (the reduction index outermost), so 16-bit
+// fragments come from ldmatrix.trans and 32-bit ones from conflict-free 32-bit loads (row stride = 8 or 24
+// mod 32 words). Each split writes its own partial sums; sum_splits adds them in order.
 #pragma once
 
 #include <algorithm>
@@ -21,10 +22,10 @@
 
 namespace fused_convt {
 
-constexpr int kGemmTile = 64;       // ic and oc extent of a block
 constexpr int kGemmTaps = 4;        // taps per block: each staged G row serves all of them
-constexpr int kGemmThreads = 256;   // 8 warps: 2 (ic) x 4 (oc), each 32 x 16 results per tap
+constexpr int kGemmThreads = 256;   // 8 warps, each 32 (ic) x 16 (oc) results per tap
 constexpr int kGemmMaxStages = 4;  // 2 where the device's shared memory is smaller
+constexpr int kGemmStageBudget = 28 * 1024;  // bytes: four stages of two blocks fit an SM of 227 KB
 constexpr int64_t kGemmTargetBlocks = 1024;  // device independent, so the split count (and bits) are too
 
 // What a grad_weight block owns, from its grid position: grid.x = phase (fastest, so the blocks of all
@@ -46,6 +47,7 @@ struct WeightBlock {
 
 struct WeightGemmPlan {
   int phases, tap_groups, ic_tiles, oc_tiles;
+  int tile_m, tile_n;         // ic x oc extent of a block (GemmShape)
   int64_t splits, pixels_per_split;
   PhaseSplitLayout g_layout;  // G
   int64_t x_row;              // values per pixel row of X: groups x padded input channels
@@ -56,13 +58,61 @@ struct WeightGemmPlan {
 // stages, one block per SM, and ran at 2.5 ms against 1.0 for bf16 at kb_v1 (H100).
 template <typename Math>
 constexpr int gemm_pixels() { return sizeof(typename Math::Smem) == 2 ? 32 : 16; }
-inline int gemm_pixels(DType dtype) {
-  return dtype == DType::Float32 ? gemm_pixels<Tf32Math>() : gemm_pixels<Half16Math<__half>>();
+// A block's tile and stage geometry. The 8 warps each own 32 (ic) x 16 (oc) results per tap: the tile's
+// kWarpTiles warp tiles, times kGroups pixel groups where the tile needs fewer than 8 warps, the warps of group
+// q multiplying rows q * kGroupPixels ... of each stage and their sums added at the end. A narrow tile (a
+// group's 32 input x 16 output channels at kb_v0, where the 64 x 64 tile was an eighth used and 7 of 8 warps
+// multiplied zeros) copies only its channels, and its stage holds kGroups times the pixels in about the bytes
+// of the wide tile's: fewer steps, each a copy round trip and a barrier. Rows are padded by 16 bytes (16-bit:
+// ldmatrix's eight rows in distinct bank groups) or 8 words (32-bit loads: row stride 8 or 24 mod 32 words).
+template <typename Math, int kTM, int kTN>
+struct GemmShape {
+  static constexpr int kValueBytes = int(sizeof(typename Math::Smem));
+  static constexpr int kGroupPixels = gemm_pixels<Math>();
+  static constexpr int kXRowBytes = kTM * kValueBytes + (kValueBytes == 2 ? 16 : 32);
+  static constexpr int kGRowBytes = kTN * kValueBytes + (kValueBytes == 2 ? 16 : 32);
+  static constexpr int kPixelBytes = kGRowBytes + kGemmTaps * kXRowBytes;  // one pixel row of G and its X rows
+  static constexpr int kXPieces = kTM * kValueBytes / 16, kGPieces = kTN * kValueBytes / 16;  // per row
+  static constexpr int kWarpsN = kTN / 16, kWarpTiles = kTM / 32 * kWarpsN;
+  static constexpr int groups() {
+    int groups = 1;
+    while (groups * 2 * kWarpTiles <= kGemmThreads / 32 &&
+           groups * 2 * kGroupPixels * kPixelBytes <= kGemmStageBudget &&
+           kGemmThreads / (groups * 2 * kGroupPixels) >= (kXPieces > kGPieces ? kXPieces : kGPieces))
+      groups *= 2;
+    return groups;
+  }
+  static constexpr int kGroups = groups();
+  static constexpr int kRows = kGroups * kGroupPixels;            // pixel rows per stage
+  static constexpr int kThreadsPerRow = kGemmThreads / kRows;     // a thread copies one piece of one row
+  static constexpr int kStageBytes = kRows * kPixelBytes;
+  static_assert(kTM % 32 == 0 && kTN % 16 == 0 && kWarpTiles <= kGemmThreads / 32, "whole warp tiles");
+  static_assert(kThreadsPerRow >= kXPieces && kThreadsPerRow >= kGPieces, "at most one piece per thread and row");
+};
+
+// The tile for a group's channel counts: 32 or 64 input channels, 16, 32 or 64 output channels.
+inline int gemm_tile_m(int64_t in_per_group) { return in_per_group <= 32 ? 32 : 64; }
+inline int gemm_tile_n(int64_t out_per_group) { return out_per_group <= 16 ? 16 : out_per_group <= 32 ? 32 : 64; }
+
+// Calls f(GemmShape<Math, TM, TN>{}) for a plan's tile.
+template <typename Math, typename F>
+decltype(auto) with_gemm_shape(int tile_m, int tile_n, F&& f) {
+  auto with_n = [&](auto tm) -> decltype(auto) {
+    constexpr int kTM = decltype(tm)::value;
+    if (tile_n == 16) return f(GemmShape<Math, kTM, 16>{});
+    if (tile_n == 32) return f(GemmShape<Math, kTM, 32>{});
+    return f(GemmShape<Math, kTM, 64>{});
+  };
+  return tile_m == 32 ? with_n(std::integral_constant<int, 32>{}) : with_n(std::integral_constant<int, 64>{});
 }
 
 inline WeightGemmPlan plan_weight_gemm(const ConvTransposeParams& p, DType dtype) {
-  const int pixel_step = gemm_pixels(dtype);
   WeightGemmPlan plan{};
+  plan.tile_m = gemm_tile_m(p.in_channels_per_group());
+  plan.tile_n = gemm_tile_n(p.out_channels_per_group());
+  auto rows = [](auto shape) { return decltype(shape)::kRows; };
+  const int pixel_step = dtype == DType::Float32 ? with_gemm_shape<Tf32Math>(plan.tile_m, plan.tile_n, rows)
+                                                 : with_gemm_shape<Half16Math<__half>>(plan.tile_m, plan.tile_n, rows);
   plan.phases = int(p.stride_h * p.stride_w);
   int max_taps = 0;
   int64_t max_phase_pixels = 0;
@@ -75,8 +125,8 @@ inline WeightGemmPlan plan_weight_gemm(const ConvTransposeParams& p, DType dtype
                                            phase_span(p.out_w(), p.stride_w, p.pad_w, rw).extent);
     }
   plan.tap_groups = std::max(1, ceil_div_int(max_taps, kGemmTaps));
-  plan.ic_tiles = ceil_div_int(p.in_channels_per_group(), kGemmTile);
-  plan.oc_tiles = ceil_div_int(p.out_channels_per_group(), kGemmTile);
+  plan.ic_tiles = ceil_div_int(p.in_channels_per_group(), plan.tile_m);
+  plan.oc_tiles = ceil_div_int(p.out_channels_per_group(), plan.tile_n);
   const int64_t tiles = int64_t(plan.phases) * plan.tap_groups * plan.ic_tiles * plan.oc_tiles * p.groups;
   const int64_t steps = std::max<int64_t>(1, (max_phase_pixels + pixel_step - 1) / pixel_step);
   const int64_t splits = std::clamp<int64_t>(kGemmTargetBlocks / tiles, 1, std::min<int64_t>(steps, 256));
@@ -125,35 +175,29 @@ template <> struct KMajorFragments<4> {
   }
 };
 
+// Two blocks per SM (128 registers), which the narrow tiles' group sums otherwise pushed to ~150; exact fp32's
+// three-product fragments keep their ~170 (one block).
 template <typename Math>
-constexpr int gemm_row_bytes() {
-  // 16-bit: 144 B rows put ldmatrix's eight rows in distinct bank groups; 32-bit: 72 words = 8 mod 32.
-  return kGemmTile * int(sizeof(typename Math::Smem)) + (sizeof(typename Math::Smem) == 2 ? 16 : 32);
-}
-template <typename Math>
-constexpr int gemm_stage_bytes() { return (1 + kGemmTaps) * gemm_pixels<Math>() * gemm_row_bytes<Math>(); }
+constexpr int gemm_min_blocks() { return std::is_same<Math, Fp32SplitMath>::value ? 1 : 2; }
 
-// Grid as WeightBlock says.
-template <typename Math, int kStages>
-__global__ void __launch_bounds__(kGemmThreads)
+// Grid as WeightBlock says; Shape: GemmShape<Math, TM, TN>.
+template <typename Math, typename Shape, int kStages>
+__global__ void __launch_bounds__(kGemmThreads, gemm_min_blocks<Math>())
 grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typename Math::Smem* __restrict__ x_cl,
                         const typename Math::Smem* __restrict__ g_split, float* __restrict__ weight_partial) {
   using Smem = typename Math::Smem;
   using Frags = KMajorFragments<int(sizeof(Smem))>;
-  constexpr int kRowBytes = gemm_row_bytes<Math>();
-  constexpr int kGemmPixels = gemm_pixels<Math>();
-  constexpr int kTileBytes = kGemmPixels * kRowBytes;
-  constexpr int kStageBytes = gemm_stage_bytes<Math>();
-  constexpr int kPieces = kGemmTile * int(sizeof(Smem)) / 16;  // 16-byte pieces per row
+  constexpr int kXRowBytes = Shape::kXRowBytes, kGRowBytes = Shape::kGRowBytes;
+  constexpr int kRows = Shape::kRows;
+  constexpr int kGTileBytes = kRows * kGRowBytes, kXTileBytes = kRows * kXRowBytes;
+  constexpr int kStageBytes = Shape::kStageBytes;
   constexpr int kValuesPerPiece = 16 / int(sizeof(Smem));
-  constexpr int kRowsPerPass = kGemmThreads / kPieces;          // rows one pass of the block copies
-  static_assert(kRowsPerPass == kGemmPixels, "one copy row per thread and step");
   extern __shared__ __align__(128) unsigned char smem[];
 
   const WeightBlock block(plan.phases, plan.tap_groups, plan.ic_tiles, int(p.stride_w));
   const int rh = block.rh, rw = block.rw, tap_group = block.tap_group, group = block.group;
   const int64_t split = block.split;
-  const int ic0 = block.ic_tile * kGemmTile, oc0 = block.oc_tile * kGemmTile;
+  const int ic0 = block.ic_tile * plan.tile_m, oc0 = block.oc_tile * plan.tile_n;
   const int taps_h = phase_taps(p.kernel_h, p.stride_h, p.dil_h, rh);
   const int taps_w = phase_taps(p.kernel_w, p.stride_w, p.dil_w, rw);
   const int taps = max(0, min(kGemmTaps, taps_h * taps_w - tap_group * kGemmTaps));
@@ -163,7 +207,14 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
   const int64_t pixel_begin = split * plan.pixels_per_split;
   const int64_t pixel_end = min(p.batch * phase_plane, pixel_begin + plan.pixels_per_split);
   if (taps == 0) return;  // this phase has fewer taps; an empty split still writes its (zero) partials
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warp_m = warp >> 2, warp_n = warp & 3;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  // Warp -> (pixel group, 32 x 16 warp tile); warps past the last group only copy. (Where every warp
+  // multiplies, as in the 64 x 64 tile, these fold to constants.)
+  constexpr bool kAllMultiply = Shape::kGroups * Shape::kWarpTiles == kGemmThreads / 32;
+  const int warp_group = Shape::kGroups == 1 ? 0 : warp / Shape::kWarpTiles, warp_tile = warp % Shape::kWarpTiles;
+  const int warp_m = warp_tile / Shape::kWarpsN, warp_n = warp_tile % Shape::kWarpsN;
+  const bool multiplies = kAllMultiply || warp_group < Shape::kGroups;
+  const int group_row = warp_group * Shape::kGroupPixels;
 
   int tap_kh[kGemmTaps], tap_off_h[kGemmTaps], tap_kw[kGemmTaps], tap_off_w[kGemmTaps];
 #pragma unroll
@@ -176,8 +227,11 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
     tap_off_w[t] = phase_tap_offset(phase_span(p.out_w(), p.stride_w, p.pad_w, rw), tap_kw[t], p.stride_w, p.dil_w, rw);
   }
 
-  // Copy assignment: thread -> (row row0 of each step, 16-byte piece). Channel limits are per group.
-  const int piece = tid % kPieces, row0 = tid / kPieces;
+  // Copy assignment: thread -> (row row0 of each step, 16-byte piece of its X rows and of its G row, where the
+  // tile's rows have that piece). Channel limits are per group.
+  const int piece = tid % Shape::kThreadsPerRow, row0 = tid / Shape::kThreadsPerRow;
+  const bool x_copies = Shape::kThreadsPerRow == Shape::kXPieces || piece < Shape::kXPieces;
+  const bool g_copies = Shape::kThreadsPerRow == Shape::kGPieces || piece < Shape::kGPieces;
   const int in_padded = int(padded_channels(p.in_channels_per_group()));
   const int out_padded = int(padded_channels(p.out_channels_per_group()));
   const bool x_piece_ok = ic0 + piece * kValuesPerPiece < in_padded;
@@ -186,9 +240,9 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
   const Smem* x_group = x_cl + group * in_padded + ic0 + piece * kValuesPerPiece;
   const int in_h = int(p.in_h), in_w = int(p.in_w);
 
-  const int64_t steps = pixel_begin < pixel_end ? (pixel_end - pixel_begin + kGemmPixels - 1) / kGemmPixels : 0;
+  const int64_t steps = pixel_begin < pixel_end ? (pixel_end - pixel_begin + kRows - 1) / kRows : 0;
   // The thread's copy row of the next step to load: its pixel and (image n, phase row a, column b). Steps
-  // are loaded in order, so the position advances by kGemmPixels pixels: two divisions per block instead of
+  // are loaded in order, so the position advances by kRows pixels: two divisions per block instead of
   // two per step (one of them 64-bit, a called subroutine), which were most of a step's copy instructions.
   int64_t pixel = pixel_begin + row0, n = 0;
   int a = 0, b = 0, step_a = 0, step_b = 0;
@@ -197,24 +251,29 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
     const int ab = int(pixel - n * phase_plane);
     a = ab / extent_w;
     b = ab - a * extent_w;
-    step_a = kGemmPixels / extent_w;
-    step_b = kGemmPixels - step_a * extent_w;
+    step_a = kRows / extent_w;
+    step_b = kRows - step_a * extent_w;
   }
   auto load_stage = [&](int stage) {
-    const uint32_t to = smem_address(smem + stage * kStageBytes) + row0 * kRowBytes + piece * 16;
+    const uint32_t base = smem_address(smem + stage * kStageBytes) + piece * 16;
     const bool pixel_ok = pixel < pixel_end;
-    const bool g_ok = pixel_ok && g_piece_ok;
-    cp_async_16(to, g_phase + (g_ok ? pixel * gl.row : 0), g_ok ? 16 : 0);
-    const int64_t image_row = n * in_h;
-#pragma unroll
-    for (int t = 0; t < kGemmTaps; ++t) {
-      if (t >= taps) break;
-      const int ih = a + tap_off_h[t], iw = b + tap_off_w[t];
-      const bool ok = pixel_ok && x_piece_ok && ih >= 0 && ih < in_h && iw >= 0 && iw < in_w;
-      const int64_t x_pixel = ok ? (image_row + ih) * in_w + iw : 0;
-      cp_async_16(to + (1 + t) * kTileBytes, x_group + x_pixel * plan.x_row, ok ? 16 : 0);
+    if (g_copies) {
+      const bool g_ok = pixel_ok && g_piece_ok;
+      cp_async_16(base + row0 * kGRowBytes, g_phase + (g_ok ? pixel * gl.row : 0), g_ok ? 16 : 0);
     }
-    pixel += kGemmPixels;
+    if (x_copies) {
+      const int64_t image_row = n * in_h;
+#pragma unroll
+      for (int t = 0; t < kGemmTaps; ++t) {
+        if (t >= taps) break;
+        const int ih = a + tap_off_h[t], iw = b + tap_off_w[t];
+        const bool ok = pixel_ok && x_piece_ok && ih >= 0 && ih < in_h && iw >= 0 && iw < in_w;
+        const int64_t x_pixel = ok ? (image_row + ih) * in_w + iw : 0;
+        cp_async_16(base + kGTileBytes + t * kXTileBytes + row0 * kXRowBytes, x_group + x_pixel * plan.x_row,
+                    ok ? 16 : 0);
+      }
+    }
+    pixel += kRows;
     a += step_a;
     b += step_b;
     if (b >= extent_w) {
@@ -242,12 +301,14 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
     const int64_t next = step + kStages - 1;
     if (next < steps) load_stage(int(next % kStages));
     cp_async_commit();
+    if (!multiplies) continue;
 
     const uint32_t g_tile = smem_address(smem + int(step % kStages) * kStageBytes);
 #pragma unroll
-    for (int ks = 0; ks < kGemmPixels / Math::kStep; ++ks) {
+    for (int ks = 0; ks < Shape::kGroupPixels / Math::kStep; ++ks) {
+      const int k = group_row + ks * Math::kStep;
       uint32_t raw_b[4];
-      Frags::b(raw_b, g_tile, kRowBytes, warp_n * 16, ks * Math::kStep, lane);
+      Frags::b(raw_b, g_tile, kGRowBytes, warp_n * 16, k, lane);
       typename Math::BFrag b[2];
       Math::make_b(b[0], raw_b[0], raw_b[1]);
       Math::make_b(b[1], raw_b[2], raw_b[3]);
@@ -257,7 +318,7 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
 #pragma unroll
         for (int i = 0; i < 2; ++i) {
           uint32_t raw_a[4];
-          Frags::a(raw_a, g_tile + (1 + t) * kTileBytes, kRowBytes, warp_m * 32 + i * 16, ks * Math::kStep, lane);
+          Frags::a(raw_a, g_tile + kGTileBytes + t * kXTileBytes, kXRowBytes, warp_m * 32 + i * 16, k, lane);
           typename Math::AFrag a;
           Math::make_a(a, raw_a);
 #pragma unroll
@@ -267,6 +328,29 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
     }
   }
   cp_async_wait<0>();
+
+  // The pixel groups' sums, added in group order by group 0 (through the stages' shared memory).
+  if constexpr (Shape::kGroups > 1) {
+    constexpr int kAccValues = kGemmTaps * 2 * 2 * 4;
+    static_assert((Shape::kGroups - 1) * Shape::kWarpTiles * kAccValues * 32 * 4 <= kStages * kStageBytes,
+                  "the group sums fit in the stages");
+    float* sums = reinterpret_cast<float*>(smem);
+    __syncthreads();  // every warp is done with the stages
+    if (multiplies && warp_group > 0) {
+#pragma unroll
+      for (int k = 0; k < kAccValues; ++k)
+        sums[(((warp_group - 1) * Shape::kWarpTiles + warp_tile) * kAccValues + k) * 32 + lane] = (&acc[0][0][0][0])[k];
+    }
+    __syncthreads();
+    if (warp_group != 0) return;
+    for (int q = 1; q < Shape::kGroups; ++q) {
+#pragma unroll
+      for (int k = 0; k < kAccValues; ++k)
+        (&acc[0][0][0][0])[k] += sums[(((q - 1) * Shape::kWarpTiles + warp_tile) * kAccValues + k) * 32 + lane];
+    }
+  } else if (!multiplies) {
+    return;
+  }
 
   const int in_per_group = int(p.in_channels_per_group()), out_per_group = int(p.out_channels_per_group());
   const int64_t kernel_taps = p.kernel_h * p.kernel_w;
@@ -301,25 +385,28 @@ void launch_grad_weight_gemm(const ConvTransposeParams& p, const WeightGemmPlan&
   if (grid_x > 0x7fffffff || grid_y > 65535 || p.groups > 65535)
     throw std::invalid_argument("fused_convt: grad_weight grid too large (kernel taps x channel tiles > 65535 "
                                 "or groups > 65535)");
-  auto launch = [&](auto stages) {
-    constexpr int kStages = decltype(stages)::value;
-    constexpr int kSmem = kStages * gemm_stage_bytes<Math>();
-    auto kernel = grad_weight_gemm_kernel<Math, kStages>;
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
-               "cudaFuncSetAttribute(grad_weight_gemm_kernel)");
-    kernel<<<dim3(unsigned(grid_x), unsigned(grid_y), unsigned(p.groups)), kGemmThreads, kSmem, stream>>>(
-        p, plan, x_cl, g_split, weight_partial);
-    check_launch("grad_weight_gemm_kernel");
-  };
-  const size_t available = max_dynamic_smem_bytes();
-  if (available >= size_t(kGemmMaxStages) * gemm_stage_bytes<Math>()) {
-    launch(std::integral_constant<int, kGemmMaxStages>{});
-  } else if (available >= 2 * size_t(gemm_stage_bytes<Math>())) {
-    launch(std::integral_constant<int, 2>{});
-  } else {
-    throw std::runtime_error("fused_convt: grad_weight needs " + std::to_string(2 * gemm_stage_bytes<Math>()) +
-                             " bytes of shared memory per block; this device offers " + std::to_string(available));
-  }
+  with_gemm_shape<Math>(plan.tile_m, plan.tile_n, [&](auto shape) {
+    using Shape = decltype(shape);
+    auto launch = [&](auto stages) {
+      constexpr int kStages = decltype(stages)::value;
+      constexpr int kSmem = kStages * Shape::kStageBytes;
+      auto kernel = grad_weight_gemm_kernel<Math, Shape, kStages>;
+      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
+                 "cudaFuncSetAttribute(grad_weight_gemm_kernel)");
+      kernel<<<dim3(unsigned(grid_x), unsigned(grid_y), unsigned(p.groups)), kGemmThreads, kSmem, stream>>>(
+          p, plan, x_cl, g_split, weight_partial);
+      check_launch("grad_weight_gemm_kernel");
+    };
+    const size_t available = max_dynamic_smem_bytes();
+    if (available >= size_t(kGemmMaxStages) * Shape::kStageBytes) {
+      launch(std::integral_constant<int, kGemmMaxStages>{});
+    } else if (available >= 2 * size_t(Shape::kStageBytes)) {
+      launch(std::integral_constant<int, 2>{});
+    } else {
+      throw std::runtime_error("fused_convt: grad_weight needs " + std::to_string(2 * Shape::kStageBytes) +
+                               " bytes of shared memory per block; this device offers " + std::to_string(available));
+    }
+  });
 }
 
 }  // namespace fused_convt
