@@ -26,20 +26,35 @@
 namespace fused_convt {
 
 constexpr int kPackAlign = 8;      // channel padding per group: 16 bytes of 16-bit values, 32 of float
-constexpr int kPackChannels = 64;  // channels of one transpose tile
-constexpr int kPackPixels = 64;    // pixels of one tile (two per lane when reading)
+constexpr int kPackValues = 4096;  // values of one transpose tile: 64 channels x 64 pixels, or narrower
 constexpr int kPackVector = 4;     // adjacent channels a thread moves together (one 16-byte shared access)
 constexpr int kPackThreads = 256;
 constexpr int kPackWarps = kPackThreads / 32;
-constexpr int kPackVectors = kPackChannels / kPackVector;       // channel vectors of a tile's pixel row
-constexpr int kPackVectorsPerWarp = kPackVectors / kPackWarps;  // channel vectors one warp reads
-constexpr int kPackPixelsPerLane = kPackPixels / 32;
-constexpr int kPackWritePixels = kPackPixels * kPackVectors / kPackThreads;  // pixel rows one thread writes
-// Tile row pitch in values. Reading, a quarter warp stores 16-byte vectors at pixels p..p+7 of one channel
-// vector: word offsets p x 68 = 4p (mod 32 banks), eight distinct 4-bank groups. Writing, a quarter warp loads
-// eight consecutive vectors of one pixel row. Both phases are free of bank conflicts.
-constexpr int kPackPitch = kPackChannels + kPackVector;
-static_assert(kPackVectors % kPackWarps == 0 && kPackThreads % kPackVectors == 0, "pack tile shape");
+
+// A tile of kChannels channels (64, or 32 / 16 where the tensor has no more: a 64-channel tile was a quarter
+// used by kb_v0's 16-channel g, whose pass ran at 0.8 TB/s, H100) x kPixels pixels. Reading, warp w takes
+// channel vectors w % V8 + 8 i (V8 = min(vectors, 8)) and 32-pixel segments w / V8 + (8 / V8) j: 4 (vector,
+// segment) pairs per warp in every shape, 16 loads per thread. Writing, a pass of the block covers
+// kThreads / kVectors pixel rows.
+template <int kChannels>
+struct PackTile {
+  static constexpr int kPixels = kPackValues / kChannels;
+  static constexpr int kVectors = kChannels / kPackVector;               // channel vectors of a pixel row
+  static constexpr int kWarpVectors = kVectors < kPackWarps ? kVectors : kPackWarps;  // V8
+  static constexpr int kVectorsPerWarp = kVectors / kWarpVectors;
+  static constexpr int kSegmentStride = kPackWarps / kWarpVectors;       // warps sharing a vector
+  static constexpr int kSegmentsPerWarp = kPixels / 32 / kSegmentStride;
+  static constexpr int kWritePixels = kPixels * kVectors / kPackThreads;  // pixel rows one thread writes
+  // Row pitch in values. Reading, a quarter warp stores 16-byte vectors at pixels p..p+7 of one channel
+  // vector: word offsets p x pitch = 4p, 20p (mod 32 banks), eight distinct 4-bank groups. Writing, a quarter
+  // warp loads eight consecutive vectors of the tile (of two pixel rows where a row has four).
+  static constexpr int kPitch = kChannels + kPackVector;
+  static_assert(kVectorsPerWarp * kSegmentsPerWarp == 4 && kPackThreads % kVectors == 0 && kPixels <= kPackThreads,
+                "pack tile shape");
+};
+
+// The tile width for a tensor of `channels` channels.
+inline int pack_tile_channels(int channels) { return channels <= 16 ? 16 : channels <= 32 ? 32 : 64; }
 
 FCT_HD int64_t padded_channels(int64_t per_group) { return (per_group + kPackAlign - 1) / kPackAlign * kPackAlign; }
 
@@ -71,51 +86,58 @@ __device__ __forceinline__ void store_pieces(int width, Smem* row, const int (&d
 
 // grid = (batch x pixel blocks, channel tiles). A block walks one contiguous range of one image's pixels
 // (rows x cols flattened: a channel's plane is contiguous, whatever the image width) in tiles of
-// kPackChannels x kPackPixels: warps read channel rows (lanes along pixels, coalesced; 16 loads per thread,
+// kChannels x kPixels (PackTile): warps read channel rows (lanes along pixels, coalesced; 16 loads per thread,
 // 32 with the factor, all in flight before any is used) and put them in shared memory as pixel rows; then
 // each thread writes vectors of kPackVector adjacent channels of a pixel row (8-byte stores of 16-bit values,
-// 16-byte of float; a warp covers two pixel rows' 64 channels), in narrower pieces where the per-group
+// 16-byte of float; a warp covers 32 vectors of consecutive pixel rows), in narrower pieces where the per-group
 // channel count is not a multiple of kPackVector. The tile and the destination rows are double-buffered: one
 // barrier per tile. (The previous 32-channel tile stored one 2-byte value per lane, 64 B per warp store, with
 // two barriers per tile: 1.8 TB/s at kb_v1 bf16, H100.) Index math is kept out of the per-value path: versions
 // that derived each destination per stored value were compute-bound at ~0.4-1 TB/s (H100). Walking image
 // rows instead of the flattened plane also wasted most of a tile at each row end.
-// 3 blocks per SM: at most 80 registers, which the loads in flight take without spilling (35 KB of shared
+// 3 blocks per SM: at most 80 registers, which the loads in flight take without spilling (35-41 KB of shared
 // memory per block).
 // bias_partial[(n * pixel_blocks + pixel_block) * channels + c] = sum of the block's values of channel c.
-template <typename T, typename Math, bool kFactor>
+template <typename T, typename Math, bool kFactor, int kChannels>
 __global__ void __launch_bounds__(kPackThreads, 3)
 pack_channels_last_kernel(const T* __restrict__ src, const T* __restrict__ factor, int channels, int groups,
                           int padded, int pixel_blocks, PhaseSplitLayout layout, typename Math::Smem* __restrict__ dst,
                           typename DeviceAcc<T>::type* __restrict__ bias_partial) {
   using Acc = typename DeviceAcc<T>::type;
   using Smem = typename Math::Smem;
+  using Tile = PackTile<kChannels>;
+  constexpr int kPixels = Tile::kPixels, kVectorsPerWarp = Tile::kVectorsPerWarp;
+  constexpr int kSegmentsPerWarp = Tile::kSegmentsPerWarp;
   static_assert(sizeof(Acc) == 4, "the tile's padding assumes 4-byte values");
-  __shared__ __align__(16) Acc tile[2][kPackPixels][kPackPitch];
-  __shared__ int64_t dst_rows[2][kPackPixels];
+  __shared__ __align__(16) Acc tile[2][kPixels][Tile::kPitch];
+  __shared__ int64_t dst_rows[2][kPixels];
   const int cols = layout.w.size;
   const int plane = layout.h.size * cols;  // < 2^31 (validated)
   const int pixel_block = int(blockIdx.x % pixel_blocks);
   const int64_t n = blockIdx.x / pixel_blocks;
-  const int per_block = int((plane + int64_t(pixel_blocks) * kPackPixels - 1) / (int64_t(pixel_blocks) * kPackPixels) *
-                            kPackPixels);
+  const int per_block = int((plane + int64_t(pixel_blocks) * kPixels - 1) / (int64_t(pixel_blocks) * kPixels) * kPixels);
   const int begin = pixel_block * per_block, end = min(plane, begin + per_block);
-  const int c0 = blockIdx.y * kPackChannels;
+  const int c0 = blockIdx.y * kChannels;
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   const int per_group = channels / groups;
 
-  // Reading: the warp's channel vectors warp + i x kPackWarps, their channels after the first `read_channels`
-  // being past the last channel. A vector wholly past it is not loaded (a warp-uniform predicate); the others'
-  // loads are clamped to channel read_channels - 1 and to the last pixel, and the values out of range are
-  // zeroed after the loads.
-  const int first_read = c0 + warp * kPackVector;
+  // Reading: the warp's channel vectors (its first + i x kPackWarps) and pixel segments (its first + j x
+  // kSegmentStride), their channels after the first `read_channels` being past the last channel. A vector
+  // wholly past it is not loaded (a warp-uniform predicate); the others' loads are clamped to channel
+  // read_channels - 1 and to the last pixel, and the values out of range are zeroed after the loads.
+  // (In the 64-channel tile every warp has its own vectors: warp < kPackWarps, which the compiler cannot know,
+  // is folded in by hand.)
+  const int warp_vector = Tile::kWarpVectors == kPackWarps ? warp : warp % Tile::kWarpVectors;
+  const int first_segment = Tile::kWarpVectors == kPackWarps ? 0 : warp / Tile::kWarpVectors;
+  const int first_read = c0 + warp_vector * kPackVector;
   const int read_channels = channels - first_read;
   const int64_t src_offset = (n * channels + first_read) * int64_t(plane);
   constexpr int kVectorStride = kPackWarps * kPackVector;  // channels between a warp's vectors
+  auto segment_pixel = [&](int j) { return (first_segment + j * Tile::kSegmentStride) * 32 + lane; };
   // Writing: this thread's channel vector (the same in every pixel row it writes), its channels' places in a
   // padded row (-1 past the last channel), and the widest piece that the group layout allows.
-  const int write_vector = int(threadIdx.x) % kPackVectors;
-  const int write_pixel = int(threadIdx.x) / kPackVectors;
+  const int write_vector = int(threadIdx.x) % Tile::kVectors;
+  const int write_pixel = int(threadIdx.x) / Tile::kVectors;
   int dst_channel[kPackVector];
 #pragma unroll
   for (int k = 0; k < kPackVector; ++k) {
@@ -124,39 +146,39 @@ pack_channels_last_kernel(const T* __restrict__ src, const T* __restrict__ facto
   }
   const int piece_width = min(per_group & -per_group, kPackVector);  // largest power of two dividing per_group
 
-  Acc bias_sum[kPackVectorsPerWarp][kPackVector];
+  Acc bias_sum[kVectorsPerWarp][kPackVector];
 #pragma unroll
-  for (int i = 0; i < kPackVectorsPerWarp; ++i)
+  for (int i = 0; i < kVectorsPerWarp; ++i)
 #pragma unroll
     for (int k = 0; k < kPackVector; ++k) bias_sum[i][k] = Acc(0);
 
   int buffer = 0;
-  for (int p0 = begin; p0 < end; p0 += kPackPixels, buffer ^= 1) {
+  for (int p0 = begin; p0 < end; p0 += kPixels, buffer ^= 1) {
     // All loads are issued before any value is used: loads guarded per value compiled to each conversion
     // waiting for its load (one memory round trip after another).
-    T raw[kPackVectorsPerWarp][kPackVector][kPackPixelsPerLane];
-    T raw_factor[kPackVectorsPerWarp][kPackVector][kPackPixelsPerLane];
+    T raw[kVectorsPerWarp][kPackVector][kSegmentsPerWarp];
+    T raw_factor[kVectorsPerWarp][kPackVector][kSegmentsPerWarp];
 #pragma unroll
-    for (int i = 0; i < kPackVectorsPerWarp; ++i) {
+    for (int i = 0; i < kVectorsPerWarp; ++i) {
       const bool vector_read = i * kVectorStride < read_channels;
 #pragma unroll
       for (int k = 0; k < kPackVector; ++k)
 #pragma unroll
-        for (int j = 0; j < kPackPixelsPerLane; ++j) {
+        for (int j = 0; j < kSegmentsPerWarp; ++j) {
           const int64_t at = src_offset + int64_t(min(i * kVectorStride + k, read_channels - 1)) * plane +
-                             min(p0 + j * 32 + lane, end - 1);
+                             min(p0 + segment_pixel(j), end - 1);
           raw[i][k][j] = vector_read ? src[at] : T();
           if constexpr (kFactor) raw_factor[i][k][j] = vector_read ? factor[at] : T();
         }
     }
-    Acc v[kPackVectorsPerWarp][kPackVector][kPackPixelsPerLane];
+    Acc v[kVectorsPerWarp][kPackVector][kSegmentsPerWarp];
 #pragma unroll
-    for (int i = 0; i < kPackVectorsPerWarp; ++i)
+    for (int i = 0; i < kVectorsPerWarp; ++i)
 #pragma unroll
       for (int k = 0; k < kPackVector; ++k)
 #pragma unroll
-        for (int j = 0; j < kPackPixelsPerLane; ++j) {
-          const bool ok = i * kVectorStride + k < read_channels && p0 + j * 32 + lane < end;
+        for (int j = 0; j < kSegmentsPerWarp; ++j) {
+          const bool ok = i * kVectorStride + k < read_channels && p0 + segment_pixel(j) < end;
           v[i][k][j] = ok ? to_acc(raw[i][k][j]) * (kFactor ? to_acc(raw_factor[i][k][j]) : Acc(1)) : Acc(0);
         }
     // Destination row of each pixel of the tile (PhaseSplitLayout::pixel_row in 32-bit steps), decoded once
@@ -164,7 +186,7 @@ pack_channels_last_kernel(const T* __restrict__ src, const T* __restrict__ facto
     // channel tile) was ~100 integer instructions per 32 stored values and made this kernel compute-bound.
     // This buffer (of tile and dst_rows) was last read two tiles ago, before every thread passed the previous
     // tile's barrier.
-    if (dst && threadIdx.x < kPackPixels && p0 + int(threadIdx.x) < end) {
+    if (dst && threadIdx.x < kPixels && p0 + int(threadIdx.x) < end) {
       const int o_h = (p0 + int(threadIdx.x)) / cols, o_w = p0 + int(threadIdx.x) - o_h * cols;
       const int rh = layout.h.phase_of(o_h), rw = layout.w.phase_of(o_w);
       const int extent_h = layout.h.extent(rh), extent_w = layout.w.extent(rw);
@@ -173,9 +195,9 @@ pack_channels_last_kernel(const T* __restrict__ src, const T* __restrict__ facto
           (n * extent_h + layout.h.index_in_phase(o_h, rh)) * extent_w + layout.w.index_in_phase(o_w, rw);
     }
 #pragma unroll
-    for (int i = 0; i < kPackVectorsPerWarp; ++i)
+    for (int i = 0; i < kVectorsPerWarp; ++i)
 #pragma unroll
-      for (int j = 0; j < kPackPixelsPerLane; ++j) {
+      for (int j = 0; j < kSegmentsPerWarp; ++j) {
         PackPiece<Acc, kPackVector> column;
 #pragma unroll
         for (int k = 0; k < kPackVector; ++k) {
@@ -184,14 +206,14 @@ pack_channels_last_kernel(const T* __restrict__ src, const T* __restrict__ facto
         }
         if (dst) {
           *reinterpret_cast<PackPiece<Acc, kPackVector>*>(
-              &tile[buffer][j * 32 + lane][(warp + i * kPackWarps) * kPackVector]) = column;
+              &tile[buffer][segment_pixel(j)][first_read - c0 + i * kVectorStride]) = column;
         }
       }
     if (dst == nullptr) continue;  // bias only (uniform over the block): the tile is not used
     __syncthreads();
 #pragma unroll
-    for (int s = 0; s < kPackWritePixels; ++s) {
-      const int q = write_pixel + s * (kPackThreads / kPackVectors);
+    for (int s = 0; s < Tile::kWritePixels; ++s) {
+      const int q = write_pixel + s * (kPackThreads / Tile::kVectors);
       if (p0 + q >= end) break;
       const PackPiece<Acc, kPackVector> column =
           *reinterpret_cast<const PackPiece<Acc, kPackVector>*>(&tile[buffer][q][write_vector * kPackVector]);
@@ -203,15 +225,34 @@ pack_channels_last_kernel(const T* __restrict__ src, const T* __restrict__ facto
   }
 
   if (bias_partial) {
-    // Lanes hold pixels: a fixed butterfly over the lanes, then lane 0 writes the warp's channels.
+    // Lanes hold pixels: a fixed butterfly over the lanes; where warps share a vector (narrow tiles), the
+    // later segments' warps hand their sums to the first's through shared memory, added in warp order; then
+    // lane 0 of the first writes the vector's channels.
+    __shared__ Acc shared_sums[kPackWarps][kPackVector];
+    Acc sums[kVectorsPerWarp][kPackVector];
 #pragma unroll
-    for (int i = 0; i < kPackVectorsPerWarp; ++i)
+    for (int i = 0; i < kVectorsPerWarp; ++i)
+#pragma unroll
+      for (int k = 0; k < kPackVector; ++k) sums[i][k] = warp_sum(bias_sum[i][k]);
+    if constexpr (Tile::kSegmentStride > 1) {
+      static_assert(kVectorsPerWarp == 1, "warps share a vector only in tiles of at most kPackWarps vectors");
+      if (lane == 0) {
+#pragma unroll
+        for (int k = 0; k < kPackVector; ++k) shared_sums[warp][k] = sums[0][k];
+      }
+      __syncthreads();
+      if (first_segment != 0) return;
+#pragma unroll
+      for (int k = 0; k < kPackVector; ++k)
+        for (int w = warp + Tile::kWarpVectors; w < kPackWarps; w += Tile::kWarpVectors) sums[0][k] += shared_sums[w][k];
+    }
+#pragma unroll
+    for (int i = 0; i < kVectorsPerWarp; ++i)
 #pragma unroll
       for (int k = 0; k < kPackVector; ++k) {
-        const Acc sum = warp_sum(bias_sum[i][k]);
         const int channel = i * kVectorStride + k;
         if (lane == 0 && channel < read_channels)
-          bias_partial[(n * pixel_blocks + pixel_block) * channels + first_read + channel] = sum;
+          bias_partial[(n * pixel_blocks + pixel_block) * channels + first_read + channel] = sums[i][k];
       }
   }
 }
@@ -219,9 +260,11 @@ pack_channels_last_kernel(const T* __restrict__ src, const T* __restrict__ facto
 // Pixel blocks per image: enough blocks to fill the GPU at small batch, fixed by the problem alone (the bias
 // partials' count and order depend on it).
 inline int pack_pixel_blocks(int64_t batch, int channels, int64_t plane) {
-  const int64_t tiles = batch * ((channels + kPackChannels - 1) / kPackChannels);
+  const int tile_channels = pack_tile_channels(channels);
+  const int64_t tiles = batch * ((channels + tile_channels - 1) / tile_channels);
   if (tiles == 0) return 1;
-  const int64_t max_blocks = std::max<int64_t>(1, (plane + kPackPixels - 1) / kPackPixels);
+  const int64_t tile_pixels = kPackValues / tile_channels;
+  const int64_t max_blocks = std::max<int64_t>(1, (plane + tile_pixels - 1) / tile_pixels);
   return int(std::clamp<int64_t>((2048 + tiles - 1) / tiles, 1, max_blocks));
 }
 
@@ -229,15 +272,28 @@ template <typename T, typename Math>
 void launch_pack_channels_last(const T* src, const T* factor, int channels, int groups, int padded,
                                const PhaseSplitLayout& layout, typename Math::Smem* dst, typename DeviceAcc<T>::type* bias_partial,
                                cudaStream_t stream) {
+  const int tile_channels = pack_tile_channels(channels);
   const int pixel_blocks = pack_pixel_blocks(layout.batch, channels, int64_t(layout.h.size) * layout.w.size);
-  const int64_t blocks_x = layout.batch * pixel_blocks, blocks_y = (channels + kPackChannels - 1) / kPackChannels;
+  const int64_t blocks_x = layout.batch * pixel_blocks, blocks_y = (channels + tile_channels - 1) / tile_channels;
   if (blocks_x == 0 || blocks_y == 0) return;  // empty batch: no values, and the bias sums have no partials
   if (blocks_x > 0x7fffffff || blocks_y > 65535)
     throw std::invalid_argument("fused_convt: channels-last pack grid too large (batch x pixel blocks > 2^31 - 1 "
                                 "or channels > 65535 x 64)");
-  const auto kernel = factor ? pack_channels_last_kernel<T, Math, true> : pack_channels_last_kernel<T, Math, false>;
-  kernel<<<dim3(unsigned(blocks_x), unsigned(blocks_y)), kPackThreads, 0, stream>>>(
-      src, factor, channels, groups, padded, pixel_blocks, layout, dst, bias_partial);
+  auto launch = [&](auto with_factor, auto tile) {
+    const auto kernel = pack_channels_last_kernel<T, Math, decltype(with_factor)::value, decltype(tile)::value>;
+    kernel<<<dim3(unsigned(blocks_x), unsigned(blocks_y)), kPackThreads, 0, stream>>>(
+        src, factor, channels, groups, padded, pixel_blocks, layout, dst, bias_partial);
+  };
+  auto with_tile = [&](auto with_factor) {
+    if (tile_channels == 16) return launch(with_factor, std::integral_constant<int, 16>{});
+    if (tile_channels == 32) return launch(with_factor, std::integral_constant<int, 32>{});
+    launch(with_factor, std::integral_constant<int, 64>{});
+  };
+  if (factor) {
+    with_tile(std::true_type{});
+  } else {
+    with_tile(std::false_type{});
+  }
   check_launch("pack_channels_last_kernel");
 }
 
