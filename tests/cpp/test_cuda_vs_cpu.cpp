@@ -281,6 +281,14 @@ std::vector<std::pair<std::string, ConvTransposeParams>> tiled_cases() {
   p = make(2, 40, 70, 6, 6, 1);
   p.kernel_h = p.kernel_w = 3, p.pad_h = p.pad_w = 1;
   cases.push_back({"wide channels (several grad_weight tiles)", p});
+  // The grad_weight GEMM's narrow tiles (GemmShape): 64 input x 32 and x 16 output channels (two and one warp
+  // tiles, one pixel group); 32 x 16 and 32 x 32 (pixel groups) come with the cases above.
+  p = make(2, 48, 24, 10, 9, 1);
+  p.kernel_h = p.kernel_w = 3, p.stride_h = p.stride_w = 2, p.pad_h = p.pad_w = 1;
+  cases.push_back({"grad_weight tile 64 x 32", p});
+  p = make(2, 40, 12, 9, 10, 1);
+  p.kernel_h = p.kernel_w = 4, p.stride_h = p.stride_w = 2;
+  cases.push_back({"grad_weight tile 64 x 16", p});
   p = make(0, 4, 6, 5, 5, 2);
   p.kernel_h = p.kernel_w = 3, p.stride_h = 2;
   cases.push_back({"empty batch", p});
