@@ -46,8 +46,9 @@ struct PackTile {
   static constexpr int kSegmentsPerWarp = kPixels / 32 / kSegmentStride;
   static constexpr int kWritePixels = kPixels * kVectors / kPackThreads;  // pixel rows one thread writes
   // Row pitch in values. Reading, a quarter warp stores 16-byte vectors at pixels p..p+7 of one channel
-  // vector: word offsets p x pitch = 4p, 20p (mod 32 banks), eight distinct 4-bank groups. Writing, a quarter
-  // warp loads eight consecutive vectors of the tile (of two pixel rows where a row has four).
+  // vector: word offsets p x pitch = 4p or 20p (mod 32 banks), eight distinct 4-bank groups. Writing, a
+  // quarter warp loads eight consecutive vectors of one pixel row, conflict-free; in the 16-channel tile the
+  // eight span two rows (offsets 0-12 and 20-32 words), and the last meets the first's banks: two wavefronts.
   static constexpr int kPitch = kChannels + kPackVector;
   static_assert(kVectorsPerWarp * kSegmentsPerWarp == 4 && kPackThreads % kVectors == 0 && kPixels <= kPackThreads,
                 "pack tile shape");
