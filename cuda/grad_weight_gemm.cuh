@@ -58,6 +58,7 @@ struct WeightGemmPlan {
 // stages, one block per SM, and ran at 2.5 ms against 1.0 for bf16 at kb_v1 (H100).
 template <typename Math>
 constexpr int gemm_pixels() { return sizeof(typename Math::Smem) == 2 ? 32 : 16; }
+
 // A block's tile and stage geometry. The 8 warps each own 32 (ic) x 16 (oc) results per tap: the tile's
 // kWarpTiles warp tiles, times kGroups pixel groups where the tile needs fewer than 8 warps, the warps of group
 // q multiplying rows q * kGroupPixels ... of each stage and their sums added at the end. A narrow tile (a
