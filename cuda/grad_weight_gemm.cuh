@@ -245,36 +245,49 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
   // The thread's copy row of the next step to load: its pixel and (image n, phase row a, column b). Steps
   // are loaded in order, so the position advances by kRows pixels: two divisions per block instead of
   // two per step (one of them 64-bit, a called subroutine), which were most of a step's copy instructions.
-  int64_t pixel = pixel_begin + row0, n = 0;
+  // The thread's G row and its image's X rows are running pointers, and a tap's X row is that image's plus
+  // a 32-bit pixel offset (planes are below 2^31 pixels, validate()) times the row: one wide multiply-add per
+  // copy. (Computed from (n, a, b) per copy in 64-bit arithmetic, the addresses took ~25 instructions per X
+  // copy, most of a step's ~280 per warp against its 32 MMAs.)
+  int64_t pixel = pixel_begin + row0;
   int a = 0, b = 0, step_a = 0, step_b = 0;
+  const int x_row = int(plan.x_row);
+  const int64_t x_image_step = int64_t(in_h) * in_w * x_row;
+  const Smem* x_image = x_group;
+  const Smem* g_row = g_phase;
   if (steps > 0) {
-    n = pixel / phase_plane;
+    const int64_t n = pixel / phase_plane;
     const int ab = int(pixel - n * phase_plane);
     a = ab / extent_w;
     b = ab - a * extent_w;
     step_a = kRows / extent_w;
     step_b = kRows - step_a * extent_w;
+    x_image = x_group + n * x_image_step;
+    g_row = g_phase + pixel * gl.row;
   }
+  int tap_delta[kGemmTaps];  // a tap's X pixel relative to (a, b) in the image
+#pragma unroll
+  for (int t = 0; t < kGemmTaps; ++t) tap_delta[t] = tap_off_h[t] * in_w + tap_off_w[t];
   auto load_stage = [&](int stage) {
     const uint32_t base = smem_address(smem + stage * kStageBytes) + piece * 16;
     const bool pixel_ok = pixel < pixel_end;
     if (g_copies) {
       const bool g_ok = pixel_ok && g_piece_ok;
-      cp_async_16(base + row0 * kGRowBytes, g_phase + (g_ok ? pixel * gl.row : 0), g_ok ? 16 : 0);
+      cp_async_16(base + row0 * kGRowBytes, g_ok ? g_row : g_phase, g_ok ? 16 : 0);
     }
     if (x_copies) {
-      const int64_t image_row = n * in_h;
+      const int ab = a * in_w + b;
 #pragma unroll
       for (int t = 0; t < kGemmTaps; ++t) {
         if (t >= taps) break;
         const int ih = a + tap_off_h[t], iw = b + tap_off_w[t];
-        const bool ok = pixel_ok && x_piece_ok && ih >= 0 && ih < in_h && iw >= 0 && iw < in_w;
-        const int64_t x_pixel = ok ? (image_row + ih) * in_w + iw : 0;
-        cp_async_16(base + kGTileBytes + t * kXTileBytes + row0 * kXRowBytes, x_group + x_pixel * plan.x_row,
-                    ok ? 16 : 0);
+        const bool ok = pixel_ok && x_piece_ok && unsigned(ih) < unsigned(in_h) && unsigned(iw) < unsigned(in_w);
+        cp_async_16(base + kGTileBytes + t * kXTileBytes + row0 * kXRowBytes,
+                    ok ? x_image + int64_t(ab + tap_delta[t]) * x_row : x_group, ok ? 16 : 0);
       }
     }
     pixel += kRows;
+    g_row += int64_t(kRows) * gl.row;
     a += step_a;
     b += step_b;
     if (b >= extent_w) {
@@ -283,7 +296,7 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
     }
     while (a >= extent_h) {  // into the next image (several for planes smaller than a step)
       a -= extent_h;
-      ++n;
+      x_image += x_image_step;
     }
   };
 
