@@ -251,8 +251,9 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
   // copy, most of a step's ~280 per warp against its 32 MMAs.)
   int64_t pixel = pixel_begin + row0;
   int a = 0, b = 0, step_a = 0, step_b = 0;
-  const int x_row = int(plan.x_row);
-  const int64_t x_image_step = int64_t(in_h) * in_w * x_row;
+  // (Bytes and unsigned 32-bit factors: a copy's address is one IMAD.WIDE.U32 with the image as addend.)
+  const uint32_t x_row_bytes = uint32_t(plan.x_row) * uint32_t(sizeof(Smem));
+  const int64_t x_image_step = int64_t(in_h) * in_w * plan.x_row;
   const Smem* x_image = x_group;
   const Smem* g_row = g_phase;
   if (steps > 0) {
@@ -282,8 +283,11 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
         if (t >= taps) break;
         const int ih = a + tap_off_h[t], iw = b + tap_off_w[t];
         const bool ok = pixel_ok && x_piece_ok && unsigned(ih) < unsigned(in_h) && unsigned(iw) < unsigned(in_w);
+        // (Past the batch's last pixel x_image may lie past the copy: a skipped copy reads x_group's first row.)
+        const uint32_t at = ok ? uint32_t(ab + tap_delta[t]) : 0u;
         cp_async_16(base + kGTileBytes + t * kXTileBytes + row0 * kXRowBytes,
-                    ok ? x_image + int64_t(ab + tap_delta[t]) * x_row : x_group, ok ? 16 : 0);
+                    reinterpret_cast<const unsigned char*>(ok ? x_image : x_group) + uint64_t(at) * x_row_bytes,
+                    ok ? 16 : 0);
       }
     }
     pixel += kRows;
