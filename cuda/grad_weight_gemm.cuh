@@ -322,27 +322,37 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
     if (!multiplies) continue;
 
     const uint32_t g_tile = smem_address(smem + int(step % kStages) * kStageBytes);
+    // A block with all kGemmTaps taps (every phase of k4 s2) multiplies them straight through; the tap loop's
+    // exits were a compare, a branch and a NOP per tap and k-step. (Not for exact fp32: its three-product
+    // fragments in two copies of the loop spilled, 182 -> 255 registers and 136 bytes of stack.)
+    auto multiply = [&](auto all_taps) {
 #pragma unroll
-    for (int ks = 0; ks < Shape::kGroupPixels / Math::kStep; ++ks) {
-      const int k = group_row + ks * Math::kStep;
-      uint32_t raw_b[4];
-      Frags::b(raw_b, g_tile, kGRowBytes, warp_n * 16, k, lane);
-      typename Math::BFrag b[2];
-      Math::make_b(b[0], raw_b[0], raw_b[1]);
-      Math::make_b(b[1], raw_b[2], raw_b[3]);
+      for (int ks = 0; ks < Shape::kGroupPixels / Math::kStep; ++ks) {
+        const int k = group_row + ks * Math::kStep;
+        uint32_t raw_b[4];
+        Frags::b(raw_b, g_tile, kGRowBytes, warp_n * 16, k, lane);
+        typename Math::BFrag b[2];
+        Math::make_b(b[0], raw_b[0], raw_b[1]);
+        Math::make_b(b[1], raw_b[2], raw_b[3]);
 #pragma unroll
-      for (int t = 0; t < kGemmTaps; ++t) {
-        if (t >= taps) break;
+        for (int t = 0; t < kGemmTaps; ++t) {
+          if (!decltype(all_taps)::value && t >= taps) break;
 #pragma unroll
-        for (int i = 0; i < 2; ++i) {
-          uint32_t raw_a[4];
-          Frags::a(raw_a, g_tile + kGTileBytes + t * kXTileBytes, kXRowBytes, warp_m * 32 + i * 16, k, lane);
-          typename Math::AFrag a;
-          Math::make_a(a, raw_a);
+          for (int i = 0; i < 2; ++i) {
+            uint32_t raw_a[4];
+            Frags::a(raw_a, g_tile + kGTileBytes + t * kXTileBytes, kXRowBytes, warp_m * 32 + i * 16, k, lane);
+            typename Math::AFrag a;
+            Math::make_a(a, raw_a);
 #pragma unroll
-          for (int j = 0; j < 2; ++j) Math::mma(acc[t][i][j], a, b[j]);
+            for (int j = 0; j < 2; ++j) Math::mma(acc[t][i][j], a, b[j]);
+          }
         }
       }
+    };
+    if (!std::is_same<Math, Fp32SplitMath>::value && taps == kGemmTaps) {
+      multiply(std::true_type{});
+    } else {
+      multiply(std::false_type{});
     }
   }
   cp_async_wait<0>();
