@@ -68,6 +68,7 @@ constexpr int gemm_pixels() { return sizeof(typename Math::Smem) == 2 ? 32 : 16;
 // ldmatrix's eight rows in distinct bank groups) or 8 words (32-bit loads: row stride 8 or 24 mod 32 words).
 template <typename Math, int kTM, int kTN>
 struct GemmShape {
+  static constexpr int kTileM = kTM, kTileN = kTN;  // the plan's tile_m / tile_n, which picked this shape
   static constexpr int kValueBytes = int(sizeof(typename Math::Smem));
   static constexpr int kGroupPixels = gemm_pixels<Math>();
   static constexpr int kXRowBytes = kTM * kValueBytes + (kValueBytes == 2 ? 16 : 32);
@@ -198,7 +199,7 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
   const WeightBlock block(plan.phases, plan.tap_groups, plan.ic_tiles, int(p.stride_w));
   const int rh = block.rh, rw = block.rw, tap_group = block.tap_group, group = block.group;
   const int64_t split = block.split;
-  const int ic0 = block.ic_tile * plan.tile_m, oc0 = block.oc_tile * plan.tile_n;
+  const int ic0 = block.ic_tile * Shape::kTileM, oc0 = block.oc_tile * Shape::kTileN;
   const int taps_h = phase_taps(p.kernel_h, p.stride_h, p.dil_h, rh);
   const int taps_w = phase_taps(p.kernel_w, p.stride_w, p.dil_w, rw);
   const int taps = max(0, min(kGemmTaps, taps_h * taps_w - tap_group * kGemmTaps));
