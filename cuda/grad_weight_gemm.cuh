@@ -23,7 +23,7 @@
 namespace fused_convt {
 
 constexpr int kGemmTaps = 4;        // taps per block: each staged G row serves all of them
-constexpr int kGemmThreads = 256;   // 8 warps, each 32 (ic) x 16 (oc) results per tap
+constexpr int kGemmThreads = 256;   // 8 warps, each 512 results (16 x 32 or 32 x 16, ic x oc) per tap
 constexpr int kGemmMaxStages = 4;  // 2 where the device's shared memory is smaller
 constexpr int kGemmStageBudget = 28 * 1024;  // bytes: four stages of two blocks fit an SM of 227 KB
 constexpr int64_t kGemmTargetBlocks = 1024;  // device independent, so the split count (and bits) are too
@@ -59,13 +59,19 @@ struct WeightGemmPlan {
 template <typename Math>
 constexpr int gemm_pixels() { return sizeof(typename Math::Smem) == 2 ? 32 : 16; }
 
-// A block's tile and stage geometry. The 8 warps each own 32 (ic) x 16 (oc) results per tap: the tile's
-// kWarpTiles warp tiles, times kGroups pixel groups where the tile needs fewer than 8 warps, the warps of group
-// q multiplying rows q * kGroupPixels ... of each stage and their sums added at the end. A narrow tile (a
-// group's 32 input x 16 output channels at kb_v0, where the 64 x 64 tile was an eighth used and 7 of 8 warps
-// multiplied zeros) copies only its channels, and its stage holds kGroups times the pixels in about the bytes
-// of the wide tile's: fewer steps, each a copy round trip and a barrier. Rows are padded by 16 bytes (16-bit:
-// ldmatrix's eight rows in distinct bank groups) or 8 words (32-bit loads: row stride 8 or 24 mod 32 words).
+// A block's tile and stage geometry. The 8 warps each own kWarpM (ic) x kWarpN (oc) results per tap: 16 x 32
+// where the tile has 32 or more output channels, else 32 x 16. Per k step a warp loads one B fragment pair
+// (G) per 16 output channels and one A fragment (X) per tap and 16 input channels: at 16 x 32, 6 ldmatrix for
+// 16 MMAs, against 9 at 32 x 16. Counted in bytes, shared memory bounds the loop: a 64 x 64 bf16 block step
+// at 32 x 16 read ~74 KB of fragments and wrote ~23 KB of copies, ~760 cycles at the SM's 128 bytes per
+// cycle, for 256 MMAs that the tensor cores' peak issues in ~256; at 16 x 32 it reads ~49 KB.
+// The tile's kWarpTiles warp tiles, times kGroups pixel groups where the tile needs fewer than 8 warps, the
+// warps of group q multiplying rows q * kGroupPixels ... of each stage and their sums added at the end. A
+// narrow tile (a group's 32 input x 16 output channels at kb_v0, where the 64 x 64 tile was an eighth used and
+// 7 of 8 warps multiplied zeros) copies only its channels, and its stage holds kGroups times the pixels in
+// about the bytes of the wide tile's: fewer steps, each a copy round trip and a barrier. Rows are padded by 16
+// bytes (16-bit: ldmatrix's eight rows in distinct bank groups) or 8 words (32-bit loads: row stride 8 or 24
+// mod 32 words).
 template <typename Math, int kTM, int kTN>
 struct GemmShape {
   static constexpr int kTileM = kTM, kTileN = kTN;  // the plan's tile_m / tile_n, which picked this shape
@@ -75,7 +81,9 @@ struct GemmShape {
   static constexpr int kGRowBytes = kTN * kValueBytes + (kValueBytes == 2 ? 16 : 32);
   static constexpr int kPixelBytes = kGRowBytes + kGemmTaps * kXRowBytes;  // one pixel row of G and its X rows
   static constexpr int kXPieces = kTM * kValueBytes / 16, kGPieces = kTN * kValueBytes / 16;  // per row
-  static constexpr int kWarpsN = kTN / 16, kWarpTiles = kTM / 32 * kWarpsN;
+  static constexpr int kWarpN = kTN >= 32 ? 32 : 16, kWarpM = 512 / kWarpN;
+  static constexpr int kWarpsN = kTN / kWarpN, kWarpTiles = kTM / kWarpM * kWarpsN;
+  static constexpr int kMTiles = kWarpM / 16, kNTiles = kWarpN / 8;  // m16 and n8 MMA tiles per warp and tap
   static constexpr int groups() {
     int groups = 1;
     while (groups * 2 * kWarpTiles <= kGemmThreads / 32 &&
@@ -88,7 +96,7 @@ struct GemmShape {
   static constexpr int kRows = kGroups * kGroupPixels;            // pixel rows per stage
   static constexpr int kThreadsPerRow = kGemmThreads / kRows;     // a thread copies one piece of one row
   static constexpr int kStageBytes = kRows * kPixelBytes;
-  static_assert(kTM % 32 == 0 && kTN % 16 == 0 && kWarpTiles <= kGemmThreads / 32, "whole warp tiles");
+  static_assert(kTM % kWarpM == 0 && kTN % kWarpN == 0 && kWarpTiles <= kGemmThreads / 32, "whole warp tiles");
   static_assert(kThreadsPerRow >= kXPieces && kThreadsPerRow >= kGPieces, "at most one piece per thread and row");
 };
 
@@ -305,9 +313,10 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
     }
   };
 
-  float acc[kGemmTaps][2][2][4];
+  constexpr int kMTiles = Shape::kMTiles, kNTiles = Shape::kNTiles;
+  float acc[kGemmTaps][kMTiles][kNTiles][4];
 #pragma unroll
-  for (int k = 0; k < kGemmTaps * 2 * 2 * 4; ++k) (&acc[0][0][0][0])[k] = 0.0f;
+  for (int k = 0; k < kGemmTaps * kMTiles * kNTiles * 4; ++k) (&acc[0][0][0][0])[k] = 0.0f;
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -330,22 +339,26 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
 #pragma unroll
       for (int ks = 0; ks < Shape::kGroupPixels / Math::kStep; ++ks) {
         const int k = group_row + ks * Math::kStep;
-        uint32_t raw_b[4];
-        Frags::b(raw_b, g_tile, kGRowBytes, warp_n * 16, k, lane);
-        typename Math::BFrag b[2];
-        Math::make_b(b[0], raw_b[0], raw_b[1]);
-        Math::make_b(b[1], raw_b[2], raw_b[3]);
+        typename Math::BFrag b[kNTiles];
+#pragma unroll
+        for (int j = 0; j < kNTiles; j += 2) {
+          uint32_t raw_b[4];
+          Frags::b(raw_b, g_tile, kGRowBytes, warp_n * Shape::kWarpN + j * 8, k, lane);
+          Math::make_b(b[j], raw_b[0], raw_b[1]);
+          Math::make_b(b[j + 1], raw_b[2], raw_b[3]);
+        }
 #pragma unroll
         for (int t = 0; t < kGemmTaps; ++t) {
           if (!decltype(all_taps)::value && t >= taps) break;
 #pragma unroll
-          for (int i = 0; i < 2; ++i) {
+          for (int i = 0; i < kMTiles; ++i) {
             uint32_t raw_a[4];
-            Frags::a(raw_a, g_tile + kGTileBytes + t * kXTileBytes, kXRowBytes, warp_m * 32 + i * 16, k, lane);
+            Frags::a(raw_a, g_tile + kGTileBytes + t * kXTileBytes, kXRowBytes, warp_m * Shape::kWarpM + i * 16, k,
+                     lane);
             typename Math::AFrag a;
             Math::make_a(a, raw_a);
 #pragma unroll
-            for (int j = 0; j < 2; ++j) Math::mma(acc[t][i][j], a, b[j]);
+            for (int j = 0; j < kNTiles; ++j) Math::mma(acc[t][i][j], a, b[j]);
           }
         }
       }
@@ -360,7 +373,7 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
 
   // The pixel groups' sums, added in group order by group 0 (through the stages' shared memory).
   if constexpr (Shape::kGroups > 1) {
-    constexpr int kAccValues = kGemmTaps * 2 * 2 * 4;
+    constexpr int kAccValues = kGemmTaps * kMTiles * kNTiles * 4;
     static_assert((Shape::kGroups - 1) * Shape::kWarpTiles * kAccValues * 32 * 4 <= kStages * kStageBytes,
                   "the group sums fit in the stages");
     float* sums = reinterpret_cast<float*>(smem);
@@ -390,13 +403,13 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
     if (t >= taps) break;
     const int64_t tap = int64_t(tap_kh[t]) * p.kernel_w + tap_kw[t];
 #pragma unroll
-    for (int i = 0; i < 2; ++i)
+    for (int i = 0; i < kMTiles; ++i)
 #pragma unroll
-      for (int j = 0; j < 2; ++j)
+      for (int j = 0; j < kNTiles; ++j)
 #pragma unroll
         for (int q = 0; q < 4; ++q) {
-          const int ic_local = ic0 + warp_m * 32 + i * 16 + g + (q >> 1) * 8;
-          const int oc_local = oc0 + warp_n * 16 + j * 8 + 2 * t4 + (q & 1);
+          const int ic_local = ic0 + warp_m * Shape::kWarpM + i * 16 + g + (q >> 1) * 8;
+          const int oc_local = oc0 + warp_n * Shape::kWarpN + j * 8 + 2 * t4 + (q & 1);
           if (ic_local < in_per_group && oc_local < out_per_group) {
             const int64_t ic = int64_t(group) * in_per_group + ic_local;
             weight_partial[split * weight_numel + (ic * out_per_group + oc_local) * kernel_taps + tap] = acc[t][i][j][q];
