@@ -13,6 +13,7 @@
 #pragma once
 
 #include <algorithm>
+#include <climits>
 #include <string>
 #include <type_traits>
 
@@ -48,7 +49,8 @@ struct WeightBlock {
 struct WeightGemmPlan {
   int phases, tap_groups, ic_tiles, oc_tiles;
   int tile_m, tile_n;         // ic x oc extent of a block (GemmShape)
-  int64_t splits, pixels_per_split;
+  bool patch;                 // patch steps (gemm_patch_steps): a split is tiles_per_split tiles, else pixels
+  int64_t splits, pixels_per_split, tiles_per_split;
   PhaseSplitLayout g_layout;  // G
   int64_t x_row;              // values per pixel row of X: groups x padded input channels
 };
@@ -58,6 +60,40 @@ struct WeightGemmPlan {
 // stages, one block per SM, and ran at 2.5 ms against 1.0 for bf16 at kb_v1 (H100).
 template <typename Math>
 constexpr int gemm_pixels() { return sizeof(typename Math::Smem) == 2 ? 32 : 16; }
+
+// Patch steps. A step's pixels are a tile of kGemmPatchCols phase columns x (pixels / kGemmPatchCols) phase
+// rows of one image, and it stages the input pixels under the tile once, one more row and column than the
+// tile: where the block's taps reach input offsets that span at most one row and one column (every phase at
+// k <= 2 s and dilation 1, as kb_v0 and kb_v1), those rows serve all its taps, each tap's A fragments read at
+// its shift. Per-tap steps (the alternative) copy each tap's X rows of a run of consecutive pixels: four X
+// rows per pixel at k4 s2 against ~1.4 plus the ragged edges' empty pixels, in a GEMM that Nsight Compute shows
+// bound by L2 (78% busy at kb_v1 bf16, where every X row was read once per tap and output-channel tile).
+constexpr int kGemmPatchCols = 8;
+template <typename F>
+void for_each_tap_group_offsets(const ConvTransposeParams& p, F&& f) {
+  for (int rh = 0; rh < int(p.stride_h); ++rh)
+    for (int rw = 0; rw < int(p.stride_w); ++rw) {
+      const int taps_h = phase_taps(p.kernel_h, p.stride_h, p.dil_h, rh);
+      const int taps_w = phase_taps(p.kernel_w, p.stride_w, p.dil_w, rw);
+      for (int first = 0; first < taps_h * taps_w; first += kGemmTaps) {
+        int min_h = INT_MAX, max_h = INT_MIN, min_w = INT_MAX, max_w = INT_MIN;
+        for (int index = first; index < std::min(first + kGemmTaps, taps_h * taps_w); ++index) {
+          const int kh = phase_tap(p.kernel_h, p.stride_h, p.dil_h, rh, index / taps_w);
+          const int kw = phase_tap(p.kernel_w, p.stride_w, p.dil_w, rw, index % taps_w);
+          const int off_h = phase_tap_offset(phase_span(p.out_h(), p.stride_h, p.pad_h, rh), kh, p.stride_h, p.dil_h, rh);
+          const int off_w = phase_tap_offset(phase_span(p.out_w(), p.stride_w, p.pad_w, rw), kw, p.stride_w, p.dil_w, rw);
+          min_h = std::min(min_h, off_h), max_h = std::max(max_h, off_h);
+          min_w = std::min(min_w, off_w), max_w = std::max(max_w, off_w);
+        }
+        f(max_h - min_h, max_w - min_w);
+      }
+    }
+}
+inline bool gemm_patch_steps(const ConvTransposeParams& p) {
+  bool fits = true;
+  for_each_tap_group_offsets(p, [&](int span_h, int span_w) { fits = fits && span_h <= 1 && span_w <= 1; });
+  return fits;
+}
 
 // A block's tile and stage geometry. The 8 warps each own kWarpM (ic) x kWarpN (oc) results per tap: 16 x 32
 // where the tile has 32 or more output channels, else 32 x 16. Per k step a warp loads one B fragment pair
@@ -124,24 +160,38 @@ inline WeightGemmPlan plan_weight_gemm(const ConvTransposeParams& p, DType dtype
   const int pixel_step = dtype == DType::Float32 ? with_gemm_shape<Tf32Math>(plan.tile_m, plan.tile_n, rows)
                                                  : with_gemm_shape<Half16Math<__half>>(plan.tile_m, plan.tile_n, rows);
   plan.phases = int(p.stride_h * p.stride_w);
+  // (Not for the narrow tiles' pixel groups: their group sums and a patch's state spilled; kb_v0's GEMM, which
+  // uses them, is not L2-bound either.)
+  auto groups = [](auto shape) { return decltype(shape)::kGroups; };
+  const int pixel_groups = dtype == DType::Float32 ? with_gemm_shape<Tf32Math>(plan.tile_m, plan.tile_n, groups)
+                                                   : with_gemm_shape<Half16Math<__half>>(plan.tile_m, plan.tile_n, groups);
+  plan.patch = pixel_groups == 1 && gemm_patch_steps(p);
+  const int tile_rows = pixel_step / kGemmPatchCols;
   int max_taps = 0;
-  int64_t max_phase_pixels = 0;
+  int64_t max_phase_pixels = 0, max_phase_tiles = 0;
   for (int64_t rh = 0; rh < p.stride_h; ++rh)
     for (int64_t rw = 0; rw < p.stride_w; ++rw) {
       max_taps = std::max(max_taps, phase_taps(p.kernel_h, p.stride_h, p.dil_h, rh) *
                                         phase_taps(p.kernel_w, p.stride_w, p.dil_w, rw));
-      max_phase_pixels = std::max<int64_t>(max_phase_pixels, p.batch *
-                                           phase_span(p.out_h(), p.stride_h, p.pad_h, rh).extent *
-                                           phase_span(p.out_w(), p.stride_w, p.pad_w, rw).extent);
+      const int64_t extent_h = phase_span(p.out_h(), p.stride_h, p.pad_h, rh).extent;
+      const int64_t extent_w = phase_span(p.out_w(), p.stride_w, p.pad_w, rw).extent;
+      max_phase_pixels = std::max<int64_t>(max_phase_pixels, p.batch * extent_h * extent_w);
+      max_phase_tiles = std::max<int64_t>(max_phase_tiles, p.batch * ((extent_h + tile_rows - 1) / tile_rows) *
+                                                               ((extent_w + kGemmPatchCols - 1) / kGemmPatchCols));
     }
   plan.tap_groups = std::max(1, ceil_div_int(max_taps, kGemmTaps));
   plan.ic_tiles = ceil_div_int(p.in_channels_per_group(), plan.tile_m);
   plan.oc_tiles = ceil_div_int(p.out_channels_per_group(), plan.tile_n);
   const int64_t tiles = int64_t(plan.phases) * plan.tap_groups * plan.ic_tiles * plan.oc_tiles * p.groups;
-  const int64_t steps = std::max<int64_t>(1, (max_phase_pixels + pixel_step - 1) / pixel_step);
+  const int64_t steps = std::max<int64_t>(1, plan.patch ? max_phase_tiles : (max_phase_pixels + pixel_step - 1) / pixel_step);
   const int64_t splits = std::clamp<int64_t>(kGemmTargetBlocks / tiles, 1, std::min<int64_t>(steps, 256));
-  plan.pixels_per_split = (steps + splits - 1) / splits * pixel_step;
-  plan.splits = std::max<int64_t>(1, (max_phase_pixels + plan.pixels_per_split - 1) / plan.pixels_per_split);
+  if (plan.patch) {
+    plan.tiles_per_split = (steps + splits - 1) / splits;
+    plan.splits = (steps + plan.tiles_per_split - 1) / plan.tiles_per_split;
+  } else {
+    plan.pixels_per_split = (steps + splits - 1) / splits * pixel_step;
+    plan.splits = std::max<int64_t>(1, (max_phase_pixels + plan.pixels_per_split - 1) / plan.pixels_per_split);
+  }
   plan.g_layout = PhaseSplitLayout{p.batch,
                                    PhaseAxis{int(p.out_h()), int(p.stride_h), int(p.pad_h)},
                                    PhaseAxis{int(p.out_w()), int(p.stride_w), int(p.pad_w)},
@@ -154,9 +204,12 @@ inline WeightGemmPlan plan_weight_gemm(const ConvTransposeParams& p, DType dtype
 template <int kBytes> struct KMajorFragments;
 
 template <> struct KMajorFragments<2> {
-  // A (16 channels x 16 pixels): matrices (k 0-7, m 0-7), (k 0-7, m 8-15), (k 8-15, m 0-7), (k 8-15, m 8-15).
-  __device__ __forceinline__ static void a(uint32_t (&raw)[4], uint32_t tile, int row_bytes, int m, int k, int lane) {
-    ldmatrix_x4_trans(raw, tile + (k + ((lane >> 4) & 1) * 8 + (lane & 7)) * row_bytes + (m + ((lane >> 3) & 1) * 8) * 2);
+  // The pixel (within the k step) of the staged row whose address this lane gives ldmatrix for A.
+  __device__ __forceinline__ static int a_pixel(int lane) { return ((lane >> 4) & 1) * 8 + (lane & 7); }
+  // A (16 channels x 16 pixels): matrices (k 0-7, m 0-7), (k 0-7, m 8-15), (k 8-15, m 0-7), (k 8-15, m 8-15);
+  // `row`: the staged row of this lane's pixel (a_pixel).
+  __device__ __forceinline__ static void a_at(uint32_t (&raw)[4], uint32_t tile, int row_bytes, int m, int row, int lane) {
+    ldmatrix_x4_trans(raw, tile + row * row_bytes + (m + ((lane >> 3) & 1) * 8) * 2);
   }
   // B for channels n..n+15 (two n8 fragments): matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), ...
   __device__ __forceinline__ static void b(uint32_t (&raw)[4], uint32_t tile, int row_bytes, int n, int k, int lane) {
@@ -165,10 +218,12 @@ template <> struct KMajorFragments<2> {
 };
 
 template <> struct KMajorFragments<4> {
-  // m16n8k8 TF32: a0 = A[g][t], a1 = A[g+8][t], a2 = A[g][t+4], a3 = A[g+8][t+4]; A[m][k] sits at row k.
-  __device__ __forceinline__ static void a(uint32_t (&raw)[4], uint32_t tile, int row_bytes, int m, int k, int lane) {
-    const int g = lane >> 2, t = lane & 3;
-    const uint32_t base = tile + (k + t) * row_bytes + (m + g) * 4;
+  __device__ __forceinline__ static int a_pixel(int lane) { return lane & 3; }
+  // m16n8k8 TF32: a0 = A[g][t], a1 = A[g+8][t], a2 = A[g][t+4], a3 = A[g+8][t+4]; A[m][k] sits at row k. `row`:
+  // the staged row of pixel t (a_pixel); pixel t + 4 sits four rows on (in both stagings).
+  __device__ __forceinline__ static void a_at(uint32_t (&raw)[4], uint32_t tile, int row_bytes, int m, int row, int lane) {
+    const int g = lane >> 2;
+    const uint32_t base = tile + row * row_bytes + (m + g) * 4;
     raw[0] = lds32(base);
     raw[1] = lds32(base + 32);
     raw[2] = lds32(base + 4 * row_bytes);
@@ -190,8 +245,8 @@ template <> struct KMajorFragments<4> {
 template <typename Math>
 constexpr int gemm_min_blocks() { return std::is_same<Math, Fp32SplitMath>::value ? 1 : 2; }
 
-// Grid as WeightBlock says; Shape: GemmShape<Math, TM, TN>.
-template <typename Math, typename Shape, int kStages>
+// Grid as WeightBlock says; Shape: GemmShape<Math, TM, TN>; kPatch: patch steps (gemm_patch_steps), else per-tap.
+template <typename Math, typename Shape, int kStages, bool kPatch>
 __global__ void __launch_bounds__(kGemmThreads, gemm_min_blocks<Math>())
 grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typename Math::Smem* __restrict__ x_cl,
                         const typename Math::Smem* __restrict__ g_split, float* __restrict__ weight_partial) {
@@ -214,7 +269,7 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
   const PhaseSplitLayout& gl = plan.g_layout;
   const int extent_h = gl.h.extent(rh), extent_w = gl.w.extent(rw);
   const int64_t phase_plane = int64_t(extent_h) * extent_w;
-  const int64_t pixel_begin = split * plan.pixels_per_split;
+  const int64_t pixel_begin = split * plan.pixels_per_split;  // (per-tap steps)
   const int64_t pixel_end = min(p.batch * phase_plane, pixel_begin + plan.pixels_per_split);
   if (taps == 0) return;  // this phase has fewer taps; an empty split still writes its (zero) partials
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -250,7 +305,17 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
   const Smem* x_group = x_cl + group * in_padded + ic0 + piece * kValuesPerPiece;
   const int in_h = int(p.in_h), in_w = int(p.in_w);
 
-  const int64_t steps = pixel_begin < pixel_end ? (pixel_end - pixel_begin + kRows - 1) / kRows : 0;
+  // Patch steps: the tile grid of the phase plane, a thread's G pixel in the tile and its X patch rows.
+  constexpr int kTileRows = kRows / kGemmPatchCols, kPatchCols = kGemmPatchCols + 1;
+  constexpr int kPatchRows = (kTileRows + 1) * kPatchCols;
+  constexpr int kPatchPasses = (kPatchRows + kRows - 1) / kRows;  // a thread's X rows: row0 + pass x kRows
+  static_assert(kRows % kGemmPatchCols == 0 && kPatchPasses <= kGemmTaps, "the patch fits the X rows of a stage");
+  const int tiles_w = (extent_w + kGemmPatchCols - 1) / kGemmPatchCols, tiles_h = (extent_h + kTileRows - 1) / kTileRows;
+  const int64_t tile_begin = split * plan.tiles_per_split;
+  const int64_t tile_end = min(p.batch * tiles_h * tiles_w, tile_begin + plan.tiles_per_split);
+
+  const int64_t steps = kPatch ? (tile_begin < tile_end ? tile_end - tile_begin : 0)
+                               : pixel_begin < pixel_end ? (pixel_end - pixel_begin + kRows - 1) / kRows : 0;
   // The thread's copy row of the next step to load: its pixel and (image n, phase row a, column b). Steps
   // are loaded in order, so the position advances by kRows pixels: two divisions per block instead of
   // two per step (one of them 64-bit, a called subroutine), which were most of a step's copy instructions.
@@ -262,40 +327,93 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
   int a = 0, b = 0, step_a = 0, step_b = 0;
   // (Bytes and unsigned 32-bit factors: a copy's address is one IMAD.WIDE.U32 with the image as addend.)
   const uint32_t x_row_bytes = uint32_t(plan.x_row) * uint32_t(sizeof(Smem));
+  const uint32_t g_row_bytes = uint32_t(gl.row) * uint32_t(sizeof(Smem));
   const int64_t x_image_step = int64_t(in_h) * in_w * plan.x_row;
   const Smem* x_image = x_group;
   const Smem* g_row = g_phase;
-  if (steps > 0) {
-    const int64_t n = pixel / phase_plane;
-    const int ab = int(pixel - n * phase_plane);
-    a = ab / extent_w;
-    b = ab - a * extent_w;
-    step_a = kRows / extent_w;
-    step_b = kRows - step_a * extent_w;
-    x_image = x_group + n * x_image_step;
-    g_row = g_phase + pixel * gl.row;
-  }
-  int tap_delta[kGemmTaps];  // a tap's X pixel relative to (a, b) in the image
+  // Patch steps: the next tile to load (its row and column in the image's tile grid), the image's G plane, the
+  // thread's G pixel in a tile, and the patch's origin relative to a tile's first pixel (the taps' least offsets).
+  int tile_r = 0, tile_c = 0;
+  int tiles_left = int(steps);  // (a split's tiles are far below 2^31: each is 8 x kTileRows pixels of G in memory)
+  const Smem* g_image = g_phase;
+  const int g_r = row0 / kGemmPatchCols, g_c = row0 % kGemmPatchCols;
+  int patch_h = tap_off_h[0], patch_w = tap_off_w[0];
 #pragma unroll
-  for (int t = 0; t < kGemmTaps; ++t) tap_delta[t] = tap_off_h[t] * in_w + tap_off_w[t];
-  auto load_stage = [&](int stage) {
-    const uint32_t base = smem_address(smem + stage * kStageBytes) + piece * 16;
+  for (int t = 1; t < kGemmTaps; ++t) {
+    if (t < taps) patch_h = min(patch_h, tap_off_h[t]), patch_w = min(patch_w, tap_off_w[t]);
+  }
+  if (steps > 0) {
+    if constexpr (kPatch) {
+      const int64_t image_tiles = int64_t(tiles_h) * tiles_w;
+      const int64_t n = tile_begin / image_tiles;
+      const int rc = int(tile_begin - n * image_tiles);
+      tile_r = rc / tiles_w;
+      tile_c = rc - tile_r * tiles_w;
+      x_image = x_group + n * x_image_step;
+      g_image = g_phase + n * phase_plane * gl.row;
+    } else {
+      const int64_t n = pixel / phase_plane;
+      const int ab = int(pixel - n * phase_plane);
+      a = ab / extent_w;
+      b = ab - a * extent_w;
+      step_a = kRows / extent_w;
+      step_b = kRows - step_a * extent_w;
+      x_image = x_group + n * x_image_step;
+      g_row = g_phase + pixel * gl.row;
+    }
+  }
+  // A copy that is skipped (zero-filled) names the operand's first element, which always exists: past the
+  // batch's last pixel the running pointers may lie past the copy.
+  auto load_patch_stage = [&](uint32_t base) {
+    const int a0 = tile_r * kTileRows, b0 = tile_c * kGemmPatchCols;
+    if (g_copies) {
+      const int ga = a0 + g_r, gb = b0 + g_c;
+      const bool ok = tiles_left > 0 && g_piece_ok && ga < extent_h && gb < extent_w;
+      const uint32_t at = ok ? uint32_t(ga * extent_w + gb) : 0u;
+      cp_async_16(base + row0 * kGRowBytes,
+                  reinterpret_cast<const unsigned char*>(ok ? g_image : g_split) + uint64_t(at) * g_row_bytes,
+                  ok ? 16 : 0);
+    }
+    if (x_copies) {
+#pragma unroll
+      for (int pass = 0; pass < kPatchPasses; ++pass) {
+        const int q = row0 + pass * kRows;  // patch row (rows past the patch are never read: not copied)
+        if ((pass + 1) * kRows > kPatchRows && q >= kPatchRows) break;
+        const int pr = q / kPatchCols, pc = q - pr * kPatchCols;
+        const int ih = a0 + patch_h + pr, iw = b0 + patch_w + pc;
+        const bool ok = tiles_left > 0 && x_piece_ok && unsigned(ih) < unsigned(in_h) && unsigned(iw) < unsigned(in_w);
+        const uint32_t at = ok ? uint32_t(ih * in_w + iw) : 0u;
+        cp_async_16(base + kGTileBytes + q * kXRowBytes,
+                    reinterpret_cast<const unsigned char*>(ok ? x_image : x_cl) + uint64_t(at) * x_row_bytes,
+                    ok ? 16 : 0);
+      }
+    }
+    --tiles_left;
+    if (++tile_c == tiles_w) {
+      tile_c = 0;
+      if (++tile_r == tiles_h) {
+        tile_r = 0;
+        // (The image steps are recomputed from the parameters here, rarely, rather than kept in registers.)
+        x_image += int64_t(p.in_h) * p.in_w * plan.x_row;
+        g_image += phase_plane * gl.row;
+      }
+    }
+  };
+  auto load_tap_stage = [&](uint32_t base) {
     const bool pixel_ok = pixel < pixel_end;
     if (g_copies) {
       const bool g_ok = pixel_ok && g_piece_ok;
-      cp_async_16(base + row0 * kGRowBytes, g_ok ? g_row : g_phase, g_ok ? 16 : 0);
+      cp_async_16(base + row0 * kGRowBytes, g_ok ? g_row : g_split, g_ok ? 16 : 0);
     }
     if (x_copies) {
-      const int ab = a * in_w + b;
 #pragma unroll
       for (int t = 0; t < kGemmTaps; ++t) {
         if (t >= taps) break;
         const int ih = a + tap_off_h[t], iw = b + tap_off_w[t];
         const bool ok = pixel_ok && x_piece_ok && unsigned(ih) < unsigned(in_h) && unsigned(iw) < unsigned(in_w);
-        // (Past the batch's last pixel x_image may lie past the copy: a skipped copy reads x_group's first row.)
-        const uint32_t at = ok ? uint32_t(ab + tap_delta[t]) : 0u;
+        const uint32_t at = ok ? uint32_t(ih * in_w + iw) : 0u;
         cp_async_16(base + kGTileBytes + t * kXTileBytes + row0 * kXRowBytes,
-                    reinterpret_cast<const unsigned char*>(ok ? x_image : x_group) + uint64_t(at) * x_row_bytes,
+                    reinterpret_cast<const unsigned char*>(ok ? x_image : x_cl) + uint64_t(at) * x_row_bytes,
                     ok ? 16 : 0);
       }
     }
@@ -311,6 +429,26 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
       a -= extent_h;
       x_image += x_image_step;
     }
+  };
+  auto load_stage = [&](int stage) {
+    const uint32_t base = smem_address(smem + stage * kStageBytes) + piece * 16;
+    if constexpr (kPatch) {
+      load_patch_stage(base);
+    } else {
+      load_tap_stage(base);
+    }
+  };
+  // The staged row of this lane's A pixel (Frags::a_pixel) for tap t at k step k: per-tap steps stage tap t's
+  // rows in its own tile; patch steps stage one patch, whose row for pixel (r, c) of the tile and tap t is
+  // (r + dh) x kPatchCols + c + dw, (dh, dw) the tap's offset from the patch origin.
+  const int lane_pixel = Frags::a_pixel(lane);
+  int lane_patch_row[kGemmTaps];  // at k = 0
+#pragma unroll
+  for (int t = 0; t < kGemmTaps; ++t)
+    lane_patch_row[t] = (lane_pixel / kGemmPatchCols + tap_off_h[t] - patch_h) * kPatchCols +
+                        lane_pixel % kGemmPatchCols + tap_off_w[t] - patch_w;
+  auto a_row = [&](int t, int k) {
+    return kPatch ? lane_patch_row[t] + k / kGemmPatchCols * kPatchCols : t * kRows + k + lane_pixel;
   };
 
   constexpr int kMTiles = Shape::kMTiles, kNTiles = Shape::kNTiles;
@@ -353,8 +491,7 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
 #pragma unroll
           for (int i = 0; i < kMTiles; ++i) {
             uint32_t raw_a[4];
-            Frags::a(raw_a, g_tile + kGTileBytes + t * kXTileBytes, kXRowBytes, warp_m * Shape::kWarpM + i * 16, k,
-                     lane);
+            Frags::a_at(raw_a, g_tile + kGTileBytes, kXRowBytes, warp_m * Shape::kWarpM + i * 16, a_row(t, k), lane);
             typename Math::AFrag a;
             Math::make_a(a, raw_a);
 #pragma unroll
@@ -432,7 +569,10 @@ void launch_grad_weight_gemm(const ConvTransposeParams& p, const WeightGemmPlan&
     auto launch = [&](auto stages) {
       constexpr int kStages = decltype(stages)::value;
       constexpr int kSmem = kStages * Shape::kStageBytes;
-      auto kernel = grad_weight_gemm_kernel<Math, Shape, kStages>;
+      auto kernel = grad_weight_gemm_kernel<Math, Shape, kStages, false>;
+      if constexpr (Shape::kGroups == 1) {
+        if (plan.patch) kernel = grad_weight_gemm_kernel<Math, Shape, kStages, true>;
+      }
       check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
                  "cudaFuncSetAttribute(grad_weight_gemm_kernel)");
       kernel<<<dim3(unsigned(grid_x), unsigned(grid_y), unsigned(p.groups)), kGemmThreads, kSmem, stream>>>(

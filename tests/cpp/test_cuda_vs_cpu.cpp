@@ -289,6 +289,18 @@ std::vector<std::pair<std::string, ConvTransposeParams>> tiled_cases() {
   p = make(2, 40, 12, 9, 10, 1);
   p.kernel_h = p.kernel_w = 4, p.stride_h = p.stride_w = 2;
   cases.push_back({"grad_weight tile 64 x 16", p});
+  // Patch steps of the grad_weight GEMM (64 x 64 tiles, taps within one row and column of each other): ragged
+  // tile grids (phase planes 11 x 13), edges cut by padding, several images per split; one tap per phase with
+  // channel tiles cut short; groups with phases of two and one taps.
+  p = make(3, 64, 64, 11, 13, 1);
+  p.kernel_h = p.kernel_w = 4, p.stride_h = p.stride_w = 2, p.pad_h = p.pad_w = 1;
+  cases.push_back({"grad_weight patch steps, k4 s2", p});
+  p = make(2, 72, 100, 9, 7, 1);
+  p.kernel_h = p.kernel_w = 2, p.stride_h = p.stride_w = 2;
+  cases.push_back({"grad_weight patch steps, one tap per phase", p});
+  p = make(2, 128, 128, 8, 8, 2);
+  p.kernel_h = p.kernel_w = 3, p.stride_h = p.stride_w = 2, p.pad_h = p.pad_w = 1, p.out_pad_h = p.out_pad_w = 1;
+  cases.push_back({"grad_weight patch steps, groups, k3 s2", p});
   p = make(0, 4, 6, 5, 5, 2);
   p.kernel_h = p.kernel_w = 3, p.stride_h = 2;
   cases.push_back({"empty batch", p});
