@@ -485,15 +485,27 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
           Math::make_b(b[j], raw_b[0], raw_b[1]);
           Math::make_b(b[j + 1], raw_b[2], raw_b[3]);
         }
+        // A block with all taps loads every tap's A fragments of the k step before its MMAs: one register set
+        // reused per tap made each ldmatrix wait for the previous tap's MMAs and each MMA for its ldmatrix.
+        constexpr int kAhead = decltype(all_taps)::value ? kGemmTaps : 1;
+        uint32_t raw_a[kAhead][kMTiles][4];
+        auto load_a = [&](int t, uint32_t (&raw)[kMTiles][4]) {
+#pragma unroll
+          for (int i = 0; i < kMTiles; ++i)
+            Frags::a_at(raw[i], g_tile + kGTileBytes, kXRowBytes, warp_m * Shape::kWarpM + i * 16, a_row(t, k), lane);
+        };
+        if constexpr (kAhead > 1) {
+#pragma unroll
+          for (int t = 0; t < kGemmTaps; ++t) load_a(t, raw_a[t]);
+        }
 #pragma unroll
         for (int t = 0; t < kGemmTaps; ++t) {
           if (!decltype(all_taps)::value && t >= taps) break;
+          if constexpr (kAhead == 1) load_a(t, raw_a[0]);
 #pragma unroll
           for (int i = 0; i < kMTiles; ++i) {
-            uint32_t raw_a[4];
-            Frags::a_at(raw_a, g_tile + kGTileBytes, kXRowBytes, warp_m * Shape::kWarpM + i * 16, a_row(t, k), lane);
             typename Math::AFrag a;
-            Math::make_a(a, raw_a);
+            Math::make_a(a, raw_a[kAhead > 1 ? t : 0][i]);
 #pragma unroll
             for (int j = 0; j < kNTiles; ++j) Math::mma(acc[t][i][j], a, b[j]);
           }
