@@ -4,10 +4,10 @@
 // feeds of X[n, a + off_h, b + off_w, ic] * G[phase, n, a, b, oc] (offsets from tap_map.h). A block owns one
 // phase, up to kGemmTaps of its taps, a TM x TN (ic, oc) tile (64 x 64, narrower where a group has few
 // channels: GemmShape), one group and one contiguous slice ("split") of the phase's pixels. Per pipeline
-// stage it copies a step of pixel rows of G (once for all its taps) and, per tap, the matching rows of X into
-// shared memory with 16-byte cp.async (zero-filled outside the image), up to kGemmMaxStages stages deep, so
-// the loads of later stages are in flight while the tensor cores work on this one; registers hold only
-// accumulators and fragments. Operands sit [pixel][channel] (the reduction index outermost), so 16-bit
+// stage it copies a step of pixel rows of G (once for all its taps) and the X rows its taps read (one patch
+// for all taps, or per tap: gemm_patch_steps) into shared memory with 16-byte cp.async (zero-filled outside
+// the image), up to kGemmMaxStages stages deep, so the loads of later stages are in flight while the tensor
+// cores work on this one; registers hold only accumulators and fragments. Operands sit [pixel][channel] (the reduction index outermost), so 16-bit
 // fragments come from ldmatrix.trans and 32-bit ones from conflict-free 32-bit loads (row stride = 8 or 24
 // mod 32 words). Each split writes its own partial sums; sum_splits adds them in order.
 #pragma once
@@ -98,9 +98,9 @@ inline bool gemm_patch_steps(const ConvTransposeParams& p) {
 // A block's tile and stage geometry. The 8 warps each own kWarpM (ic) x kWarpN (oc) results per tap: 16 x 32
 // where the tile has 32 or more output channels, else 32 x 16. Per k step a warp loads one B fragment pair
 // (G) per 16 output channels and one A fragment (X) per tap and 16 input channels: at 16 x 32, 6 ldmatrix for
-// 16 MMAs, against 9 at 32 x 16. Counted in bytes, shared memory bounds the loop: a 64 x 64 bf16 block step
-// at 32 x 16 read ~74 KB of fragments and wrote ~23 KB of copies, ~760 cycles at the SM's 128 bytes per
-// cycle, for 256 MMAs that the tensor cores' peak issues in ~256; at 16 x 32 it reads ~49 KB.
+// 16 MMAs, against 9 at 32 x 16 (a 64 x 64 bf16 block step read ~74 KB of fragments, ~49 KB at 16 x 32: at
+// kb_v1 grad_weight + grad_bias 1.64 -> 1.62 ms bf16, 2.87 -> 2.72 TF32, H100; shared memory was not the
+// bound, L2 was: gemm_patch_steps).
 // The tile's kWarpTiles warp tiles, times kGroups pixel groups where the tile needs fewer than 8 warps, the
 // warps of group q multiplying rows q * kGroupPixels ... of each stage and their sums added at the end. A
 // narrow tile (a group's 32 input x 16 output channels at kb_v0, where the 64 x 64 tile was an eighth used and
