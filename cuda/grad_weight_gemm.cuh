@@ -7,9 +7,10 @@
 // stage it copies a step of pixel rows of G (once for all its taps) and the X rows its taps read (one patch
 // for all taps, or per tap: gemm_patch_steps) into shared memory with 16-byte cp.async (zero-filled outside
 // the image), up to kGemmMaxStages stages deep, so the loads of later stages are in flight while the tensor
-// cores work on this one; registers hold only accumulators and fragments. Operands sit [pixel][channel] (the reduction index outermost), so 16-bit
-// fragments come from ldmatrix.trans and 32-bit ones from conflict-free 32-bit loads (row stride = 8 or 24
-// mod 32 words). Each split writes its own partial sums; sum_splits adds them in order.
+// cores work on this one; registers hold only accumulators and fragments. Operands sit [pixel][channel] (the
+// reduction index outermost), so 16-bit fragments come from ldmatrix.trans and 32-bit ones from conflict-free
+// 32-bit loads (row stride = 8 or 24 mod 32 words). Each split writes its own partial sums; sum_splits adds
+// them in order.
 #pragma once
 
 #include <algorithm>
@@ -161,7 +162,7 @@ inline WeightGemmPlan plan_weight_gemm(const ConvTransposeParams& p, DType dtype
                                                  : with_gemm_shape<Half16Math<__half>>(plan.tile_m, plan.tile_n, rows);
   plan.phases = int(p.stride_h * p.stride_w);
   // (Not for the narrow tiles' pixel groups: their group sums and a patch's state spilled; kb_v0's GEMM, which
-  // uses them, is not L2-bound either.)
+  // uses them, had L2 54% busy in Nsight Compute.)
   auto groups = [](auto shape) { return decltype(shape)::kGroups; };
   const int pixel_groups = dtype == DType::Float32 ? with_gemm_shape<Tf32Math>(plan.tile_m, plan.tile_n, groups)
                                                    : with_gemm_shape<Half16Math<__half>>(plan.tile_m, plan.tile_n, groups);
