@@ -69,10 +69,10 @@ constexpr int gemm_pixels() { return sizeof(typename Math::Smem) == 2 ? 32 : 16;
 // its shift. Per-tap steps (the alternative) copy each tap's X rows of a run of consecutive pixels: four X
 // rows per pixel at k4 s2 against ~1.4 plus the ragged edges' empty pixels, in a GEMM that Nsight Compute shows
 // bound by L2 (78% busy at kb_v1 bf16, where every X row was read once per tap and output-channel tile).
-// A tile pixel past the phase plane's edge has a zero G row, and its taps' X rows must lie outside the image
-// (zero-filled) too: were one inside, 0 x inf would turn an infinite input into a NaN in a tap's sum that has
-// no such term (its output pixel does not exist). Where a tile grid is ragged, the plane's edge plus the taps'
-// least offset must reach the image's edge (kb_v0, kb_v1: yes; k4 s2 with padding 1: no, per-tap steps).
+// Non-finite values: both kinds of step multiply zeros that stand for absent terms (X rows outside the image
+// against a NaN of g; with patch steps also the zero G rows past a ragged tile grid against an infinite
+// input), so grad_weight can hold NaN in more entries than PyTorch's sums (measured with an infinite input:
+// docs/optimizations.md section 9); finite inputs give the same terms.
 constexpr int kGemmPatchCols = 8;
 template <typename F>
 void for_each_tap_group_offsets(const ConvTransposeParams& p, F&& f) {
@@ -90,19 +90,13 @@ void for_each_tap_group_offsets(const ConvTransposeParams& p, F&& f) {
           min_h = std::min(min_h, off_h), max_h = std::max(max_h, off_h);
           min_w = std::min(min_w, off_w), max_w = std::max(max_w, off_w);
         }
-        f(phase_span(p.out_h(), p.stride_h, p.pad_h, rh).extent, phase_span(p.out_w(), p.stride_w, p.pad_w, rw).extent,
-          min_h, max_h, min_w, max_w);
+        f(max_h - min_h, max_w - min_w);
       }
     }
 }
-// tile_rows: the phase rows of a step's tile (its pixels / kGemmPatchCols).
-inline bool gemm_patch_steps(const ConvTransposeParams& p, int tile_rows) {
+inline bool gemm_patch_steps(const ConvTransposeParams& p) {
   bool fits = true;
-  for_each_tap_group_offsets(p, [&](int64_t extent_h, int64_t extent_w, int min_h, int max_h, int min_w, int max_w) {
-    const bool edges_h = extent_h % tile_rows == 0 || extent_h + min_h >= p.in_h;
-    const bool edges_w = extent_w % kGemmPatchCols == 0 || extent_w + min_w >= p.in_w;
-    fits = fits && max_h - min_h <= 1 && max_w - min_w <= 1 && edges_h && edges_w;
-  });
+  for_each_tap_group_offsets(p, [&](int span_h, int span_w) { fits = fits && span_h <= 1 && span_w <= 1; });
   return fits;
 }
 
@@ -176,8 +170,8 @@ inline WeightGemmPlan plan_weight_gemm(const ConvTransposeParams& p, DType dtype
   auto groups = [](auto shape) { return decltype(shape)::kGroups; };
   const int pixel_groups = dtype == DType::Float32 ? with_gemm_shape<Tf32Math>(plan.tile_m, plan.tile_n, groups)
                                                    : with_gemm_shape<Half16Math<__half>>(plan.tile_m, plan.tile_n, groups);
+  plan.patch = pixel_groups == 1 && gemm_patch_steps(p);
   const int tile_rows = pixel_step / kGemmPatchCols;
-  plan.patch = pixel_groups == 1 && gemm_patch_steps(p, tile_rows);
   int max_taps = 0;
   int64_t max_phase_pixels = 0, max_phase_tiles = 0;
   for (int64_t rh = 0; rh < p.stride_h; ++rh)

@@ -290,14 +290,14 @@ std::vector<std::pair<std::string, ConvTransposeParams>> tiled_cases() {
   p.kernel_h = p.kernel_w = 4, p.stride_h = p.stride_w = 2;
   cases.push_back({"grad_weight tile 64 x 16", p});
   // Patch steps of the grad_weight GEMM (64 x 64 tiles, taps within one row and column of each other): ragged
-  // tile grids (phase planes 12 x 14), several images per split (and k4 s2 with padding 1, where ragged edges
-  // would read inside the image: per-tap steps); one tap per phase with channel tiles cut short; groups with
-  // phases of two and one taps.
+  // tile grids (phase planes 12 x 14, and 11 x 13 with padding, where the rows past the grid's edge read inside
+  // the image), several images per split; one tap per phase with channel tiles cut short; groups with phases
+  // of two and one taps.
   p = make(3, 64, 64, 11, 13, 1);
   p.kernel_h = p.kernel_w = 4, p.stride_h = p.stride_w = 2;
   cases.push_back({"grad_weight patch steps, k4 s2", p});
   p.pad_h = p.pad_w = 1;
-  cases.push_back({"grad_weight k4 s2 p1 (per-tap steps)", p});
+  cases.push_back({"grad_weight patch steps, k4 s2 p1", p});
   p = make(2, 72, 100, 9, 7, 1);
   p.kernel_h = p.kernel_w = 2, p.stride_h = p.stride_w = 2;
   cases.push_back({"grad_weight patch steps, one tap per phase", p});
