@@ -74,30 +74,38 @@ constexpr int gemm_pixels() { return sizeof(typename Math::Smem) == 2 ? 32 : 16;
 // input), so grad_weight can hold NaN in more entries than PyTorch's sums (measured with an infinite input:
 // docs/optimizations.md section 9); finite inputs give the same terms.
 constexpr int kGemmPatchCols = 8;
-template <typename F>
-void for_each_tap_group_offsets(const ConvTransposeParams& p, F&& f) {
+
+// Tap `index` (th * taps_w + tw) of output phase (rh, rw): its kernel tap and the input offset it reads at
+// (tap_map.h). The kernel's tap tables and the planner's patch test (gemm_patch_steps) both come from here.
+struct GemmTap {
+  int kh, kw, off_h, off_w;
+};
+FCT_HD GemmTap gemm_tap(const ConvTransposeParams& p, int rh, int rw, int taps_w, int index) {
+  GemmTap tap;
+  tap.kh = phase_tap(p.kernel_h, p.stride_h, p.dil_h, rh, index / taps_w);
+  tap.kw = phase_tap(p.kernel_w, p.stride_w, p.dil_w, rw, index % taps_w);
+  tap.off_h = phase_tap_offset(phase_span(p.out_h(), p.stride_h, p.pad_h, rh), tap.kh, p.stride_h, p.dil_h, rh);
+  tap.off_w = phase_tap_offset(phase_span(p.out_w(), p.stride_w, p.pad_w, rw), tap.kw, p.stride_w, p.dil_w, rw);
+  return tap;
+}
+
+// Whether every block's taps (groups of kGemmTaps of a phase) read offsets within one row and one column.
+inline bool gemm_patch_steps(const ConvTransposeParams& p) {
   for (int rh = 0; rh < int(p.stride_h); ++rh)
     for (int rw = 0; rw < int(p.stride_w); ++rw) {
-      const int taps_h = phase_taps(p.kernel_h, p.stride_h, p.dil_h, rh);
       const int taps_w = phase_taps(p.kernel_w, p.stride_w, p.dil_w, rw);
-      for (int first = 0; first < taps_h * taps_w; first += kGemmTaps) {
+      const int taps = phase_taps(p.kernel_h, p.stride_h, p.dil_h, rh) * taps_w;
+      for (int first = 0; first < taps; first += kGemmTaps) {
         int min_h = INT_MAX, max_h = INT_MIN, min_w = INT_MAX, max_w = INT_MIN;
-        for (int index = first; index < std::min(first + kGemmTaps, taps_h * taps_w); ++index) {
-          const int kh = phase_tap(p.kernel_h, p.stride_h, p.dil_h, rh, index / taps_w);
-          const int kw = phase_tap(p.kernel_w, p.stride_w, p.dil_w, rw, index % taps_w);
-          const int off_h = phase_tap_offset(phase_span(p.out_h(), p.stride_h, p.pad_h, rh), kh, p.stride_h, p.dil_h, rh);
-          const int off_w = phase_tap_offset(phase_span(p.out_w(), p.stride_w, p.pad_w, rw), kw, p.stride_w, p.dil_w, rw);
-          min_h = std::min(min_h, off_h), max_h = std::max(max_h, off_h);
-          min_w = std::min(min_w, off_w), max_w = std::max(max_w, off_w);
+        for (int index = first; index < std::min(first + kGemmTaps, taps); ++index) {
+          const GemmTap tap = gemm_tap(p, rh, rw, taps_w, index);
+          min_h = std::min(min_h, tap.off_h), max_h = std::max(max_h, tap.off_h);
+          min_w = std::min(min_w, tap.off_w), max_w = std::max(max_w, tap.off_w);
         }
-        f(max_h - min_h, max_w - min_w);
+        if (max_h - min_h > 1 || max_w - min_w > 1) return false;
       }
     }
-}
-inline bool gemm_patch_steps(const ConvTransposeParams& p) {
-  bool fits = true;
-  for_each_tap_group_offsets(p, [&](int span_h, int span_w) { fits = fits && span_h <= 1 && span_w <= 1; });
-  return fits;
+  return true;
 }
 
 // A block's tile and stage geometry. The 8 warps each own kWarpM (ic) x kWarpN (oc) results per tap: 16 x 32
@@ -161,16 +169,16 @@ inline WeightGemmPlan plan_weight_gemm(const ConvTransposeParams& p, DType dtype
   WeightGemmPlan plan{};
   plan.tile_m = gemm_tile_m(p.in_channels_per_group());
   plan.tile_n = gemm_tile_n(p.out_channels_per_group());
-  auto rows = [](auto shape) { return decltype(shape)::kRows; };
-  const int pixel_step = dtype == DType::Float32 ? with_gemm_shape<Tf32Math>(plan.tile_m, plan.tile_n, rows)
-                                                 : with_gemm_shape<Half16Math<__half>>(plan.tile_m, plan.tile_n, rows);
+  // The shape's constants for the dtype's operand width (float: Tf32Math and Fp32SplitMath alike).
+  auto of_shape = [&](auto constant) {
+    return dtype == DType::Float32 ? with_gemm_shape<Tf32Math>(plan.tile_m, plan.tile_n, constant)
+                                   : with_gemm_shape<Half16Math<__half>>(plan.tile_m, plan.tile_n, constant);
+  };
+  const int pixel_step = of_shape([](auto shape) { return decltype(shape)::kRows; });
   plan.phases = int(p.stride_h * p.stride_w);
   // (Not for the narrow tiles' pixel groups: their group sums and a patch's state spilled; kb_v0's GEMM, which
   // uses them, had L2 54% busy in Nsight Compute.)
-  auto groups = [](auto shape) { return decltype(shape)::kGroups; };
-  const int pixel_groups = dtype == DType::Float32 ? with_gemm_shape<Tf32Math>(plan.tile_m, plan.tile_n, groups)
-                                                   : with_gemm_shape<Half16Math<__half>>(plan.tile_m, plan.tile_n, groups);
-  plan.patch = pixel_groups == 1 && gemm_patch_steps(p);
+  plan.patch = of_shape([](auto shape) { return decltype(shape)::kGroups; }) == 1 && gemm_patch_steps(p);
   const int tile_rows = pixel_step / kGemmPatchCols;
   int max_taps = 0;
   int64_t max_phase_pixels = 0, max_phase_tiles = 0;
@@ -289,12 +297,8 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
   int tap_kh[kGemmTaps], tap_off_h[kGemmTaps], tap_kw[kGemmTaps], tap_off_w[kGemmTaps];
 #pragma unroll
   for (int t = 0; t < kGemmTaps; ++t) {
-    const int index = min(tap_group * kGemmTaps + t, taps_h * taps_w - 1);
-    const int th = index / taps_w, tw = index % taps_w;
-    tap_kh[t] = phase_tap(p.kernel_h, p.stride_h, p.dil_h, rh, th);
-    tap_kw[t] = phase_tap(p.kernel_w, p.stride_w, p.dil_w, rw, tw);
-    tap_off_h[t] = phase_tap_offset(phase_span(p.out_h(), p.stride_h, p.pad_h, rh), tap_kh[t], p.stride_h, p.dil_h, rh);
-    tap_off_w[t] = phase_tap_offset(phase_span(p.out_w(), p.stride_w, p.pad_w, rw), tap_kw[t], p.stride_w, p.dil_w, rw);
+    const GemmTap tap = gemm_tap(p, rh, rw, taps_w, min(tap_group * kGemmTaps + t, taps_h * taps_w - 1));
+    tap_kh[t] = tap.kh, tap_kw[t] = tap.kw, tap_off_h[t] = tap.off_h, tap_off_w[t] = tap.off_w;
   }
 
   // Copy assignment: thread -> (row row0 of each step, 16-byte piece of its X rows and of its G row, where the
