@@ -183,18 +183,18 @@ pack_channels_last_kernel(const T* __restrict__ src, const T* __restrict__ facto
           // (kPairs: end is even, as are the plane and every pair's first pixel.)
           const int64_t at = src_offset + int64_t(min(i * kVectorStride + k, read_channels - 1)) * plane +
                              min(p0 + segment_pixel(j), end - (kPairs ? 2 : 1));
-          if constexpr (kPairs) {
-            using Pair = typename PackPair<T>::type;
-            const Pair two = vector_read ? *reinterpret_cast<const Pair*>(src + at) : Pair();
-            raw[i][k][j] = two.x, raw[i][k][j + 1] = two.y;
-            if constexpr (kFactor) {
-              const Pair two_factor = vector_read ? *reinterpret_cast<const Pair*>(factor + at) : Pair();
-              raw_factor[i][k][j] = two_factor.x, raw_factor[i][k][j + 1] = two_factor.y;
+          // Value j (and j + 1 with kPairs) of `to` from `from` at `at`.
+          auto load = [&](const T* from, T (&to)[kSegmentsPerWarp]) {
+            if constexpr (kPairs) {
+              using Pair = typename PackPair<T>::type;
+              const Pair two = vector_read ? *reinterpret_cast<const Pair*>(from + at) : Pair();
+              to[j] = two.x, to[j + 1] = two.y;
+            } else {
+              to[j] = vector_read ? from[at] : T();
             }
-          } else {
-            raw[i][k][j] = vector_read ? src[at] : T();
-            if constexpr (kFactor) raw_factor[i][k][j] = vector_read ? factor[at] : T();
-          }
+          };
+          load(src, raw[i][k]);
+          if constexpr (kFactor) load(factor, raw_factor[i][k]);
         }
     }
     Acc v[kVectorsPerWarp][kPackVector][kSegmentsPerWarp];
