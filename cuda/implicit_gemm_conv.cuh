@@ -748,12 +748,15 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
                     dst_image + int64_t(n0 + lo) * dst_plane + at, mq < count, write_value, write_factor, enabled);
     }
   };
-  // Between staging a part and reading it, and before the tile is restaged (or the block exits while a
-  // cluster partner may still write to it).
-  auto sync_tile = [&] {
+  // Between staging a part and reading it (`publish`: the partners' writes into this tile become visible),
+  // and before the tile is restaged or the block exits (only ordering: every read of the tile, and of the
+  // stages before it, has been consumed by then). Clusters: cooperative_groups' sync() fenced at GPU scope
+  // before each arrival, which waited for this thread's global stores (Nsight Compute, kb_v1 bf16 training
+  // forward: 18% of the stall samples on those fences).
+  auto sync_tile = [&](bool publish) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
     if (cluster > 1) {
-      cooperative_groups::this_cluster().sync();
+      cluster_barrier(publish);
       return;
     }
 #endif
@@ -762,7 +765,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   using Yes = std::true_type;
   using No = std::false_type;
   const int g = lane >> 2, t = lane & 3;
-  if (cluster > 1) sync_tile();  // the partners' tiles are their stages until their mainloops are done
+  if (cluster > 1) sync_tile(false);  // the partners' tiles are their stages until their mainloops are done
 #pragma unroll
   for (int part = 0; part < kEpiParts; ++part) {
 #pragma unroll
@@ -774,7 +777,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
           const int column = (j - part * kEpiFrags) * 8 + 2 * t, row = warp * 32 + i * 16 + g + h * 8;
           *reinterpret_cast<float2*>(staged_at(column, row)) = make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
         }
-    sync_tile();
+    sync_tile(true);
     const int first = part * kEpiFrags * 8, last = min(columns, first + kEpiFrags * 8);
     auto own_slot = [&](int column) { return tc_epilogue_slot(column - first, kColumns); };
     const int64_t base = dst_image + int64_t(n0 + first) * dst_plane + pixel;
@@ -809,7 +812,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
     } else {
       store(No{});
     }
-    sync_tile();
+    sync_tile(false);
   }
 }
 

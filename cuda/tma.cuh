@@ -33,6 +33,20 @@ __device__ __forceinline__ void mbarrier_init_fence() {
 #endif
 }
 
+// A barrier of the thread block cluster (every thread of every block arrives). `publish`: with release /
+// acquire semantics, so that shared-memory writes into partner blocks before it are visible after it;
+// otherwise relaxed, ordering execution only, for hazards whose earlier accesses have all completed (reads
+// whose values were consumed): no fence waits for this thread's outstanding global stores.
+__device__ __forceinline__ void cluster_barrier(bool publish) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (publish) {
+    asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+  } else {
+    asm volatile("barrier.cluster.arrive.relaxed.aligned;\n\tbarrier.cluster.wait.aligned;\n" ::: "memory");
+  }
+#endif
+}
+
 // The one arrival of a stage's barrier, announcing the bytes its copy will deliver.
 __device__ __forceinline__ void mbarrier_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
