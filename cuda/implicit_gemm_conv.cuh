@@ -96,18 +96,28 @@ constexpr int tc_min_blocks() {
 template <typename Math>
 constexpr int tc_row_bytes() { return kTcChunk * int(sizeof(typename Math::Smem)); }
 
-// Shared memory of the epilogue (staged tile, column shifts, the channels_last pixel table of store_pixels),
-// which reuses the stages from the block's start.
-template <int BN>
-constexpr int tc_epilogue_bytes() { return (tc_epilogue_tile_floats<BN>() + BN + kTcBlockM) * int(sizeof(float)); }
+// Parts of the epilogue (32 output channels each) staged at once: every part in the training forward's
+// clusters, whose staging barrier publishes the writes into partner blocks with a release that waits for
+// this thread's global stores (staged part by part, the second part's barrier waited for the first part's
+// stores); one at a time elsewhere, in half the shared memory.
+template <int BN, TcVariant Variant>
+constexpr int tc_staged_parts() { return tc_cluster(Variant) && BN > 32 ? BN / 32 : 1; }
+
+// Shared memory of the epilogue (staged parts, column shifts, the channels_last pixel table of
+// store_pixels), which reuses the stages from the block's start.
+template <int BN, TcVariant Variant>
+constexpr int tc_epilogue_bytes() {
+  return (tc_staged_parts<BN, Variant>() * tc_epilogue_tile_floats<BN>() + BN + kTcBlockM) * int(sizeof(float));
+}
 
 // Where the TMA variants' per-stage barriers sit: behind the stages and the tap tables, and behind the
 // epilogue's bytes too, 8-byte aligned: an mbarrier's memory may not serve anything else while it is one
 // (PTX: invalidated first), and the epilogue reuses the stages.
-template <int BN>
+template <int BN, TcVariant Variant>
 FCT_HD int tc_stage_barriers_offset(const TcProblem& pr, int stages, int sources) {
   const int staged = stages * pr.stage_bytes + 2 * sources * pr.max_taps * int(sizeof(int));
-  return ((staged > tc_epilogue_bytes<BN>() ? staged : tc_epilogue_bytes<BN>()) + 7) / 8 * 8;
+  constexpr int kEpilogue = tc_epilogue_bytes<BN, Variant>();
+  return ((staged > kEpilogue ? staged : kEpilogue) + 7) / 8 * 8;
 }
 
 // Packs the weight as [group][kh*kw][dst_local][src_local padded to kTcChunk] in the MMA's operand type
@@ -269,7 +279,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
     }
   }
   // TMA: per stage, the barrier its patch copy completes (one arrival: the thread that issues the copy).
-  const uint32_t stage_ready = smem_address(smem) + tc_stage_barriers_offset<BN>(pr, kStages, sources);
+  const uint32_t stage_ready = smem_address(smem) + tc_stage_barriers_offset<BN, Variant>(pr, kStages, sources);
   if (kTma && tid == 0) {
     for (int st = 0; st < kStages; ++st) mbarrier_init(stage_ready + 8 * st, 1);
     mbarrier_init_fence();
@@ -573,7 +583,10 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   // so that each thread then owns one pixel and walks the channels in a short loop: consecutive threads
   // store consecutive pixels, and the loop body (with Phi) stays small enough for the instruction cache;
   // a fully unrolled per-fragment epilogue was ~10k instructions and stalled on instruction fetch.
-  float* tile = reinterpret_cast<float*>(smem);
+  // The staged parts (tc_staged_parts), and the one being staged or stored.
+  constexpr int kStagedParts = tc_staged_parts<BN, Variant>();
+  float* const tiles = reinterpret_cast<float*>(smem);
+  float* tile = tiles;
   const int dst_plane = pr.dst_h * pr.dst_w;
   const int64_t dst_image = (image * pr.dst_channels + int64_t(group) * pr.dst_per_group) * dst_plane;
   const EpilogueConstants<float> epilogue(epi);
@@ -586,7 +599,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   const bool stores = m < count;
   // Per-column shift (bias, plus add_value where the epilogue is on: one add per output instead of two),
   // staged once per block behind the tile (a global load per element would stall).
-  float* column_shift = tile + tc_epilogue_tile_floats<BN>();
+  float* column_shift = tiles + kStagedParts * tc_epilogue_tile_floats<BN>();
   if (tid < BN) {
     const int n = n0 + tid;
     const float column_bias =
@@ -748,7 +761,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
                     dst_image + int64_t(n0 + lo) * dst_plane + at, mq < count, write_value, write_factor, enabled);
     }
   };
-  // Between staging a part and reading it (`publish`: the partners' writes into this tile become visible),
+  // Between staging parts and reading them (`publish`: the partners' writes into this tile become visible),
   // and before the tile is restaged or the block exits (only ordering: every read of the tile, and of the
   // stages before it, has been consumed by then). Clusters: cooperative_groups' sync() fenced at GPU scope
   // before each arrival, which waited for this thread's global stores (Nsight Compute, kb_v1 bf16 training
@@ -768,16 +781,25 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   if (cluster > 1) sync_tile(false);  // the partners' tiles are their stages until their mainloops are done
 #pragma unroll
   for (int part = 0; part < kEpiParts; ++part) {
+    const int slot = part % kStagedParts;
+    if (slot == 0) {
 #pragma unroll
-    for (int j = part * kEpiFrags; j < (part + 1) * kEpiFrags; ++j)
+      for (int staging = part; staging < part + kStagedParts; ++staging) {
+        tile = tiles + (staging - part) * tc_epilogue_tile_floats<BN>();
 #pragma unroll
-      for (int i = 0; i < 2; ++i)
+        for (int j = staging * kEpiFrags; j < (staging + 1) * kEpiFrags; ++j)
 #pragma unroll
-        for (int h = 0; h < 2; ++h) {  // an mma tile's rows g and g + 8, two adjacent columns each
-          const int column = (j - part * kEpiFrags) * 8 + 2 * t, row = warp * 32 + i * 16 + g + h * 8;
-          *reinterpret_cast<float2*>(staged_at(column, row)) = make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
-        }
-    sync_tile(true);
+          for (int i = 0; i < 2; ++i)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {  // an mma tile's rows g and g + 8, two adjacent columns each
+              const int column = (j - staging * kEpiFrags) * 8 + 2 * t, row = warp * 32 + i * 16 + g + h * 8;
+              *reinterpret_cast<float2*>(staged_at(column, row)) =
+                  make_float2(acc[i][j][2 * h], acc[i][j][2 * h + 1]);
+            }
+      }
+      sync_tile(true);
+    }
+    tile = tiles + slot * tc_epilogue_tile_floats<BN>();
     const int first = part * kEpiFrags * 8, last = min(columns, first + kEpiFrags * 8);
     auto own_slot = [&](int column) { return tc_epilogue_slot(column - first, kColumns); };
     const int64_t base = dst_image + int64_t(n0 + first) * dst_plane + pixel;
@@ -812,7 +834,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
     } else {
       store(No{});
     }
-    sync_tile(false);
+    if (slot == kStagedParts - 1) sync_tile(false);
   }
 }
 
@@ -852,8 +874,8 @@ size_t layout_implicit_gemm(TcProblem* pr) {
   const int sources = Dir == GatherDirection::GradInput ? pr->phases : 1;  // tap tables' sources
   const size_t staged = size_t(kStages) * pr->stage_bytes + 2 * size_t(sources) * pr->max_taps * sizeof(int);
   const size_t smem = tc_tma(Variant)  // barriers last, + the 1024-byte alignment slack
-                          ? size_t(tc_stage_barriers_offset<BN>(*pr, kStages, sources)) + 8 * kStages + 1024
-                          : std::max(staged, size_t(tc_epilogue_bytes<BN>()));
+                          ? size_t(tc_stage_barriers_offset<BN, Variant>(*pr, kStages, sources)) + 8 * kStages + 1024
+                          : std::max(staged, size_t(tc_epilogue_bytes<BN, Variant>()));
   const int64_t grid_x = pr->batch * pr->m_tiles * (Dir == GatherDirection::GradInput ? 1 : pr->phases);
   const int64_t grid_y = int64_t(pr->groups) * pr->n_tiles;
   if (smem > max_dynamic_smem_bytes() || grid_x > 0x7fffffff || grid_y > 65535) return 0;
