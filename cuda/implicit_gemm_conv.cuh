@@ -141,18 +141,19 @@ __global__ void pack_weight_kernel(const T* __restrict__ weight, typename Math::
   }
 }
 
-// Four consecutive values of a channels_last row as one 16-byte (float) or 8-byte (16-bit) store; `to` is
-// aligned to that size (the caller checks).
-template <typename T>
-__device__ __forceinline__ void store_four(T* to, const float* v) {
-  if constexpr (sizeof(T) == 4) {
-    *reinterpret_cast<float4*>(to) = make_float4(v[0], v[1], v[2], v[3]);
-  } else {
-    const T pairs[4] = {from_acc<T>(v[0]), from_acc<T>(v[1]), from_acc<T>(v[2]), from_acc<T>(v[3])};
-    uint2 word;
-    memcpy(&word, pairs, sizeof(word));
-    *reinterpret_cast<uint2*>(to) = word;
-  }
+// N (2 or 4) consecutive values as one store of N * sizeof(T) bytes; `to` is aligned to that size (the
+// caller checks).
+template <int N, typename T>
+__device__ __forceinline__ void store_consecutive(T* to, const float* v) {
+  constexpr int kBytes = N * int(sizeof(T));
+  static_assert(kBytes == 4 || kBytes == 8 || kBytes == 16, "one 4-, 8- or 16-byte store");
+  using Word = std::conditional_t<kBytes == 16, uint4, std::conditional_t<kBytes == 8, uint2, uint32_t>>;
+  T values[N];
+#pragma unroll
+  for (int k = 0; k < N; ++k) values[k] = from_acc<T>(v[k]);
+  Word word;
+  memcpy(&word, values, sizeof(word));
+  *reinterpret_cast<Word*>(to) = word;
 }
 
 // Two blocks per SM: the second block's mainloop hides this one's prologue, epilogue and barriers.
@@ -653,10 +654,13 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
     }
     return tail;
   };
-  // Columns [first, last) of a pixel whose staged row is `row` (column c at row + slot_of(c)) and whose
-  // channel `first` sits at `base` (stored if `in_tile`).
-  auto store_columns = [&](const float* row, auto slot_of, int first, int last, int64_t base, bool in_tile,
-                           auto write_value, auto write_factor, auto enabled) {
+  // Columns [first, last) of kPixels (1 or 2) consecutive pixels of an output row, whose staged rows start
+  // at `row` and row + pixel_stride (column c at + slot_of(c)) and whose first pixel's channel `first` sits
+  // at `base` (stored if `in_tile`). Two pixels go as one two-value store per column and output (base even
+  // and the outputs aligned to two values: the caller checks): half the store and address instructions.
+  auto store_columns = [&](auto pixels, const float* row, int pixel_stride, auto slot_of, int first, int last,
+                           int64_t base, bool in_tile, auto write_value, auto write_factor, auto enabled) {
+    constexpr int kPixels = decltype(pixels)::value;
     constexpr bool kValue = decltype(write_value)::value, kFactor = decltype(write_factor)::value;
     T* out = kValue ? dst + base : nullptr;
     T* out_factor = kFactor ? dst_factor + base : nullptr;
@@ -665,14 +669,24 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
       // channels), so its reads need no clamping; only the stores stop at `last`.
       const float4 shift = *reinterpret_cast<const float4*>(column_shift + column);
       const float shifts[kEpiGroup] = {shift.x, shift.y, shift.z, shift.w};
-      float pre[kEpiGroup];
-      const bool tail = preactivations(row + slot_of(column), shifts, pre);
-      EpilogueOutputs<float> result[kEpiGroup];
-      evaluate(pre, tail, result, write_factor, enabled);
+      EpilogueOutputs<float> result[kPixels][kEpiGroup];
+#pragma unroll
+      for (int p = 0; p < kPixels; ++p) {
+        float pre[kEpiGroup];
+        const bool tail = preactivations(row + p * pixel_stride + slot_of(column), shifts, pre);
+        evaluate(pre, tail, result[p], write_factor, enabled);
+      }
       // Plane offsets within the image are 32-bit (finish_tc_problem): one wide multiply-add per address.
       auto store_output = [&](int k) {
-        if constexpr (kValue) out[k * dst_plane] = from_acc<T>(result[k].value);
-        if constexpr (kFactor) out_factor[k * dst_plane] = from_acc<T>(result[k].factor);
+        if constexpr (kPixels == 1) {
+          if constexpr (kValue) out[k * dst_plane] = from_acc<T>(result[0][k].value);
+          if constexpr (kFactor) out_factor[k * dst_plane] = from_acc<T>(result[0][k].factor);
+        } else {
+          const float values[2] = {result[0][k].value, result[1][k].value};
+          const float factors[2] = {result[0][k].factor, result[1][k].factor};
+          if constexpr (kValue) store_consecutive<2>(out + k * dst_plane, values);
+          if constexpr (kFactor) store_consecutive<2>(out_factor + k * dst_plane, factors);
+        }
       };
       if (in_tile) {
         if (column + kEpiGroup <= last) {  // every group but a group width's ragged end
@@ -714,7 +728,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
       if (at < 0 || column >= last) continue;
       if (whole) {
         const float values[kEpiGroup] = {result[0].value, result[1].value, result[2].value, result[3].value};
-        store_four(out + at, values);
+        store_consecutive<kEpiGroup>(out + at, values);
       } else {
 #pragma unroll
         for (int k = 0; k < kEpiGroup; ++k)
@@ -748,17 +762,30 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
 #endif
     return tile + row * kEpiStride + tc_epilogue_slot(column, kColumns);
   };
+  using One = std::integral_constant<int, 1>;
+  using Two = std::integral_constant<int, 2>;
+  // A thread stores pixels q and q + 1 of the cluster's output-row order (slots 2i and 2i + 1 of one phase
+  // pixel: adjacent outputs, the first at an even offset) as pairs where an output row has an even length and
+  // both outputs are aligned to two values; else one pixel at a time.
+  const bool cluster_pairs = pr.dst_w % 2 == 0 && reinterpret_cast<uintptr_t>(dst) % (2 * sizeof(T)) == 0 &&
+                             reinterpret_cast<uintptr_t>(dst_factor) % (2 * sizeof(T)) == 0;
   auto store_cluster = [&](int first, int last, auto write_value, auto write_factor, auto enabled) {
     const int rank = int(blockIdx.x % unsigned(cluster));  // in the cluster: its blocks are consecutive in x
     const int lo = first + rank * share, hi = min(last, lo + share);
-#pragma unroll 1
-    for (int j = 0; j < cluster; ++j) {
-      const int q = tid + j * kTcThreads;  // the pixel's row in the cluster's output-row order
+    auto store_from = [&](auto pixels, int q) {  // q: the (first) pixel's row in the cluster's output-row order
       const int slot = q % cluster, mq = m0 + q / cluster;
       const int a = mq / dst_phase.extent_w, b = mq % dst_phase.extent_w;
       const int at = (dst_phase.first_h + a * pr.dst_step_h) * pr.dst_w + b * cluster + slot;
-      store_columns(tile + q * cluster_stride, [&](int column) { return column - lo; }, lo, hi,
-                    dst_image + int64_t(n0 + lo) * dst_plane + at, mq < count, write_value, write_factor, enabled);
+      store_columns(pixels, tile + q * cluster_stride, cluster_stride, [&](int column) { return column - lo; }, lo,
+                    hi, dst_image + int64_t(n0 + lo) * dst_plane + at, mq < count, write_value, write_factor,
+                    enabled);
+    };
+    if (cluster_pairs) {
+#pragma unroll 1
+      for (int j = 0; j < cluster / 2; ++j) store_from(Two{}, 2 * (tid + j * kTcThreads));
+    } else {
+#pragma unroll 1
+      for (int j = 0; j < cluster; ++j) store_from(One{}, tid + j * kTcThreads);
     }
   };
   // Between staging parts and reading them (`publish`: the partners' writes into this tile become visible),
@@ -810,12 +837,12 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
         // output (its epilogue evaluated a second time: the channels_last training forward only).
         if constexpr (decltype(write_value)::value) store_pixels(first, last, enabled);
         if constexpr (decltype(write_factor)::value)
-          store_columns(tile + tid * kEpiStride, own_slot, first, last, base, stores, No{}, Yes{}, enabled);
+          store_columns(One{}, tile + tid * kEpiStride, 0, own_slot, first, last, base, stores, No{}, Yes{}, enabled);
       } else if (cluster > 1) {
         store_cluster(first, last, write_value, write_factor, enabled);
       } else {
-        store_columns(tile + tid * kEpiStride, own_slot, first, last, base, stores, write_value, write_factor,
-                      enabled);
+        store_columns(One{}, tile + tid * kEpiStride, 0, own_slot, first, last, base, stores, write_value,
+                      write_factor, enabled);
       }
     };
     auto store = [&](auto enabled) {
@@ -828,7 +855,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
       }
     };
     if constexpr (Dir == GatherDirection::GradInput) {
-      store_columns(tile + tid * kEpiStride, own_slot, first, last, base, stores, Yes{}, No{}, No{});
+      store_columns(One{}, tile + tid * kEpiStride, 0, own_slot, first, last, base, stores, Yes{}, No{}, No{});
     } else if (epilogue.enabled) {
       store(Yes{});
     } else {
