@@ -13,6 +13,7 @@
 #include <math.h>
 
 #include <cmath>
+#include <type_traits>
 
 #include "fused_convt/macros.h"
 
@@ -86,13 +87,27 @@ struct EpilogueOutputs {
   Acc value, factor;  // out, and d out / d u
 };
 
+// The value where u >= 0 or u is NaN: 0, or NaN. On the GPU (float) one NaN-propagating minimum, min(u, 0),
+// instead of a compare and a select: most outputs of most data take this form, in every epilogue.
+template <typename Acc>
+FCT_HD Acc value_at_nonnegative(Acc u) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  if constexpr (std::is_same<Acc, float>::value) {
+    float value;
+    asm("min.NaN.f32 %0, %1, 0f00000000;" : "=f"(value) : "f"(u));
+    return value;
+  }
+#endif
+  return u != u ? u : Acc(0);
+}
+
 // The epilogue where u >= 0 (z = min(u, 0) = 0) or u is NaN: value exactly 0 and derivative 0, except at
 // u == 0, where PyTorch's binary minimum splits the gradient of the tie in half and GELU'(0) = 1/2, so the
 // composite gives m / 4. NaN propagates as in the PyTorch composite (the binary minimum keeps NaN).
 template <typename Acc>
 FCT_HD EpilogueOutputs<Acc> epilogue_at_nonnegative(Acc u, Acc multiply_value) {
-  if (u != u) return {u, u};
-  return {Acc(0), u == Acc(0) ? Acc(0.25) * multiply_value : Acc(0)};
+  const Acc value = value_at_nonnegative(u);
+  return {value, u == Acc(0) ? Acc(0.25) * multiply_value : value};
 }
 
 // The functions below are written without branches: Phi is evaluated at z = min(u, 0) (NaN -> 0) on every
