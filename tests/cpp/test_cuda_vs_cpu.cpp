@@ -238,28 +238,28 @@ void check_case(const ConvTransposeParams& p, const Epilogue& epi, const CaseOpt
   }
 }
 
+// Square kernel, stride, padding and output padding: both axes alike.
+ConvTransposeParams square(ConvTransposeParams p, int64_t kernel, int64_t stride, int64_t pad = 0,
+                           int64_t out_pad = 0) {
+  p.kernel_h = p.kernel_w = kernel, p.stride_h = p.stride_w = stride, p.pad_h = p.pad_w = pad;
+  p.out_pad_h = p.out_pad_w = out_pad;
+  return p;
+}
+
 // Problems large enough for several destination tiles, channel tiles, source chunks and grad_weight splits,
 // on both forward paths: the tensor-core implicit GEMM (stride_h * stride_w <= 16, few taps per phase,
 // patches that fit its staging buffers) and the direct gather kernel.
 std::vector<std::pair<std::string, ConvTransposeParams>> tiled_cases() {
   std::vector<std::pair<std::string, ConvTransposeParams>> cases;
   const auto make = test::make_params;
-  ConvTransposeParams p = make(2, 20, 36, 19, 19, 1);
-  p.kernel_h = p.kernel_w = 4, p.stride_h = p.stride_w = 2, p.pad_h = p.pad_w = 1;
-  cases.push_back({"k4 s2 p1, channel tiles and source chunks", p});
-  p = make(1, 24, 40, 32, 32, 1);
-  p.kernel_h = p.kernel_w = 4, p.stride_h = p.stride_w = 2, p.pad_h = p.pad_w = 1;
-  cases.push_back({"k4 s2 p1, several M tiles per phase, channels not a multiple of 16", p});
-  p = make(2, 34, 18, 20, 20, 2);
-  p.kernel_h = p.kernel_w = 3, p.pad_h = p.pad_w = 1;
-  cases.push_back({"stride 1, groups, 17 channels per group", p});
-  p = make(1, 16, 16, 12, 12, 1);
-  p.kernel_h = p.kernel_w = 3, p.stride_h = p.stride_w = 2, p.dil_h = p.dil_w = 2, p.pad_h = p.pad_w = 1;
-  p.out_pad_h = p.out_pad_w = 1;
+  cases.push_back({"k4 s2 p1, channel tiles and source chunks", square(make(2, 20, 36, 19, 19, 1), 4, 2, 1)});
+  cases.push_back({"k4 s2 p1, several M tiles per phase, channels not a multiple of 16",
+                   square(make(1, 24, 40, 32, 32, 1), 4, 2, 1)});
+  cases.push_back({"stride 1, groups, 17 channels per group", square(make(2, 34, 18, 20, 20, 2), 3, 1, 1)});
+  ConvTransposeParams p = square(make(1, 16, 16, 12, 12, 1), 3, 2, 1, 1);
+  p.dil_h = p.dil_w = 2;
   cases.push_back({"phases without taps (gcd(d, s) = 2)", p});
-  p = make(2, 8, 8, 23, 21, 8);
-  p.kernel_h = p.kernel_w = 3, p.stride_h = p.stride_w = 2, p.pad_h = p.pad_w = 1, p.out_pad_h = p.out_pad_w = 1;
-  cases.push_back({"depthwise", p});
+  cases.push_back({"depthwise", square(make(2, 8, 8, 23, 21, 8), 3, 2, 1, 1)});
   p = make(1, 6, 10, 9, 13, 2);
   p.kernel_h = 7, p.kernel_w = 5, p.dil_h = 3, p.dil_w = 2, p.stride_h = 2, p.stride_w = 3, p.pad_h = 4, p.pad_w = 2;
   p.out_pad_h = 2, p.out_pad_w = 1;
@@ -275,35 +275,20 @@ std::vector<std::pair<std::string, ConvTransposeParams>> tiled_cases() {
   p = make(1, 4, 4, 6, 5, 1);
   p.kernel_h = p.kernel_w = 2, p.stride_h = 5, p.stride_w = 4, p.out_pad_h = 3;
   cases.push_back({"20 phases (direct kernel only)", p});
-  p = make(4, 3, 5, 32, 32, 1);
-  p.kernel_h = p.kernel_w = 2, p.stride_h = p.stride_w = 2;
-  cases.push_back({"many grad_weight splits", p});
-  p = make(2, 40, 70, 6, 6, 1);
-  p.kernel_h = p.kernel_w = 3, p.pad_h = p.pad_w = 1;
-  cases.push_back({"wide channels (several grad_weight tiles)", p});
+  cases.push_back({"many grad_weight splits", square(make(4, 3, 5, 32, 32, 1), 2, 2)});
+  cases.push_back({"wide channels (several grad_weight tiles)", square(make(2, 40, 70, 6, 6, 1), 3, 1, 1)});
   // The grad_weight GEMM's narrow tiles (GemmShape): 64 input x 32 and x 16 output channels (two and one warp
   // tiles, one pixel group); 32 x 16 and 32 x 32 (pixel groups) come with the cases above.
-  p = make(2, 48, 24, 10, 9, 1);
-  p.kernel_h = p.kernel_w = 3, p.stride_h = p.stride_w = 2, p.pad_h = p.pad_w = 1;
-  cases.push_back({"grad_weight tile 64 x 32", p});
-  p = make(2, 40, 12, 9, 10, 1);
-  p.kernel_h = p.kernel_w = 4, p.stride_h = p.stride_w = 2;
-  cases.push_back({"grad_weight tile 64 x 16", p});
+  cases.push_back({"grad_weight tile 64 x 32", square(make(2, 48, 24, 10, 9, 1), 3, 2, 1)});
+  cases.push_back({"grad_weight tile 64 x 16", square(make(2, 40, 12, 9, 10, 1), 4, 2)});
   // Patch steps of the grad_weight GEMM (64 x 64 tiles, taps within one row and column of each other): ragged
   // tile grids (phase planes 12 x 14, and 11 x 13 with padding, where the rows past the grid's edge read inside
   // the image), several images per split; one tap per phase with channel tiles cut short; groups with phases
   // of two and one taps.
-  p = make(3, 64, 64, 11, 13, 1);
-  p.kernel_h = p.kernel_w = 4, p.stride_h = p.stride_w = 2;
-  cases.push_back({"grad_weight patch steps, k4 s2", p});
-  p.pad_h = p.pad_w = 1;
-  cases.push_back({"grad_weight patch steps, k4 s2 p1", p});
-  p = make(2, 72, 100, 9, 7, 1);
-  p.kernel_h = p.kernel_w = 2, p.stride_h = p.stride_w = 2;
-  cases.push_back({"grad_weight patch steps, one tap per phase", p});
-  p = make(2, 128, 128, 8, 8, 2);
-  p.kernel_h = p.kernel_w = 3, p.stride_h = p.stride_w = 2, p.pad_h = p.pad_w = 1, p.out_pad_h = p.out_pad_w = 1;
-  cases.push_back({"grad_weight patch steps, groups, k3 s2", p});
+  cases.push_back({"grad_weight patch steps, k4 s2", square(make(3, 64, 64, 11, 13, 1), 4, 2)});
+  cases.push_back({"grad_weight patch steps, k4 s2 p1", square(make(3, 64, 64, 11, 13, 1), 4, 2, 1)});
+  cases.push_back({"grad_weight patch steps, one tap per phase", square(make(2, 72, 100, 9, 7, 1), 2, 2)});
+  cases.push_back({"grad_weight patch steps, groups, k3 s2", square(make(2, 128, 128, 8, 8, 2), 3, 2, 1, 1)});
   p = make(0, 4, 6, 5, 5, 2);
   p.kernel_h = p.kernel_w = 3, p.stride_h = 2;
   cases.push_back({"empty batch", p});
