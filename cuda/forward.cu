@@ -1,9 +1,11 @@
 // CUDA forward entry point: validates, makes the caller's device current and, on the caller's stream, runs
-// the tensor-core implicit-GEMM kernel where it applies (float16, bfloat16, float32 as TF32 or, without TF32,
+// the column-pair wgmma kernel for the 16-bit inference forward at stride_w 2 on sm_90a (pair_forward.cuh),
+// else the tensor-core implicit-GEMM kernel where it applies (float16, bfloat16, float32 as TF32 or, without TF32,
 // as exact 3xTF32; phases and patches within its limits), else the direct gather kernel (float64, the rest).
 // It first makes a channels-last copy of the input in the workspace (tc_async_patch), or, for the 16-bit
 // types, reads the input in place where it is already NHWC (forward_reads_channels_last).
 #include "implicit_gemm_conv.cuh"
+#include "pair_forward.cuh"
 #include "problems.cuh"
 
 namespace fused_convt {
@@ -27,14 +29,22 @@ static size_t forward_packed_bytes(const TcProblem& problem, DType dtype) {
   return (bytes + 255) / 256 * 256;
 }
 
+// The 16-bit inference forward may take the column-pair path instead (pair_forward.cuh): the workspace
+// holds whichever layout is larger.
 size_t forward_workspace_bytes(const ConvTransposeParams& params, DType dtype) {
   validate(params);
+  size_t bytes = 0;
   TcProblem problem;
-  if (dtype == DType::Float64 || !forward_tc_problem(params, &problem)) return 0;
-  // The channels-last copy of the input (tc_async_patch), in the operand type.
-  const size_t source = dtype == DType::Float32 ? channels_last_source_bytes<Tf32Math>(problem)
-                                                : channels_last_source_bytes<Half16Math<__half>>(problem);
-  return forward_packed_bytes(problem, dtype) + source;
+  if (dtype != DType::Float64 && forward_tc_problem(params, &problem)) {
+    // The channels-last copy of the input (tc_async_patch), in the operand type.
+    const size_t source = dtype == DType::Float32 ? channels_last_source_bytes<Tf32Math>(problem)
+                                                  : channels_last_source_bytes<Half16Math<__half>>(problem);
+    bytes = forward_packed_bytes(problem, dtype) + source;
+  }
+  PairProblem pair;
+  if ((dtype == DType::Float16 || dtype == DType::BFloat16) && plan_pair_forward(params, 1, false, &pair))
+    bytes = std::max(bytes, pair_workspace_bytes(pair));
+  return bytes;
 }
 
 bool forward_reads_channels_last(const ConvTransposeParams& params, DType dtype, int device) {
@@ -68,6 +78,16 @@ void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, D
     T* grad_factor = static_cast<T*>(args.grad_factor);
     GatherProblem direct = forward_gather_problem(params);
     direct.dst_channels_last = args.output_channels_last;
+    if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
+      PairProblem pair;
+      if (output && !grad_factor && pair_forward_plan_for_device(params, args.output_channels_last, &pair)) {
+        if (!args.workspace)
+          throw std::invalid_argument("fused_convt: forward_cuda needs a workspace of forward_workspace_bytes() bytes");
+        launch_pair_forward<T>(pair, epilogue, input, args.input_channels_last, weight, bias, output, args.workspace,
+                               stream);
+        return;
+      }
+    }
     if constexpr (!std::is_same_v<T, double>) {
       TcProblem fast;
       if (forward_tc_problem(params, &fast)) {

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README and .ci/run both call this): build the C++ library and its tests, run ctest,
 # install the Python package with pip and run pytest against the installed package.
-# FUSED_CONVT_CUDA_ARCHITECTURES picks the GPU targets (default: the library's 80;86;89;90).
+# FUSED_CONVT_CUDA_ARCHITECTURES picks the GPU targets (default: the library's 80;86;89;90a).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 build=${FUSED_CONVT_BUILD_DIR:-$root/build/tests}

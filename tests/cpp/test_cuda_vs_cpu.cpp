@@ -144,6 +144,34 @@ void check_case(const ConvTransposeParams& p, const Epilogue& epi, const CaseOpt
   run_forward();
   CHECK_MSG(!options.full || test::bitwise_equal(out_dev.download<T>(), out), what + ": forward output not reproducible");
   CHECK_MSG(test::bitwise_equal(factor_dev.download<T>(), factor), what + ": forward grad_factor not reproducible");
+  auto as_nchw = [&](const std::vector<T>& nhwc) {
+    const int64_t channels = p.out_channels, plane = p.out_h() * p.out_w();
+    std::vector<T> nchw(nhwc.size());
+    for (int64_t n = 0; n < p.batch; ++n)
+      for (int64_t c = 0; c < channels; ++c)
+        for (int64_t i = 0; i < plane; ++i)
+          nchw[size_t((n * channels + c) * plane + i)] = nhwc[size_t((n * plane + i) * channels + c)];
+    return nchw;
+  };
+  // The inference forward (the output alone, no grad_factor) may take its own kernel (on sm_90a the
+  // column-pair wgmma path, cuda/pair_forward.cuh): the same values within tolerance, reproducible bitwise.
+  if (options.full) {
+    ForwardArgs inference_args = forward_args;
+    inference_args.grad_factor = nullptr;
+    auto run_inference = [&] {
+      for (DeviceBuffer* buffer : {&out_dev, &forward_workspace}) buffer->poison();
+      cuda_ok(cudaDeviceSynchronize(), "poison");
+      fused_convt::forward_cuda(p, epi, dtype, inference_args, ctx);
+      sync();
+      return out_dev.download<T>();
+    };
+    const auto inference = run_inference();
+    check_device(inference, out_cpu, expected.output, expected.output_tol, what + ": inference output");
+    CHECK_MSG(test::bitwise_equal(run_inference(), inference), what + ": inference output not reproducible");
+    inference_args.output_channels_last = true;  // the same values, stored NHWC
+    CHECK_MSG(test::bitwise_equal(as_nchw(run_inference()), inference),
+              what + ": channels_last inference output differs from the NCHW one");
+  }
   // A channels_last (NHWC) output: the same arithmetic stored in the other layout, so bitwise the NCHW run's
   // values, permuted; a missed or misplaced element shows as the poison or a mismatch.
   {
@@ -153,15 +181,6 @@ void check_case(const ConvTransposeParams& p, const Epilogue& epi, const CaseOpt
     cuda_ok(cudaDeviceSynchronize(), "poison");
     fused_convt::forward_cuda(p, epi, dtype, nhwc_args, ctx);
     sync();
-    const int64_t channels = p.out_channels, plane = p.out_h() * p.out_w();
-    auto as_nchw = [&](const std::vector<T>& nhwc) {
-      std::vector<T> nchw(nhwc.size());
-      for (int64_t n = 0; n < p.batch; ++n)
-        for (int64_t c = 0; c < channels; ++c)
-          for (int64_t i = 0; i < plane; ++i)
-            nchw[size_t((n * channels + c) * plane + i)] = nhwc[size_t((n * plane + i) * channels + c)];
-      return nchw;
-    };
     CHECK_MSG(!options.full || test::bitwise_equal(as_nchw(out_dev.download<T>()), out),
               what + ": channels_last output differs from the NCHW output");
     CHECK_MSG(test::bitwise_equal(factor_dev.download<T>(), factor),
@@ -289,6 +308,19 @@ std::vector<std::pair<std::string, ConvTransposeParams>> tiled_cases() {
   cases.push_back({"grad_weight patch steps, k4 s2 p1", square(make(3, 64, 64, 11, 13, 1), 4, 2, 1)});
   cases.push_back({"grad_weight patch steps, one tap per phase", square(make(2, 72, 100, 9, 7, 1), 2, 2)});
   cases.push_back({"grad_weight patch steps, groups, k3 s2", square(make(2, 128, 128, 8, 8, 2), 3, 2, 1, 1)});
+  // The column-pair forward (stride_w 2, channels per group multiples of 16; sm_90a): 16-channel tiles with an
+  // odd output width (pairs cut at the row's end, 16-bit stores); one row phase (stride_h 1); taps 3 and 2 per
+  // phase with groups; a column phase without taps (kernel_w 1); more weight sets (groups) than SMs. The
+  // patch-step cases above take it with 64-channel tiles.
+  cases.push_back({"pair: odd output width, 16-channel tiles", square(make(2, 32, 16, 9, 7, 1), 4, 2, 1, 1)});
+  p = make(2, 16, 32, 6, 10, 1);
+  p.kernel_h = 3, p.kernel_w = 2, p.stride_h = 1, p.stride_w = 2, p.pad_h = 1;
+  cases.push_back({"pair: one row phase, 32-channel tiles", p});
+  cases.push_back({"pair: k5 s2 p2, groups", square(make(1, 32, 32, 12, 12, 2), 5, 2, 2)});
+  p = make(1, 16, 16, 5, 5, 1);
+  p.kernel_h = 3, p.kernel_w = 1, p.stride_h = p.stride_w = 2;
+  cases.push_back({"pair: a column phase without taps", p});
+  cases.push_back({"pair: more weight sets than SMs", square(make(1, 16 * 70, 16 * 70, 3, 3, 70), 2, 2)});
   p = make(0, 4, 6, 5, 5, 2);
   p.kernel_h = p.kernel_w = 3, p.stride_h = 2;
   cases.push_back({"empty batch", p});

@@ -1,5 +1,5 @@
 """A small workload that reaches every CUDA kernel variant the dispatcher can pick (tensor-core forward with
-each math policy and channel tile, the direct gather kernel for forward and grad_input, the grad_weight /
+each math policy and channel tile, the column-pair inference forward, the direct gather kernel for forward and grad_input, the grad_weight /
 grad_bias split reductions), run under compute-sanitizer by sanitize.sh. Exits non-zero on a wrong result."""
 import os
 import sys
@@ -45,6 +45,23 @@ for dtype, tf32, _ in DTYPES:
     w.requires_grad_(False)
     fused_convt.conv_transpose2d_fused(x, w, b, **CASES[0][0].conv_kwargs(), **CASES[0][0].epilogue_kwargs(),
                                        allow_tf32=tf32).sum().backward()
+# The 16-bit inference forward's column-pair kernel (sm_90a; stride_w 2, channels per group multiples of 16):
+# 64- and 16-channel tiles, NCHW and NHWC outputs, a row stride of 1 with odd output widths.
+PAIR_CASES = [Problem(2, 32, 64, (5, 6), (4, 4), (2, 2), add_value=-0.5),
+              Problem(1, 32, 16, (4, 7), (3, 3), (1, 2), (1, 1), (0, 0))]
+pair_runs = 0
+for index, problem in enumerate(PAIR_CASES):
+    for dtype, tol in ((torch.bfloat16, 3e-2), (torch.float16, 5e-3)):
+        for layout in (torch.contiguous_format, torch.channels_last):
+            x, w, b = problem.tensors(dtype, "cuda", seed=100 + index)
+            with torch.no_grad():
+                y = fused_convt.conv_transpose2d_fused(x.contiguous(memory_format=layout), w, b,
+                                                       **problem.conv_kwargs(), **problem.epilogue_kwargs())
+            err = rel_err(y, composite_float64(x, w, b, **problem.conv_kwargs(), **problem.epilogue_kwargs()))
+            pair_runs += 1
+            if not err <= tol:
+                failures += 1
+                print(f"pair case {index} {dtype} {layout}: relative error {err:.3e} > {tol}")
 torch.cuda.synchronize()
-print(f"sanitize workload: {len(CASES) * len(DTYPES)} runs, {failures} wrong")
+print(f"sanitize workload: {len(CASES) * len(DTYPES) + pair_runs} runs, {failures} wrong")
 sys.exit(1 if failures else 0)

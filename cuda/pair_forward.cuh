@@ -1,0 +1,413 @@
+// The column-pair forward (pair_problem.h): 16-bit inference forward at stride_w 2 on sm_90a.
+//
+// A block keeps one weight set (group, row phase, 64/32/16 output channels; every tap of both column phases)
+// resident in shared memory and its warpgroups walk tiles of 64 grid pixels of that set, each on its own:
+// per tile one bulk copy per 8-channel plane brings the patch (two tiles in flight per warpgroup, an mbarrier
+// per buffer), wgmma multiplies it by every tap of both column phases (the tap is a row shift of the A
+// descriptor), and the epilogue runs on the accumulators in registers. The outputs pass through the tile's
+// just-consumed patch buffer so that consecutive lanes store consecutive output pairs (2j, 2j + 1): whole
+// sectors, one 32-bit store per pair, where the phase kernel's two column phases each wrote half of every
+// sector from different blocks (kb_v1 bf16, H100 prototype: 1.07 -> 0.56 ms on random data).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "cuda_common.cuh"
+#include "fused_convt/epilogue.h"
+#include "mma.cuh"
+#include "pair_problem.h"
+#include "tma.cuh"
+#include "wgmma.cuh"
+
+namespace fused_convt {
+
+// Whether this build carries the sm_90a kernels (CMake: an sm_90a target architecture).
+constexpr bool pair_forward_compiled() {
+#ifdef FUSED_CONVT_SM90A
+  return true;
+#else
+  return false;
+#endif
+}
+
+__device__ __forceinline__ void bulk_copy_to_shared(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
+#endif
+}
+
+// The input in zero-padded 8-channel planes, [image][plane][padded pixel][8] (pair_problem.h), from NCHW or
+// NHWC: one 16-byte row per thread, each of its eight loads coalesced with its neighbours' along the row.
+template <typename T>
+__global__ void pack_pair_input(PairProblem pr, const T* __restrict__ input, bool channels_last,
+                                uint4* __restrict__ padded) {
+  const int planes = pr.groups * pr.planes(), channels = planes * kPairPlane;
+  const int64_t total = int64_t(pr.batch) * planes * pr.plane_len;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
+    const int pixel = int(idx % pr.plane_len);
+    const int64_t image_plane = idx / pr.plane_len;
+    const int plane = int(image_plane % planes);
+    const int64_t n = image_plane / planes;
+    const int r = pixel / pr.plane_w, ih = r - pr.pad_top, iw = pixel - r * pr.plane_w - pr.pad_left;
+    T v[kPairPlane];
+    for (int q = 0; q < kPairPlane; ++q) v[q] = T(0.0f);
+    if (ih >= 0 && ih < pr.in_h && iw >= 0 && iw < pr.in_w) {
+      const int c0 = plane * kPairPlane;
+      if (channels_last) {
+        const T* src = input + ((n * pr.in_h + ih) * pr.in_w + iw) * channels + c0;
+        for (int q = 0; q < kPairPlane; ++q) v[q] = src[q];
+      } else {
+        const T* src = input + ((n * channels + c0) * pr.in_h + ih) * int64_t(pr.in_w) + iw;
+        for (int q = 0; q < kPairPlane; ++q) v[q] = src[int64_t(q) * pr.in_h * pr.in_w];
+      }
+    }
+    padded[idx] = *reinterpret_cast<const uint4*>(v);
+  }
+}
+
+// The weights of each set as the kernel's resident slots, [set][slot][plane][n_tile][8]: slots enumerate
+// column phase, then row tap, then column tap (pair_slot). weight: PyTorch's [C_in][C_out / groups][kh][kw].
+template <typename T>
+__global__ void pack_pair_weight(PairProblem pr, const T* __restrict__ weight, uint4* __restrict__ packed) {
+  const int planes = pr.planes(), rows = pr.n_tile;
+  const int64_t total = int64_t(pr.sets) * pr.max_taps * planes * rows;
+  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
+    const int co = int(idx % rows), plane = int(idx / rows % planes), slot = int(idx / rows / planes % pr.max_taps);
+    const int set = int(idx / rows / planes / pr.max_taps);
+    const int ct = set % pr.channel_tiles(), ph = set / pr.channel_tiles() % pr.stride_h;
+    const int g = set / pr.channel_tiles() / pr.stride_h;
+    const PairAxisTaps th = pair_axis_taps(ph, pr.kernel_h, pr.stride_h, pr.pad_h);
+    const PairAxisTaps tw0 = pair_axis_taps(0, pr.kernel_w, 2, pr.pad_w), tw1 = pair_axis_taps(1, pr.kernel_w, 2, pr.pad_w);
+    const int first1 = th.count * tw0.count;  // slots of column phase 1 start here
+    const bool second = slot >= first1;
+    const PairAxisTaps& tw = second ? tw1 : tw0;
+    const int local = second ? slot - first1 : slot;
+    T v[kPairPlane];
+    for (int q = 0; q < kPairPlane; ++q) v[q] = T(0.0f);
+    if (tw.count && local < th.count * tw.count) {
+      const int kh = th.k0 + pr.stride_h * (local / tw.count), kw = tw.k0 + 2 * (local % tw.count);
+      const int co_g = ct * pr.n_tile + co;
+      for (int q = 0; q < kPairPlane; ++q) {
+        const int64_t ci = int64_t(g) * pr.cin_g + plane * kPairPlane + q;
+        v[q] = weight[((ci * pr.cout_g + co_g) * pr.kernel_h + kh) * pr.kernel_w + kw];
+      }
+    }
+    packed[idx] = *reinterpret_cast<const uint4*>(v);
+  }
+}
+
+// Barrier of one warpgroup (named barrier `id`, 1 + its index: 0 is __syncthreads').
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    return *reinterpret_cast<const uint32_t*>(&v);
+  }
+}
+
+// The output pixel of grid pixel l0 + m in column phase pw, and whether it exists.
+struct PairPixel {
+  int oh, ow;
+  bool ok;
+};
+__device__ __forceinline__ PairPixel pair_pixel(const PairProblem& pr, int l, int ph, int pw) {
+  const int i = l / pr.plane_w, j = l - i * pr.plane_w, oh = pr.stride_h * i + ph, ow = 2 * j + pw;
+  return {oh, ow, i < pr.rows && oh < pr.out_h && j < pr.out_cols && ow < pr.out_w};
+}
+
+// NCHW stores of a staged tile ([channel][pixel] output pairs): warp w writes channels w, w + 4, ..., lane the
+// pairs of grid pixels lane and 32 + lane, so consecutive lanes write consecutive pairs (one 32-bit store each
+// where the pair exists and is aligned).
+template <typename T, int N, typename Release>
+__device__ __forceinline__ void store_tile_nchw(const PairProblem& pr, const uint32_t* stage, int l0, int ph, int warp,
+                                                int lane, T* out_image, Release release_buffer) {
+  int offset[2];
+  bool first_ok[2], second_ok[2];
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    const PairPixel first = pair_pixel(pr, l0 + 32 * h + lane, ph, 0);
+    first_ok[h] = first.ok;
+    second_ok[h] = first.ok && first.ow + 1 < pr.out_w;
+    offset[h] = first.oh * pr.out_w + first.ow;
+  }
+  uint32_t staged[N / 4][2];
+#pragma unroll
+  for (int c = 0; c < N / 4; ++c)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) staged[c][h] = stage[(warp + 4 * c) * kPairStageStride + 32 * h + lane];
+  release_buffer();
+  const int64_t plane_elems = int64_t(pr.out_h) * pr.out_w;
+#pragma unroll
+  for (int c = 0; c < N / 4; ++c) {
+    T* out = out_image + (warp + 4 * c) * plane_elems;
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const uint32_t v = staged[c][h];
+      if (second_ok[h] && pr.aligned_stores) {
+        *reinterpret_cast<uint32_t*>(out + offset[h]) = v;
+      } else {
+        if (first_ok[h]) *reinterpret_cast<uint16_t*>(out + offset[h]) = uint16_t(v & 0xFFFF);
+        if (second_ok[h]) *reinterpret_cast<uint16_t*>(out + offset[h] + 1) = uint16_t(v >> 16);
+      }
+    }
+  }
+}
+
+// NHWC stores of a staged tile ([output pixel][channel]): 16-byte pieces (8 channels), consecutive threads
+// the consecutive pieces of a pixel's N channels and then of the next pixel.
+template <typename T, int N, typename Release>
+__device__ __forceinline__ void store_tile_nhwc(const PairProblem& pr, const uint32_t* stage, int n, int l0, int ph,
+                                                int channel0, int tid, T* output, Release release_buffer) {
+  constexpr int kPieces = N / 8, kRounds = 2 * kPairTileM * kPieces / 128;
+  uint4 staged[kRounds];
+#pragma unroll
+  for (int k = 0; k < kRounds; ++k) {
+    const int piece = k * 128 + tid, pixel = piece / kPieces;
+    staged[k] = *reinterpret_cast<const uint4*>(stage + (pixel * (N + 8) + piece % kPieces * 8) / 2);
+  }
+  release_buffer();
+  const int channels = pr.groups * pr.cout_g;
+#pragma unroll
+  for (int k = 0; k < kRounds; ++k) {
+    const int piece = k * 128 + tid, pixel = piece / kPieces;
+    const PairPixel at = pair_pixel(pr, l0 + pixel / 2, ph, pixel % 2);
+    if (!at.ok) continue;
+    T* out = output + ((int64_t(n) * pr.out_h + at.oh) * pr.out_w + at.ow) * channels + channel0 + piece % kPieces * 8;
+    if (pr.aligned_stores) {
+      *reinterpret_cast<uint4*>(out) = staged[k];
+    } else {
+      const uint16_t* v = reinterpret_cast<const uint16_t*>(&staged[k]);
+#pragma unroll
+      for (int q = 0; q < 8; ++q) reinterpret_cast<uint16_t*>(out)[q] = v[q];
+    }
+  }
+}
+
+// One launch runs every set: block b serves set b / blocks_per_set (and every gridDim / blocks_per_set-th set
+// after it when there are more sets than blocks); its warpgroups take that set's tiles in turn.
+template <typename T, int N, int kTaps>
+__global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
+    pair_forward_kernel(PairProblem pr, Epilogue epilogue, const uint4* __restrict__ padded,
+                        const uint4* __restrict__ packed, const T* __restrict__ bias, T* __restrict__ output) {
+#ifdef FCT_WGMMA_ENABLED
+  extern __shared__ __align__(128) unsigned char smem[];
+  const int wgs = blockDim.x / 128, wg = threadIdx.x / 128, tid = threadIdx.x % 128;
+  const int warp = tid / 32, lane = tid % 32, quad = lane % 4, row8 = lane / 4;
+  const int planes = pr.planes(), buffer_bytes = pr.buffer_bytes(), plane_bytes = pr.plane_bytes();
+  unsigned char* weights = smem;
+  unsigned char* buffers = smem + pr.weight_bytes() + wg * 2 * buffer_bytes;
+  uint64_t* bars = reinterpret_cast<uint64_t*>(smem + pr.weight_bytes() + wgs * 2 * buffer_bytes);
+  uint4* zeros = reinterpret_cast<uint4*>(smem + pr.weight_bytes() + wgs * 2 * buffer_bytes +
+                                          ((1 + 2 * wgs) * 8 + 15) / 16 * 16);
+  float* bias_add = reinterpret_cast<float*>(zeros + kPairZeroBytes / 16);  // this set's bias + add_value
+  for (int i = threadIdx.x; i < kPairZeroBytes / 16; i += blockDim.x) zeros[i] = make_uint4(0, 0, 0, 0);
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to wgmma (the async proxy)
+  const uint32_t weight_bar = smem_address(&bars[0]), full_bar = smem_address(&bars[1 + 2 * wg]);
+  if (threadIdx.x == 0) {
+    mbarrier_init(weight_bar, 1);
+    for (int i = 0; i < 2 * wgs; ++i) mbarrier_init(smem_address(&bars[1 + i]), 1);
+    mbarrier_init_fence();
+  }
+  __syncthreads();
+  const EpilogueConstants<float> epi(epilogue);
+  const int slot = blockIdx.x % pr.blocks_per_set, sets_stride = gridDim.x / pr.blocks_per_set;
+  // Tile numbers (image x tiles + tile) fit 32 bits (plan_pair_forward): no 64-bit division per tile.
+  const int total = pr.batch * pr.tiles, tile_stride = pr.blocks_per_set * wgs;
+  const int64_t plane_pixels = pr.plane_len;
+  int k = 0;  // this warpgroup's tiles so far: buffer k & 1, its barrier's phase (k >> 1) & 1
+  for (int set = blockIdx.x / pr.blocks_per_set, round = 0; set < pr.sets; set += sets_stride, ++round) {
+    __syncthreads();  // every warpgroup is done with the previous set's weights and bias
+    const int ct = set % pr.channel_tiles(), ph = set / pr.channel_tiles() % pr.stride_h;
+    const int g = set / pr.channel_tiles() / pr.stride_h;
+    // In shared memory rather than registers (the epilogue is at the 128-register bound).
+    if (threadIdx.x < N) {
+      const int co = g * pr.cout_g + ct * N + threadIdx.x;
+      bias_add[threadIdx.x] = (bias ? to_acc(bias[co]) : 0.0f) + (epi.enabled ? epi.add_value : 0.0f);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      mbarrier_arrive_expect_tx(weight_bar, pr.weight_bytes());
+      bulk_copy_to_shared(smem_address(weights), packed + int64_t(set) * (pr.weight_bytes() / 16), pr.weight_bytes(),
+                          weight_bar);
+    }
+    // A tile's patch: one run of pr.patch pixels per plane of its image and group.
+    auto issue = [&](int tile, int buffer) {
+      const int n = tile / pr.tiles, l0 = (tile - n * pr.tiles) * kPairTileM;
+      const uint32_t bar = full_bar + 8 * buffer;
+      mbarrier_arrive_expect_tx(bar, planes * plane_bytes);
+      const uint4* src = padded + ((int64_t(n) * pr.groups + g) * planes * plane_pixels + l0 + pr.shift_min);
+      for (int p = 0; p < planes; ++p)
+        bulk_copy_to_shared(smem_address(buffers + buffer * buffer_bytes + p * plane_bytes), src + p * plane_pixels,
+                            plane_bytes, bar);
+    };
+    int tile = slot * wgs + wg;
+    if (tid == 0) {
+      if (tile < total) issue(tile, k & 1);
+      if (tile + tile_stride < total) issue(tile + tile_stride, (k + 1) & 1);
+    }
+    const PairAxisTaps th = pair_axis_taps(ph, pr.kernel_h, pr.stride_h, pr.pad_h);
+    mbarrier_wait(weight_bar, round & 1);
+    const uint32_t weight_base = smem_address(weights);
+    // The zeros as a 64 x 16 A operand and a 16 x N B operand (real strides: every byte read is zero).
+    const uint64_t zero_a = wgmma_descriptor(smem_address(zeros), kPairTileM * 16, 128);
+    const uint64_t zero_b = wgmma_descriptor(smem_address(zeros), N * 16, 128);
+    const uint64_t weight_desc = wgmma_descriptor(weight_base, N * 16, 128);
+    // The column phases' taps and their first weight slots (slots: phase 0's taps, then phase 1's).
+    const PairAxisTaps tw[2] = {pair_axis_taps(0, pr.kernel_w, 2, pr.pad_w), pair_axis_taps(1, pr.kernel_w, 2, pr.pad_w)};
+    const int first_slot[2] = {0, th.count * tw[0].count};
+    T* out_set = output + (int64_t(g) * pr.cout_g + ct * N) * pr.out_h * int64_t(pr.out_w);
+    for (; tile < total; tile += tile_stride, ++k) {
+      const int buffer = k & 1;
+      mbarrier_wait(full_bar + 8 * buffer, (k >> 1) & 1);
+      const uint32_t patch_base = smem_address(buffers + buffer * buffer_bytes);
+      // Each column phase's first wgmma overwrites its accumulators (scale-d 0): zeroing them with ordinary
+      // moves instead made ptxas wait for every wgmma, and so did runtime loops over the taps; so the tap loops
+      // run kTaps x kTaps times, and a tap a phase lacks multiplies zeros by zeros (both operands from the
+      // block's 2 KB of zeros): it adds exactly 0, whatever the input holds (an infinity times a zero weight
+      // would not), and a phase without taps is the bias.
+      float acc[2][N / 2];
+      wgmma_fence();
+      // Descriptors advance by adding to their address field (16-byte units; shared memory stays below the
+      // field's 256 KB): a tap's first descriptors and per-step increments, the zeros' with increment 0.
+      const uint64_t patch_desc = wgmma_descriptor(patch_base, plane_bytes, 128);
+#pragma unroll
+      for (int pw = 0; pw < 2; ++pw) {
+#pragma unroll
+        for (int a = 0; a < kTaps; ++a)
+#pragma unroll
+          for (int b = 0; b < kTaps; ++b) {
+            const bool used = a < th.count && b < tw[pw].count;
+            uint64_t a_desc = used ? patch_desc + (pr.shift(th.q - a, tw[pw].q - b) - pr.shift_min) : zero_a;
+            uint64_t b_desc = used ? weight_desc + (first_slot[pw] + a * tw[pw].count + b) * planes * N : zero_b;
+            const uint32_t a_step = used ? plane_bytes / 8 : 0, b_step = used ? 2 * N : 0;
+#pragma unroll 1
+            for (int kk = 0; kk < planes / 2; ++kk, a_desc += a_step, b_desc += b_step)
+              wgmma_m64k16<T, N>(acc[pw], a_desc, b_desc, (a | b | kk) != 0);
+          }
+      }
+      wgmma_commit();
+      wgmma_wait_all();
+      // The accumulator of (row 16 warp + row8 + 8 r, column 8 c + 2 quad + e) is acc[pw][4 c + 2 r + e].
+      // Epilogue into the consumed patch buffer: NCHW as [channel][pixel] output pairs (2j, 2j + 1), NHWC as
+      // [output pixel][channel].
+      named_barrier_sync(1 + wg, 128);
+      uint32_t* stage = reinterpret_cast<uint32_t*>(buffers + buffer * buffer_bytes);
+#pragma unroll
+      for (int r = 0; r < 2; ++r)
+#pragma unroll
+        for (int c = 0; c < N / 8; ++c) {
+          float v[2][2];  // [column phase][channel 8 c + 2 quad + e]
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const float shift = bias_add[8 * c + 2 * quad + e];
+            v[0][e] = acc[0][4 * c + 2 * r + e] + shift, v[1][e] = acc[1][4 * c + 2 * r + e] + shift;
+          }
+          if (epi.enabled) {
+            const bool tail = v[0][0] < 0.0f || v[0][1] < 0.0f || v[1][0] < 0.0f || v[1][1] < 0.0f;
+            // A branch, not a select: the warp skips the tail's math where none of its 128 values needs it.
+            if (__any_sync(0xffffffffu, tail)) {
+#pragma unroll
+              for (int q = 0; q < 4; ++q) v[q / 2][q % 2] = epilogue_from_preactivation(v[q / 2][q % 2], epi.multiply_value);
+            } else {
+#pragma unroll
+              for (int q = 0; q < 4; ++q) v[q / 2][q % 2] = value_at_nonnegative(v[q / 2][q % 2]);
+            }
+          }
+          const int m = 16 * warp + row8 + 8 * r;
+          if (pr.channels_last_out) {
+#pragma unroll
+            for (int pw = 0; pw < 2; ++pw)
+              stage[((2 * m + pw) * (N + 8) + 8 * c + 2 * quad) / 2] = pack_pair<T>(v[pw][0], v[pw][1]);
+          } else {
+#pragma unroll
+            for (int e = 0; e < 2; ++e)
+              stage[(8 * c + 2 * quad + e) * kPairStageStride + m] = pack_pair<T>(v[0][e], v[1][e]);
+          }
+        }
+      named_barrier_sync(1 + wg, 128);
+      const int n = tile / pr.tiles, l0 = (tile - n * pr.tiles) * kPairTileM;
+      // Each store phase loads its staged values into registers first, so that the proxy fence (a CTA memory
+      // barrier, which would wait for this thread's global stores) and the buffer's next copy come before the
+      // stores. The buffer's next copy (the asynchronous proxy) may only start after these generic reads.
+      auto release_buffer = [&] {
+        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        named_barrier_sync(1 + wg, 128);
+        if (tid == 0 && tile + 2 * tile_stride < total) issue(tile + 2 * tile_stride, buffer);
+      };
+      if (pr.channels_last_out)
+        store_tile_nhwc<T, N>(pr, stage, n, l0, ph, g * pr.cout_g + ct * N, tid, output, release_buffer);
+      else
+        store_tile_nchw<T, N>(pr, stage, l0, ph, warp, lane,
+                              out_set + int64_t(n) * pr.groups * pr.cout_g * pr.out_h * pr.out_w, release_buffer);
+    }
+  }
+#endif
+}
+
+// Workspace of the pair path: [packed weights (rounded to 256 B)][padded input], both 16-bit.
+inline size_t pair_packed_bytes(const PairProblem& pr) {
+  return (size_t(pr.packed_weight_elements()) * 2 + 255) / 256 * 256;
+}
+inline size_t pair_workspace_bytes(const PairProblem& pr) {
+  return pair_packed_bytes(pr) + size_t(pr.padded_input_elements()) * 2;
+}
+
+// Plans the pair path for this device, or false where it does not apply (no sm_90a code in this build, not
+// compute capability 9.0, or a problem outside plan_pair_forward).
+inline bool pair_forward_plan_for_device(const ConvTransposeParams& params, bool output_channels_last,
+                                         PairProblem* pr) {
+  if (!pair_forward_compiled()) return false;
+  int device = 0, major = 0, minor = 0, sms = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
+  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  return major == 9 && minor == 0 && plan_pair_forward(params, sms, output_channels_last, pr);
+}
+
+// Runs the pair forward (pr from pair_forward_plan_for_device) into an NCHW or NHWC output.
+template <typename T>
+void launch_pair_forward(PairProblem pr, const Epilogue& epilogue, const T* input, bool input_channels_last,
+                         const T* weight, const T* bias, T* output, void* workspace, cudaStream_t stream) {
+  // 32-bit pair stores (NCHW: an even row length) or 16-byte pieces (NHWC: channel counts are multiples of 16).
+  pr.aligned_stores = pr.channels_last_out ? reinterpret_cast<uintptr_t>(output) % 16 == 0
+                                           : pr.out_w % 2 == 0 && reinterpret_cast<uintptr_t>(output) % 4 == 0;
+  auto* packed = static_cast<uint4*>(workspace);
+  auto* padded = reinterpret_cast<uint4*>(static_cast<unsigned char*>(workspace) + pair_packed_bytes(pr));
+  const int threads = 256;
+  auto blocks = [&](int64_t rows) { return int(std::min<int64_t>((rows + threads - 1) / threads, 65536)); };
+  pack_pair_weight<T><<<blocks(pr.packed_weight_elements() / kPairPlane), threads, 0, stream>>>(pr, weight, packed);
+  check_launch("pack_pair_weight");
+  pack_pair_input<T><<<blocks(pr.padded_input_elements() / kPairPlane), threads, 0, stream>>>(
+      pr, input, input_channels_last, padded);
+  check_launch("pack_pair_input");
+  auto run = [&](auto kernel) {
+    const int smem = pr.smem_bytes(pr.warpgroups);
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
+               "cudaFuncSetAttribute(pair_forward_kernel)");
+    kernel<<<pr.grid, pr.warpgroups * 128, smem, stream>>>(pr, epilogue, padded, packed, bias, output);
+    check_launch("pair_forward_kernel");
+  };
+  auto with_taps = [&](auto n_tile) {
+    constexpr int N = decltype(n_tile)::value;
+    if (pr.max_axis_taps == 1) run(pair_forward_kernel<T, N, 1>);
+    else if (pr.max_axis_taps == 2) run(pair_forward_kernel<T, N, 2>);
+    else run(pair_forward_kernel<T, N, 3>);
+  };
+  if (pr.n_tile == 64) with_taps(std::integral_constant<int, 64>{});
+  else if (pr.n_tile == 32) with_taps(std::integral_constant<int, 32>{});
+  else with_taps(std::integral_constant<int, 16>{});
+}
+
+}  // namespace fused_convt

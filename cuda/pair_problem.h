@@ -1,0 +1,146 @@
+// The column-pair forward's problem and its host-side plan (pair_forward.cuh runs it on sm_90a).
+//
+// Why a second forward: the phase kernel (implicit_gemm_conv.cuh) gives a block one output phase, so at
+// stride 2 its stores land on every other output column and each 32-byte sector is half written by one
+// block and half by another. Here a warpgroup owns 64 pixels of a row phase and BOTH column phases
+// (stride_w == 2): output columns 2j and 2j + 1 come from the same thread, the tile is staged in shared
+// memory, and consecutive lanes store consecutive output pairs. Both column phases read the same input
+// columns up to a shift, so one patch feeds both through wgmma (operands straight from shared memory, no
+// ldmatrix, no fragment registers).
+//
+// Index math (stride_w = 2, dilation 1; shared/DESIGN.md's phase decomposition). Output row oh = s_h i + ph
+// takes the taps kh = kh0 + s_h t (kh0 = (ph + pad_h) mod s_h), input row ih = i + q_h - t with
+// q_h = floor((ph + pad_h) / s_h); output column ow = 2 j + pw likewise takes kw = kw0 + 2 t, iw = j + q_w - t.
+// The input is copied once into zero-padded planes of 8 channels, [image][plane][padded pixel][8] with rows of
+// plane_w pixels, padded by pad_top rows and pad_left columns. With the phase grid as wide as a padded row
+// (columns j >= out_cols are computed and dropped), pixel l = i plane_w + j of the grid reads padded pixel
+// l + shift(dh, dw), shift = (dh + pad_top) plane_w + dw + pad_left: every tap is a constant shift, and a
+// tile of 64 grid pixels reads one contiguous run of `patch` padded pixels per plane.
+#pragma once
+
+#include <algorithm>
+#include <cstdint>
+
+#include "fused_convt/macros.h"
+#include "fused_convt/params.h"
+
+namespace fused_convt {
+
+constexpr int kPairTileM = 64;        // grid pixels per warpgroup tile (wgmma's M)
+constexpr int kPairPlane = 8;         // channels per plane: one 16-byte row of a wgmma core matrix
+constexpr int kPairMaxWarpgroups = 4;
+constexpr int kPairStageStride = kPairTileM + 4;  // NCHW staging: 32-bit words per channel row (no bank conflicts)
+constexpr int kPairZeroBytes = 2048;              // zeros that a tap a phase lacks multiplies (both operands)
+constexpr int kPairSmemLimit = 227 * 1024;
+
+// Taps of one phase along one axis: kernel index k0 + stride t and input offset q - t, t < count.
+struct PairAxisTaps {
+  int k0, q, count;
+};
+
+FCT_HD PairAxisTaps pair_axis_taps(int phase, int kernel, int stride, int pad) {
+  const int k0 = (phase + pad) % stride;
+  return {k0, (phase + pad) / stride, k0 < kernel ? (kernel - k0 + stride - 1) / stride : 0};
+}
+
+struct PairProblem {
+  int batch, groups, cin_g, cout_g, in_h, in_w, out_h, out_w;
+  int kernel_h, kernel_w, stride_h, pad_h, pad_w;
+  int n_tile;            // output channels per warpgroup tile: 16, 32 or 64
+  int pad_top, pad_left, plane_w, plane_len;
+  int rows, out_cols;    // phase rows per row phase (the most any has), pair columns ceil(out_w / 2)
+  int tiles;             // tiles per (image, row phase)
+  int shift_min, patch;  // a tile's first padded pixel is its grid start + shift_min; pixels per plane
+  int max_taps;          // weight slots per (group, row phase, channel tile)
+  int max_axis_taps;     // the most taps of any phase along either axis (1 to 3: the kernel's unrolled loops)
+  int sets;              // groups x stride_h x channel tiles: the weights a block keeps resident
+  int warpgroups;        // per block (the smem budget), and blocks per set (the grid)
+  int blocks_per_set, grid;  // grid: blocks_per_set x sets, or one block per SM looping over the sets
+  bool channels_last_out;  // NHWC output: the staging layout, so the shared memory, depends on it
+  bool aligned_stores;     // NCHW: every pair (2j, 2j + 1) 4-byte aligned; NHWC: 16-byte pieces (the launcher)
+
+  FCT_HD int planes() const { return cin_g / kPairPlane; }
+  FCT_HD int channel_tiles() const { return cout_g / n_tile; }
+  FCT_HD int shift(int dh, int dw) const { return (dh + pad_top) * plane_w + dw + pad_left; }
+  // Bytes of one resident weight set, and of one patch buffer (also the epilogue's staging).
+  FCT_HD int weight_bytes() const { return max_taps * cin_g * n_tile * 2; }
+  // Bytes of a patch plane, copied and stored back to back: patch * 16. (Planes padded to 128 bytes, each on
+  // the same offset in a 128-byte line, measured slower: kb_v1 bf16 0.70 -> 0.75 ms on the H100.)
+  FCT_HD int plane_bytes() const { return patch * 16; }
+  // The epilogue's staged tile: NCHW [channel][kPairStageStride 32-bit pairs], NHWC [output pixel][n_tile + 8
+  // 16-bit values] (16-byte rows).
+  FCT_HD int stage_bytes() const {
+    return channels_last_out ? 2 * kPairTileM * (n_tile + 8) * 2 : n_tile * kPairStageStride * 4;
+  }
+  FCT_HD int buffer_bytes() const {
+    const int patch_bytes = planes() * plane_bytes(), stage_bytes = this->stage_bytes();
+    return (std::max(patch_bytes, stage_bytes) + 127) / 128 * 128;
+  }
+  // Weights, two buffers per warpgroup, the mbarriers (weights, one per buffer) padded to 16 bytes, the zeros,
+  // the set's bias per channel.
+  FCT_HD int smem_bytes(int wgs) const {
+    return weight_bytes() + wgs * 2 * buffer_bytes() + ((1 + 2 * wgs) * 8 + 15) / 16 * 16 + kPairZeroBytes + n_tile * 4;
+  }
+  int64_t padded_input_elements() const { return int64_t(batch) * groups * planes() * plane_len * kPairPlane; }
+  int64_t packed_weight_elements() const { return int64_t(sets) * max_taps * cin_g * n_tile; }
+};
+
+// Plans the column-pair forward; false where it does not apply (then the phase kernel runs). sms: the
+// device's multiprocessor count (the grid is one block per SM at most); channels_last_out: an NHWC output.
+inline bool plan_pair_forward(const ConvTransposeParams& p, int sms, bool channels_last_out, PairProblem* out) {
+  if (p.stride_w != 2 || p.dil_h != 1 || p.dil_w != 1) return false;
+  const int64_t cin_g = p.in_channels_per_group(), cout_g = p.out_channels_per_group();
+  if (cin_g % 16 != 0 || cout_g % 16 != 0) return false;
+  PairProblem pr{};
+  pr.n_tile = cout_g % 64 == 0 ? 64 : cout_g % 32 == 0 ? 32 : 16;
+  const int sh = int(p.stride_h);
+  int dh_min = 1 << 30, dh_max = -(1 << 30), dw_min = 1 << 30, dw_max = -(1 << 30), th_max = 0, tw_sum = 0;
+  for (int ph = 0; ph < sh; ++ph) {
+    const PairAxisTaps t = pair_axis_taps(ph, int(p.kernel_h), sh, int(p.pad_h));
+    th_max = std::max(th_max, t.count);
+    if (t.count) dh_min = std::min(dh_min, t.q - t.count + 1), dh_max = std::max(dh_max, t.q);
+  }
+  for (int pw = 0; pw < 2; ++pw) {
+    const PairAxisTaps t = pair_axis_taps(pw, int(p.kernel_w), 2, int(p.pad_w));
+    tw_sum += t.count;
+    if (t.count) dw_min = std::min(dw_min, t.q - t.count + 1), dw_max = std::max(dw_max, t.q);
+  }
+  if (th_max == 0 || tw_sum == 0) return false;  // every output is the bias: not worth a path
+  int tw_max = 0;
+  for (int pw = 0; pw < 2; ++pw) tw_max = std::max(tw_max, pair_axis_taps(pw, int(p.kernel_w), 2, int(p.pad_w)).count);
+  if (th_max > 3 || tw_max > 3) return false;
+  const int64_t out_h = p.out_h(), out_w = p.out_w();
+  pr.pad_top = std::max(0, -dh_min);
+  pr.pad_left = std::max(0, -dw_min);
+  pr.out_cols = int((out_w + 1) / 2);
+  pr.rows = int((out_h + sh - 1) / sh);
+  const int64_t plane_w = pr.out_cols + dw_max + pr.pad_left;
+  const int64_t grid = int64_t(pr.rows) * plane_w;
+  const int64_t tiles = (grid + kPairTileM - 1) / kPairTileM;
+  const int64_t shift_min = int64_t(dh_min + pr.pad_top) * plane_w + dw_min + pr.pad_left;
+  const int64_t shift_max = int64_t(dh_max + pr.pad_top) * plane_w + dw_max + pr.pad_left;
+  const int64_t patch = kPairTileM + shift_max - shift_min;
+  const int64_t padded_rows = pr.rows + dh_max + pr.pad_top;
+  const int64_t plane_len = std::max(padded_rows * plane_w, (tiles - 1) * kPairTileM + shift_min + patch);
+  if (plane_len > (int64_t(1) << 30) || patch > 4096 || p.batch * tiles > INT32_MAX) return false;
+  pr.batch = int(p.batch), pr.groups = int(p.groups), pr.cin_g = int(cin_g), pr.cout_g = int(cout_g);
+  pr.in_h = int(p.in_h), pr.in_w = int(p.in_w), pr.out_h = int(out_h), pr.out_w = int(out_w);
+  pr.kernel_h = int(p.kernel_h), pr.kernel_w = int(p.kernel_w), pr.stride_h = sh;
+  pr.pad_h = int(p.pad_h), pr.pad_w = int(p.pad_w);
+  pr.plane_w = int(plane_w), pr.plane_len = int(plane_len), pr.tiles = int(tiles);
+  pr.shift_min = int(shift_min), pr.patch = int(patch);
+  pr.channels_last_out = channels_last_out;
+  pr.max_taps = th_max * tw_sum;
+  pr.max_axis_taps = std::max(th_max, tw_max);
+  pr.sets = int(p.groups) * sh * pr.channel_tiles();
+  pr.warpgroups = 0;
+  for (int wgs = kPairMaxWarpgroups; wgs >= 1 && !pr.warpgroups; --wgs)
+    if (pr.smem_bytes(wgs) <= kPairSmemLimit) pr.warpgroups = wgs;
+  if (!pr.warpgroups) return false;
+  pr.blocks_per_set = std::max(1, sms / pr.sets);
+  pr.grid = pr.sets <= sms ? pr.blocks_per_set * pr.sets : std::max(1, sms);
+  *out = pr;
+  return true;
+}
+
+}  // namespace fused_convt

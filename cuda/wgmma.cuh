@@ -1,0 +1,86 @@
+// Warpgroup-level tensor-core MMA (wgmma, sm_90a): both operands read from shared memory through 64-bit
+// descriptors, fp32 accumulators in registers, issued asynchronously by the four warps of a warpgroup.
+// Used by the column-pair forward (pair_forward.cuh). Only compiled into sm_90a code
+// (__CUDA_ARCH_FEAT_SM90_ALL); the host runs those kernels only on compute capability 9.0 devices of a build
+// that includes sm_90a (FUSED_CONVT_SM90A).
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
+
+namespace fused_convt {
+
+#if defined(__CUDA_ARCH__) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define FCT_WGMMA_ENABLED 1
+#endif
+
+// Shared-memory matrix descriptor without swizzling, K-major: core matrices of 8 rows x 16 bytes whose rows
+// are 16 bytes apart; `k_stride`: bytes to the next core matrix along K, `row_stride`: to the next 8 rows.
+__device__ __forceinline__ uint64_t wgmma_descriptor(uint32_t smem_address, uint32_t k_stride, uint32_t row_stride) {
+  return uint64_t((smem_address >> 4) & 0x3FFF) | (uint64_t((k_stride >> 4) & 0x3FFF) << 16) |
+         (uint64_t((row_stride >> 4) & 0x3FFF) << 32);
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+#ifdef FCT_WGMMA_ENABLED
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_commit() {
+#ifdef FCT_WGMMA_ENABLED
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wgmma_wait_all() {
+#ifdef FCT_WGMMA_ENABLED
+  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+#endif
+}
+
+// The operand lists of the m64nNk16 instructions: N / 2 accumulators per thread.
+#define FCT_ACC8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
+                    "+f"(d[i + 6]), "+f"(d[i + 7])
+#define FCT_WGMMA_ASM(shape, type, regs, ops, dn, ...)                                                        \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #dn ", 0;\n"                                            \
+               "wgmma.mma_async.sync.aligned." shape ".f32." type "." type " {" regs "}, %" ops ", p, 1, 1, 0, 0;\n}\n" \
+               : __VA_ARGS__                                                                                  \
+               : "l"(a), "l"(b), "r"(accumulate))
+#define FCT_REGS8 "%0, %1, %2, %3, %4, %5, %6, %7"
+#define FCT_REGS16 FCT_REGS8 ", %8, %9, %10, %11, %12, %13, %14, %15"
+#define FCT_REGS32 FCT_REGS16 ", %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+
+// D (64 x N, fp32) = A (64 x 16, from descriptor a) x B (16 x N, descriptor b) + (accumulate ? D : 0), for the
+// 16-bit type T (bfloat16 or float16).
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_m64k16(float (&d)[N / 2], uint64_t a, uint64_t b, int accumulate) {
+#ifdef FCT_WGMMA_ENABLED
+  static_assert(N == 16 || N == 32 || N == 64, "wgmma_m64k16: N is 16, 32 or 64");
+  constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
+  // Operands: the N / 2 accumulators, then a, b and the accumulate flag.
+  if constexpr (N == 16) {
+    if constexpr (bf16) FCT_WGMMA_ASM("m64n16k16", "bf16", FCT_REGS8, "8, %9", 10, FCT_ACC8(0));
+    else FCT_WGMMA_ASM("m64n16k16", "f16", FCT_REGS8, "8, %9", 10, FCT_ACC8(0));
+  } else if constexpr (N == 32) {
+    if constexpr (bf16) FCT_WGMMA_ASM("m64n32k16", "bf16", FCT_REGS16, "16, %17", 18, FCT_ACC8(0), FCT_ACC8(8));
+    else FCT_WGMMA_ASM("m64n32k16", "f16", FCT_REGS16, "16, %17", 18, FCT_ACC8(0), FCT_ACC8(8));
+  } else {
+    if constexpr (bf16)
+      FCT_WGMMA_ASM("m64n64k16", "bf16", FCT_REGS32, "32, %33", 34, FCT_ACC8(0), FCT_ACC8(8), FCT_ACC8(16),
+                    FCT_ACC8(24));
+    else
+      FCT_WGMMA_ASM("m64n64k16", "f16", FCT_REGS32, "32, %33", 34, FCT_ACC8(0), FCT_ACC8(8), FCT_ACC8(16),
+                    FCT_ACC8(24));
+  }
+#endif
+}
+
+#undef FCT_REGS32
+#undef FCT_REGS16
+#undef FCT_REGS8
+#undef FCT_WGMMA_ASM
+#undef FCT_ACC8
+
+}  // namespace fused_convt

@@ -1,0 +1,115 @@
+// The column-pair forward's plan (cuda/pair_problem.h, plain C++) against the transposed convolution's own
+// index math, on random problems: for every output pixel of every phase and every tap, the padded pixel that
+// the kernel reads (grid pixel + the tap's shift) must be the tap's input pixel, inside its tile's patch and
+// its padded row (a shift that wrapped into the next row would read a real pixel where PyTorch reads
+// nothing), and every tap that reaches the pixel must be one of the phase's taps. Also the kb_v1 plan's
+// numbers and the problems the plan must refuse.
+#include <cstdint>
+#include <cstdio>
+#include <string>
+
+#include "pair_problem.h"
+#include "test_util.h"
+
+namespace {
+
+using fused_convt::ConvTransposeParams;
+using fused_convt::kPairTileM;
+using fused_convt::pair_axis_taps;
+using fused_convt::PairAxisTaps;
+using fused_convt::PairProblem;
+
+// Checks one planned problem exhaustively; returns the number of (output pixel, tap) pairs checked.
+int64_t check_plan(const PairProblem& pr, const std::string& what) {
+  int64_t checked = 0;
+  CHECK_MSG(pr.smem_bytes(pr.warpgroups) <= fused_convt::kPairSmemLimit, what + ": shared memory over the limit");
+  CHECK_MSG(pr.plane_len >= (pr.tiles - 1) * kPairTileM + pr.shift_min + pr.patch, what + ": last patch past the plane");
+  CHECK_MSG(pr.shift_min >= 0, what + ": a patch starts before its plane");
+  for (int ph = 0; ph < pr.stride_h; ++ph) {
+    const PairAxisTaps th = pair_axis_taps(ph, pr.kernel_h, pr.stride_h, pr.pad_h);
+    // Every kh that reaches rows of this phase is one of its taps.
+    int reaching = 0;
+    for (int kh = 0; kh < pr.kernel_h; ++kh) reaching += (ph + pr.pad_h - kh) % pr.stride_h == 0;
+    CHECK_MSG(reaching == th.count, what + ": row phase " + std::to_string(ph) + " tap count");
+    for (int pw = 0; pw < 2; ++pw) {
+      const PairAxisTaps tw = pair_axis_taps(pw, pr.kernel_w, 2, pr.pad_w);
+      for (int l = 0; l < pr.tiles * kPairTileM; ++l) {
+        const int i = l / pr.plane_w, j = l % pr.plane_w, oh = pr.stride_h * i + ph, ow = 2 * j + pw;
+        if (i >= pr.rows || j >= pr.out_cols || oh >= pr.out_h || ow >= pr.out_w) continue;
+        const int l0 = l / kPairTileM * kPairTileM;
+        for (int a = 0; a < th.count; ++a)
+          for (int b = 0; b < tw.count; ++b) {
+            const int kh = th.k0 + pr.stride_h * a, kw = tw.k0 + 2 * b;
+            const int num_h = oh + pr.pad_h - kh, num_w = ow + pr.pad_w - kw;
+            CHECK_MSG(num_h % pr.stride_h == 0 && num_w % 2 == 0, what + ": a tap off its phase");
+            const int ih = num_h / pr.stride_h, iw = num_w / 2;
+            CHECK_MSG(ih == i + th.q - a && iw == j + tw.q - b, what + ": tap offset");
+            const int row = ih + pr.pad_top, col = iw + pr.pad_left;
+            CHECK_MSG(row >= 0 && col >= 0 && col < pr.plane_w, what + ": tap outside its padded row");
+            const int padded = l + pr.shift(th.q - a, tw.q - b);
+            CHECK_MSG(padded == row * pr.plane_w + col, what + ": shift is not the tap's padded pixel");
+            CHECK_MSG(padded - (l0 + pr.shift_min) >= 0 && padded - (l0 + pr.shift_min) < pr.patch,
+                      what + ": tap outside its tile's patch");
+            ++checked;
+          }
+      }
+    }
+  }
+  return checked;
+}
+
+}  // namespace
+
+int main() {
+  test::Rng rng(20261126);
+  int64_t pairs = 0;
+  int planned = 0;
+  for (int it = 0; it < 400; ++it) {
+    ConvTransposeParams p;
+    p.batch = rng.integer(1, 3);
+    p.groups = rng.integer(1, 3);
+    p.in_channels = p.groups * 16 * rng.integer(1, 4);
+    p.out_channels = p.groups * 16 * rng.integer(1, 4);
+    p.in_h = rng.integer(1, 20), p.in_w = rng.integer(1, 20);
+    p.kernel_h = rng.integer(1, 6), p.kernel_w = rng.integer(1, 6);
+    p.stride_h = rng.integer(1, 3), p.stride_w = 2;
+    p.pad_h = rng.integer(0, p.kernel_h - 1), p.pad_w = rng.integer(0, p.kernel_w - 1);
+    p.out_pad_h = rng.integer(0, p.stride_h - 1), p.out_pad_w = rng.integer(0, 1);
+    if (p.out_h() <= 0 || p.out_w() <= 0) continue;
+    PairProblem pr;
+    if (!fused_convt::plan_pair_forward(p, 132, it % 2 == 1, &pr)) {
+      // Refused only for more taps per axis than the kernel's unrolled three.
+      const bool many_taps = (p.kernel_h + p.stride_h - 1) / p.stride_h > 3 || (p.kernel_w + 1) / 2 > 3;
+      CHECK_MSG(many_taps, "refused " + test::describe(p));
+      continue;
+    }
+    ++planned;
+    pairs += check_plan(pr, test::describe(p));
+  }
+  CHECK_MSG(planned > 100, "too few random problems planned: " + std::to_string(planned));
+
+  // kb_v1: N128 Cin64 Cout128 64x64 k4 s2 -> 130 x 130.
+  ConvTransposeParams kb = test::make_params(128, 64, 128, 64, 64, 1);
+  kb.kernel_h = kb.kernel_w = 4, kb.stride_h = kb.stride_w = 2;
+  PairProblem pr;
+  CHECK_MSG(fused_convt::plan_pair_forward(kb, 132, false, &pr), "kb_v1 not planned");
+  CHECK_MSG(pr.plane_w == 66 && pr.pad_top == 1 && pr.pad_left == 1 && pr.rows == 65 && pr.out_cols == 65,
+            "kb_v1 padded geometry");
+  CHECK_MSG(pr.patch == 131 && pr.shift_min == 0 && pr.tiles == 68, "kb_v1 patch and tiles");
+  CHECK_MSG(pr.n_tile == 64 && pr.max_taps == 8 && pr.sets == 4 && pr.warpgroups == 4, "kb_v1 sets and warpgroups");
+  CHECK_MSG(pr.blocks_per_set == 33 && pr.grid == 132, "kb_v1 grid");
+  pairs += check_plan(pr, "kb_v1");
+
+  // Refused: another column stride, dilation, channels per group not a multiple of 16, four taps per axis.
+  ConvTransposeParams refused = kb;
+  refused.stride_w = 3;
+  CHECK_MSG(!fused_convt::plan_pair_forward(refused, 132, false, &pr), "stride_w 3 planned");
+  refused = kb, refused.dil_h = 2;
+  CHECK_MSG(!fused_convt::plan_pair_forward(refused, 132, false, &pr), "dilation planned");
+  refused = kb, refused.in_channels = 72;
+  CHECK_MSG(!fused_convt::plan_pair_forward(refused, 132, false, &pr), "72 input channels planned");
+  refused = kb, refused.kernel_w = 8;
+  CHECK_MSG(!fused_convt::plan_pair_forward(refused, 132, false, &pr), "kernel_w 8 planned");
+  std::printf("test_pair_plan: %lld (output pixel, tap) pairs on %d planned problems\n", (long long)pairs, planned);
+  return test::summary("test_pair_plan");
+}
