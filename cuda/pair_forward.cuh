@@ -316,18 +316,17 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
             v[0][e] = acc[0][4 * c + 2 * r + e] + shift, v[1][e] = acc[1][4 * c + 2 * r + e] + shift;
           }
           if (epi.enabled) {
+            const bool tail = v[0][0] < 0.0f || v[0][1] < 0.0f || v[1][0] < 0.0f || v[1][1] < 0.0f;
+            // A branch, not a select: the warp skips the tail's math where none of its 128 values needs it.
+            // (KernelBench's data, almost every output on the u >= 0 side: one vote per 128 values measured
+            // 0.650 -> 0.619 ms against one per 64 at kb_v1 bf16; on data where most warps need the tail the
+            // finer vote was faster, fused_convt_timer's +0.5 data 0.77 -> 0.68 with the NHWC path split off.)
+            if (__any_sync(0xffffffffu, tail)) {
 #pragma unroll
-            for (int e = 0; e < 2; ++e) {
-              // A branch, not a select: the warp skips the tail's math where none of its 64 values (one channel
-              // and both column phases per lane) needs it. (One vote per 128 values measured 0.70 -> 0.77 ms at
-              // kb_v1 bf16, with the NHWC path in the same kernel.)
-              if (__any_sync(0xffffffffu, v[0][e] < 0.0f || v[1][e] < 0.0f)) {
-                v[0][e] = epilogue_from_preactivation(v[0][e], epi.multiply_value);
-                v[1][e] = epilogue_from_preactivation(v[1][e], epi.multiply_value);
-              } else {
-                v[0][e] = value_at_nonnegative(v[0][e]);
-                v[1][e] = value_at_nonnegative(v[1][e]);
-              }
+              for (int q = 0; q < 4; ++q) v[q / 2][q % 2] = epilogue_from_preactivation(v[q / 2][q % 2], epi.multiply_value);
+            } else {
+#pragma unroll
+              for (int q = 0; q < 4; ++q) v[q / 2][q % 2] = value_at_nonnegative(v[q / 2][q % 2]);
             }
           }
           const int m = 16 * warp + row8 + 8 * r;
