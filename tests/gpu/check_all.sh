@@ -3,11 +3,11 @@
 # architecture, the C++ tests (CUDA vs CPU included), the CUDA pytest cases (fuzz, > 2^31 elements, graphs,
 # streams), compute-sanitizer, the per-gradient backward timing and perf/bench.py. Logs and results go to
 # $OUT (default ./gpu-check). Stops at the first failing stage; timing stages run only on a correct build.
-# Usage: OUT=/some/dir bash tests/gpu/check_all.sh [arch, default 90]
+# Usage: OUT=/some/dir bash tests/gpu/check_all.sh [arch, default 90a: the H100 kernels, wgmma included]
 set -uo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 out=${OUT:-$root/gpu-check}
-arch=${1:-90}
+arch=${1:-90a}
 python=${PYTHON:-python3}
 mkdir -p "$out"
 cd "$root"
