@@ -78,11 +78,14 @@ void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, D
     T* grad_factor = static_cast<T*>(args.grad_factor);
     GatherProblem direct = forward_gather_problem(params);
     direct.dst_channels_last = args.output_channels_last;
+    auto require_workspace = [&] {
+      if (!args.workspace)
+        throw std::invalid_argument("fused_convt: forward_cuda needs a workspace of forward_workspace_bytes() bytes");
+    };
     if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
       PairProblem pair;
       if (output && !grad_factor && pair_forward_plan_for_device(params, args.output_channels_last, &pair)) {
-        if (!args.workspace)
-          throw std::invalid_argument("fused_convt: forward_cuda needs a workspace of forward_workspace_bytes() bytes");
+        require_workspace();
         launch_pair_forward<T>(pair, epilogue, input, args.input_channels_last, weight, bias, output, args.workspace,
                                stream);
         return;
@@ -92,8 +95,7 @@ void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, D
       TcProblem fast;
       if (forward_tc_problem(params, &fast)) {
         fast.dst_channels_last = args.output_channels_last;
-        if (!args.workspace)
-          throw std::invalid_argument("fused_convt: forward_cuda needs a workspace of forward_workspace_bytes() bytes");
+        require_workspace();
         auto launch = [&](auto math) {
           using Smem = typename decltype(math)::Smem;
           // The channels-last source (tc_async_patch): the input itself where it is NHWC, else a copy in the

@@ -32,14 +32,6 @@ constexpr bool pair_forward_compiled() {
 #endif
 }
 
-__device__ __forceinline__ void bulk_copy_to_shared(uint32_t dst, const void* src, uint32_t bytes, uint32_t bar) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(dst),
-               "l"(src), "r"(bytes), "r"(bar)
-               : "memory");
-#endif
-}
-
 // The input in zero-padded 8-channel planes, [image][plane][padded pixel][8] (pair_problem.h), from NCHW or
 // NHWC: one 16-byte row per thread, each of its eight loads coalesced with its neighbours' along the row.
 template <typename T>
@@ -78,8 +70,8 @@ __global__ void pack_pair_weight(PairProblem pr, const T* __restrict__ weight, u
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
     const int co = int(idx % rows), plane = int(idx / rows % planes), slot = int(idx / rows / planes % pr.max_taps);
     const int set = int(idx / rows / planes / pr.max_taps);
-    const int ct = set % pr.channel_tiles(), ph = set / pr.channel_tiles() % pr.stride_h;
-    const int g = set / pr.channel_tiles() / pr.stride_h;
+    const PairSet at = pr.set_at(set);
+    const int g = at.group, ph = at.row_phase, ct = at.channel_tile;
     const PairAxisTaps th = pair_axis_taps(ph, pr.kernel_h, pr.stride_h, pr.pad_h);
     const PairAxisTaps tw0 = pair_axis_taps(0, pr.kernel_w, 2, pr.pad_w), tw1 = pair_axis_taps(1, pr.kernel_w, 2, pr.pad_w);
     const int first1 = th.count * tw0.count;  // slots of column phase 1 start here
@@ -103,17 +95,6 @@ __global__ void pack_pair_weight(PairProblem pr, const T* __restrict__ weight, u
 // Barrier of one warpgroup (named barrier `id`, 1 + its index: 0 is __syncthreads').
 __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
-}
-
-template <typename T>
-__device__ __forceinline__ uint32_t pack_pair(float lo, float hi) {
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
-    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  } else {
-    const __half2 v = __floats2half2_rn(lo, hi);
-    return *reinterpret_cast<const uint32_t*>(&v);
-  }
 }
 
 // The output pixel of grid pixel l0 + m in column phase pw, and whether it exists.
@@ -230,8 +211,8 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
   int k = 0;  // this warpgroup's tiles so far: buffer k & 1, its barrier's phase (k >> 1) & 1
   for (int set = blockIdx.x / pr.blocks_per_set, round = 0; set < pr.sets; set += sets_stride, ++round) {
     __syncthreads();  // every warpgroup is done with the previous set's weights and bias
-    const int ct = set % pr.channel_tiles(), ph = set / pr.channel_tiles() % pr.stride_h;
-    const int g = set / pr.channel_tiles() / pr.stride_h;
+    const PairSet at = pr.set_at(set);
+    const int g = at.group, ph = at.row_phase, ct = at.channel_tile;
     // In shared memory rather than registers (the epilogue is at the 128-register bound).
     if (threadIdx.x < N) {
       const int co = g * pr.cout_g + ct * N + threadIdx.x;
@@ -240,8 +221,8 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
     __syncthreads();
     if (threadIdx.x == 0) {
       mbarrier_arrive_expect_tx(weight_bar, pr.weight_bytes());
-      bulk_copy_to_shared(smem_address(weights), packed + int64_t(set) * (pr.weight_bytes() / 16), pr.weight_bytes(),
-                          weight_bar);
+      bulk_copy(smem_address(weights), packed + int64_t(set) * (pr.weight_bytes() / 16), pr.weight_bytes(),
+                weight_bar);
     }
     // A tile's patch: one run of pr.patch pixels per plane of its image and group.
     auto issue = [&](int tile, int buffer) {
@@ -250,8 +231,8 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
       mbarrier_arrive_expect_tx(bar, planes * plane_bytes);
       const uint4* src = padded + ((int64_t(n) * pr.groups + g) * planes * plane_pixels + l0 + pr.shift_min);
       for (int p = 0; p < planes; ++p)
-        bulk_copy_to_shared(smem_address(buffers + buffer * buffer_bytes + p * plane_bytes), src + p * plane_pixels,
-                            plane_bytes, bar);
+        bulk_copy(smem_address(buffers + buffer * buffer_bytes + p * plane_bytes), src + p * plane_pixels,
+                  plane_bytes, bar);
     };
     int tile = slot * wgs + wg;
     if (tid == 0) {
@@ -333,11 +314,11 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
           if (kNhwc) {
 #pragma unroll
             for (int pw = 0; pw < 2; ++pw)
-              stage[((2 * m + pw) * (N + 8) + 8 * c + 2 * quad) / 2] = pack_pair<T>(v[pw][0], v[pw][1]);
+              stage[((2 * m + pw) * (N + 8) + 8 * c + 2 * quad) / 2] = Half16Math<T>::to_word({v[pw][0], v[pw][1]});
           } else {
 #pragma unroll
             for (int e = 0; e < 2; ++e)
-              stage[(8 * c + 2 * quad + e) * kPairStageStride + m] = pack_pair<T>(v[0][e], v[1][e]);
+              stage[(8 * c + 2 * quad + e) * kPairStageStride + m] = Half16Math<T>::to_word({v[0][e], v[1][e]});
           }
         }
       named_barrier_sync(1 + wg, 128);

@@ -43,6 +43,11 @@ FCT_HD PairAxisTaps pair_axis_taps(int phase, int kernel, int stride, int pad) {
   return {k0, (phase + pad) / stride, k0 < kernel ? (kernel - k0 + stride - 1) / stride : 0};
 }
 
+// A weight set's coordinates: sets are numbered (group, row phase, channel tile), the channel tile fastest.
+struct PairSet {
+  int group, row_phase, channel_tile;
+};
+
 struct PairProblem {
   int batch, groups, cin_g, cout_g, in_h, in_w, out_h, out_w;
   int kernel_h, kernel_w, stride_h, pad_h, pad_w;
@@ -61,6 +66,10 @@ struct PairProblem {
 
   FCT_HD int planes() const { return cin_g / kPairPlane; }
   FCT_HD int channel_tiles() const { return cout_g / n_tile; }
+  FCT_HD PairSet set_at(int set) const {
+    const int channel_tile = set % channel_tiles(), row_phase = set / channel_tiles() % stride_h;
+    return {set / channel_tiles() / stride_h, row_phase, channel_tile};
+  }
   FCT_HD int shift(int dh, int dw) const { return (dh + pad_top) * plane_w + dw + pad_left; }
   // Bytes of one resident weight set, and of one patch buffer (also the epilogue's staging).
   FCT_HD int weight_bytes() const { return max_taps * cin_g * n_tile * 2; }
