@@ -103,24 +103,25 @@ struct PairPixel {
   bool ok;
 };
 __device__ __forceinline__ PairPixel pair_pixel(const PairProblem& pr, int l, int ph, int pw) {
-  const int i = l / pr.plane_w, j = l - i * pr.plane_w, oh = pr.stride_h * i + ph, ow = 2 * j + pw;
+  const int i = pr.by_plane_w.quotient(l), j = pr.by_plane_w.remainder(l, i), oh = pr.stride_h * i + ph, ow = 2 * j + pw;
   return {oh, ow, i < pr.rows && oh < pr.out_h && j < pr.out_cols && ow < pr.out_w};
 }
 
 // NCHW stores of a staged tile ([channel][pixel] output pairs): warp w writes channels w, w + 4, ..., lane the
-// pairs of grid pixels lane and 32 + lane, so consecutive lanes write consecutive pairs (one 32-bit store each
-// where the pair exists and is aligned).
+// pairs of grid pixels lane and 32 + lane, so consecutive lanes write consecutive pairs: one 32-bit store per
+// pair where every pair is aligned (an even row length and output pointer), else the two values apart.
 template <typename T, int N, typename Release>
 __device__ __forceinline__ void store_tile_nchw(const PairProblem& pr, const uint32_t* stage, int l0, int ph, int warp,
                                                 int lane, T* out_image, Release release_buffer) {
-  int offset[2];
+  const int64_t channel_step = 4 * int64_t(pr.out_h) * pr.out_w;  // to this warp's next channel
+  T* out[2];
   bool first_ok[2], second_ok[2];
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
     const PairPixel first = pair_pixel(pr, l0 + 32 * h + lane, ph, 0);
     first_ok[h] = first.ok;
     second_ok[h] = first.ok && first.ow + 1 < pr.out_w;
-    offset[h] = first.oh * pr.out_w + first.ow;
+    out[h] = out_image + warp * (channel_step / 4) + first.oh * pr.out_w + first.ow;
   }
   uint32_t staged[N / 4][2];
 #pragma unroll
@@ -128,20 +129,22 @@ __device__ __forceinline__ void store_tile_nchw(const PairProblem& pr, const uin
 #pragma unroll
     for (int h = 0; h < 2; ++h) staged[c][h] = stage[(warp + 4 * c) * kPairStageStride + 32 * h + lane];
   release_buffer();
-  const int64_t plane_elems = int64_t(pr.out_h) * pr.out_w;
+  // One uniform branch per tile, not per store: the aligned loop is predicated 32-bit stores and pointer steps
+  // (with the branch inside the loop, each store took ~13 instructions).
+  if (pr.aligned_stores) {
 #pragma unroll
-  for (int c = 0; c < N / 4; ++c) {
-    T* out = out_image + (warp + 4 * c) * plane_elems;
+    for (int c = 0; c < N / 4; ++c)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      const uint32_t v = staged[c][h];
-      if (second_ok[h] && pr.aligned_stores) {
-        *reinterpret_cast<uint32_t*>(out + offset[h]) = v;
-      } else {
-        if (first_ok[h]) *reinterpret_cast<uint16_t*>(out + offset[h]) = uint16_t(v & 0xFFFF);
-        if (second_ok[h]) *reinterpret_cast<uint16_t*>(out + offset[h] + 1) = uint16_t(v >> 16);
+      for (int h = 0; h < 2; ++h)
+        if (first_ok[h]) *reinterpret_cast<uint32_t*>(out[h] + c * channel_step) = staged[c][h];
+  } else {
+#pragma unroll
+    for (int c = 0; c < N / 4; ++c)
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        if (first_ok[h]) *reinterpret_cast<uint16_t*>(out[h] + c * channel_step) = uint16_t(staged[c][h] & 0xFFFF);
+        if (second_ok[h]) *reinterpret_cast<uint16_t*>(out[h] + c * channel_step + 1) = uint16_t(staged[c][h] >> 16);
       }
-    }
   }
 }
 
@@ -185,7 +188,7 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
                         const uint4* __restrict__ packed, const T* __restrict__ bias, T* __restrict__ output) {
 #ifdef FCT_WGMMA_ENABLED
   extern __shared__ __align__(128) unsigned char smem[];
-  const int wgs = blockDim.x / 128, wg = threadIdx.x / 128, tid = threadIdx.x % 128;
+  const int wgs = blockDim.x / 128, wg = __shfl_sync(0xffffffffu, int(threadIdx.x / 128), 0), tid = threadIdx.x % 128;
   const int warp = tid / 32, lane = tid % 32, quad = lane % 4, row8 = lane / 4;
   const int planes = pr.planes(), buffer_bytes = pr.buffer_bytes(), plane_bytes = pr.plane_bytes();
   unsigned char* weights = smem;
@@ -226,7 +229,7 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
     }
     // A tile's patch: one run of pr.patch pixels per plane of its image and group.
     auto issue = [&](int tile, int buffer) {
-      const int n = tile / pr.tiles, l0 = (tile - n * pr.tiles) * kPairTileM;
+      const int n = pr.by_tiles.quotient(tile), l0 = pr.by_tiles.remainder(tile, n) * kPairTileM;
       const uint32_t bar = full_bar + 8 * buffer;
       mbarrier_arrive_expect_tx(bar, planes * plane_bytes);
       const uint4* src = padded + ((int64_t(n) * pr.groups + g) * planes * plane_pixels + l0 + pr.shift_min);
@@ -242,13 +245,21 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
     const PairAxisTaps th = pair_axis_taps(ph, pr.kernel_h, pr.stride_h, pr.pad_h);
     mbarrier_wait(weight_bar, round & 1);
     const uint32_t weight_base = smem_address(weights);
-    // The zeros as a 64 x 16 A operand and a 16 x N B operand (real strides: every byte read is zero).
-    const uint64_t zero_a = wgmma_descriptor(smem_address(zeros), kPairTileM * 16, 128);
-    const uint64_t zero_b = wgmma_descriptor(smem_address(zeros), N * 16, 128);
-    const uint64_t weight_desc = wgmma_descriptor(weight_base, N * 16, 128);
+    // Descriptor words: the high word (the row stride) is the same for every operand; the low word holds the
+    // address and the K stride. The zeros as a 64 x 16 A operand and a 16 x N B operand (real strides: every
+    // byte read is zero).
+    const uint32_t a_hi = uint32_t(wgmma_descriptor(0, 0, 128) >> 32), b_hi = a_hi;
+    const uint32_t zero_a_lo = uint32_t(wgmma_descriptor(smem_address(zeros), kPairTileM * 16, 128));
+    const uint32_t zero_b_lo = uint32_t(wgmma_descriptor(smem_address(zeros), N * 16, 128));
+    const uint32_t weight_lo = uint32_t(wgmma_descriptor(weight_base, N * 16, 128));
     // The column phases' taps and their first weight slots (slots: phase 0's taps, then phase 1's).
     const PairAxisTaps tw[2] = {pair_axis_taps(0, pr.kernel_w, 2, pr.pad_w), pair_axis_taps(1, pr.kernel_w, 2, pr.pad_w)};
     const int first_slot[2] = {0, th.count * tw[0].count};
+    // Per column phase: whether it has taps, the A offset of its tap (0, 0) in the patch and its first weight
+    // slot (16-byte units); tap (a, b) is a rows and b pixels before it, its slot a * count + b after it.
+    const int slot_units = planes * N;
+    const int a_base[2] = {pr.shift(th.q, tw[0].q) - pr.shift_min, pr.shift(th.q, tw[1].q) - pr.shift_min};
+    const int b_base[2] = {first_slot[0] * slot_units, first_slot[1] * slot_units};
     T* out_set = output + (int64_t(g) * pr.cout_g + ct * N) * pr.out_h * int64_t(pr.out_w);
     for (; tile < total; tile += tile_stride, ++k) {
       const int buffer = k & 1;
@@ -261,23 +272,25 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
       // would not), and a phase without taps is the bias.
       float acc[2][N / 2];
       wgmma_fence();
-      // Descriptors advance by adding to their address field (16-byte units; shared memory stays below the
-      // field's 256 KB): a tap's first descriptors and per-step increments, the zeros' with increment 0.
-      const uint64_t patch_desc = wgmma_descriptor(patch_base, plane_bytes, 128);
-#pragma unroll
-      for (int pw = 0; pw < 2; ++pw) {
-#pragma unroll
-        for (int a = 0; a < kTaps; ++a)
-#pragma unroll
-          for (int b = 0; b < kTaps; ++b) {
-            const bool used = a < th.count && b < tw[pw].count;
-            uint64_t a_desc = used ? patch_desc + (pr.shift(th.q - a, tw[pw].q - b) - pr.shift_min) : zero_a;
-            uint64_t b_desc = used ? weight_desc + (first_slot[pw] + a * tw[pw].count + b) * planes * N : zero_b;
-            const uint32_t a_step = used ? plane_bytes / 8 : 0, b_step = used ? 2 * N : 0;
+      // Descriptors advance by adding to their address field (16-byte units, in the low word; shared memory
+      // stays below the field's 256 KB). A tap a phase lacks multiplies the zeros by the zeros (same strides as
+      // the real operands, so only the low word differs).
+      const uint32_t patch_lo = uint32_t(wgmma_descriptor(patch_base, plane_bytes, 128));
 #pragma unroll 1
-            for (int kk = 0; kk < planes / 2; ++kk, a_desc += a_step, b_desc += b_step)
-              wgmma_m64k16<T, N>(acc[pw], a_desc, b_desc, (a | b | kk) != 0);
-          }
+      for (int kk = 0; kk < planes / 2; ++kk) {
+        const uint32_t a_kk = patch_lo + kk * (plane_bytes / 8), b_kk = weight_lo + kk * 2 * N;
+#pragma unroll
+        for (int pw = 0; pw < 2; ++pw)
+#pragma unroll
+          for (int a = 0; a < kTaps; ++a)
+#pragma unroll
+            for (int b = 0; b < kTaps; ++b) {
+              const bool used = a < th.count && b < tw[pw].count;
+              const uint32_t a_lo = used ? a_kk + (a_base[pw] - a * pr.plane_w - b) : zero_a_lo;
+              const uint32_t b_lo = used ? b_kk + (b_base[pw] + (a * tw[pw].count + b) * slot_units) : zero_b_lo;
+              wgmma_m64k16<T, N>(acc[pw], (uint64_t(a_hi) << 32) | a_lo, (uint64_t(b_hi) << 32) | b_lo,
+                                 (a | b | kk) != 0);
+            }
       }
       wgmma_commit();
       wgmma_wait_all();
@@ -322,7 +335,7 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
           }
         }
       named_barrier_sync(1 + wg, 128);
-      const int n = tile / pr.tiles, l0 = (tile - n * pr.tiles) * kPairTileM;
+      const int n = pr.by_tiles.quotient(tile), l0 = pr.by_tiles.remainder(tile, n) * kPairTileM;
       // Each store phase loads its staged values into registers first, so that the proxy fence (a CTA memory
       // barrier, which would wait for this thread's global stores) and the buffer's next copy come before the
       // stores. The buffer's next copy (the asynchronous proxy) may only start after these generic reads.

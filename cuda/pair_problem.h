@@ -21,6 +21,7 @@
 #include <algorithm>
 #include <cstdint>
 
+#include "divider.h"
 #include "fused_convt/macros.h"
 #include "fused_convt/params.h"
 
@@ -61,6 +62,7 @@ struct PairProblem {
   int sets;              // groups x stride_h x channel tiles: the weights a block keeps resident
   int warpgroups;        // per block (the smem budget), and blocks per set (the grid)
   int blocks_per_set, grid;  // grid: blocks_per_set x sets, or one block per SM looping over the sets
+  Divider by_tiles, by_plane_w;  // tile numbers -> image, grid pixels -> row (no integer division per tile)
   bool channels_last_out;  // NHWC output: the staging layout, so the shared memory, depends on it
   bool aligned_stores;     // NCHW: every pair (2j, 2j + 1) 4-byte aligned; NHWC: 16-byte pieces (the launcher)
 
@@ -138,6 +140,7 @@ inline bool plan_pair_forward(const ConvTransposeParams& p, int sms, bool channe
   pr.pad_h = int(p.pad_h), pr.pad_w = int(p.pad_w);
   pr.plane_w = int(plane_w), pr.plane_len = int(plane_len), pr.tiles = int(tiles);
   pr.shift_min = int(shift_min), pr.patch = int(patch);
+  pr.by_tiles = Divider(uint32_t(tiles)), pr.by_plane_w = Divider(uint32_t(plane_w));
   pr.channels_last_out = channels_last_out;
   pr.max_taps = th_max * tw_sum;
   pr.max_axis_taps = std::max(th_max, tw_max);

@@ -3,7 +3,8 @@
 // the kernel reads (grid pixel + the tap's shift) must be the tap's input pixel, inside its tile's patch and
 // its padded row (a shift that wrapped into the next row would read a real pixel where PyTorch reads
 // nothing), and every tap that reaches the pixel must be one of the phase's taps. Also the kb_v1 plan's
-// numbers and the problems the plan must refuse.
+// numbers and the problems the plan must refuse. And the kernel's division by a launch constant (divider.h)
+// against the division.
 #include <cstdint>
 #include <cstdio>
 #include <string>
@@ -25,6 +26,8 @@ int64_t check_plan(const PairProblem& pr, const std::string& what) {
   CHECK_MSG(pr.smem_bytes(pr.warpgroups) <= fused_convt::kPairSmemLimit, what + ": shared memory over the limit");
   CHECK_MSG(pr.plane_len >= (pr.tiles - 1) * kPairTileM + pr.shift_min + pr.patch, what + ": last patch past the plane");
   CHECK_MSG(pr.shift_min >= 0, what + ": a patch starts before its plane");
+  for (int t = 0; t < pr.batch * pr.tiles; ++t)
+    CHECK_MSG(pr.by_tiles.quotient(t) == t / pr.tiles, what + ": the tile divider");
   for (int ph = 0; ph < pr.stride_h; ++ph) {
     const PairAxisTaps th = pair_axis_taps(ph, pr.kernel_h, pr.stride_h, pr.pad_h);
     // Every kh that reaches rows of this phase is one of its taps.
@@ -35,6 +38,7 @@ int64_t check_plan(const PairProblem& pr, const std::string& what) {
       const PairAxisTaps tw = pair_axis_taps(pw, pr.kernel_w, 2, pr.pad_w);
       for (int l = 0; l < pr.tiles * kPairTileM; ++l) {
         const int i = l / pr.plane_w, j = l % pr.plane_w, oh = pr.stride_h * i + ph, ow = 2 * j + pw;
+        CHECK_MSG(pr.by_plane_w.quotient(l) == i, what + ": the row divider");
         if (i >= pr.rows || j >= pr.out_cols || oh >= pr.out_h || ow >= pr.out_w) continue;
         const int l0 = l / kPairTileM * kPairTileM;
         for (int a = 0; a < th.count; ++a)
@@ -58,10 +62,31 @@ int64_t check_plan(const PairProblem& pr, const std::string& what) {
   return checked;
 }
 
+// Divider against / and % for every divisor up to 3000 and powers of two, on dividends from 0 to 2^31 - 1.
+void check_divider(test::Rng& rng) {
+  std::vector<uint32_t> divisors;
+  for (uint32_t d = 1; d <= 3000; ++d) divisors.push_back(d);
+  for (int e = 12; e < 31; ++e) divisors.insert(divisors.end(), {(1u << e) - 1, 1u << e, (1u << e) + 1});
+  divisors.push_back(0x7fffffffu);
+  for (const uint32_t d : divisors) {
+    const fused_convt::Divider div(d);
+    std::vector<int> dividends = {0, 1, int(d - 1), int(std::min<uint32_t>(d, 0x7fffffffu)), 0x7fffffff, 0x7ffffffe};
+    for (int k = 0; k < 40; ++k) dividends.push_back(int(rng.integer(0, 0x7fffffff)));
+    for (int k = 1; k < 20; ++k) dividends.push_back(int(std::min<int64_t>(int64_t(d) * k * 997 - 1, 0x7fffffff)));
+    for (const int n : dividends) {
+      if (n < 0) continue;
+      const int q = div.quotient(n);
+      CHECK_MSG(q == int(uint32_t(n) / d) && div.remainder(n, q) == int(uint32_t(n) % d),
+                "Divider(" + std::to_string(d) + ") of " + std::to_string(n) + " gives " + std::to_string(q));
+    }
+  }
+}
+
 }  // namespace
 
 int main() {
   test::Rng rng(20261126);
+  check_divider(rng);
   int64_t pairs = 0;
   int planned = 0;
   for (int it = 0; it < 400; ++it) {
