@@ -63,8 +63,11 @@ __global__ void pack_pair_input(PairProblem pr, const T* __restrict__ input, boo
 
 // The weights of each set as the kernel's resident slots, [set][slot][plane][n_tile][8]: slots enumerate
 // column phase, then row tap, then column tap (pair_slot). weight: PyTorch's [C_in][C_out / groups][kh][kw].
+// Also zeroes the pair kernel's progress counter (this launch runs first, on the same stream).
 template <typename T>
-__global__ void pack_pair_weight(PairProblem pr, const T* __restrict__ weight, uint4* __restrict__ packed) {
+__global__ void pack_pair_weight(PairProblem pr, const T* __restrict__ weight, uint4* __restrict__ packed,
+                                 unsigned int* __restrict__ progress) {
+  if (blockIdx.x == 0 && threadIdx.x == 0) *progress = 0;
   const int planes = pr.planes(), rows = pr.n_tile;
   const int64_t total = int64_t(pr.sets) * pr.max_taps * planes * rows;
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
@@ -178,6 +181,23 @@ __device__ __forceinline__ void store_tile_nhwc(const PairProblem& pr, const uin
   }
 }
 
+// The grid's lockstep (pair_forward_kernel): waits until *progress reaches target, or gives up after
+// kPairLockstepTimeoutNs and returns false (a grid that is not resident all at once, beside another kernel, may
+// never send the rounds waited for; then the warpgroup stops waiting, and only the lockstep's speed is lost).
+constexpr uint64_t kPairLockstepTimeoutNs = 200000;
+__device__ __forceinline__ bool wait_for_progress(const unsigned int* progress, unsigned int target) {
+  uint64_t start, now;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(start));
+  for (;;) {
+    unsigned int done;
+    asm volatile("ld.relaxed.gpu.global.u32 %0, [%1];" : "=r"(done) : "l"(progress) : "memory");
+    if (done >= target) return true;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(now));
+    if (now - start > kPairLockstepTimeoutNs) return false;
+    __nanosleep(256);
+  }
+}
+
 // One launch runs every set: block b serves set b / blocks_per_set (and every gridDim / blocks_per_set-th set
 // after it when there are more sets than blocks); its warpgroups take that set's tiles in turn.
 // kNhwc: the output's layout (pr.channels_last_out), a template parameter so that each kernel carries one
@@ -185,7 +205,8 @@ __device__ __forceinline__ void store_tile_nhwc(const PairProblem& pr, const uin
 template <typename T, int N, int kTaps, bool kNhwc>
 __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
     pair_forward_kernel(PairProblem pr, Epilogue epilogue, const uint4* __restrict__ padded,
-                        const uint4* __restrict__ packed, const T* __restrict__ bias, T* __restrict__ output) {
+                        const uint4* __restrict__ packed, const T* __restrict__ bias, T* __restrict__ output,
+                        unsigned int* __restrict__ progress) {
 #ifdef FCT_WGMMA_ENABLED
   extern __shared__ __align__(128) unsigned char smem[];
   const int wgs = blockDim.x / 128, wg = __shfl_sync(0xffffffffu, int(threadIdx.x / 128), 0), tid = threadIdx.x % 128;
@@ -238,6 +259,18 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
                   plane_bytes, bar);
     };
     int tile = slot * wgs + wg;
+    // Lockstep, where each block serves one set: the warpgroups of the grid finish tiles of the same image
+    // region together. Output rows of the two row phases (other sets, other blocks) and neighbouring tiles
+    // share 32-byte sectors at their ends; when blocks drift apart, the first partial sector leaves L2 before its
+    // other part arrives and DRAM reads and writes it twice (H100, kb_v1 bf16 on KernelBench's data: without it
+    // SM busy times spread from 0.77M to 1.15M cycles, L2 write misses rose from 0.24M to 3.3M sectors, DRAM
+    // reads from 81 to 259 MB, and the kernel took 0.68 ms where it took 0.51 in isolation). Each warpgroup
+    // leader counts its finished tiles in *progress and, before a tile, waits until every warpgroup has finished
+    // the round kPairSlack rounds back.
+    constexpr int kPairSlack = 2;
+    const bool lockstep = pr.sets <= sets_stride;
+    const unsigned int grid_wgs = gridDim.x * wgs, rounds = (total + tile_stride - 1) / tile_stride;
+    bool waiting = lockstep && tid == 0;
     if (tid == 0) {
       if (tile < total) issue(tile, k & 1);
       if (tile + tile_stride < total) issue(tile + tile_stride, (k + 1) & 1);
@@ -263,6 +296,7 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
     T* out_set = output + (int64_t(g) * pr.cout_g + ct * N) * pr.out_h * int64_t(pr.out_w);
     for (; tile < total; tile += tile_stride, ++k) {
       const int buffer = k & 1;
+      if (waiting && k >= kPairSlack) waiting = wait_for_progress(progress, (k - kPairSlack) * grid_wgs);
       mbarrier_wait(full_bar + 8 * buffer, (k >> 1) & 1);
       const uint32_t patch_base = smem_address(buffers + buffer * buffer_bytes);
       // Each column phase's first wgmma overwrites its accumulators (scale-d 0): zeroing them with ordinary
@@ -317,7 +351,7 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
             // finer vote was faster, fused_convt_timer's +0.5 data 0.77 -> 0.68 with the NHWC path split off.)
             if (__any_sync(0xffffffffu, tail)) {
 #pragma unroll
-              for (int q = 0; q < 4; ++q) v[q / 2][q % 2] = epilogue_from_preactivation(v[q / 2][q % 2], epi.multiply_value);
+              for (int q = 0; q < 4; ++q) v[q / 2][q % 2] = epilogue_from_preactivation<float, true>(v[q / 2][q % 2], epi.multiply_value);
             } else {
 #pragma unroll
               for (int q = 0; q < 4; ++q) v[q / 2][q % 2] = value_at_nonnegative(v[q / 2][q % 2]);
@@ -349,17 +383,23 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
       else
         store_tile_nchw<T, N>(pr, stage, l0, ph, warp, lane,
                               out_set + int64_t(n) * pr.groups * pr.cout_g * pr.out_h * pr.out_w, release_buffer);
+      if (lockstep && tid == 0) atomicAdd(progress, 1u);
     }
+    // A warpgroup with fewer tiles than the most counts the rounds it does not run, so that every round's
+    // count completes.
+    if (lockstep && tid == 0 && unsigned(k) < rounds) atomicAdd(progress, rounds - unsigned(k));
   }
 #endif
 }
 
-// Workspace of the pair path: [packed weights (rounded to 256 B)][padded input], both 16-bit.
+// Workspace of the pair path: [packed weights (rounded to 256 B)][progress counter (256 B)][padded input],
+// weights and input 16-bit.
 inline size_t pair_packed_bytes(const PairProblem& pr) {
   return (size_t(pr.packed_weight_elements()) * 2 + 255) / 256 * 256;
 }
+constexpr size_t kPairProgressBytes = 256;
 inline size_t pair_workspace_bytes(const PairProblem& pr) {
-  return pair_packed_bytes(pr) + size_t(pr.padded_input_elements()) * 2;
+  return pair_packed_bytes(pr) + kPairProgressBytes + size_t(pr.padded_input_elements()) * 2;
 }
 
 // Plans the pair path for this device, or false where it does not apply (no sm_90a code in this build, not
@@ -383,10 +423,12 @@ void launch_pair_forward(PairProblem pr, const Epilogue& epilogue, const T* inpu
   pr.aligned_stores = pr.channels_last_out ? reinterpret_cast<uintptr_t>(output) % 16 == 0
                                            : pr.out_w % 2 == 0 && reinterpret_cast<uintptr_t>(output) % 4 == 0;
   auto* packed = static_cast<uint4*>(workspace);
-  auto* padded = reinterpret_cast<uint4*>(static_cast<unsigned char*>(workspace) + pair_packed_bytes(pr));
+  auto* progress = reinterpret_cast<unsigned int*>(static_cast<unsigned char*>(workspace) + pair_packed_bytes(pr));
+  auto* padded = reinterpret_cast<uint4*>(static_cast<unsigned char*>(workspace) + pair_packed_bytes(pr) +
+                                          kPairProgressBytes);
   const int threads = 256;
   auto blocks = [&](int64_t rows) { return int(std::min<int64_t>((rows + threads - 1) / threads, 65536)); };
-  pack_pair_weight<T><<<blocks(pr.packed_weight_elements() / kPairPlane), threads, 0, stream>>>(pr, weight, packed);
+  pack_pair_weight<T><<<blocks(pr.packed_weight_elements() / kPairPlane), threads, 0, stream>>>(pr, weight, packed, progress);
   check_launch("pack_pair_weight");
   pack_pair_input<T><<<blocks(pr.padded_input_elements() / kPairPlane), threads, 0, stream>>>(
       pr, input, input_channels_last, padded);
@@ -395,7 +437,7 @@ void launch_pair_forward(PairProblem pr, const Epilogue& epilogue, const T* inpu
     const int smem = pr.smem_bytes(pr.warpgroups);
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
                "cudaFuncSetAttribute(pair_forward_kernel)");
-    kernel<<<pr.grid, pr.warpgroups * 128, smem, stream>>>(pr, epilogue, padded, packed, bias, output);
+    kernel<<<pr.grid, pr.warpgroups * 128, smem, stream>>>(pr, epilogue, padded, packed, bias, output, progress);
     check_launch("pair_forward_kernel");
   };
   auto with_taps = [&](auto n_tile, auto nhwc) {

@@ -73,6 +73,27 @@ void tail_is_relatively_accurate(const char* type_name) {
   }
 }
 
+// The form for outputs rounded to 16 bits (normal_cdf_nonpositive_16bit): relative error within 2.5e-5 down
+// to u = -13 (a tenth of float16's half-ulp), and the special points as the float form gives them.
+void sixteen_bit_form() {
+  for (double u = -0.005; u >= -13.0; u -= 0.005) {
+    for (const float m : {1.0f, -0.75f}) {
+      const float value = fused_convt::epilogue_from_preactivation<float, true>(float(u), m);
+      const long double ref = test::ref_epilogue(float(u), (long double)m);
+      const double relative = double(std::fabs(((long double)value - ref) / ref));
+      CHECK_MSG(relative <= 2.5e-5, "16-bit form u=" + test::fmt(u) + ": relative error " + test::fmt(relative));
+    }
+  }
+  const float nan = std::numeric_limits<float>::quiet_NaN(), inf = std::numeric_limits<float>::infinity();
+  for (const float u : {0.0f, -0.0f, 1e-20f, 0.5f, 1e30f, inf, nan, -inf, -1e6f, -40.0f}) {
+    const float coarse = fused_convt::epilogue_from_preactivation<float, true>(u, 2.0f);
+    const float fine = fused_convt::epilogue_from_preactivation(u, 2.0f);
+    CHECK_MSG(same_bits(coarse, fine) || (std::isnan(coarse) && std::isnan(fine)) || (coarse == 0 && fine == 0),
+              "16-bit form at u=" + test::fmt(u) + ": " + test::fmt(coarse) + " where the float form gives " +
+                  test::fmt(fine));
+  }
+}
+
 template <typename Acc>
 void special_points(const char* type_name) {
   const std::string t = type_name;
@@ -266,6 +287,7 @@ int main() {
   epilogue_matches_long_double<double>(rng, "double");
   tail_is_relatively_accurate<float>("float");
   tail_is_relatively_accurate<double>("double");
+  sixteen_bit_form();
   special_points<float>("float");
   special_points<double>("double");
   apply_epilogue_composes<float>(rng, "float");
