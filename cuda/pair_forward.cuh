@@ -209,6 +209,9 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
                         unsigned int* __restrict__ progress) {
 #ifdef FCT_WGMMA_ENABLED
   extern __shared__ __align__(128) unsigned char smem[];
+  // The warpgroup index through a shuffle from lane 0: the compiler then knows it is the same on every lane, and
+  // the descriptors and addresses derived from it live in uniform registers (from threadIdx directly, each
+  // wgmma took four moves into them, and 36 bytes a thread spilled).
   const int wgs = blockDim.x / 128, wg = __shfl_sync(0xffffffffu, int(threadIdx.x / 128), 0), tid = threadIdx.x % 128;
   const int warp = tid / 32, lane = tid % 32, quad = lane % 4, row8 = lane / 4;
   const int planes = pr.planes(), buffer_bytes = pr.buffer_bytes(), plane_bytes = pr.plane_bytes();
@@ -288,8 +291,8 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
     // The column phases' taps and their first weight slots (slots: phase 0's taps, then phase 1's).
     const PairAxisTaps tw[2] = {pair_axis_taps(0, pr.kernel_w, 2, pr.pad_w), pair_axis_taps(1, pr.kernel_w, 2, pr.pad_w)};
     const int first_slot[2] = {0, th.count * tw[0].count};
-    // Per column phase: whether it has taps, the A offset of its tap (0, 0) in the patch and its first weight
-    // slot (16-byte units); tap (a, b) is a rows and b pixels before it, its slot a * count + b after it.
+    // Per column phase: the A offset of its tap (0, 0) in the patch and its first weight slot (16-byte units);
+    // tap (a, b) reads a rows and b pixels before it, and slot a * count + b after it.
     const int slot_units = planes * N;
     const int a_base[2] = {pr.shift(th.q, tw[0].q) - pr.shift_min, pr.shift(th.q, tw[1].q) - pr.shift_min};
     const int b_base[2] = {first_slot[0] * slot_units, first_slot[1] * slot_units};
