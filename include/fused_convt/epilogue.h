@@ -66,18 +66,29 @@ struct HalfSquareLog2 {
   FCT_HD float plus(float extra) const { return fmaf(square, kScale, fmaf(error, kScale, extra)); }
 };
 
+// What both forms of Phi share: t = 1 / (1 + x/2) with x = -z/sqrt(2), and P(t) by Horner's rule from its
+// coefficients (highest power first, already times log2(e)).
+struct ErfcFit {
+  float t, poly;
+};
+template <int kTerms>
+FCT_HD ErfcFit erfc_fit(float z, const float (&p)[kTerms]) {
+  const float t = reciprocal_of(fmaf(z, -0.35355339059327376220f, 1.0f));
+  float poly = p[0];
+  for (int i = 1; i < kTerms; ++i) poly = fmaf(poly, t, p[i]);
+  return {t, poly};
+}
+constexpr double kLog2e = 1.44269504088896340736;
+
 FCT_HD float normal_cdf_nonpositive(float z) {
   // P(t) as published, highest power first, times log2(e) (rounded to float at compile time).
-  constexpr double kLog2e = 1.44269504088896340736;
   constexpr float p[10] = {
       float(0.17087277 * kLog2e),  float(-0.82215223 * kLog2e), float(1.48851587 * kLog2e),
       float(-1.13520398 * kLog2e), float(0.27886807 * kLog2e),  float(-0.18628806 * kLog2e),
       float(0.09678418 * kLog2e),  float(0.37409196 * kLog2e),  float(1.00002368 * kLog2e),
       float(-1.26551223 * kLog2e)};
-  const float t = reciprocal_of(fmaf(z, -0.35355339059327376220f, 1.0f));
-  float poly = p[0];
-  for (int i = 1; i < 10; ++i) poly = fmaf(poly, t, p[i]);
-  return 0.5f * t * exp2_of(HalfSquareLog2(z).plus(poly));
+  const ErfcFit fit = erfc_fit(z, p);
+  return 0.5f * fit.t * exp2_of(HalfSquareLog2(z).plus(fit.poly));
 }
 
 FCT_HD float normal_density(float z) { return 0.39894228040143267794f * exp2_of(HalfSquareLog2(z).plus(0.0f)); }
@@ -86,17 +97,15 @@ FCT_HD float normal_density(float z) { return 0.39894228040143267794f * exp2_of(
 // relative, bfloat16's 2e-3): the same closed form with P of degree 5 instead of 9, fitted here (weighted least
 // squares to near minimax on t in [0.17, 1], i.e. x <= 9.6 and z >= -13.6, below which Phi underflows) to an
 // error of 7.6e-6 in the exponent, and -z^2/2 without the correction of z*z's rounding (at most z^2 2^-25,
-// 5e-6 at z = -13). tests/cpp/test_epilogue.cpp bounds the value it gives at 2.5e-5 relative on [-13, 0]. Four fused multiply-adds and
-// two more instructions fewer per output than the float form: the 16-bit forward's epilogue is bound by issue.
+// 5e-6 at z = -13). tests/cpp/test_epilogue.cpp bounds the value it gives at 2.5e-5 relative on [-13, 0].
+// Four fused multiply-adds and two more instructions fewer per output than the float form: the 16-bit
+// forward's epilogue is bound by issue.
 FCT_HD float normal_cdf_nonpositive_16bit(float z) {
-  constexpr double kLog2e = 1.44269504088896340736;
   constexpr float p[6] = {float(0.22878565146046806 * kLog2e), float(-0.7091774344967959 * kLog2e),
                           float(0.4744784738228818 * kLog2e),  float(0.25445078806697896 * kLog2e),
                           float(1.0180117177744228 * kLog2e),  float(-1.2665415958477675 * kLog2e)};
-  const float t = reciprocal_of(fmaf(z, -0.35355339059327376220f, 1.0f));
-  float poly = p[0];
-  for (int i = 1; i < 6; ++i) poly = fmaf(poly, t, p[i]);
-  return 0.5f * t * exp2_of(fmaf(z * z, HalfSquareLog2::kScale, poly));
+  const ErfcFit fit = erfc_fit(z, p);
+  return 0.5f * fit.t * exp2_of(fmaf(z * z, HalfSquareLog2::kScale, fit.poly));
 }
 
 template <typename Acc>
