@@ -1,5 +1,6 @@
 // CUDA forward entry point: validates, makes the caller's device current and, on the caller's stream, runs
-// the column-pair wgmma kernel for the 16-bit inference forward at stride_w 2 on sm_90a (pair_forward.cuh),
+// the column-pair wgmma kernel for the inference forward at stride_w 2 on sm_90a (float16, bfloat16, and float
+// where TF32 is allowed; pair_forward.cuh),
 // else the tensor-core implicit-GEMM kernel where it applies (float16, bfloat16, float32 as TF32 or, without TF32,
 // as exact 3xTF32; phases and patches within its limits), else the direct gather kernel (float64, the rest).
 // It first makes a channels-last copy of the input in the workspace (tc_async_patch), or, for the 16-bit
@@ -29,8 +30,8 @@ static size_t forward_packed_bytes(const TcProblem& problem, DType dtype) {
   return (bytes + 255) / 256 * 256;
 }
 
-// The 16-bit inference forward may take the column-pair path instead (pair_forward.cuh): the workspace
-// holds whichever layout is larger.
+// The inference forward may take the column-pair path instead (pair_forward.cuh): the workspace holds
+// whichever layout is larger.
 size_t forward_workspace_bytes(const ConvTransposeParams& params, DType dtype) {
   validate(params);
   size_t bytes = 0;
@@ -42,7 +43,7 @@ size_t forward_workspace_bytes(const ConvTransposeParams& params, DType dtype) {
     bytes = forward_packed_bytes(problem, dtype) + source;
   }
   PairProblem pair;
-  if ((dtype == DType::Float16 || dtype == DType::BFloat16) && plan_pair_forward(params, 1, false, &pair))
+  if (dtype != DType::Float64 && plan_pair_forward(params, dtype == DType::Float32 ? 4 : 2, 1, false, &pair))
     bytes = std::max(bytes, pair_workspace_bytes(pair));
   return bytes;
 }
@@ -82,9 +83,11 @@ void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, D
       if (!args.workspace)
         throw std::invalid_argument("fused_convt: forward_cuda needs a workspace of forward_workspace_bytes() bytes");
     };
-    if constexpr (std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>) {
+    if constexpr (!std::is_same_v<T, double>) {
       PairProblem pair;
-      if (output && !grad_factor && pair_forward_plan_for_device(params, args.output_channels_last, &pair)) {
+      const bool pair_precision = !std::is_same_v<T, float> || args.allow_tf32;  // it multiplies float as TF32
+      if (pair_precision && output && !grad_factor &&
+          pair_forward_plan_for_device(params, int(sizeof(T)), args.output_channels_last, &pair)) {
         require_workspace();
         launch_pair_forward<T>(pair, epilogue, input, args.input_channels_last, weight, bias, output, args.workspace,
                                stream);

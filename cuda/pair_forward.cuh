@@ -1,9 +1,11 @@
-// The column-pair forward (pair_problem.h): 16-bit inference forward at stride_w 2 on sm_90a.
+// The column-pair forward (pair_problem.h): the inference forward at stride_w 2 on sm_90a, for float16, bfloat16
+// and float with TF32 allowed (wgmma k16 on 16-bit operands, k8 on TF32: either way 32 bytes of K a step).
 //
 // A block keeps one weight set (group, row phase, 64/32/16 output channels; every tap of both column phases)
 // resident in shared memory and its warpgroups walk tiles of 64 grid pixels of that set, each on its own:
 // per tile one bulk copy per 8-channel plane brings the patch (two tiles in flight per warpgroup, an mbarrier
-// per buffer), wgmma multiplies it by every tap of both column phases (the tap is a row shift of the A
+// per buffer; where four warpgroups' buffers would not fit, in K chunks of planes, a buffer each), wgmma
+// multiplies it by every tap of both column phases (the tap is a row shift of the A
 // descriptor), and the epilogue runs on the accumulators in registers. The outputs pass through the tile's
 // just-consumed patch buffer so that consecutive lanes store consecutive output pairs (2j, 2j + 1): whole
 // sectors, one 32-bit store per pair, where the phase kernel's two column phases each wrote half of every
@@ -13,6 +15,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <stdexcept>
+#include <type_traits>
 
 #include "cuda_common.cuh"
 #include "fused_convt/epilogue.h"
@@ -32,44 +36,60 @@ constexpr bool pair_forward_compiled() {
 #endif
 }
 
-// The input in zero-padded 8-channel planes, [image][plane][padded pixel][8] (pair_problem.h), from NCHW or
-// NHWC: one 16-byte row per thread, each of its eight loads coalesced with its neighbours' along the row.
+// Channels per 16-byte plane row, and such a row of operands: 16-bit values as they are, float rounded to TF32
+// (as the phase kernel's Tf32Math stages them).
+template <typename T>
+constexpr int kPairPlaneChannels = kPairPlaneBytes / int(sizeof(T));
+template <typename T>
+__device__ __forceinline__ uint4 pair_plane_row(const T (&v)[kPairPlaneChannels<T>]) {
+  if constexpr (std::is_same<T, float>::value) {
+    return make_uint4(round_to_tf32(v[0]), round_to_tf32(v[1]), round_to_tf32(v[2]), round_to_tf32(v[3]));
+  } else {
+    return *reinterpret_cast<const uint4*>(v);
+  }
+}
+
+// The input in zero-padded planes of 16 bytes per pixel, [image][plane][padded pixel][16 bytes]
+// (pair_problem.h), from NCHW or NHWC: one row per thread, each of its loads coalesced with its neighbours'
+// along the row.
 template <typename T>
 __global__ void pack_pair_input(PairProblem pr, const T* __restrict__ input, bool channels_last,
                                 uint4* __restrict__ padded) {
-  const int planes = pr.groups * pr.planes(), channels = planes * kPairPlane;
-  const int64_t total = int64_t(pr.batch) * planes * pr.plane_len;
+  constexpr int kPlane = kPairPlaneChannels<T>;
+  const int planes = pr.groups * pr.planes(), channels = planes * kPlane;
+  const int64_t total = pr.padded_input_rows();
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
     const int pixel = int(idx % pr.plane_len);
     const int64_t image_plane = idx / pr.plane_len;
     const int plane = int(image_plane % planes);
     const int64_t n = image_plane / planes;
     const int r = pixel / pr.plane_w, ih = r - pr.pad_top, iw = pixel - r * pr.plane_w - pr.pad_left;
-    T v[kPairPlane];
-    for (int q = 0; q < kPairPlane; ++q) v[q] = T(0.0f);
+    T v[kPlane];
+    for (int q = 0; q < kPlane; ++q) v[q] = T(0.0f);
     if (ih >= 0 && ih < pr.in_h && iw >= 0 && iw < pr.in_w) {
-      const int c0 = plane * kPairPlane;
+      const int c0 = plane * kPlane;
       if (channels_last) {
         const T* src = input + ((n * pr.in_h + ih) * pr.in_w + iw) * channels + c0;
-        for (int q = 0; q < kPairPlane; ++q) v[q] = src[q];
+        for (int q = 0; q < kPlane; ++q) v[q] = src[q];
       } else {
         const T* src = input + ((n * channels + c0) * pr.in_h + ih) * int64_t(pr.in_w) + iw;
-        for (int q = 0; q < kPairPlane; ++q) v[q] = src[int64_t(q) * pr.in_h * pr.in_w];
+        for (int q = 0; q < kPlane; ++q) v[q] = src[int64_t(q) * pr.in_h * pr.in_w];
       }
     }
-    padded[idx] = *reinterpret_cast<const uint4*>(v);
+    padded[idx] = pair_plane_row<T>(v);
   }
 }
 
-// The weights of each set as the kernel's resident slots, [set][slot][plane][n_tile][8]: slots enumerate
+// The weights of each set as the kernel's resident slots, [set][slot][plane][n_tile][16 bytes]: slots enumerate
 // column phase, then row tap, then column tap (pair_slot). weight: PyTorch's [C_in][C_out / groups][kh][kw].
 // Also zeroes the pair kernel's progress counter (this launch runs first, on the same stream).
 template <typename T>
 __global__ void pack_pair_weight(PairProblem pr, const T* __restrict__ weight, uint4* __restrict__ packed,
                                  unsigned int* __restrict__ progress) {
   if (blockIdx.x == 0 && threadIdx.x == 0) *progress = 0;
+  constexpr int kPlane = kPairPlaneChannels<T>;
   const int planes = pr.planes(), rows = pr.n_tile;
-  const int64_t total = int64_t(pr.sets) * pr.max_taps * planes * rows;
+  const int64_t total = pr.packed_weight_rows();
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
     const int co = int(idx % rows), plane = int(idx / rows % planes), slot = int(idx / rows / planes % pr.max_taps);
     const int set = int(idx / rows / planes / pr.max_taps);
@@ -81,17 +101,17 @@ __global__ void pack_pair_weight(PairProblem pr, const T* __restrict__ weight, u
     const bool second = slot >= first1;
     const PairAxisTaps& tw = second ? tw1 : tw0;
     const int local = second ? slot - first1 : slot;
-    T v[kPairPlane];
-    for (int q = 0; q < kPairPlane; ++q) v[q] = T(0.0f);
+    T v[kPlane];
+    for (int q = 0; q < kPlane; ++q) v[q] = T(0.0f);
     if (tw.count && local < th.count * tw.count) {
       const int kh = th.k0 + pr.stride_h * (local / tw.count), kw = tw.k0 + 2 * (local % tw.count);
       const int co_g = ct * pr.n_tile + co;
-      for (int q = 0; q < kPairPlane; ++q) {
-        const int64_t ci = int64_t(g) * pr.cin_g + plane * kPairPlane + q;
+      for (int q = 0; q < kPlane; ++q) {
+        const int64_t ci = int64_t(g) * pr.cin_g + plane * kPlane + q;
         v[q] = weight[((ci * pr.cout_g + co_g) * pr.kernel_h + kh) * pr.kernel_w + kw];
       }
     }
-    packed[idx] = *reinterpret_cast<const uint4*>(v);
+    packed[idx] = pair_plane_row<T>(v);
   }
 }
 
@@ -110,12 +130,33 @@ __device__ __forceinline__ PairPixel pair_pixel(const PairProblem& pr, int l, in
   return {oh, ow, i < pr.rows && oh < pr.out_h && j < pr.out_cols && ow < pr.out_w};
 }
 
+// An output pair (2j, 2j + 1) of one channel as one word: two 16-bit values in 32 bits, two floats in 64.
+template <typename T>
+using PairWord = std::conditional_t<sizeof(T) == 2, uint32_t, uint2>;
+template <typename T>
+__device__ __forceinline__ PairWord<T> pair_word(float first, float second) {
+  if constexpr (sizeof(T) == 2) return Half16Math<T>::to_word({first, second});
+  else return make_uint2(__float_as_uint(first), __float_as_uint(second));
+}
+// A pair's values stored apart (an odd row length or a misaligned output), the second only where it exists.
+template <typename T>
+__device__ __forceinline__ void store_pair_apart(T* out, PairWord<T> word, bool first, bool second) {
+  if constexpr (sizeof(T) == 2) {
+    if (first) *reinterpret_cast<uint16_t*>(out) = uint16_t(word & 0xFFFF);
+    if (second) *reinterpret_cast<uint16_t*>(out + 1) = uint16_t(word >> 16);
+  } else {
+    if (first) out[0] = __uint_as_float(word.x);
+    if (second) out[1] = __uint_as_float(word.y);
+  }
+}
+
 // NCHW stores of a staged tile ([channel][pixel] output pairs): warp w writes channels w, w + 4, ..., lane the
-// pairs of grid pixels lane and 32 + lane, so consecutive lanes write consecutive pairs: one 32-bit store per
-// pair where every pair is aligned (an even row length and output pointer), else the two values apart.
+// pairs of grid pixels lane and 32 + lane, so consecutive lanes write consecutive pairs: one store per pair
+// where every pair is aligned (an even row length and output pointer), else the two values apart.
 template <typename T, int N, typename Release>
-__device__ __forceinline__ void store_tile_nchw(const PairProblem& pr, const uint32_t* stage, int l0, int ph, int warp,
-                                                int lane, T* out_image, Release release_buffer) {
+__device__ __forceinline__ void store_tile_nchw(const PairProblem& pr, const PairWord<T>* stage, int l0, int ph,
+                                                int warp, int lane, T* out_image, Release release_buffer) {
+  constexpr int kStride = pair_stage_stride(sizeof(T));
   const int64_t channel_step = 4 * int64_t(pr.out_h) * pr.out_w;  // to this warp's next channel
   T* out[2];
   bool first_ok[2], second_ok[2];
@@ -126,11 +167,11 @@ __device__ __forceinline__ void store_tile_nchw(const PairProblem& pr, const uin
     second_ok[h] = first.ok && first.ow + 1 < pr.out_w;
     out[h] = out_image + warp * (channel_step / 4) + first.oh * pr.out_w + first.ow;
   }
-  uint32_t staged[N / 4][2];
+  PairWord<T> staged[N / 4][2];
 #pragma unroll
   for (int c = 0; c < N / 4; ++c)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) staged[c][h] = stage[(warp + 4 * c) * kPairStageStride + 32 * h + lane];
+    for (int h = 0; h < 2; ++h) staged[c][h] = stage[(warp + 4 * c) * kStride + 32 * h + lane];
   release_buffer();
   // One uniform branch per tile, not per store: the aligned loop is predicated 32-bit stores and pointer steps
   // (with the branch inside the loop, each store took ~13 instructions).
@@ -139,29 +180,29 @@ __device__ __forceinline__ void store_tile_nchw(const PairProblem& pr, const uin
     for (int c = 0; c < N / 4; ++c)
 #pragma unroll
       for (int h = 0; h < 2; ++h)
-        if (first_ok[h]) *reinterpret_cast<uint32_t*>(out[h] + c * channel_step) = staged[c][h];
+        if (first_ok[h]) *reinterpret_cast<PairWord<T>*>(out[h] + c * channel_step) = staged[c][h];
   } else {
 #pragma unroll
     for (int c = 0; c < N / 4; ++c)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
-        if (first_ok[h]) *reinterpret_cast<uint16_t*>(out[h] + c * channel_step) = uint16_t(staged[c][h] & 0xFFFF);
-        if (second_ok[h]) *reinterpret_cast<uint16_t*>(out[h] + c * channel_step + 1) = uint16_t(staged[c][h] >> 16);
-      }
+      for (int h = 0; h < 2; ++h) store_pair_apart<T>(out[h] + c * channel_step, staged[c][h], first_ok[h], second_ok[h]);
   }
 }
 
-// NHWC stores of a staged tile ([output pixel][channel]): 16-byte pieces (8 channels), consecutive threads
-// the consecutive pieces of a pixel's N channels and then of the next pixel.
+// NHWC stores of a staged tile ([output pixel][channel], rows of kPairNhwcRow<T, N> values): 16-byte pieces
+// (8 channels of a 16-bit type, 4 of float), consecutive threads the consecutive pieces of a pixel's N channels
+// and then of the next pixel.
+template <typename T, int N>
+constexpr int kPairNhwcRow = N + kPairPlaneBytes / int(sizeof(T));
 template <typename T, int N, typename Release>
-__device__ __forceinline__ void store_tile_nhwc(const PairProblem& pr, const uint32_t* stage, int n, int l0, int ph,
+__device__ __forceinline__ void store_tile_nhwc(const PairProblem& pr, const T* stage, int n, int l0, int ph,
                                                 int channel0, int tid, T* output, Release release_buffer) {
-  constexpr int kPieces = N / 8, kRounds = 2 * kPairTileM * kPieces / 128;
+  constexpr int kPiece = kPairPlaneChannels<T>, kPieces = N / kPiece, kRounds = 2 * kPairTileM * kPieces / 128;
   uint4 staged[kRounds];
 #pragma unroll
   for (int k = 0; k < kRounds; ++k) {
     const int piece = k * 128 + tid, pixel = piece / kPieces;
-    staged[k] = *reinterpret_cast<const uint4*>(stage + (pixel * (N + 8) + piece % kPieces * 8) / 2);
+    staged[k] = *reinterpret_cast<const uint4*>(stage + pixel * kPairNhwcRow<T, N> + piece % kPieces * kPiece);
   }
   release_buffer();
   const int channels = pr.groups * pr.cout_g;
@@ -170,13 +211,13 @@ __device__ __forceinline__ void store_tile_nhwc(const PairProblem& pr, const uin
     const int piece = k * 128 + tid, pixel = piece / kPieces;
     const PairPixel at = pair_pixel(pr, l0 + pixel / 2, ph, pixel % 2);
     if (!at.ok) continue;
-    T* out = output + ((int64_t(n) * pr.out_h + at.oh) * pr.out_w + at.ow) * channels + channel0 + piece % kPieces * 8;
+    T* out = output + ((int64_t(n) * pr.out_h + at.oh) * pr.out_w + at.ow) * channels + channel0 + piece % kPieces * kPiece;
     if (pr.aligned_stores) {
       *reinterpret_cast<uint4*>(out) = staged[k];
     } else {
-      const uint16_t* v = reinterpret_cast<const uint16_t*>(&staged[k]);
+      const T* v = reinterpret_cast<const T*>(&staged[k]);
 #pragma unroll
-      for (int q = 0; q < 8; ++q) reinterpret_cast<uint16_t*>(out)[q] = v[q];
+      for (int q = 0; q < kPiece; ++q) out[q] = v[q];
     }
   }
 }
@@ -212,9 +253,13 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
   // The warpgroup index through a shuffle from lane 0: the compiler then knows it is the same on every lane, and
   // the descriptors and addresses derived from it live in uniform registers (from threadIdx directly, each
   // wgmma took four moves into them, and 36 bytes a thread spilled).
+  constexpr bool kSixteenBit = sizeof(T) == 2;
   const int wgs = blockDim.x / 128, wg = __shfl_sync(0xffffffffu, int(threadIdx.x / 128), 0), tid = threadIdx.x % 128;
   const int warp = tid / 32, lane = tid % 32, quad = lane % 4, row8 = lane / 4;
-  const int planes = pr.planes(), buffer_bytes = pr.buffer_bytes(), plane_bytes = pr.plane_bytes();
+  // Planes from a compile-time channel count (pr.planes() divides by a runtime one); 16-bit patches come whole
+  // (plan_pair_forward), so their kernels compile without the chunk loop.
+  const int planes = pr.cin_g / kPairPlaneChannels<T>, chunks = kSixteenBit ? 1 : pr.chunks, chunk_planes = planes / chunks;
+  const int buffer_bytes = pr.buffer_bytes(), plane_bytes = pr.plane_bytes();
   unsigned char* weights = smem;
   unsigned char* buffers = smem + pr.weight_bytes() + wg * 2 * buffer_bytes;
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + pr.weight_bytes() + wgs * 2 * buffer_bytes);
@@ -235,7 +280,8 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
   // Tile numbers (image x tiles + tile) fit 32 bits (plan_pair_forward): no 64-bit division per tile.
   const int total = pr.batch * pr.tiles, tile_stride = pr.blocks_per_set * wgs;
   const int64_t plane_pixels = pr.plane_len;
-  int k = 0;  // this warpgroup's tiles so far: buffer k & 1, its barrier's phase (k >> 1) & 1
+  int k = 0;     // this warpgroup's tiles so far (the lockstep's rounds)
+  int item = 0;  // and its (tile, K chunk) copies so far: buffer item & 1, its barrier's phase (item >> 1) & 1
   for (int set = blockIdx.x / pr.blocks_per_set, round = 0; set < pr.sets; set += sets_stride, ++round) {
     __syncthreads();  // every warpgroup is done with the previous set's weights and bias
     const PairSet at = pr.set_at(set);
@@ -251,17 +297,23 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
       bulk_copy(smem_address(weights), packed + int64_t(set) * (pr.weight_bytes() / 16), pr.weight_bytes(),
                 weight_bar);
     }
-    // A tile's patch: one run of pr.patch pixels per plane of its image and group.
-    auto issue = [&](int tile, int buffer) {
+    // A K chunk of a tile's patch: one run of pr.patch pixels per plane of the chunk, its image and group.
+    auto issue = [&](int tile, int chunk, int buffer) {
       const int n = pr.by_tiles.quotient(tile), l0 = pr.by_tiles.remainder(tile, n) * kPairTileM;
       const uint32_t bar = full_bar + 8 * buffer;
-      mbarrier_arrive_expect_tx(bar, planes * plane_bytes);
-      const uint4* src = padded + ((int64_t(n) * pr.groups + g) * planes * plane_pixels + l0 + pr.shift_min);
-      for (int p = 0; p < planes; ++p)
+      mbarrier_arrive_expect_tx(bar, chunk_planes * plane_bytes);
+      const uint4* src = padded + (((int64_t(n) * pr.groups + g) * planes + chunk * chunk_planes) * plane_pixels +
+                                   l0 + pr.shift_min);
+      for (int p = 0; p < chunk_planes; ++p)
         bulk_copy(smem_address(buffers + buffer * buffer_bytes + p * plane_bytes), src + p * plane_pixels,
                   plane_bytes, bar);
     };
     int tile = slot * wgs + wg;
+    // The copy `ahead` items after chunk 0 of this tile (the tile's chunks, then the next tile's), if any.
+    auto issue_ahead = [&](int ahead, int buffer) {
+      const int later = tile + ahead / chunks * tile_stride;
+      if (later < total) issue(later, ahead % chunks, buffer);
+    };
     // Lockstep, where each block serves one set: the warpgroups of the grid finish tiles of the same image
     // region together. Output rows of the two row phases (other sets, other blocks) and neighbouring tiles
     // share 32-byte sectors at their ends; when blocks drift apart, the first partial sector leaves L2 before its
@@ -275,8 +327,8 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
     const unsigned int grid_wgs = gridDim.x * wgs, rounds = (total + tile_stride - 1) / tile_stride;
     bool waiting = lockstep && tid == 0;
     if (tid == 0) {
-      if (tile < total) issue(tile, k & 1);
-      if (tile + tile_stride < total) issue(tile + tile_stride, (k + 1) & 1);
+      issue_ahead(0, item & 1);
+      issue_ahead(1, (item + 1) & 1);
     }
     const PairAxisTaps th = pair_axis_taps(ph, pr.kernel_h, pr.stride_h, pr.pad_h);
     mbarrier_wait(weight_bar, round & 1);
@@ -298,44 +350,54 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
     const int b_base[2] = {first_slot[0] * slot_units, first_slot[1] * slot_units};
     T* out_set = output + (int64_t(g) * pr.cout_g + ct * N) * pr.out_h * int64_t(pr.out_w);
     for (; tile < total; tile += tile_stride, ++k) {
-      const int buffer = k & 1;
       if (waiting && k >= kPairSlack) waiting = wait_for_progress(progress, (k - kPairSlack) * grid_wgs);
-      mbarrier_wait(full_bar + 8 * buffer, (k >> 1) & 1);
-      const uint32_t patch_base = smem_address(buffers + buffer * buffer_bytes);
       // Each column phase's first wgmma overwrites its accumulators (scale-d 0): zeroing them with ordinary
       // moves instead made ptxas wait for every wgmma, and so did runtime loops over the taps; so the tap loops
       // run kTaps x kTaps times, and a tap a phase lacks multiplies zeros by zeros (both operands from the
       // block's 2 KB of zeros): it adds exactly 0, whatever the input holds (an infinity times a zero weight
       // would not), and a phase without taps is the bias.
       float acc[2][N / 2];
-      wgmma_fence();
-      // Descriptors advance by adding to their address field (16-byte units, in the low word; shared memory
-      // stays below the field's 256 KB). A tap a phase lacks multiplies the zeros by the zeros (same strides as
-      // the real operands, so only the low word differs).
-      const uint32_t patch_lo = uint32_t(wgmma_descriptor(patch_base, plane_bytes, 128));
+      int buffer = 0;
 #pragma unroll 1
-      for (int kk = 0; kk < planes / 2; ++kk) {
-        const uint32_t a_kk = patch_lo + kk * (plane_bytes / 8), b_kk = weight_lo + kk * 2 * N;
+      for (int chunk = 0; chunk < chunks; ++chunk, ++item) {
+        buffer = __shfl_sync(0xffffffffu, item & 1, 0);
+        mbarrier_wait(full_bar + 8 * buffer, (item >> 1) & 1);
+        wgmma_fence();
+        // Descriptors advance by adding to their address field (16-byte units, in the low word; shared memory
+        // stays below the field's 256 KB). A tap a phase lacks multiplies the zeros by the zeros (same strides as
+        // the real operands, so only the low word differs).
+        const uint32_t patch_lo = uint32_t(wgmma_descriptor(smem_address(buffers + buffer * buffer_bytes), plane_bytes, 128));
+        const uint32_t weight_chunk_lo = __shfl_sync(0xffffffffu, weight_lo + chunk * chunk_planes * N, 0);
+#pragma unroll 1
+        for (int kk = 0; kk < chunk_planes / 2; ++kk) {
+          const uint32_t a_kk = patch_lo + kk * (plane_bytes / 8), b_kk = weight_chunk_lo + kk * 2 * N;
 #pragma unroll
-        for (int pw = 0; pw < 2; ++pw)
+          for (int pw = 0; pw < 2; ++pw)
 #pragma unroll
-          for (int a = 0; a < kTaps; ++a)
+            for (int a = 0; a < kTaps; ++a)
 #pragma unroll
-            for (int b = 0; b < kTaps; ++b) {
-              const bool used = a < th.count && b < tw[pw].count;
-              const uint32_t a_lo = used ? a_kk + (a_base[pw] - a * pr.plane_w - b) : zero_a_lo;
-              const uint32_t b_lo = used ? b_kk + (b_base[pw] + (a * tw[pw].count + b) * slot_units) : zero_b_lo;
-              wgmma_m64k16<T, N>(acc[pw], (uint64_t(a_hi) << 32) | a_lo, (uint64_t(b_hi) << 32) | b_lo,
-                                 (a | b | kk) != 0);
-            }
+              for (int b = 0; b < kTaps; ++b) {
+                const bool used = a < th.count && b < tw[pw].count;
+                const uint32_t a_lo = used ? a_kk + (a_base[pw] - a * pr.plane_w - b) : zero_a_lo;
+                const uint32_t b_lo = used ? b_kk + (b_base[pw] + (a * tw[pw].count + b) * slot_units) : zero_b_lo;
+                wgmma_k32bytes<T, N>(acc[pw], (uint64_t(a_hi) << 32) | a_lo, (uint64_t(b_hi) << 32) | b_lo,
+                                     (a | b | kk | chunk) != 0);
+              }
+        }
+        wgmma_commit();
+        wgmma_wait_all();
+        // A chunk before the tile's last: once every warp's wgmmas are done with its buffer, the copy two items
+        // ahead refills it (the last chunk's buffer stages the outputs first, release_buffer below).
+        if (chunk + 1 < chunks) {
+          named_barrier_sync(1 + wg, 128);
+          if (tid == 0) issue_ahead(chunk + 2, buffer);
+        }
       }
-      wgmma_commit();
-      wgmma_wait_all();
       // The accumulator of (row 16 warp + row8 + 8 r, column 8 c + 2 quad + e) is acc[pw][4 c + 2 r + e].
       // Epilogue into the consumed patch buffer: NCHW as [channel][pixel] output pairs (2j, 2j + 1), NHWC as
       // [output pixel][channel].
       named_barrier_sync(1 + wg, 128);
-      uint32_t* stage = reinterpret_cast<uint32_t*>(buffers + buffer * buffer_bytes);
+      unsigned char* stage = buffers + buffer * buffer_bytes;
 #pragma unroll
       for (int r = 0; r < 2; ++r)
 #pragma unroll
@@ -354,7 +416,8 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
             // finer vote was faster, fused_convt_timer's +0.5 data 0.77 -> 0.68 with the NHWC path split off.)
             if (__any_sync(0xffffffffu, tail)) {
 #pragma unroll
-              for (int q = 0; q < 4; ++q) v[q / 2][q % 2] = epilogue_from_preactivation<float, true>(v[q / 2][q % 2], epi.multiply_value);
+              for (int q = 0; q < 4; ++q)
+                v[q / 2][q % 2] = epilogue_from_preactivation<float, kSixteenBit>(v[q / 2][q % 2], epi.multiply_value);
             } else {
 #pragma unroll
               for (int q = 0; q < 4; ++q) v[q / 2][q % 2] = value_at_nonnegative(v[q / 2][q % 2]);
@@ -364,11 +427,13 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
           if (kNhwc) {
 #pragma unroll
             for (int pw = 0; pw < 2; ++pw)
-              stage[((2 * m + pw) * (N + 8) + 8 * c + 2 * quad) / 2] = Half16Math<T>::to_word({v[pw][0], v[pw][1]});
+              *reinterpret_cast<PairWord<T>*>(reinterpret_cast<T*>(stage) + (2 * m + pw) * kPairNhwcRow<T, N> + 8 * c +
+                                              2 * quad) = pair_word<T>(v[pw][0], v[pw][1]);
           } else {
 #pragma unroll
             for (int e = 0; e < 2; ++e)
-              stage[(8 * c + 2 * quad + e) * kPairStageStride + m] = Half16Math<T>::to_word({v[0][e], v[1][e]});
+              reinterpret_cast<PairWord<T>*>(stage)[(8 * c + 2 * quad + e) * pair_stage_stride(sizeof(T)) + m] =
+                  pair_word<T>(v[0][e], v[1][e]);
           }
         }
       named_barrier_sync(1 + wg, 128);
@@ -379,12 +444,13 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
       auto release_buffer = [&] {
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         named_barrier_sync(1 + wg, 128);
-        if (tid == 0 && tile + 2 * tile_stride < total) issue(tile + 2 * tile_stride, buffer);
+        if (tid == 0) issue_ahead(chunks + 1, buffer);
       };
       if (kNhwc)
-        store_tile_nhwc<T, N>(pr, stage, n, l0, ph, g * pr.cout_g + ct * N, tid, output, release_buffer);
+        store_tile_nhwc<T, N>(pr, reinterpret_cast<const T*>(stage), n, l0, ph, g * pr.cout_g + ct * N, tid, output,
+                              release_buffer);
       else
-        store_tile_nchw<T, N>(pr, stage, l0, ph, warp, lane,
+        store_tile_nchw<T, N>(pr, reinterpret_cast<const PairWord<T>*>(stage), l0, ph, warp, lane,
                               out_set + int64_t(n) * pr.groups * pr.cout_g * pr.out_h * pr.out_w, release_buffer);
       if (lockstep && tid == 0) atomicAdd(progress, 1u);
     }
@@ -395,19 +461,18 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
 #endif
 }
 
-// Workspace of the pair path: [packed weights (rounded to 256 B)][progress counter (256 B)][padded input],
-// weights and input 16-bit.
+// Workspace of the pair path: [packed weights (rounded to 256 B)][progress counter (256 B)][padded input].
 inline size_t pair_packed_bytes(const PairProblem& pr) {
-  return (size_t(pr.packed_weight_elements()) * 2 + 255) / 256 * 256;
+  return (size_t(pr.packed_weight_rows()) * kPairPlaneBytes + 255) / 256 * 256;
 }
 constexpr size_t kPairProgressBytes = 256;
 inline size_t pair_workspace_bytes(const PairProblem& pr) {
-  return pair_packed_bytes(pr) + kPairProgressBytes + size_t(pr.padded_input_elements()) * 2;
+  return pair_packed_bytes(pr) + kPairProgressBytes + size_t(pr.padded_input_rows()) * kPairPlaneBytes;
 }
 
 // Plans the pair path for this device, or false where it does not apply (no sm_90a code in this build, not
 // compute capability 9.0, or a problem outside plan_pair_forward).
-inline bool pair_forward_plan_for_device(const ConvTransposeParams& params, bool output_channels_last,
+inline bool pair_forward_plan_for_device(const ConvTransposeParams& params, int elem_bytes, bool output_channels_last,
                                          PairProblem* pr) {
   if (!pair_forward_compiled()) return false;
   int device = 0, major = 0, minor = 0, sms = 0;
@@ -415,25 +480,27 @@ inline bool pair_forward_plan_for_device(const ConvTransposeParams& params, bool
   check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
   check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute");
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-  return major == 9 && minor == 0 && plan_pair_forward(params, sms, output_channels_last, pr);
+  return major == 9 && minor == 0 && plan_pair_forward(params, elem_bytes, sms, output_channels_last, pr);
 }
 
 // Runs the pair forward (pr from pair_forward_plan_for_device) into an NCHW or NHWC output.
 template <typename T>
 void launch_pair_forward(PairProblem pr, const Epilogue& epilogue, const T* input, bool input_channels_last,
                          const T* weight, const T* bias, T* output, void* workspace, cudaStream_t stream) {
-  // 32-bit pair stores (NCHW: an even row length) or 16-byte pieces (NHWC: channel counts are multiples of 16).
+  if (pr.elem_bytes != int(sizeof(T)) || (sizeof(T) == 4 && pr.n_tile == 64))
+    throw std::logic_error("fused_convt: a pair plan made for another element type");
+  // Whole-pair stores (NCHW: an even row length) or 16-byte pieces (NHWC: channel counts are multiples of 16).
   pr.aligned_stores = pr.channels_last_out ? reinterpret_cast<uintptr_t>(output) % 16 == 0
-                                           : pr.out_w % 2 == 0 && reinterpret_cast<uintptr_t>(output) % 4 == 0;
+                                           : pr.out_w % 2 == 0 && reinterpret_cast<uintptr_t>(output) % (2 * sizeof(T)) == 0;
   auto* packed = static_cast<uint4*>(workspace);
   auto* progress = reinterpret_cast<unsigned int*>(static_cast<unsigned char*>(workspace) + pair_packed_bytes(pr));
   auto* padded = reinterpret_cast<uint4*>(static_cast<unsigned char*>(workspace) + pair_packed_bytes(pr) +
                                           kPairProgressBytes);
   const int threads = 256;
   auto blocks = [&](int64_t rows) { return int(std::min<int64_t>((rows + threads - 1) / threads, 65536)); };
-  pack_pair_weight<T><<<blocks(pr.packed_weight_elements() / kPairPlane), threads, 0, stream>>>(pr, weight, packed, progress);
+  pack_pair_weight<T><<<blocks(pr.packed_weight_rows()), threads, 0, stream>>>(pr, weight, packed, progress);
   check_launch("pack_pair_weight");
-  pack_pair_input<T><<<blocks(pr.padded_input_elements() / kPairPlane), threads, 0, stream>>>(
+  pack_pair_input<T><<<blocks(pr.padded_input_rows()), threads, 0, stream>>>(
       pr, input, input_channels_last, padded);
   check_launch("pack_pair_input");
   auto run = [&](auto kernel) {
@@ -451,8 +518,10 @@ void launch_pair_forward(PairProblem pr, const Epilogue& epilogue, const T* inpu
     else run(pair_forward_kernel<T, N, 3, kNhwc>);
   };
   auto with_tile = [&](auto nhwc) {
-    if (pr.n_tile == 64) with_taps(std::integral_constant<int, 64>{}, nhwc);
-    else if (pr.n_tile == 32) with_taps(std::integral_constant<int, 32>{}, nhwc);
+    if constexpr (sizeof(T) == 2) {  // float tiles stop at 32 channels (plan_pair_forward): none compiled
+      if (pr.n_tile == 64) return with_taps(std::integral_constant<int, 64>{}, nhwc);
+    }
+    if (pr.n_tile == 32) with_taps(std::integral_constant<int, 32>{}, nhwc);
     else with_taps(std::integral_constant<int, 16>{}, nhwc);
   };
   if (pr.channels_last_out) with_tile(std::true_type{});

@@ -11,8 +11,8 @@
 // Index math (stride_w = 2, dilation 1; shared/DESIGN.md's phase decomposition). Output row oh = s_h i + ph
 // takes the taps kh = kh0 + s_h t (kh0 = (ph + pad_h) mod s_h), input row ih = i + q_h - t with
 // q_h = floor((ph + pad_h) / s_h); output column ow = 2 j + pw likewise takes kw = kw0 + 2 t, iw = j + q_w - t.
-// The input is copied once into zero-padded planes of 8 channels, [image][plane][padded pixel][8] with rows of
-// plane_w pixels, padded by pad_top rows and pad_left columns. With the phase grid as wide as a padded row
+// The input is copied once into zero-padded planes of 16 bytes per pixel (8 channels of a 16-bit type, 4 of
+// float, rounded to TF32), [image][plane][padded pixel][16 bytes] with rows of plane_w pixels, padded by pad_top rows and pad_left columns. With the phase grid as wide as a padded row
 // (columns j >= out_cols are computed and dropped), pixel l = i plane_w + j of the grid reads padded pixel
 // l + shift(dh, dw), shift = (dh + pad_top) plane_w + dw + pad_left: every tap is a constant shift, and a
 // tile of 64 grid pixels reads one contiguous run of `patch` padded pixels per plane.
@@ -28,9 +28,12 @@
 namespace fused_convt {
 
 constexpr int kPairTileM = 64;        // grid pixels per warpgroup tile (wgmma's M)
-constexpr int kPairPlane = 8;         // channels per plane: one 16-byte row of a wgmma core matrix
+constexpr int kPairPlaneBytes = 16;   // bytes per pixel of a plane: one row of a wgmma core matrix
 constexpr int kPairMaxWarpgroups = 4;
-constexpr int kPairStageStride = kPairTileM + 4;  // NCHW staging: 32-bit words per channel row (no bank conflicts)
+// NCHW staging: output pairs per channel row, padded so that the epilogue's writes (lanes of four channels two
+// apart, eight pixels each) fall in distinct banks: 68 for 32-bit pairs of a 16-bit type (channel rows 4 banks
+// apart), 66 for 64-bit pairs of float (8 banks apart).
+FCT_HD constexpr int pair_stage_stride(int elem_bytes) { return elem_bytes == 2 ? kPairTileM + 4 : kPairTileM + 2; }
 constexpr int kPairZeroBytes = 2048;              // zeros that a tap a phase lacks multiplies (both operands)
 constexpr int kPairSmemLimit = 227 * 1024;
 
@@ -50,6 +53,7 @@ struct PairSet {
 };
 
 struct PairProblem {
+  int elem_bytes;        // 2 (float16, bfloat16) or 4 (float as TF32)
   int batch, groups, cin_g, cout_g, in_h, in_w, out_h, out_w;
   int kernel_h, kernel_w, stride_h, pad_h, pad_w;
   int n_tile;            // output channels per warpgroup tile: 16, 32 or 64
@@ -61,12 +65,15 @@ struct PairProblem {
   int max_axis_taps;     // the most taps of any phase along either axis (1 to 3: the kernel's unrolled loops)
   int sets;              // groups x stride_h x channel tiles: the weights a block keeps resident
   int warpgroups;        // per block (the smem budget), and blocks per set (the grid)
+  int chunks;            // a tile's planes arrive in this many copies (K chunks), each filling one buffer
   int blocks_per_set, grid;  // grid: blocks_per_set x sets, or one block per SM looping over the sets
   Divider by_tiles, by_plane_w;  // tile numbers -> image, grid pixels -> row (no integer division per tile)
   bool channels_last_out;  // NHWC output: the staging layout, so the shared memory, depends on it
   bool aligned_stores;     // NCHW: every pair (2j, 2j + 1) 4-byte aligned; NHWC: 16-byte pieces (the launcher)
 
-  FCT_HD int planes() const { return cin_g / kPairPlane; }
+  FCT_HD int plane_channels() const { return kPairPlaneBytes / elem_bytes; }
+  FCT_HD int planes() const { return cin_g / plane_channels(); }
+  FCT_HD int chunk_planes() const { return planes() / chunks; }
   FCT_HD int channel_tiles() const { return cout_g / n_tile; }
   FCT_HD PairSet set_at(int set) const {
     const int channel_tile = set % channel_tiles(), row_phase = set / channel_tiles() % stride_h;
@@ -74,17 +81,19 @@ struct PairProblem {
   }
   FCT_HD int shift(int dh, int dw) const { return (dh + pad_top) * plane_w + dw + pad_left; }
   // Bytes of one resident weight set, and of one patch buffer (also the epilogue's staging).
-  FCT_HD int weight_bytes() const { return max_taps * cin_g * n_tile * 2; }
+  FCT_HD int weight_bytes() const { return max_taps * cin_g * n_tile * elem_bytes; }
   // Bytes of a patch plane, copied and stored back to back: patch * 16. (Planes padded to 128 bytes, each on
   // the same offset in a 128-byte line, measured slower: kb_v1 bf16 0.70 -> 0.75 ms on the H100.)
-  FCT_HD int plane_bytes() const { return patch * 16; }
-  // The epilogue's staged tile: NCHW [channel][kPairStageStride 32-bit pairs], NHWC [output pixel][n_tile + 8
-  // 16-bit values] (16-byte rows).
+  FCT_HD int plane_bytes() const { return patch * kPairPlaneBytes; }
+  // The epilogue's staged tile: NCHW [channel][pair_stage_stride output pairs], NHWC [output pixel][n_tile
+  // values + 16 bytes] (16-byte rows, 16 bytes of padding).
   FCT_HD int stage_bytes() const {
-    return channels_last_out ? 2 * kPairTileM * (n_tile + 8) * 2 : n_tile * kPairStageStride * 4;
+    return channels_last_out ? 2 * kPairTileM * (n_tile * elem_bytes + 16)
+                             : n_tile * pair_stage_stride(elem_bytes) * 2 * elem_bytes;
   }
+  // A buffer holds one K chunk of a tile's patch, and after the tile's last chunk its staged outputs.
   FCT_HD int buffer_bytes() const {
-    const int patch_bytes = planes() * plane_bytes(), stage_bytes = this->stage_bytes();
+    const int patch_bytes = chunk_planes() * plane_bytes(), stage_bytes = this->stage_bytes();
     return (std::max(patch_bytes, stage_bytes) + 127) / 128 * 128;
   }
   // Weights, two buffers per warpgroup, the mbarriers (weights, one per buffer) padded to 16 bytes, the zeros,
@@ -92,18 +101,25 @@ struct PairProblem {
   FCT_HD int smem_bytes(int wgs) const {
     return weight_bytes() + wgs * 2 * buffer_bytes() + ((1 + 2 * wgs) * 8 + 15) / 16 * 16 + kPairZeroBytes + n_tile * 4;
   }
-  int64_t padded_input_elements() const { return int64_t(batch) * groups * planes() * plane_len * kPairPlane; }
-  int64_t packed_weight_elements() const { return int64_t(sets) * max_taps * cin_g * n_tile; }
+  // 16-byte rows (kPairPlaneBytes) of the padded input and of the packed weights.
+  FCT_HD int64_t padded_input_rows() const { return int64_t(batch) * groups * planes() * plane_len; }
+  FCT_HD int64_t packed_weight_rows() const { return int64_t(sets) * max_taps * planes() * n_tile; }
 };
 
-// Plans the column-pair forward; false where it does not apply (then the phase kernel runs). sms: the
-// device's multiprocessor count (the grid is one block per SM at most); channels_last_out: an NHWC output.
-inline bool plan_pair_forward(const ConvTransposeParams& p, int sms, bool channels_last_out, PairProblem* out) {
-  if (p.stride_w != 2 || p.dil_h != 1 || p.dil_w != 1) return false;
+// Plans the column-pair forward; false where it does not apply (then the phase kernel runs). elem_bytes: 2 for
+// float16 / bfloat16, 4 for float multiplied as TF32; sms: the device's multiprocessor count (the grid is one
+// block per SM at most); channels_last_out: an NHWC output.
+inline bool plan_pair_forward(const ConvTransposeParams& p, int elem_bytes, int sms, bool channels_last_out,
+                              PairProblem* out) {
+  if (p.stride_w != 2 || p.dil_h != 1 || p.dil_w != 1 || (elem_bytes != 2 && elem_bytes != 4)) return false;
   const int64_t cin_g = p.in_channels_per_group(), cout_g = p.out_channels_per_group();
-  if (cin_g % 16 != 0 || cout_g % 16 != 0) return false;
+  // A wgmma K step reads two planes (32 bytes of each pixel's channels): 16 channels of a 16-bit type, 8 of float.
+  if (cin_g * elem_bytes % (2 * kPairPlaneBytes) != 0 || cout_g % 16 != 0) return false;
   PairProblem pr{};
-  pr.n_tile = cout_g % 64 == 0 ? 64 : cout_g % 32 == 0 ? 32 : 16;
+  pr.elem_bytes = elem_bytes;
+  // Float tiles stop at 32 channels: at 64 the weight set (kb_v1: 128 KB) and the staged outputs (35 KB per
+  // warpgroup) would leave room for one or two warpgroups.
+  pr.n_tile = cout_g % 64 == 0 && elem_bytes == 2 ? 64 : cout_g % 32 == 0 ? 32 : 16;
   const int sh = int(p.stride_h);
   int dh_min = 1 << 30, dh_max = -(1 << 30), dw_min = 1 << 30, dw_max = -(1 << 30), th_max = 0, tw_sum = 0;
   for (int ph = 0; ph < sh; ++ph) {
@@ -145,9 +161,16 @@ inline bool plan_pair_forward(const ConvTransposeParams& p, int sms, bool channe
   pr.max_taps = th_max * tw_sum;
   pr.max_axis_taps = std::max(th_max, tw_max);
   pr.sets = int(p.groups) * sh * pr.channel_tiles();
+  // The most warpgroups that fit (bf16 at kb_v1: four 0.70 ms, three 0.78, two 1.01), a float tile's patch in
+  // as few K chunks as lets them (every chunk an even number of planes). 16-bit patches stay whole (kb_v1 fits
+  // four warpgroups so; chunks are not measured there), and their kernels compile without the chunk loop.
   pr.warpgroups = 0;
   for (int wgs = kPairMaxWarpgroups; wgs >= 1 && !pr.warpgroups; --wgs)
-    if (pr.smem_bytes(wgs) <= kPairSmemLimit) pr.warpgroups = wgs;
+    for (pr.chunks = 1; pr.planes() % (2 * pr.chunks) == 0 && (pr.chunks == 1 || elem_bytes == 4); pr.chunks *= 2)
+      if (pr.smem_bytes(wgs) <= kPairSmemLimit) {
+        pr.warpgroups = wgs;
+        break;
+      }
   if (!pr.warpgroups) return false;
   pr.blocks_per_set = std::max(1, sms / pr.sets);
   pr.grid = pr.sets <= sms ? pr.blocks_per_set * pr.sets : std::max(1, sms);

@@ -40,40 +40,42 @@ __device__ __forceinline__ void wgmma_wait_all() {
 #endif
 }
 
-// The operand lists of the m64nNk16 instructions: N / 2 accumulators per thread.
+// The operand lists of the m64nN instructions: N / 2 accumulators per thread. `trans`: the two transpose
+// immediates, which the 16-bit types take (0: both K-major) and TF32 does not.
 #define FCT_ACC8(i) "+f"(d[i]), "+f"(d[i + 1]), "+f"(d[i + 2]), "+f"(d[i + 3]), "+f"(d[i + 4]), "+f"(d[i + 5]), \
                     "+f"(d[i + 6]), "+f"(d[i + 7])
-#define FCT_WGMMA_ASM(shape, type, regs, ops, dn, ...)                                                        \
+#define FCT_WGMMA_ASM(shape, type, trans, regs, ops, dn, ...)                                                 \
   asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #dn ", 0;\n"                                            \
-               "wgmma.mma_async.sync.aligned." shape ".f32." type "." type " {" regs "}, %" ops ", p, 1, 1, 0, 0;\n}\n" \
+               "wgmma.mma_async.sync.aligned." shape ".f32." type "." type " {" regs "}, %" ops ", p, 1, 1" trans ";\n}\n" \
                : __VA_ARGS__                                                                                  \
                : "l"(a), "l"(b), "r"(accumulate))
 #define FCT_REGS8 "%0, %1, %2, %3, %4, %5, %6, %7"
 #define FCT_REGS16 FCT_REGS8 ", %8, %9, %10, %11, %12, %13, %14, %15"
 #define FCT_REGS32 FCT_REGS16 ", %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
 
-// D (64 x N, fp32) = A (64 x 16, from descriptor a) x B (16 x N, descriptor b) + (accumulate ? D : 0), for the
-// 16-bit type T (bfloat16 or float16).
+// D (64 x N, fp32) = A (64 x K, from descriptor a) x B (K x N, descriptor b) + (accumulate ? D : 0) for one K
+// step of 32 bytes per row: K = 16 for the 16-bit types (bfloat16, float16), K = 8 for T = float (its operands
+// TF32 bits).
 template <typename T, int N>
-__device__ __forceinline__ void wgmma_m64k16(float (&d)[N / 2], uint64_t a, uint64_t b, int accumulate) {
+__device__ __forceinline__ void wgmma_k32bytes(float (&d)[N / 2], uint64_t a, uint64_t b, int accumulate) {
 #ifdef FCT_WGMMA_ENABLED
-  static_assert(N == 16 || N == 32 || N == 64, "wgmma_m64k16: N is 16, 32 or 64");
-  constexpr bool bf16 = std::is_same<T, __nv_bfloat16>::value;
+  static_assert(N == 16 || N == 32 || N == 64, "wgmma_k32bytes: N is 16, 32 or 64");
+#define FCT_WGMMA_TYPED(n, regs, ops, dn, ...)                                                            \
+  if constexpr (std::is_same<T, __nv_bfloat16>::value)                                                      \
+    FCT_WGMMA_ASM("m64n" n "k16", "bf16", ", 0, 0", regs, ops, dn, __VA_ARGS__);                             \
+  else if constexpr (std::is_same<T, __half>::value)                                                        \
+    FCT_WGMMA_ASM("m64n" n "k16", "f16", ", 0, 0", regs, ops, dn, __VA_ARGS__);                              \
+  else                                                                                                      \
+    FCT_WGMMA_ASM("m64n" n "k8", "tf32", "", regs, ops, dn, __VA_ARGS__);
   // Operands: the N / 2 accumulators, then a, b and the accumulate flag.
   if constexpr (N == 16) {
-    if constexpr (bf16) FCT_WGMMA_ASM("m64n16k16", "bf16", FCT_REGS8, "8, %9", 10, FCT_ACC8(0));
-    else FCT_WGMMA_ASM("m64n16k16", "f16", FCT_REGS8, "8, %9", 10, FCT_ACC8(0));
+    FCT_WGMMA_TYPED("16", FCT_REGS8, "8, %9", 10, FCT_ACC8(0))
   } else if constexpr (N == 32) {
-    if constexpr (bf16) FCT_WGMMA_ASM("m64n32k16", "bf16", FCT_REGS16, "16, %17", 18, FCT_ACC8(0), FCT_ACC8(8));
-    else FCT_WGMMA_ASM("m64n32k16", "f16", FCT_REGS16, "16, %17", 18, FCT_ACC8(0), FCT_ACC8(8));
+    FCT_WGMMA_TYPED("32", FCT_REGS16, "16, %17", 18, FCT_ACC8(0), FCT_ACC8(8))
   } else {
-    if constexpr (bf16)
-      FCT_WGMMA_ASM("m64n64k16", "bf16", FCT_REGS32, "32, %33", 34, FCT_ACC8(0), FCT_ACC8(8), FCT_ACC8(16),
-                    FCT_ACC8(24));
-    else
-      FCT_WGMMA_ASM("m64n64k16", "f16", FCT_REGS32, "32, %33", 34, FCT_ACC8(0), FCT_ACC8(8), FCT_ACC8(16),
-                    FCT_ACC8(24));
+    FCT_WGMMA_TYPED("64", FCT_REGS32, "32, %33", 34, FCT_ACC8(0), FCT_ACC8(8), FCT_ACC8(16), FCT_ACC8(24))
   }
+#undef FCT_WGMMA_TYPED
 #endif
 }
 

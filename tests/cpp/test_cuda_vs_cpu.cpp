@@ -308,9 +308,10 @@ std::vector<std::pair<std::string, ConvTransposeParams>> tiled_cases() {
   cases.push_back({"grad_weight patch steps, k4 s2 p1", square(make(3, 64, 64, 11, 13, 1), 4, 2, 1)});
   cases.push_back({"grad_weight patch steps, one tap per phase", square(make(2, 72, 100, 9, 7, 1), 2, 2)});
   cases.push_back({"grad_weight patch steps, groups, k3 s2", square(make(2, 128, 128, 8, 8, 2), 3, 2, 1, 1)});
-  // The column-pair forward (stride_w 2, channels per group multiples of 16; sm_90a): 16-channel tiles with an
-  // odd output width (pairs cut at the row's end, 16-bit stores); one row phase (stride_h 1); taps 3 and 2 per
-  // phase with groups; a column phase without taps (kernel_w 1); more weight sets (groups) than SMs. The
+  // The column-pair forward (stride_w 2, channels per group multiples of 16, or 8 in float; sm_90a): 16-channel
+  // tiles with an odd output width (pairs cut at the row's end, stored apart); one row phase (stride_h 1); taps 3
+  // and 2 per phase with groups; a column phase without taps (kernel_w 1); more weight sets (groups) than SMs; in
+  // float (TF32) a patch in two K chunks (64 channels, rows too wide for four warpgroups' whole patches). The
   // patch-step cases above take it with 64-channel tiles.
   cases.push_back({"pair: odd output width, 16-channel tiles", square(make(2, 32, 16, 9, 7, 1), 4, 2, 1, 1)});
   p = make(2, 16, 32, 6, 10, 1);
@@ -321,6 +322,7 @@ std::vector<std::pair<std::string, ConvTransposeParams>> tiled_cases() {
   p.kernel_h = 3, p.kernel_w = 1, p.stride_h = p.stride_w = 2;
   cases.push_back({"pair: a column phase without taps", p});
   cases.push_back({"pair: more weight sets than SMs", square(make(1, 16 * 70, 16 * 70, 3, 3, 70), 2, 2)});
+  cases.push_back({"pair: K chunks (float)", square(make(1, 64, 32, 3, 20, 1), 4, 2)});
   p = make(0, 4, 6, 5, 5, 2);
   p.kernel_h = p.kernel_w = 3, p.stride_h = 2;
   cases.push_back({"empty batch", p});

@@ -26,6 +26,10 @@ int64_t check_plan(const PairProblem& pr, const std::string& what) {
   CHECK_MSG(pr.smem_bytes(pr.warpgroups) <= fused_convt::kPairSmemLimit, what + ": shared memory over the limit");
   CHECK_MSG(pr.plane_len >= (pr.tiles - 1) * kPairTileM + pr.shift_min + pr.patch, what + ": last patch past the plane");
   CHECK_MSG(pr.shift_min >= 0, what + ": a patch starts before its plane");
+  CHECK_MSG(pr.chunks >= 1 && pr.chunk_planes() * pr.chunks == pr.planes() && pr.chunk_planes() % 2 == 0,
+            what + ": K chunks of an even number of planes");
+  CHECK_MSG(pr.buffer_bytes() >= pr.stage_bytes() && pr.buffer_bytes() >= pr.chunk_planes() * pr.plane_bytes(),
+            what + ": a buffer holds a chunk and the staged outputs");
   for (int t = 0; t < pr.batch * pr.tiles; ++t)
     CHECK_MSG(pr.by_tiles.quotient(t) == t / pr.tiles, what + ": the tile divider");
   for (int ph = 0; ph < pr.stride_h; ++ph) {
@@ -102,7 +106,7 @@ int main() {
     p.out_pad_h = rng.integer(0, p.stride_h - 1), p.out_pad_w = rng.integer(0, 1);
     if (p.out_h() <= 0 || p.out_w() <= 0) continue;
     PairProblem pr;
-    if (!fused_convt::plan_pair_forward(p, 132, it % 2 == 1, &pr)) {
+    if (!fused_convt::plan_pair_forward(p, it % 3 == 2 ? 4 : 2, 132, it % 2 == 1, &pr)) {
       // Refused only for more taps per axis than the kernel's unrolled three.
       const bool many_taps = (p.kernel_h + p.stride_h - 1) / p.stride_h > 3 || (p.kernel_w + 1) / 2 > 3;
       CHECK_MSG(many_taps, "refused " + test::describe(p));
@@ -117,24 +121,37 @@ int main() {
   ConvTransposeParams kb = test::make_params(128, 64, 128, 64, 64, 1);
   kb.kernel_h = kb.kernel_w = 4, kb.stride_h = kb.stride_w = 2;
   PairProblem pr;
-  CHECK_MSG(fused_convt::plan_pair_forward(kb, 132, false, &pr), "kb_v1 not planned");
+  CHECK_MSG(fused_convt::plan_pair_forward(kb, 2, 132, false, &pr), "kb_v1 not planned");
   CHECK_MSG(pr.plane_w == 66 && pr.pad_top == 1 && pr.pad_left == 1 && pr.rows == 65 && pr.out_cols == 65,
             "kb_v1 padded geometry");
   CHECK_MSG(pr.patch == 131 && pr.shift_min == 0 && pr.tiles == 68, "kb_v1 patch and tiles");
   CHECK_MSG(pr.n_tile == 64 && pr.max_taps == 8 && pr.sets == 4 && pr.warpgroups == 4, "kb_v1 sets and warpgroups");
   CHECK_MSG(pr.blocks_per_set == 33 && pr.grid == 132, "kb_v1 grid");
   pairs += check_plan(pr, "kb_v1");
+  CHECK_MSG(pr.elem_bytes == 2 && pr.planes() == 8 && pr.chunks == 1, "kb_v1 16-bit planes and chunks");
+  // kb_v1 in float (TF32): 32-channel tiles (a 64 KB weight set), so sets = 2 row phases x 4 channel tiles, and
+  // four warpgroups with each patch in two K chunks (whole patches of 16 planes, 33.5 KB, would fit two).
+  CHECK_MSG(fused_convt::plan_pair_forward(kb, 4, 132, false, &pr), "kb_v1 float not planned");
+  CHECK_MSG(pr.n_tile == 32 && pr.planes() == 16 && pr.weight_bytes() == 64 * 1024 && pr.sets == 8, "kb_v1 float sets");
+  CHECK_MSG(pr.warpgroups == 4 && pr.chunks == 2 && pr.blocks_per_set == 16 && pr.grid == 128, "kb_v1 float grid");
+  pairs += check_plan(pr, "kb_v1 float");
 
   // Refused: another column stride, dilation, channels per group not a multiple of 16, four taps per axis.
   ConvTransposeParams refused = kb;
   refused.stride_w = 3;
-  CHECK_MSG(!fused_convt::plan_pair_forward(refused, 132, false, &pr), "stride_w 3 planned");
+  CHECK_MSG(!fused_convt::plan_pair_forward(refused, 2, 132, false, &pr), "stride_w 3 planned");
   refused = kb, refused.dil_h = 2;
-  CHECK_MSG(!fused_convt::plan_pair_forward(refused, 132, false, &pr), "dilation planned");
+  CHECK_MSG(!fused_convt::plan_pair_forward(refused, 2, 132, false, &pr), "dilation planned");
   refused = kb, refused.in_channels = 72;
-  CHECK_MSG(!fused_convt::plan_pair_forward(refused, 132, false, &pr), "72 input channels planned");
+  CHECK_MSG(!fused_convt::plan_pair_forward(refused, 2, 132, false, &pr), "72 input channels planned (16-bit)");
+  // Float (TF32) takes channels per group in multiples of 8: 72 is nine planes of 4 channels twice.
+  CHECK_MSG(fused_convt::plan_pair_forward(refused, 4, 132, false, &pr) && pr.planes() == 18,
+            "72 input channels refused (float)");
+  pairs += check_plan(pr, "kb_v1 float, 72 input channels");
+  refused = kb, refused.in_channels = 36;
+  CHECK_MSG(!fused_convt::plan_pair_forward(refused, 4, 132, false, &pr), "36 input channels planned (float)");
   refused = kb, refused.kernel_w = 8;
-  CHECK_MSG(!fused_convt::plan_pair_forward(refused, 132, false, &pr), "kernel_w 8 planned");
+  CHECK_MSG(!fused_convt::plan_pair_forward(refused, 2, 132, false, &pr), "kernel_w 8 planned");
   std::printf("test_pair_plan: %lld (output pixel, tap) pairs on %d planned problems\n", (long long)pairs, planned);
   return test::summary("test_pair_plan");
 }

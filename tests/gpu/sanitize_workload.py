@@ -45,18 +45,21 @@ for dtype, tf32, _ in DTYPES:
     w.requires_grad_(False)
     fused_convt.conv_transpose2d_fused(x, w, b, **CASES[0][0].conv_kwargs(), **CASES[0][0].epilogue_kwargs(),
                                        allow_tf32=tf32).sum().backward()
-# The 16-bit inference forward's column-pair kernel (sm_90a; stride_w 2, channels per group multiples of 16):
-# 64- and 16-channel tiles, NCHW and NHWC outputs, a row stride of 1 with odd output widths.
+# The inference forward's column-pair kernel (sm_90a; stride_w 2; 16-bit, and float as TF32): 64- and
+# 16-channel tiles, NCHW and NHWC outputs, a row stride of 1 with odd output widths, a float patch in two K
+# chunks (64 channels, rows wide enough that four warpgroups' whole patches would not fit).
 PAIR_CASES = [Problem(2, 32, 64, (5, 6), (4, 4), (2, 2), add_value=-0.5),
-              Problem(1, 32, 16, (4, 7), (3, 3), (1, 2), (1, 1), (0, 0))]
+              Problem(1, 32, 16, (4, 7), (3, 3), (1, 2), (1, 1), (0, 0)),
+              Problem(1, 64, 32, (3, 20), (4, 4), (2, 2), add_value=-0.5)]
 pair_runs = 0
 for index, problem in enumerate(PAIR_CASES):
-    for dtype, tol in ((torch.bfloat16, 3e-2), (torch.float16, 5e-3)):
+    for dtype, tol in ((torch.bfloat16, 3e-2), (torch.float16, 5e-3), (torch.float32, 5e-3)):
         for layout in (torch.contiguous_format, torch.channels_last):
             x, w, b = problem.tensors(dtype, "cuda", seed=100 + index)
             with torch.no_grad():
                 y = fused_convt.conv_transpose2d_fused(x.contiguous(memory_format=layout), w, b,
-                                                       **problem.conv_kwargs(), **problem.epilogue_kwargs())
+                                                       **problem.conv_kwargs(), **problem.epilogue_kwargs(),
+                                                       allow_tf32=True if dtype == torch.float32 else None)
             err = rel_err(y, composite_float64(x, w, b, **problem.conv_kwargs(), **problem.epilogue_kwargs()))
             pair_runs += 1
             if not err <= tol:
