@@ -80,31 +80,29 @@ __global__ void pack_pair_input(PairProblem pr, const T* __restrict__ input, boo
   }
 }
 
-// The weights of each set as the kernel's resident slots, [set][slot][plane][n_tile][16 bytes]: slots enumerate
-// column phase, then row tap, then column tap (pair_slot). weight: PyTorch's [C_in][C_out / groups][kh][kw].
+// The weights of each set as the kernel's resident slots, [set][slot][plane][column phase][n_tile][16 bytes]:
+// slot a * col_taps + u holds row tap a at input column offset dw = col_hi - u, for each column phase the tap
+// that reads that offset, or zeros where the phase has none. weight: PyTorch's [C_in][C_out / groups][kh][kw].
 // Also zeroes the pair kernel's progress counter (this launch runs first, on the same stream).
 template <typename T>
 __global__ void pack_pair_weight(PairProblem pr, const T* __restrict__ weight, uint4* __restrict__ packed,
                                  unsigned int* __restrict__ progress) {
   if (blockIdx.x == 0 && threadIdx.x == 0) *progress = 0;
   constexpr int kPlane = kPairPlaneChannels<T>;
-  const int planes = pr.planes(), rows = pr.n_tile;
+  const int planes = pr.planes(), rows = 2 * pr.n_tile;
   const int64_t total = pr.packed_weight_rows();
   for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
-    const int co = int(idx % rows), plane = int(idx / rows % planes), slot = int(idx / rows / planes % pr.max_taps);
+    const int row = int(idx % rows), plane = int(idx / rows % planes), slot = int(idx / rows / planes % pr.max_taps);
     const int set = int(idx / rows / planes / pr.max_taps);
     const PairSet at = pr.set_at(set);
-    const int g = at.group, ph = at.row_phase, ct = at.channel_tile;
+    const int g = at.group, ph = at.row_phase, ct = at.channel_tile, pw = row / pr.n_tile, co = row % pr.n_tile;
     const PairAxisTaps th = pair_axis_taps(ph, pr.kernel_h, pr.stride_h, pr.pad_h);
-    const PairAxisTaps tw0 = pair_axis_taps(0, pr.kernel_w, 2, pr.pad_w), tw1 = pair_axis_taps(1, pr.kernel_w, 2, pr.pad_w);
-    const int first1 = th.count * tw0.count;  // slots of column phase 1 start here
-    const bool second = slot >= first1;
-    const PairAxisTaps& tw = second ? tw1 : tw0;
-    const int local = second ? slot - first1 : slot;
+    const PairAxisTaps tw = pair_axis_taps(pw, pr.kernel_w, 2, pr.pad_w);
+    const int a = slot / pr.col_taps, t = tw.q - (pr.col_hi - slot % pr.col_taps);  // row tap, column tap
     T v[kPlane];
     for (int q = 0; q < kPlane; ++q) v[q] = T(0.0f);
-    if (tw.count && local < th.count * tw.count) {
-      const int kh = th.k0 + pr.stride_h * (local / tw.count), kw = tw.k0 + 2 * (local % tw.count);
+    if (a < th.count && t >= 0 && t < tw.count) {
+      const int kh = th.k0 + pr.stride_h * a, kw = tw.k0 + 2 * t;
       const int co_g = ct * pr.n_tile + co;
       for (int q = 0; q < kPlane; ++q) {
         const int64_t ci = int64_t(g) * pr.cin_g + plane * kPlane + q;
@@ -334,29 +332,27 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
     mbarrier_wait(weight_bar, round & 1);
     const uint32_t weight_base = smem_address(weights);
     // Descriptor words: the high word (the row stride) is the same for every operand; the low word holds the
-    // address and the K stride. The zeros as a 64 x 16 A operand and a 16 x N B operand (real strides: every
-    // byte read is zero).
+    // address and the K stride. B has 2N rows: both column phases' N channels. The zeros as a 64-row A operand
+    // and a 2N-row B operand (real strides: every byte read is zero).
     const uint32_t a_hi = uint32_t(wgmma_descriptor(0, 0, 128) >> 32), b_hi = a_hi;
     const uint32_t zero_a_lo = uint32_t(wgmma_descriptor(smem_address(zeros), kPairTileM * 16, 128));
-    const uint32_t zero_b_lo = uint32_t(wgmma_descriptor(smem_address(zeros), N * 16, 128));
-    const uint32_t weight_lo = uint32_t(wgmma_descriptor(weight_base, N * 16, 128));
-    // The column phases' taps and their first weight slots (slots: phase 0's taps, then phase 1's).
-    const PairAxisTaps tw[2] = {pair_axis_taps(0, pr.kernel_w, 2, pr.pad_w), pair_axis_taps(1, pr.kernel_w, 2, pr.pad_w)};
-    const int first_slot[2] = {0, th.count * tw[0].count};
-    // Per column phase: the A offset of its tap (0, 0) in the patch and its first weight slot (16-byte units);
-    // tap (a, b) reads a rows and b pixels before it, and slot a * count + b after it.
-    const int slot_units = planes * N;
-    const int a_base[2] = {pr.shift(th.q, tw[0].q) - pr.shift_min, pr.shift(th.q, tw[1].q) - pr.shift_min};
-    const int b_base[2] = {first_slot[0] * slot_units, first_slot[1] * slot_units};
+    const uint32_t zero_b_lo = uint32_t(wgmma_descriptor(smem_address(zeros), 2 * N * 16, 128));
+    const uint32_t weight_lo = uint32_t(wgmma_descriptor(weight_base, 2 * N * 16, 128));
+    // The A offset of tap (0, 0) in the patch (row offset th.q, column offset col_hi): tap (a, u) reads a rows
+    // and u pixels before it, its weights in slot a * col_taps + u (16-byte units).
+    const int slot_units = planes * 2 * N;
+    const int a_base = pr.shift(th.q, pr.col_hi) - pr.shift_min;
     T* out_set = output + (int64_t(g) * pr.cout_g + ct * N) * pr.out_h * int64_t(pr.out_w);
     for (; tile < total; tile += tile_stride, ++k) {
       if (waiting && k >= kPairSlack) waiting = wait_for_progress(progress, (k - kPairSlack) * grid_wgs);
-      // Each column phase's first wgmma overwrites its accumulators (scale-d 0): zeroing them with ordinary
-      // moves instead made ptxas wait for every wgmma, and so did runtime loops over the taps; so the tap loops
-      // run kTaps x kTaps times, and a tap a phase lacks multiplies zeros by zeros (both operands from the
-      // block's 2 KB of zeros): it adds exactly 0, whatever the input holds (an infinity times a zero weight
-      // would not), and a phase without taps is the bias.
+      // The first wgmma overwrites the accumulators (scale-d 0): zeroing them with ordinary moves instead made
+      // ptxas wait for every wgmma, and so did runtime loops over the taps; so the tap loops run kTaps x kTaps
+      // times, and a tap the set lacks multiplies zeros by zeros (both operands from the block's zeros): it adds
+      // exactly 0, whatever the input holds (an infinity times a zero weight would not). A column phase without
+      // a tap at some offset has zero weights there (pack_pair_weight), one without any taps is the bias.
+      // acc[pw] holds column phase pw: the wgmma's columns N pw ... N pw + N - 1.
       float acc[2][N / 2];
+      float(&acc_both)[N] = reinterpret_cast<float(&)[N]>(acc);
       int buffer = 0;
 #pragma unroll 1
       for (int chunk = 0; chunk < chunks; ++chunk, ++item) {
@@ -367,22 +363,20 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
         // stays below the field's 256 KB). A tap a phase lacks multiplies the zeros by the zeros (same strides as
         // the real operands, so only the low word differs).
         const uint32_t patch_lo = uint32_t(wgmma_descriptor(smem_address(buffers + buffer * buffer_bytes), plane_bytes, 128));
-        const uint32_t weight_chunk_lo = __shfl_sync(0xffffffffu, weight_lo + chunk * chunk_planes * N, 0);
+        const uint32_t weight_chunk_lo = __shfl_sync(0xffffffffu, weight_lo + chunk * chunk_planes * 2 * N, 0);
 #pragma unroll 1
         for (int kk = 0; kk < chunk_planes / 2; ++kk) {
-          const uint32_t a_kk = patch_lo + kk * (plane_bytes / 8), b_kk = weight_chunk_lo + kk * 2 * N;
+          const uint32_t a_kk = patch_lo + kk * (plane_bytes / 8), b_kk = weight_chunk_lo + kk * 4 * N;
 #pragma unroll
-          for (int pw = 0; pw < 2; ++pw)
+          for (int a = 0; a < kTaps; ++a)
 #pragma unroll
-            for (int a = 0; a < kTaps; ++a)
-#pragma unroll
-              for (int b = 0; b < kTaps; ++b) {
-                const bool used = a < th.count && b < tw[pw].count;
-                const uint32_t a_lo = used ? a_kk + (a_base[pw] - a * pr.plane_w - b) : zero_a_lo;
-                const uint32_t b_lo = used ? b_kk + (b_base[pw] + (a * tw[pw].count + b) * slot_units) : zero_b_lo;
-                wgmma_k32bytes<T, N>(acc[pw], (uint64_t(a_hi) << 32) | a_lo, (uint64_t(b_hi) << 32) | b_lo,
-                                     (a | b | kk | chunk) != 0);
-              }
+            for (int u = 0; u < kTaps; ++u) {
+              const bool used = a < th.count && u < pr.col_taps;
+              const uint32_t a_lo = used ? a_kk + (a_base - a * pr.plane_w - u) : zero_a_lo;
+              const uint32_t b_lo = used ? b_kk + (a * pr.col_taps + u) * slot_units : zero_b_lo;
+              wgmma_k32bytes<T, 2 * N>(acc_both, (uint64_t(a_hi) << 32) | a_lo, (uint64_t(b_hi) << 32) | b_lo,
+                                       (a | u | kk | chunk) != 0);
+            }
         }
         wgmma_commit();
         wgmma_wait_all();
@@ -393,7 +387,8 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
           if (tid == 0) issue_ahead(chunk + 2, buffer);
         }
       }
-      // The accumulator of (row 16 warp + row8 + 8 r, column 8 c + 2 quad + e) is acc[pw][4 c + 2 r + e].
+      // The accumulator of (row 16 warp + row8 + 8 r, column phase pw, channel 8 c + 2 quad + e) is
+      // acc[pw][4 c + 2 r + e].
       // Epilogue into the consumed patch buffer: NCHW as [channel][pixel] output pairs (2j, 2j + 1), NHWC as
       // [output pixel][channel].
       named_barrier_sync(1 + wg, 128);

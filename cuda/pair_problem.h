@@ -12,10 +12,13 @@
 // takes the taps kh = kh0 + s_h t (kh0 = (ph + pad_h) mod s_h), input row ih = i + q_h - t with
 // q_h = floor((ph + pad_h) / s_h); output column ow = 2 j + pw likewise takes kw = kw0 + 2 t, iw = j + q_w - t.
 // The input is copied once into zero-padded planes of 16 bytes per pixel (8 channels of a 16-bit type, 4 of
-// float, rounded to TF32), [image][plane][padded pixel][16 bytes] with rows of plane_w pixels, padded by pad_top rows and pad_left columns. With the phase grid as wide as a padded row
-// (columns j >= out_cols are computed and dropped), pixel l = i plane_w + j of the grid reads padded pixel
-// l + shift(dh, dw), shift = (dh + pad_top) plane_w + dw + pad_left: every tap is a constant shift, and a
-// tile of 64 grid pixels reads one contiguous run of `patch` padded pixels per plane.
+// float, rounded to TF32), [image][plane][padded pixel][16 bytes] with rows of plane_w pixels, padded by
+// pad_top rows and pad_left columns. With the phase grid as wide as a padded row (columns j >= out_cols are
+// computed and dropped), pixel l = i plane_w + j of the grid reads padded pixel l + shift(dh, dw),
+// shift = (dh + pad_top) plane_w + dw + pad_left: every tap is a constant shift, and a tile of 64 grid pixels
+// reads one contiguous run of `patch` padded pixels per plane. Both column phases read the same shifts where
+// their column offsets dw coincide (kb_v1: both dw in {-1, 0}), so a wgmma computes the pair at once, its N
+// the two phases' channels side by side.
 #pragma once
 
 #include <algorithm>
@@ -34,7 +37,9 @@ constexpr int kPairMaxWarpgroups = 4;
 // apart, eight pixels each) fall in distinct banks: 68 for 32-bit pairs of a 16-bit type (channel rows 4 banks
 // apart), 66 for 64-bit pairs of float (8 banks apart).
 FCT_HD constexpr int pair_stage_stride(int elem_bytes) { return elem_bytes == 2 ? kPairTileM + 4 : kPairTileM + 2; }
-constexpr int kPairZeroBytes = 2048;              // zeros that a tap a phase lacks multiplies (both operands)
+// Zeros that a tap a set lacks multiplies, both operands: B of 128 rows (two column phases of 64 channels) and
+// two planes.
+constexpr int kPairZeroBytes = 4096;
 constexpr int kPairSmemLimit = 227 * 1024;
 
 // Taps of one phase along one axis: kernel index k0 + stride t and input offset q - t, t < count.
@@ -56,13 +61,17 @@ struct PairProblem {
   int elem_bytes;        // 2 (float16, bfloat16) or 4 (float as TF32)
   int batch, groups, cin_g, cout_g, in_h, in_w, out_h, out_w;
   int kernel_h, kernel_w, stride_h, pad_h, pad_w;
-  int n_tile;            // output channels per warpgroup tile: 16, 32 or 64
+  int n_tile;            // output channels per warpgroup tile: 16, 32 or 64 (a wgmma's N is twice that)
   int pad_top, pad_left, plane_w, plane_len;
   int rows, out_cols;    // phase rows per row phase (the most any has), pair columns ceil(out_w / 2)
   int tiles;             // tiles per (image, row phase)
   int shift_min, patch;  // a tile's first padded pixel is its grid start + shift_min; pixels per plane
-  int max_taps;          // weight slots per (group, row phase, channel tile)
-  int max_axis_taps;     // the most taps of any phase along either axis (1 to 3: the kernel's unrolled loops)
+  // Input column offsets that either column phase reads: dw = col_hi - u, u < col_taps (the two phases' ranges
+  // touch or overlap, stride_w being 2). One wgmma per (row tap, column offset) multiplies the shifted patch by
+  // both phases' weights at once, a phase's rows zero where it has no tap at that offset.
+  int col_hi, col_taps;
+  int max_taps;          // weight slots per set: the most row taps of any row phase x col_taps
+  int max_axis_taps;     // max(row taps, col_taps): 1 to 3, the kernel's unrolled loops
   int sets;              // groups x stride_h x channel tiles: the weights a block keeps resident
   int warpgroups;        // per block (the smem budget), and blocks per set (the grid)
   int chunks;            // a tile's planes arrive in this many copies (K chunks), each filling one buffer
@@ -81,7 +90,8 @@ struct PairProblem {
   }
   FCT_HD int shift(int dh, int dw) const { return (dh + pad_top) * plane_w + dw + pad_left; }
   // Bytes of one resident weight set, and of one patch buffer (also the epilogue's staging).
-  FCT_HD int weight_bytes() const { return max_taps * cin_g * n_tile * elem_bytes; }
+  // A slot holds B for both column phases: 2 n_tile rows of cin_g channels.
+  FCT_HD int weight_bytes() const { return max_taps * cin_g * 2 * n_tile * elem_bytes; }
   // Bytes of a patch plane, copied and stored back to back: patch * 16. (Planes padded to 128 bytes, each on
   // the same offset in a 128-byte line, measured slower: kb_v1 bf16 0.70 -> 0.75 ms on the H100.)
   FCT_HD int plane_bytes() const { return patch * kPairPlaneBytes; }
@@ -103,7 +113,7 @@ struct PairProblem {
   }
   // 16-byte rows (kPairPlaneBytes) of the padded input and of the packed weights.
   FCT_HD int64_t padded_input_rows() const { return int64_t(batch) * groups * planes() * plane_len; }
-  FCT_HD int64_t packed_weight_rows() const { return int64_t(sets) * max_taps * planes() * n_tile; }
+  FCT_HD int64_t packed_weight_rows() const { return int64_t(sets) * max_taps * planes() * 2 * n_tile; }
 };
 
 // Plans the column-pair forward; false where it does not apply (then the phase kernel runs). elem_bytes: 2 for
@@ -121,7 +131,7 @@ inline bool plan_pair_forward(const ConvTransposeParams& p, int elem_bytes, int 
   // warpgroup) would leave room for one or two warpgroups.
   pr.n_tile = cout_g % 64 == 0 && elem_bytes == 2 ? 64 : cout_g % 32 == 0 ? 32 : 16;
   const int sh = int(p.stride_h);
-  int dh_min = 1 << 30, dh_max = -(1 << 30), dw_min = 1 << 30, dw_max = -(1 << 30), th_max = 0, tw_sum = 0;
+  int dh_min = 1 << 30, dh_max = -(1 << 30), dw_min = 1 << 30, dw_max = -(1 << 30), th_max = 0;
   for (int ph = 0; ph < sh; ++ph) {
     const PairAxisTaps t = pair_axis_taps(ph, int(p.kernel_h), sh, int(p.pad_h));
     th_max = std::max(th_max, t.count);
@@ -129,13 +139,11 @@ inline bool plan_pair_forward(const ConvTransposeParams& p, int elem_bytes, int 
   }
   for (int pw = 0; pw < 2; ++pw) {
     const PairAxisTaps t = pair_axis_taps(pw, int(p.kernel_w), 2, int(p.pad_w));
-    tw_sum += t.count;
     if (t.count) dw_min = std::min(dw_min, t.q - t.count + 1), dw_max = std::max(dw_max, t.q);
   }
-  if (th_max == 0 || tw_sum == 0) return false;  // every output is the bias: not worth a path
-  int tw_max = 0;
-  for (int pw = 0; pw < 2; ++pw) tw_max = std::max(tw_max, pair_axis_taps(pw, int(p.kernel_w), 2, int(p.pad_w)).count);
-  if (th_max > 3 || tw_max > 3) return false;
+  if (th_max == 0 || dw_max < dw_min) return false;  // every output is the bias: not worth a path
+  const int col_taps = dw_max - dw_min + 1;
+  if (th_max > 3 || col_taps > 3) return false;
   const int64_t out_h = p.out_h(), out_w = p.out_w();
   pr.pad_top = std::max(0, -dh_min);
   pr.pad_left = std::max(0, -dw_min);
@@ -158,8 +166,9 @@ inline bool plan_pair_forward(const ConvTransposeParams& p, int elem_bytes, int 
   pr.shift_min = int(shift_min), pr.patch = int(patch);
   pr.by_tiles = Divider(uint32_t(tiles)), pr.by_plane_w = Divider(uint32_t(plane_w));
   pr.channels_last_out = channels_last_out;
-  pr.max_taps = th_max * tw_sum;
-  pr.max_axis_taps = std::max(th_max, tw_max);
+  pr.col_hi = dw_max, pr.col_taps = col_taps;
+  pr.max_taps = th_max * col_taps;
+  pr.max_axis_taps = std::max(th_max, col_taps);
   pr.sets = int(p.groups) * sh * pr.channel_tiles();
   // The most warpgroups that fit (bf16 at kb_v1: four 0.70 ms, three 0.78, two 1.01), a float tile's patch in
   // as few K chunks as lets them (every chunk an even number of planes). 16-bit patches stay whole (kb_v1 fits

@@ -52,6 +52,9 @@ __device__ __forceinline__ void wgmma_wait_all() {
 #define FCT_REGS8 "%0, %1, %2, %3, %4, %5, %6, %7"
 #define FCT_REGS16 FCT_REGS8 ", %8, %9, %10, %11, %12, %13, %14, %15"
 #define FCT_REGS32 FCT_REGS16 ", %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"
+#define FCT_REGS64                                                                                              \
+  FCT_REGS32 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, " \
+             "%51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
 
 // D (64 x N, fp32) = A (64 x K, from descriptor a) x B (K x N, descriptor b) + (accumulate ? D : 0) for one K
 // step of 32 bytes per row: K = 16 for the 16-bit types (bfloat16, float16), K = 8 for T = float (its operands
@@ -59,7 +62,7 @@ __device__ __forceinline__ void wgmma_wait_all() {
 template <typename T, int N>
 __device__ __forceinline__ void wgmma_k32bytes(float (&d)[N / 2], uint64_t a, uint64_t b, int accumulate) {
 #ifdef FCT_WGMMA_ENABLED
-  static_assert(N == 16 || N == 32 || N == 64, "wgmma_k32bytes: N is 16, 32 or 64");
+  static_assert(N == 32 || N == 64 || N == 128, "wgmma_k32bytes: N is 32, 64 or 128");
 #define FCT_WGMMA_TYPED(n, regs, ops, dn, ...)                                                            \
   if constexpr (std::is_same<T, __nv_bfloat16>::value)                                                      \
     FCT_WGMMA_ASM("m64n" n "k16", "bf16", ", 0, 0", regs, ops, dn, __VA_ARGS__);                             \
@@ -68,17 +71,19 @@ __device__ __forceinline__ void wgmma_k32bytes(float (&d)[N / 2], uint64_t a, ui
   else                                                                                                      \
     FCT_WGMMA_ASM("m64n" n "k8", "tf32", "", regs, ops, dn, __VA_ARGS__);
   // Operands: the N / 2 accumulators, then a, b and the accumulate flag.
-  if constexpr (N == 16) {
-    FCT_WGMMA_TYPED("16", FCT_REGS8, "8, %9", 10, FCT_ACC8(0))
-  } else if constexpr (N == 32) {
+  if constexpr (N == 32) {
     FCT_WGMMA_TYPED("32", FCT_REGS16, "16, %17", 18, FCT_ACC8(0), FCT_ACC8(8))
-  } else {
+  } else if constexpr (N == 64) {
     FCT_WGMMA_TYPED("64", FCT_REGS32, "32, %33", 34, FCT_ACC8(0), FCT_ACC8(8), FCT_ACC8(16), FCT_ACC8(24))
+  } else {
+    FCT_WGMMA_TYPED("128", FCT_REGS64, "64, %65", 66, FCT_ACC8(0), FCT_ACC8(8), FCT_ACC8(16), FCT_ACC8(24),
+                    FCT_ACC8(32), FCT_ACC8(40), FCT_ACC8(48), FCT_ACC8(56))
   }
 #undef FCT_WGMMA_TYPED
 #endif
 }
 
+#undef FCT_REGS64
 #undef FCT_REGS32
 #undef FCT_REGS16
 #undef FCT_REGS8

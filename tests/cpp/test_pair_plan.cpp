@@ -5,6 +5,7 @@
 // nothing), and every tap that reaches the pixel must be one of the phase's taps. Also the kb_v1 plan's
 // numbers and the problems the plan must refuse. And the kernel's division by a launch constant (divider.h)
 // against the division.
+#include <algorithm>
 #include <cstdint>
 #include <cstdio>
 #include <string>
@@ -54,6 +55,7 @@ int64_t check_plan(const PairProblem& pr, const std::string& what) {
             CHECK_MSG(ih == i + th.q - a && iw == j + tw.q - b, what + ": tap offset");
             const int row = ih + pr.pad_top, col = iw + pr.pad_left;
             CHECK_MSG(row >= 0 && col >= 0 && col < pr.plane_w, what + ": tap outside its padded row");
+            CHECK_MSG(tw.q - b <= pr.col_hi && tw.q - b > pr.col_hi - pr.col_taps, what + ": column offset outside the slots");
             const int padded = l + pr.shift(th.q - a, tw.q - b);
             CHECK_MSG(padded == row * pr.plane_w + col, what + ": shift is not the tap's padded pixel");
             CHECK_MSG(padded - (l0 + pr.shift_min) >= 0 && padded - (l0 + pr.shift_min) < pr.patch,
@@ -107,8 +109,14 @@ int main() {
     if (p.out_h() <= 0 || p.out_w() <= 0) continue;
     PairProblem pr;
     if (!fused_convt::plan_pair_forward(p, it % 3 == 2 ? 4 : 2, 132, it % 2 == 1, &pr)) {
-      // Refused only for more taps per axis than the kernel's unrolled three.
-      const bool many_taps = (p.kernel_h + p.stride_h - 1) / p.stride_h > 3 || (p.kernel_w + 1) / 2 > 3;
+      // Refused only for more than the kernel's unrolled three row taps or input column offsets (those of
+      // both column phases: kw reaches phase pw at offset (pw + pad_w - kw) / 2 where that divides).
+      int dw_lo = 1 << 20, dw_hi = -(1 << 20);
+      for (int pw = 0; pw < 2; ++pw)
+        for (int kw = 0; kw < p.kernel_w; ++kw)
+          if ((pw + p.pad_w - kw) % 2 == 0)
+            dw_lo = std::min<int>(dw_lo, (pw + p.pad_w - kw) / 2), dw_hi = std::max<int>(dw_hi, (pw + p.pad_w - kw) / 2);
+      const bool many_taps = (p.kernel_h + p.stride_h - 1) / p.stride_h > 3 || dw_hi - dw_lo + 1 > 3;
       CHECK_MSG(many_taps, "refused " + test::describe(p));
       continue;
     }
@@ -125,7 +133,9 @@ int main() {
   CHECK_MSG(pr.plane_w == 66 && pr.pad_top == 1 && pr.pad_left == 1 && pr.rows == 65 && pr.out_cols == 65,
             "kb_v1 padded geometry");
   CHECK_MSG(pr.patch == 131 && pr.shift_min == 0 && pr.tiles == 68, "kb_v1 patch and tiles");
-  CHECK_MSG(pr.n_tile == 64 && pr.max_taps == 8 && pr.sets == 4 && pr.warpgroups == 4, "kb_v1 sets and warpgroups");
+  CHECK_MSG(pr.n_tile == 64 && pr.sets == 4 && pr.warpgroups == 4, "kb_v1 sets and warpgroups");
+  // Both column phases read input column offsets -1 and 0: 2 row taps x 2 column offsets per set.
+  CHECK_MSG(pr.col_hi == 0 && pr.col_taps == 2 && pr.max_taps == 4 && pr.weight_bytes() == 64 * 1024, "kb_v1 slots");
   CHECK_MSG(pr.blocks_per_set == 33 && pr.grid == 132, "kb_v1 grid");
   pairs += check_plan(pr, "kb_v1");
   CHECK_MSG(pr.elem_bytes == 2 && pr.planes() == 8 && pr.chunks == 1, "kb_v1 16-bit planes and chunks");
