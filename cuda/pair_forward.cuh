@@ -1,15 +1,16 @@
 // The column-pair forward (pair_problem.h): the inference forward at stride_w 2 on sm_90a, for float16, bfloat16
 // and float with TF32 allowed (wgmma k16 on 16-bit operands, k8 on TF32: either way 32 bytes of K a step).
 //
-// A block keeps one weight set (group, row phase, 64/32/16 output channels; every tap of both column phases)
-// resident in shared memory and its warpgroups walk tiles of 64 grid pixels of that set, each on its own:
-// per tile one bulk copy per 8-channel plane brings the patch (two tiles in flight per warpgroup, an mbarrier
-// per buffer; where four warpgroups' buffers would not fit, in K chunks of planes, a buffer each), wgmma
-// multiplies it by every tap of both column phases (the tap is a row shift of the A
-// descriptor), and the epilogue runs on the accumulators in registers. The outputs pass through the tile's
-// just-consumed patch buffer so that consecutive lanes store consecutive output pairs (2j, 2j + 1): whole
-// sectors, one 32-bit store per pair, where the phase kernel's two column phases each wrote half of every
-// sector from different blocks (kb_v1 bf16, H100 prototype: 1.07 -> 0.56 ms on random data).
+// A block keeps one weight set (group, row phase, 64/32/16 output channels of both column phases; every row
+// tap and input column offset) resident in shared memory and its warpgroups walk tiles of 64 grid pixels of
+// that set, each on its own: per tile one bulk copy per 16-byte plane brings the patch (two tiles in flight per
+// warpgroup, an mbarrier per buffer; where four warpgroups' buffers would not fit, in K chunks of planes, a
+// buffer each), and one wgmma per (row tap, column offset) multiplies the shifted patch (a row shift of the A
+// descriptor) by both column phases' weights at once; the epilogue runs on the accumulators in registers. The
+// outputs pass through the tile's just-consumed patch buffer so that consecutive lanes store consecutive
+// output pairs (2j, 2j + 1): whole sectors, one store per pair, where the phase kernel's two column phases
+// each wrote half of every sector from different blocks (kb_v1 bf16, H100 prototype: 1.07 -> 0.56 ms on
+// random data).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -379,14 +380,15 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
             }
         }
         wgmma_commit();
-        wgmma_wait_all();
-        // A chunk before the tile's last: once every warp's wgmmas are done with its buffer, the copy two items
-        // ahead refills it (the last chunk's buffer stages the outputs first, release_buffer below).
-        if (chunk + 1 < chunks) {
+        // The previous chunk's wgmmas done (this chunk's may still run), every warp's: the copy two items after
+        // that chunk refills its buffer (the last chunk's buffer stages the outputs first, release_buffer below).
+        if (chunk > 0) {
+          wgmma_wait<1>();
           named_barrier_sync(1 + wg, 128);
-          if (tid == 0) issue_ahead(chunk + 2, buffer);
+          if (tid == 0) issue_ahead(chunk + 1, buffer ^ 1);
         }
       }
+      wgmma_wait_all();
       // The accumulator of (row 16 warp + row8 + 8 r, column phase pw, channel 8 c + 2 quad + e) is
       // acc[pw][4 c + 2 r + e].
       // Epilogue into the consumed patch buffer: NCHW as [channel][pixel] output pairs (2j, 2j + 1), NHWC as

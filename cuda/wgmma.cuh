@@ -34,11 +34,14 @@ __device__ __forceinline__ void wgmma_commit() {
   asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
 #endif
 }
-__device__ __forceinline__ void wgmma_wait_all() {
+// Waits until at most kPending committed groups of this warp's wgmmas are still running.
+template <int kPending>
+__device__ __forceinline__ void wgmma_wait() {
 #ifdef FCT_WGMMA_ENABLED
-  asm volatile("wgmma.wait_group.sync.aligned 0;\n" ::: "memory");
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(kPending) : "memory");
 #endif
 }
+__device__ __forceinline__ void wgmma_wait_all() { wgmma_wait<0>(); }
 
 // The operand lists of the m64nN instructions: N / 2 accumulators per thread. `trans`: the two transpose
 // immediates, which the 16-bit types take (0: both K-major) and TF32 does not.
