@@ -48,6 +48,24 @@ size_t forward_workspace_bytes(const ConvTransposeParams& params, DType dtype) {
   return bytes;
 }
 
+// Whether this call runs the column-pair kernel (pair_forward.cuh), and its plan: the inference forward in a
+// 16-bit type, or float with TF32 allowed (the kernel multiplies float as TF32), where the plan applies on the
+// current device.
+static bool runs_pair_forward(const ConvTransposeParams& params, DType dtype, const ForwardArgs& args,
+                              PairProblem* pair) {
+  if (dtype == DType::Float64 || (dtype == DType::Float32 && !args.allow_tf32) || !args.output || args.grad_factor)
+    return false;
+  return pair_forward_plan_for_device(params, dtype == DType::Float32 ? 4 : 2, args.output_channels_last, pair);
+}
+
+bool forward_reads_channels_last(const ConvTransposeParams& params, DType dtype, int device,
+                                 const ForwardArgs& call) {
+  validate(params);
+  PairProblem pair;
+  DeviceGuard guard(device);
+  return runs_pair_forward(params, dtype, call, &pair) || forward_reads_channels_last(params, dtype, device);
+}
+
 bool forward_reads_channels_last(const ConvTransposeParams& params, DType dtype, int device) {
   validate(params);
   TcProblem problem;
@@ -62,9 +80,9 @@ bool forward_reads_channels_last(const ConvTransposeParams& params, DType dtype,
 void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, DType dtype,
                   const ForwardArgs& args, const CudaContext& ctx) {
   validate(params);
-  if (args.input_channels_last && !forward_reads_channels_last(params, dtype, ctx.device))
+  if (args.input_channels_last && !forward_reads_channels_last(params, dtype, ctx.device, args))
     throw std::invalid_argument("fused_convt: a channels_last input is read in place only where "
-                                "forward_reads_channels_last() is true; pass NCHW (contiguous) input here");
+                                "forward_reads_channels_last() is true for the call; pass NCHW (contiguous) input here");
   if (params.has_bias != (args.bias != nullptr))
     throw std::invalid_argument("fused_convt: bias pointer must be given exactly when params.has_bias");
   if (params.output_numel() == 0) return;
@@ -85,9 +103,7 @@ void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, D
     };
     if constexpr (!std::is_same_v<T, double>) {
       PairProblem pair;
-      const bool pair_precision = !std::is_same_v<T, float> || args.allow_tf32;  // it multiplies float as TF32
-      if (pair_precision && output && !grad_factor &&
-          pair_forward_plan_for_device(params, int(sizeof(T)), args.output_channels_last, &pair)) {
+      if (runs_pair_forward(params, dtype, args, &pair)) {
         require_workspace();
         launch_pair_forward<T>(pair, epilogue, input, args.input_channels_last, weight, bias, output, args.workspace,
                                stream);
@@ -121,7 +137,7 @@ void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, D
         if (launched) return;
       }
     }
-    if (args.input_channels_last)  // forward_reads_channels_last() promised the tensor-core path
+    if (args.input_channels_last)  // forward_reads_channels_last() promised the pair or tensor-core path
       throw std::logic_error("fused_convt: channels_last input reached the NCHW gather kernel");
     launch_gather_conv<T, GatherDirection::Forward>(direct, epilogue, input, nullptr, weight, bias, output,
                                                     grad_factor, stream);

@@ -86,6 +86,17 @@ PYBIND11_MODULE(_C, m) {
   m.def("forward_reads_channels_last", [](const ConvTransposeParams& params, int dtype, int device) {
     return forward_reads_channels_last(params, DType(dtype), device);
   });
+  // For one call: the pointers (integers, 0 for none) of the forward call that follows, only tested for null.
+  m.def("forward_call_reads_channels_last",
+        [](const ConvTransposeParams& params, int dtype, int device, std::uintptr_t output,
+           std::uintptr_t grad_factor, bool allow_tf32, bool output_channels_last) {
+          ForwardArgs call;
+          call.output = as_ptr<void>(output);
+          call.grad_factor = as_ptr<void>(grad_factor);
+          call.allow_tf32 = allow_tf32;
+          call.output_channels_last = output_channels_last;
+          return forward_reads_channels_last(params, DType(dtype), device, call);
+        });
   m.def("forward_workspace_bytes",
         [](const ConvTransposeParams& params, int dtype) { return forward_workspace_bytes(params, DType(dtype)); });
   m.def("backward_workspace_bytes",

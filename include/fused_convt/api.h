@@ -69,10 +69,14 @@ int cuda_device_count();
 size_t forward_workspace_bytes(const ConvTransposeParams& params, DType dtype);
 void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, DType dtype,
                   const ForwardArgs& args, const CudaContext& ctx);
-// Whether forward_cuda on `device` reads an NHWC (channels_last) input in place, with no transpose: the
-// tensor-core path of float16 / bfloat16 at whole 16-channel chunks per group, where the channels-last copy it
-// otherwise makes of the input has exactly the NHWC layout. False without CUDA.
+// Whether forward_cuda on `device` reads an NHWC (channels_last) input in place, with no transpose, for every
+// call: the tensor-core path of float16 / bfloat16 at whole 16-channel chunks per group, where the
+// channels-last copy it otherwise makes of the input has exactly the NHWC layout. False without CUDA.
 bool forward_reads_channels_last(const ConvTransposeParams& params, DType dtype, int device);
+// The same for one call (its input pointer and input_channels_last are not read): also true where that call
+// runs the column-pair kernel, whose input pass reads NHWC as it reads NCHW: the inference forward (an output,
+// no grad_factor) in float16, bfloat16 or float32 with allow_tf32 on an sm_90a build and device, stride_w 2.
+bool forward_reads_channels_last(const ConvTransposeParams& params, DType dtype, int device, const ForwardArgs& call);
 // Bytes of device scratch backward_cuda needs (deterministic split reductions and, for grad_weight, channels-last
 // operand copies about the size of the output). Pass grad_weight = false for calls that do not ask for it.
 size_t backward_workspace_bytes(const ConvTransposeParams& params, DType dtype, bool grad_weight = true);

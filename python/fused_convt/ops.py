@@ -68,12 +68,15 @@ def _output_format(input: Tensor) -> torch.memory_format:
     return torch.channels_last if _is_channels_last(input) else torch.contiguous_format
 
 
-def _forward_layout(input: Tensor, params) -> Tensor:
-    """The input as the native forward reads it: a channels_last tensor in place on the CPU, and on CUDA where
-    the tensor-core path takes NHWC as it is (float16 / bfloat16, whole 16-channel chunks per group: no
-    transpose at all); else an NCHW-contiguous tensor (a copy if it was not one)."""
-    if _is_channels_last(input) and (not input.is_cuda or _C.forward_reads_channels_last(
-            params, _DTYPE_TAGS[input.dtype], input.device.index)):
+def _forward_layout(input: Tensor, params, output: Optional[Tensor], grad_factor: Optional[Tensor],
+                    allow_tf32: bool) -> Tensor:
+    """The input as the native forward call with these outputs reads it: a channels_last tensor in place on the
+    CPU, and on CUDA where the kernel takes NHWC as it is (the tensor-core path of float16 / bfloat16 at whole
+    16-channel chunks per group; the column-pair inference forward, float32 with TF32 included: no transpose at
+    all); else an NCHW-contiguous tensor (a copy if it was not one)."""
+    if _is_channels_last(input) and (not input.is_cuda or _C.forward_call_reads_channels_last(
+            params, _DTYPE_TAGS[input.dtype], input.device.index, _ptr(output), _ptr(grad_factor), allow_tf32,
+            output is not None and output.numel() > 0 and not output.is_contiguous())):
         return input
     return input.contiguous()
 
@@ -115,7 +118,8 @@ def _forward_impl(
     if output.numel() > 0:
         params = _params(input, weight, bias is not None, stride, padding, output_padding, dilation, groups)
         epilogue = _C.Epilogue(add_value, multiply_value, apply_epilogue)
-        _run_forward(_forward_layout(input, params), weight, bias, params, epilogue, output, grad_factor, allow_tf32)
+        _run_forward(_forward_layout(input, params, output, grad_factor, allow_tf32), weight, bias, params, epilogue,
+                     output, grad_factor, allow_tf32)
     return output, grad_factor
 
 

@@ -1,5 +1,6 @@
 """channels_last inputs. The CPU path reads NHWC in place always; on CUDA the tensor-core path does where it can
-(float16 / bfloat16, whole 16-channel chunks per group), and elsewhere (float32 here) the input is made NCHW
+(float16 / bfloat16, whole 16-channel chunks per group), and so does the column-pair inference forward (sm_90a,
+stride_w 2; float16, bfloat16, and float32 with TF32); elsewhere (exact float32 here) the input is made NCHW
 first. The output is channels_last too, as PyTorch's convolutions return for a channels_last input, written
 NHWC by the kernels themselves. Either way the forward equals the NCHW input's bitwise (the same arithmetic on
 the same values, without the transposes), and so do the gradients."""
@@ -8,6 +9,8 @@ import torch
 
 import fused_convt
 from fused_convt.ops import _DTYPE_TAGS, _params
+from conftest import requires_cuda
+from reference import composite_float64, rel_err
 
 # (in channels, out channels, groups, kernel, stride, dtype, read in place)
 CASES = [
@@ -76,3 +79,42 @@ def test_channels_last_output_under_opcheck(device):
     out, factor = torch.ops.fused_convt.conv_transpose2d_fused(*args)
     assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
     assert factor.is_contiguous()
+
+
+def _call_reads(params, dtype, x, training, allow_tf32):
+    """forward_call_reads_channels_last for a call with a channels_last output and, when training, a factor
+    (the pointers are only tested for null)."""
+    return fused_convt._C.forward_call_reads_channels_last(params, _DTYPE_TAGS[dtype], x.device.index, 1,
+                                                           1 if training else 0, allow_tf32, True)
+
+
+@requires_cuda
+@pytest.mark.parametrize("cin,cout,groups,k,stride,dtype,in_place", CASES)
+def test_call_query_extends_the_problem_query(cin, cout, groups, k, stride, dtype, in_place):
+    """Whatever is read in place for every call is read in place for each; the float32 training forward and
+    exact float32 never are (their kernel stages a TF32-rounded or split copy of the input)."""
+    x, w, _ = make("cuda", cin, cout, groups, k, dtype)
+    params = _params(x, w, True, (stride, stride), (1, 1), (0, 0), (1, 1), groups)
+    for training in (False, True):
+        for allow_tf32 in (False, True):
+            reads = _call_reads(params, dtype, x, training, allow_tf32)
+            assert reads or not in_place
+            if dtype == torch.float32 and (training or not allow_tf32):
+                assert not reads
+
+
+@requires_cuda
+@pytest.mark.parametrize("cin,cout,k,stride", [(32, 16, 4, 2), (64, 32, 3, 2), (24, 16, 4, 2)])
+def test_tf32_inference_with_channels_last_input(cin, cout, k, stride):
+    """float32 with TF32 (the column-pair kernel on sm_90a, else the phase kernel after an NCHW copy): a
+    channels_last input gives a channels_last output equal bitwise to the NCHW input's, within TF32's tolerance
+    of the float64 composite."""
+    x, w, b = make("cuda", cin, cout, 1, k, torch.float32)
+    kwargs = dict(stride=stride, padding=1, add_value=-0.3, multiply_value=1.5)
+    with torch.no_grad():
+        expected = fused_convt.conv_transpose2d_fused(x, w, b, **kwargs, allow_tf32=True)
+        out = fused_convt.conv_transpose2d_fused(x.to(memory_format=torch.channels_last), w, b, **kwargs,
+                                                 allow_tf32=True)
+    assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+    assert torch.equal(out, expected)
+    assert rel_err(out, composite_float64(x, w, b, **kwargs)) < 5e-3
