@@ -82,7 +82,8 @@ void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, D
   validate(params);
   if (args.input_channels_last && !forward_reads_channels_last(params, dtype, ctx.device, args))
     throw std::invalid_argument("fused_convt: a channels_last input is read in place only where "
-                                "forward_reads_channels_last() is true for the call; pass NCHW (contiguous) input here");
+                                "forward_reads_channels_last() is true for the call; pass NCHW (contiguous) "
+                                "input here");
   if (params.has_bias != (args.bias != nullptr))
     throw std::invalid_argument("fused_convt: bias pointer must be given exactly when params.has_bias");
   if (params.output_numel() == 0) return;

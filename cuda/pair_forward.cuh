@@ -172,7 +172,7 @@ __device__ __forceinline__ void store_tile_nchw(const PairProblem& pr, const Pai
 #pragma unroll
     for (int h = 0; h < 2; ++h) staged[c][h] = stage[(warp + 4 * c) * kStride + 32 * h + lane];
   release_buffer();
-  // One uniform branch per tile, not per store: the aligned loop is predicated 32-bit stores and pointer steps
+  // One uniform branch per tile, not per store: the aligned loop is predicated whole-pair stores and pointer steps
   // (with the branch inside the loop, each store took ~13 instructions).
   if (pr.aligned_stores) {
 #pragma unroll
@@ -184,7 +184,8 @@ __device__ __forceinline__ void store_tile_nchw(const PairProblem& pr, const Pai
 #pragma unroll
     for (int c = 0; c < N / 4; ++c)
 #pragma unroll
-      for (int h = 0; h < 2; ++h) store_pair_apart<T>(out[h] + c * channel_step, staged[c][h], first_ok[h], second_ok[h]);
+      for (int h = 0; h < 2; ++h)
+        store_pair_apart<T>(out[h] + c * channel_step, staged[c][h], first_ok[h], second_ok[h]);
   }
 }
 
@@ -210,7 +211,8 @@ __device__ __forceinline__ void store_tile_nhwc(const PairProblem& pr, const T* 
     const int piece = k * 128 + tid, pixel = piece / kPieces;
     const PairPixel at = pair_pixel(pr, l0 + pixel / 2, ph, pixel % 2);
     if (!at.ok) continue;
-    T* out = output + ((int64_t(n) * pr.out_h + at.oh) * pr.out_w + at.ow) * channels + channel0 + piece % kPieces * kPiece;
+    T* out = output + ((int64_t(n) * pr.out_h + at.oh) * pr.out_w + at.ow) * channels + channel0 +
+             piece % kPieces * kPiece;
     if (pr.aligned_stores) {
       *reinterpret_cast<uint4*>(out) = staged[k];
     } else {
@@ -257,7 +259,8 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
   const int warp = tid / 32, lane = tid % 32, quad = lane % 4, row8 = lane / 4;
   // Planes from a compile-time channel count (pr.planes() divides by a runtime one); 16-bit patches come whole
   // (plan_pair_forward), so their kernels compile without the chunk loop.
-  const int planes = pr.cin_g / kPairPlaneChannels<T>, chunks = kSixteenBit ? 1 : pr.chunks, chunk_planes = planes / chunks;
+  const int planes = pr.cin_g / kPairPlaneChannels<T>, chunks = kSixteenBit ? 1 : pr.chunks;
+  const int chunk_planes = planes / chunks;
   const int buffer_bytes = pr.buffer_bytes(), plane_bytes = pr.plane_bytes();
   unsigned char* weights = smem;
   unsigned char* buffers = smem + pr.weight_bytes() + wg * 2 * buffer_bytes;
@@ -363,7 +366,8 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
         // Descriptors advance by adding to their address field (16-byte units, in the low word; shared memory
         // stays below the field's 256 KB). A tap a phase lacks multiplies the zeros by the zeros (same strides as
         // the real operands, so only the low word differs).
-        const uint32_t patch_lo = uint32_t(wgmma_descriptor(smem_address(buffers + buffer * buffer_bytes), plane_bytes, 128));
+        const uint32_t patch_lo =
+            uint32_t(wgmma_descriptor(smem_address(buffers + buffer * buffer_bytes), plane_bytes, 128));
         const uint32_t weight_chunk_lo = __shfl_sync(0xffffffffu, weight_lo + chunk * chunk_planes * 2 * N, 0);
 #pragma unroll 1
         for (int kk = 0; kk < chunk_planes / 2; ++kk) {
@@ -487,8 +491,8 @@ void launch_pair_forward(PairProblem pr, const Epilogue& epilogue, const T* inpu
   if (pr.elem_bytes != int(sizeof(T)) || (sizeof(T) == 4 && pr.n_tile == 64))
     throw std::logic_error("fused_convt: a pair plan made for another element type");
   // Whole-pair stores (NCHW: an even row length) or 16-byte pieces (NHWC: channel counts are multiples of 16).
-  pr.aligned_stores = pr.channels_last_out ? reinterpret_cast<uintptr_t>(output) % 16 == 0
-                                           : pr.out_w % 2 == 0 && reinterpret_cast<uintptr_t>(output) % (2 * sizeof(T)) == 0;
+  const uintptr_t address = reinterpret_cast<uintptr_t>(output);
+  pr.aligned_stores = pr.channels_last_out ? address % 16 == 0 : pr.out_w % 2 == 0 && address % (2 * sizeof(T)) == 0;
   auto* packed = static_cast<uint4*>(workspace);
   auto* progress = reinterpret_cast<unsigned int*>(static_cast<unsigned char*>(workspace) + pair_packed_bytes(pr));
   auto* padded = reinterpret_cast<uint4*>(static_cast<unsigned char*>(workspace) + pair_packed_bytes(pr) +

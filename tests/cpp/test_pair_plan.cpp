@@ -55,7 +55,8 @@ int64_t check_plan(const PairProblem& pr, const std::string& what) {
             CHECK_MSG(ih == i + th.q - a && iw == j + tw.q - b, what + ": tap offset");
             const int row = ih + pr.pad_top, col = iw + pr.pad_left;
             CHECK_MSG(row >= 0 && col >= 0 && col < pr.plane_w, what + ": tap outside its padded row");
-            CHECK_MSG(tw.q - b <= pr.col_hi && tw.q - b > pr.col_hi - pr.col_taps, what + ": column offset outside the slots");
+            CHECK_MSG(tw.q - b <= pr.col_hi && tw.q - b > pr.col_hi - pr.col_taps,
+                      what + ": column offset outside the slots");
             const int padded = l + pr.shift(th.q - a, tw.q - b);
             CHECK_MSG(padded == row * pr.plane_w + col, what + ": shift is not the tap's padded pixel");
             CHECK_MSG(padded - (l0 + pr.shift_min) >= 0 && padded - (l0 + pr.shift_min) < pr.patch,
@@ -114,8 +115,10 @@ int main() {
       int dw_lo = 1 << 20, dw_hi = -(1 << 20);
       for (int pw = 0; pw < 2; ++pw)
         for (int kw = 0; kw < p.kernel_w; ++kw)
-          if ((pw + p.pad_w - kw) % 2 == 0)
-            dw_lo = std::min<int>(dw_lo, (pw + p.pad_w - kw) / 2), dw_hi = std::max<int>(dw_hi, (pw + p.pad_w - kw) / 2);
+          if ((pw + p.pad_w - kw) % 2 == 0) {
+            const int dw = int(pw + p.pad_w - kw) / 2;
+            dw_lo = std::min(dw_lo, dw), dw_hi = std::max(dw_hi, dw);
+          }
       const bool many_taps = (p.kernel_h + p.stride_h - 1) / p.stride_h > 3 || dw_hi - dw_lo + 1 > 3;
       CHECK_MSG(many_taps, "refused " + test::describe(p));
       continue;
