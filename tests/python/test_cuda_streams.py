@@ -33,6 +33,18 @@ def test_forward_and_backward_never_sync_the_host(dtype, recompute):
     assert x.grad is not None and w.grad is not None and b.grad is not None
 
 
+def test_native_calls_get_the_current_stream_of_the_tensors_device():
+    """ops._where hands the native code the raw handle of the current stream, a side stream's inside
+    torch.cuda.stream, whichever way it reads it."""
+    from fused_convt.ops import _where
+    x = torch.zeros(1, device="cuda")
+    assert _where(x) == (x.device.index, torch.cuda.current_stream().cuda_stream)
+    side = torch.cuda.Stream()
+    with torch.cuda.stream(side):
+        assert _where(x) == (x.device.index, side.cuda_stream)
+    assert _where(torch.zeros(1)) == (-1, 0)
+
+
 def test_runs_on_the_callers_stream_in_order():
     """Work queued before the op on a side stream (a long sleep, then writing x) must be seen by the op, and
     work queued after it must see its output, with no synchronisation in between."""
