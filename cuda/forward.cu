@@ -30,8 +30,12 @@ static size_t forward_packed_bytes(const TcProblem& problem, DType dtype) {
   return (bytes + 255) / 256 * 256;
 }
 
-// The inference forward may take the column-pair path instead (pair_forward.cuh): the workspace holds
-// whichever layout is larger.
+// Bytes of one operand of the column-pair kernel (pair_forward.cuh) for this type, 0 where it does not run it.
+static int pair_operand_bytes(DType dtype) {
+  return dtype == DType::Float64 ? 0 : dtype == DType::Float32 ? 4 : 2;
+}
+
+// The inference forward may take the column-pair path instead: the workspace holds whichever layout is larger.
 size_t forward_workspace_bytes(const ConvTransposeParams& params, DType dtype) {
   validate(params);
   size_t bytes = 0;
@@ -43,7 +47,7 @@ size_t forward_workspace_bytes(const ConvTransposeParams& params, DType dtype) {
     bytes = forward_packed_bytes(problem, dtype) + source;
   }
   PairProblem pair;
-  if (dtype != DType::Float64 && plan_pair_forward(params, dtype == DType::Float32 ? 4 : 2, 1, false, &pair))
+  if (pair_operand_bytes(dtype) && plan_pair_forward(params, pair_operand_bytes(dtype), 1, false, &pair))
     bytes = std::max(bytes, pair_workspace_bytes(pair));
   return bytes;
 }
@@ -53,9 +57,9 @@ size_t forward_workspace_bytes(const ConvTransposeParams& params, DType dtype) {
 // current device.
 static bool runs_pair_forward(const ConvTransposeParams& params, DType dtype, const ForwardArgs& args,
                               PairProblem* pair) {
-  if (dtype == DType::Float64 || (dtype == DType::Float32 && !args.allow_tf32) || !args.output || args.grad_factor)
+  if (!pair_operand_bytes(dtype) || (dtype == DType::Float32 && !args.allow_tf32) || !args.output || args.grad_factor)
     return false;
-  return pair_forward_plan_for_device(params, dtype == DType::Float32 ? 4 : 2, args.output_channels_last, pair);
+  return pair_forward_plan_for_device(params, pair_operand_bytes(dtype), args.output_channels_last, pair);
 }
 
 bool forward_reads_channels_last(const ConvTransposeParams& params, DType dtype, int device,

@@ -364,8 +364,7 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
         mbarrier_wait(full_bar + 8 * buffer, (item >> 1) & 1);
         wgmma_fence();
         // Descriptors advance by adding to their address field (16-byte units, in the low word; shared memory
-        // stays below the field's 256 KB). A tap a phase lacks multiplies the zeros by the zeros (same strides as
-        // the real operands, so only the low word differs).
+        // stays below the field's 256 KB).
         const uint32_t patch_lo =
             uint32_t(wgmma_descriptor(smem_address(buffers + buffer * buffer_bytes), plane_bytes, 128));
         const uint32_t weight_chunk_lo = __shfl_sync(0xffffffffu, weight_lo + chunk * chunk_planes * 2 * N, 0);

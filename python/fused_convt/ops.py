@@ -77,6 +77,11 @@ def _output_format(input: Tensor) -> torch.memory_format:
     return torch.channels_last if _is_channels_last(input) else torch.contiguous_format
 
 
+def _writes_channels_last(output: Optional[Tensor]) -> bool:
+    """Whether the native forward stores `output` NHWC (None or empty: not written at all)."""
+    return output is not None and output.numel() > 0 and not output.is_contiguous()
+
+
 def _forward_layout(input: Tensor, params, output: Optional[Tensor], grad_factor: Optional[Tensor],
                     allow_tf32: bool) -> Tensor:
     """The input as the native forward call with these outputs reads it: a channels_last tensor in place on the
@@ -85,7 +90,7 @@ def _forward_layout(input: Tensor, params, output: Optional[Tensor], grad_factor
     all); else an NCHW-contiguous tensor (a copy if it was not one)."""
     if _is_channels_last(input) and (not input.is_cuda or _C.forward_call_reads_channels_last(
             params, _DTYPE_TAGS[input.dtype], input.device.index, _ptr(output), _ptr(grad_factor), allow_tf32,
-            output is not None and output.numel() > 0 and not output.is_contiguous())):
+            _writes_channels_last(output))):
         return input
     return input.contiguous()
 
@@ -101,7 +106,7 @@ def _run_forward(input, weight, bias, params, epilogue, output, grad_factor, all
         workspace = torch.empty(nbytes, dtype=torch.uint8, device=input.device) if nbytes else None
     _C.forward(params, epilogue, dtype, _ptr(input), _ptr(weight), _ptr(bias), _ptr(output), _ptr(grad_factor),
                _ptr(workspace), allow_tf32, not input.is_contiguous(),
-               output is not None and output.numel() > 0 and not output.is_contiguous(),
+               _writes_channels_last(output),
                device, stream)
 
 
