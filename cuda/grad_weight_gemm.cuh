@@ -28,7 +28,11 @@ constexpr int kGemmTaps = 4;        // taps per block: each staged G row serves 
 constexpr int kGemmThreads = 256;   // 8 warps, each 512 results (16 x 32 or 32 x 16, ic x oc) per tap
 constexpr int kGemmMaxStages = 4;  // 2 where the device's shared memory is smaller
 constexpr int kGemmStageBudget = 28 * 1024;  // bytes: four stages of two blocks fit an SM of 227 KB
-constexpr int64_t kGemmTargetBlocks = 1024;  // device independent, so the split count (and bits) are too
+// Blocks the reduction is split over (device independent, so the split count, and the bits, are too): about two
+// per SM of an H100. With 1024 the splits' partial sums (splits x weight, written, then added by sum_splits) and
+// each block's short reduction cost more than the parallelism gained: 1024 -> 256 made the backward 1.06x (kb_v1
+// TF32) to 2.7x (bench.py's n32 c64 -> 32 point, bf16) faster, 1.23-1.26x at kb_v0 (H100, KernelBench data).
+constexpr int64_t kGemmTargetBlocks = 256;
 
 // What a grad_weight block owns, from its grid position: grid.x = phase (fastest, so the blocks of all
 // phases that share grad_output sectors run together) + phases * split; grid.y = tap group x ic tile x
