@@ -1,6 +1,6 @@
 // CUDA forward entry point: validates, makes the caller's device current and, on the caller's stream, runs
-// the column-pair wgmma kernel for the inference forward at stride_w 2 on sm_90a (float16, bfloat16, and float
-// where TF32 is allowed; pair_forward.cuh),
+// the column-pair wgmma kernel at stride_w 2 on sm_90a (float16, bfloat16, and float where TF32 is allowed;
+// the output, grad_factor or both; pair_forward.cuh),
 // else the tensor-core implicit-GEMM kernel where it applies (float16, bfloat16, float32 as TF32 or, without TF32,
 // as exact 3xTF32; phases and patches within its limits), else the direct gather kernel (float64, the rest).
 // It first makes a channels-last copy of the input in the workspace (tc_async_patch), or, for the 16-bit
@@ -35,7 +35,7 @@ static int pair_operand_bytes(DType dtype) {
   return dtype == DType::Float64 ? 0 : dtype == DType::Float32 ? 4 : 2;
 }
 
-// The inference forward may take the column-pair path instead: the workspace holds whichever layout is larger.
+// The forward may take the column-pair path instead: the workspace holds whichever layout is larger.
 size_t forward_workspace_bytes(const ConvTransposeParams& params, DType dtype) {
   validate(params);
   size_t bytes = 0;
@@ -52,13 +52,21 @@ size_t forward_workspace_bytes(const ConvTransposeParams& params, DType dtype) {
   return bytes;
 }
 
-// Whether this call runs the column-pair kernel (pair_forward.cuh), and its plan: the inference forward in a
-// 16-bit type, or float with TF32 allowed (the kernel multiplies float as TF32), where the plan applies on the
-// current device.
+// The training forward (output and grad_factor) takes the pair kernel up to this many outputs. Its second store
+// pass (grad_factor after the output, through the same buffer) lengthens each tile's epilogue, and over many tiles per
+// warpgroup that costs more than the phase kernel's half-sector stores (H100, KernelBench data, training forward
+// pair / phase: kb_v1, 268M outputs, 1.28 / 1.17 ms bf16 and 1.81 / 1.48 TF32; bench.py's sweep points, up to 18M
+// outputs, 1.0x-1.4x faster in the pair kernel, kb_v0 (8M) 1.19x).
+constexpr int64_t kPairTrainingMaxOutputs = int64_t(1) << 26;
+
+// Whether this call runs the column-pair kernel (pair_forward.cuh), and its plan: the forward (inference, training
+// with grad_factor up to kPairTrainingMaxOutputs, or grad_factor alone) in a 16-bit type, or float with TF32 allowed
+// (the kernel multiplies float as TF32), where the plan applies on the current device.
 static bool runs_pair_forward(const ConvTransposeParams& params, DType dtype, const ForwardArgs& args,
                               PairProblem* pair) {
-  if (!pair_operand_bytes(dtype) || (dtype == DType::Float32 && !args.allow_tf32) || !args.output || args.grad_factor)
+  if (!pair_operand_bytes(dtype) || (dtype == DType::Float32 && !args.allow_tf32) || (!args.output && !args.grad_factor))
     return false;
+  if (args.output && args.grad_factor && params.output_numel() > kPairTrainingMaxOutputs) return false;
   return pair_forward_plan_for_device(params, pair_operand_bytes(dtype), args.output_channels_last, pair);
 }
 
@@ -110,8 +118,8 @@ void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, D
       PairProblem pair;
       if (runs_pair_forward(params, dtype, args, &pair)) {
         require_workspace();
-        launch_pair_forward<T>(pair, epilogue, input, args.input_channels_last, weight, bias, output, args.workspace,
-                               stream);
+        launch_pair_forward<T>(pair, epilogue, input, args.input_channels_last, weight, bias, output, grad_factor,
+                               args.workspace, stream);
         return;
       }
     }

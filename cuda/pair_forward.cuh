@@ -1,4 +1,4 @@
-// The column-pair forward (pair_problem.h): the inference forward at stride_w 2 on sm_90a, for float16, bfloat16
+// The column-pair forward (pair_problem.h): the forward at stride_w 2 on sm_90a, for float16, bfloat16
 // and float with TF32 allowed (wgmma k16 on 16-bit operands, k8 on TF32: either way 32 bytes of K a step).
 //
 // A block keeps one weight set (group, row phase, 64/32/16 output channels of both column phases; every row
@@ -10,7 +10,7 @@
 // outputs pass through the tile's just-consumed patch buffer so that consecutive lanes store consecutive
 // output pairs (2j, 2j + 1): whole sectors, one store per pair, where the phase kernel's two column phases
 // each wrote half of every sector from different blocks (kb_v1 bf16, H100 prototype: 1.07 -> 0.56 ms on
-// random data).
+// random data). The training forward also stores grad_factor (NCHW), straight from the registers.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -152,7 +152,10 @@ __device__ __forceinline__ void store_pair_apart(T* out, PairWord<T> word, bool 
 // NCHW stores of a staged tile ([channel][pixel] output pairs): warp w writes channels w, w + 4, ..., lane the
 // pairs of grid pixels lane and 32 + lane, so consecutive lanes write consecutive pairs: one store per pair
 // where every pair is aligned (an even row length and output pointer), else the two values apart.
-template <typename T, int N, typename Release>
+// kPreload: every staged value is read into registers and the buffer released (release_buffer) before the first
+// store; else each is read as it is stored, and the buffer released after the last (no registers held: the
+// training forward's first store pass, while grad_factor's words wait in registers).
+template <typename T, int N, bool kPreload, typename Release>
 __device__ __forceinline__ void store_tile_nchw(const PairProblem& pr, const PairWord<T>* stage, int l0, int ph,
                                                 int warp, int lane, T* out_image, Release release_buffer) {
   constexpr int kStride = pair_stage_stride(sizeof(T));
@@ -166,12 +169,15 @@ __device__ __forceinline__ void store_tile_nchw(const PairProblem& pr, const Pai
     second_ok[h] = first.ok && first.ow + 1 < pr.out_w;
     out[h] = out_image + warp * (channel_step / 4) + first.oh * pr.out_w + first.ow;
   }
-  PairWord<T> staged[N / 4][2];
+  PairWord<T> staged[kPreload ? N / 4 : 1][2];
+  auto word = [&](int c, int h) { return kPreload ? staged[c][h] : stage[(warp + 4 * c) * kStride + 32 * h + lane]; };
+  if constexpr (kPreload) {
 #pragma unroll
-  for (int c = 0; c < N / 4; ++c)
+    for (int c = 0; c < N / 4; ++c)
 #pragma unroll
-    for (int h = 0; h < 2; ++h) staged[c][h] = stage[(warp + 4 * c) * kStride + 32 * h + lane];
-  release_buffer();
+      for (int h = 0; h < 2; ++h) staged[c][h] = stage[(warp + 4 * c) * kStride + 32 * h + lane];
+    release_buffer();
+  }
   // One uniform branch per tile, not per store: the aligned loop is predicated whole-pair stores and pointer steps
   // (with the branch inside the loop, each store took ~13 instructions).
   if (pr.aligned_stores) {
@@ -179,32 +185,36 @@ __device__ __forceinline__ void store_tile_nchw(const PairProblem& pr, const Pai
     for (int c = 0; c < N / 4; ++c)
 #pragma unroll
       for (int h = 0; h < 2; ++h)
-        if (first_ok[h]) *reinterpret_cast<PairWord<T>*>(out[h] + c * channel_step) = staged[c][h];
+        if (first_ok[h]) *reinterpret_cast<PairWord<T>*>(out[h] + c * channel_step) = word(c, h);
   } else {
 #pragma unroll
     for (int c = 0; c < N / 4; ++c)
 #pragma unroll
       for (int h = 0; h < 2; ++h)
-        store_pair_apart<T>(out[h] + c * channel_step, staged[c][h], first_ok[h], second_ok[h]);
+        store_pair_apart<T>(out[h] + c * channel_step, word(c, h), first_ok[h], second_ok[h]);
   }
+  if constexpr (!kPreload) release_buffer();
 }
 
 // NHWC stores of a staged tile ([output pixel][channel], rows of kPairNhwcRow<T, N> values): 16-byte pieces
 // (8 channels of a 16-bit type, 4 of float), consecutive threads the consecutive pieces of a pixel's N channels
-// and then of the next pixel.
+// and then of the next pixel. kPreload as for store_tile_nchw.
 template <typename T, int N>
 constexpr int kPairNhwcRow = N + kPairPlaneBytes / int(sizeof(T));
-template <typename T, int N, typename Release>
+template <typename T, int N, bool kPreload, typename Release>
 __device__ __forceinline__ void store_tile_nhwc(const PairProblem& pr, const T* stage, int n, int l0, int ph,
                                                 int channel0, int tid, T* output, Release release_buffer) {
   constexpr int kPiece = kPairPlaneChannels<T>, kPieces = N / kPiece, kRounds = 2 * kPairTileM * kPieces / 128;
-  uint4 staged[kRounds];
-#pragma unroll
-  for (int k = 0; k < kRounds; ++k) {
+  auto staged_piece = [&](int k) {
     const int piece = k * 128 + tid, pixel = piece / kPieces;
-    staged[k] = *reinterpret_cast<const uint4*>(stage + pixel * kPairNhwcRow<T, N> + piece % kPieces * kPiece);
+    return *reinterpret_cast<const uint4*>(stage + pixel * kPairNhwcRow<T, N> + piece % kPieces * kPiece);
+  };
+  uint4 staged[kPreload ? kRounds : 1];
+  if constexpr (kPreload) {
+#pragma unroll
+    for (int k = 0; k < kRounds; ++k) staged[k] = staged_piece(k);
+    release_buffer();
   }
-  release_buffer();
   const int channels = pr.groups * pr.cout_g;
 #pragma unroll
   for (int k = 0; k < kRounds; ++k) {
@@ -213,14 +223,16 @@ __device__ __forceinline__ void store_tile_nhwc(const PairProblem& pr, const T* 
     if (!at.ok) continue;
     T* out = output + ((int64_t(n) * pr.out_h + at.oh) * pr.out_w + at.ow) * channels + channel0 +
              piece % kPieces * kPiece;
+    const uint4 value = kPreload ? staged[k] : staged_piece(k);
     if (pr.aligned_stores) {
-      *reinterpret_cast<uint4*>(out) = staged[k];
+      *reinterpret_cast<uint4*>(out) = value;
     } else {
-      const T* v = reinterpret_cast<const T*>(&staged[k]);
+      const T* v = reinterpret_cast<const T*>(&value);
 #pragma unroll
       for (int q = 0; q < kPiece; ++q) out[q] = v[q];
     }
   }
+  if constexpr (!kPreload) release_buffer();
 }
 
 // The grid's lockstep (pair_forward_kernel): waits until *progress reaches target, or gives up after
@@ -243,12 +255,13 @@ __device__ __forceinline__ bool wait_for_progress(const unsigned int* progress, 
 // One launch runs every set: block b serves set b / blocks_per_set (and every gridDim / blocks_per_set-th set
 // after it when there are more sets than blocks); its warpgroups take that set's tiles in turn.
 // kNhwc: the output's layout (pr.channels_last_out), a template parameter so that each kernel carries one
-// store path (with both, the NCHW forward measured 0.70 -> 0.77 ms at kb_v1 bf16).
-template <typename T, int N, int kTaps, bool kNhwc>
+// store path (with both, the NCHW forward measured 0.70 -> 0.77 ms at kb_v1 bf16). kFactor: grad_factor is
+// stored too (the training forward), and output may be null (only grad_factor wanted).
+template <typename T, int N, int kTaps, bool kNhwc, bool kFactor>
 __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
     pair_forward_kernel(PairProblem pr, Epilogue epilogue, const uint4* __restrict__ padded,
                         const uint4* __restrict__ packed, const T* __restrict__ bias, T* __restrict__ output,
-                        unsigned int* __restrict__ progress) {
+                        T* __restrict__ grad_factor, unsigned int* __restrict__ progress) {
 #ifdef FCT_WGMMA_ENABLED
   extern __shared__ __align__(128) unsigned char smem[];
   // The warpgroup index through a shuffle from lane 0: the compiler then knows it is the same on every lane, and
@@ -346,7 +359,7 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
     // and u pixels before it, its weights in slot a * col_taps + u (16-byte units).
     const int slot_units = planes * 2 * N;
     const int a_base = pr.shift(th.q, pr.col_hi) - pr.shift_min;
-    T* out_set = output + (int64_t(g) * pr.cout_g + ct * N) * pr.out_h * int64_t(pr.out_w);
+    const int64_t set_offset = (int64_t(g) * pr.cout_g + ct * N) * pr.out_h * int64_t(pr.out_w);
     for (; tile < total; tile += tile_stride, ++k) {
       if (waiting && k >= kPairSlack) waiting = wait_for_progress(progress, (k - kPairSlack) * grid_wgs);
       // The first wgmma overwrites the accumulators (scale-d 0): zeroing them with ordinary moves instead made
@@ -395,18 +408,42 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
       // The accumulator of (row 16 warp + row8 + 8 r, column phase pw, channel 8 c + 2 quad + e) is
       // acc[pw][4 c + 2 r + e].
       // Epilogue into the consumed patch buffer: NCHW as [channel][pixel] output pairs (2j, 2j + 1), NHWC as
-      // [output pixel][channel].
+      // [output pixel][channel]. With kFactor, grad_factor (NCHW) follows through the same buffer once the
+      // output's staged values are stored, its words waiting in registers (the accumulators' registers) meanwhile.
       named_barrier_sync(1 + wg, 128);
       unsigned char* stage = buffers + buffer * buffer_bytes;
+      const int n = pr.by_tiles.quotient(tile), l0 = pr.by_tiles.remainder(tile, n) * kPairTileM;
+      const int64_t image_offset = int64_t(n) * pr.groups * pr.cout_g * pr.out_h * pr.out_w;
+      // The epilogue of one pre-activation u (replaced by the value; f: its factor, with kFactor), its whole
+      // function or (tail false) the form where u >= 0.
+      auto epilogue_at = [&](auto tail, float& u, float& f) {
+        constexpr bool kTail = decltype(tail)::value;
+        if constexpr (kFactor) {
+          const EpilogueOutputs<float> o = kTail ? epilogue_value_and_derivative(u, epi.multiply_value)
+                                                 : epilogue_at_nonnegative(u, epi.multiply_value);
+          u = o.value, f = o.factor;
+        } else {
+          u = kTail ? epilogue_from_preactivation<float, kSixteenBit>(u, epi.multiply_value) : value_at_nonnegative(u);
+        }
+      };
+      // Words of both column phases of channels 8 c + 2 quad + e (e = 0, 1) as NCHW pairs.
+      auto stage_nchw = [&](int r, int c, const PairWord<T> (&words)[2]) {
+#pragma unroll
+        for (int e = 0; e < 2; ++e)
+          reinterpret_cast<PairWord<T>*>(stage)[(8 * c + 2 * quad + e) * pair_stage_stride(sizeof(T)) + 16 * warp +
+                                                row8 + 8 * r] = words[e];
+      };
+      PairWord<T> factor_words[kFactor ? 2 : 1][kFactor ? N / 8 : 1][2];  // [r][c][e]
 #pragma unroll
       for (int r = 0; r < 2; ++r)
 #pragma unroll
         for (int c = 0; c < N / 8; ++c) {
-          float v[2][2];  // [column phase][channel 8 c + 2 quad + e]
+          float v[2][2], f[2][2];  // [column phase][channel 8 c + 2 quad + e]: the value and its factor
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const float shift = bias_add[8 * c + 2 * quad + e];
             v[0][e] = acc[0][4 * c + 2 * r + e] + shift, v[1][e] = acc[1][4 * c + 2 * r + e] + shift;
+            f[0][e] = f[1][e] = 1.0f;  // the identity's derivative
           }
           if (epi.enabled) {
             const bool tail = v[0][0] < 0.0f || v[0][1] < 0.0f || v[1][0] < 0.0f || v[1][1] < 0.0f;
@@ -416,42 +453,59 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
             // finer vote was faster, fused_convt_timer's +0.5 data 0.77 -> 0.68 with the NHWC path split off.)
             if (__any_sync(0xffffffffu, tail)) {
 #pragma unroll
-              for (int q = 0; q < 4; ++q)
-                v[q / 2][q % 2] = epilogue_from_preactivation<float, kSixteenBit>(v[q / 2][q % 2], epi.multiply_value);
+              for (int q = 0; q < 4; ++q) epilogue_at(std::true_type{}, v[q / 2][q % 2], f[q / 2][q % 2]);
             } else {
 #pragma unroll
-              for (int q = 0; q < 4; ++q) v[q / 2][q % 2] = value_at_nonnegative(v[q / 2][q % 2]);
+              for (int q = 0; q < 4; ++q) epilogue_at(std::false_type{}, v[q / 2][q % 2], f[q / 2][q % 2]);
             }
           }
+          if constexpr (kFactor) {
+#pragma unroll
+            for (int e = 0; e < 2; ++e) factor_words[r][c][e] = pair_word<T>(f[0][e], f[1][e]);
+          }
+          if (kFactor && !output) continue;
           const int m = 16 * warp + row8 + 8 * r;
-          if (kNhwc) {
+          if constexpr (kNhwc) {
 #pragma unroll
             for (int pw = 0; pw < 2; ++pw)
               *reinterpret_cast<PairWord<T>*>(reinterpret_cast<T*>(stage) + (2 * m + pw) * kPairNhwcRow<T, N> + 8 * c +
                                               2 * quad) = pair_word<T>(v[pw][0], v[pw][1]);
           } else {
-#pragma unroll
-            for (int e = 0; e < 2; ++e)
-              reinterpret_cast<PairWord<T>*>(stage)[(8 * c + 2 * quad + e) * pair_stage_stride(sizeof(T)) + m] =
-                  pair_word<T>(v[0][e], v[1][e]);
+            stage_nchw(r, c, {pair_word<T>(v[0][0], v[1][0]), pair_word<T>(v[0][1], v[1][1])});
           }
         }
       named_barrier_sync(1 + wg, 128);
-      const int n = pr.by_tiles.quotient(tile), l0 = pr.by_tiles.remainder(tile, n) * kPairTileM;
-      // Each store phase loads its staged values into registers first, so that the proxy fence (a CTA memory
-      // barrier, which would wait for this thread's global stores) and the buffer's next copy come before the
-      // stores. The buffer's next copy (the asynchronous proxy) may only start after these generic reads.
+      // The last store phase of a tile loads its staged values into registers first, so that the proxy fence (a
+      // CTA memory barrier, which would wait for this thread's global stores) and the buffer's next copy come
+      // before the stores. The buffer's next copy (the asynchronous proxy) may only start after these generic
+      // reads.
       auto release_buffer = [&] {
         asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
         named_barrier_sync(1 + wg, 128);
         if (tid == 0) issue_ahead(chunks + 1, buffer);
       };
-      if (kNhwc)
-        store_tile_nhwc<T, N>(pr, reinterpret_cast<const T*>(stage), n, l0, ph, g * pr.cout_g + ct * N, tid, output,
-                              release_buffer);
-      else
-        store_tile_nchw<T, N>(pr, reinterpret_cast<const PairWord<T>*>(stage), l0, ph, warp, lane,
-                              out_set + int64_t(n) * pr.groups * pr.cout_g * pr.out_h * pr.out_w, release_buffer);
+      auto store_output = [&](auto release) {
+        if constexpr (kNhwc)
+          store_tile_nhwc<T, N, !kFactor>(pr, reinterpret_cast<const T*>(stage), n, l0, ph, g * pr.cout_g + ct * N,
+                                          tid, output, release);
+        else
+          store_tile_nchw<T, N, !kFactor>(pr, reinterpret_cast<const PairWord<T>*>(stage), l0, ph, warp, lane,
+                                          output + set_offset + image_offset, release);
+      };
+      if constexpr (kFactor) {
+        // The output streamed from the buffer (kb_v1 bf16, add -0.5 data: 1.52 -> 1.37 ms against reading it all
+        // first, when 112 bytes a thread spilled), then grad_factor staged where it was.
+        if (output) store_output([&] { named_barrier_sync(1 + wg, 128); });
+#pragma unroll
+        for (int r = 0; r < 2; ++r)
+#pragma unroll
+          for (int c = 0; c < N / 8; ++c) stage_nchw(r, c, factor_words[r][c]);
+        named_barrier_sync(1 + wg, 128);
+        store_tile_nchw<T, N, true>(pr, reinterpret_cast<const PairWord<T>*>(stage), l0, ph, warp, lane,
+                                    grad_factor + set_offset + image_offset, release_buffer);
+      } else {
+        store_output(release_buffer);
+      }
       if (lockstep && tid == 0) atomicAdd(progress, 1u);
     }
     // A warpgroup with fewer tiles than the most counts the rounds it does not run, so that every round's
@@ -483,15 +537,22 @@ inline bool pair_forward_plan_for_device(const ConvTransposeParams& params, int 
   return major == 9 && minor == 0 && plan_pair_forward(params, elem_bytes, sms, output_channels_last, pr);
 }
 
-// Runs the pair forward (pr from pair_forward_plan_for_device) into an NCHW or NHWC output.
+// Runs the pair forward (pr from pair_forward_plan_for_device) into an NCHW or NHWC output and, where given, an
+// NCHW grad_factor (output may then be null).
 template <typename T>
 void launch_pair_forward(PairProblem pr, const Epilogue& epilogue, const T* input, bool input_channels_last,
-                         const T* weight, const T* bias, T* output, void* workspace, cudaStream_t stream) {
+                         const T* weight, const T* bias, T* output, T* grad_factor, void* workspace,
+                         cudaStream_t stream) {
   if (pr.elem_bytes != int(sizeof(T)) || (sizeof(T) == 4 && pr.n_tile == 64))
     throw std::logic_error("fused_convt: a pair plan made for another element type");
-  // Whole-pair stores (NCHW: an even row length) or 16-byte pieces (NHWC: channel counts are multiples of 16).
-  const uintptr_t address = reinterpret_cast<uintptr_t>(output);
-  pr.aligned_stores = pr.channels_last_out ? address % 16 == 0 : pr.out_w % 2 == 0 && address % (2 * sizeof(T)) == 0;
+  if (!output && !grad_factor) throw std::logic_error("fused_convt: a pair forward with nothing to store");
+  // Whole-pair stores (NCHW: an even row length) or 16-byte pieces (NHWC: channel counts are multiples of 16),
+  // where every tensor this launch stores allows them.
+  auto aligned = [&](const T* tensor, bool nhwc) {
+    const uintptr_t address = reinterpret_cast<uintptr_t>(tensor);
+    return !tensor || (nhwc ? address % 16 == 0 : pr.out_w % 2 == 0 && address % (2 * sizeof(T)) == 0);
+  };
+  pr.aligned_stores = aligned(output, pr.channels_last_out) && aligned(grad_factor, false);
   auto* packed = static_cast<uint4*>(workspace);
   auto* progress = reinterpret_cast<unsigned int*>(static_cast<unsigned char*>(workspace) + pair_packed_bytes(pr));
   auto* padded = reinterpret_cast<uint4*>(static_cast<unsigned char*>(workspace) + pair_packed_bytes(pr) +
@@ -507,25 +568,30 @@ void launch_pair_forward(PairProblem pr, const Epilogue& epilogue, const T* inpu
     const int smem = pr.smem_bytes(pr.warpgroups);
     check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
                "cudaFuncSetAttribute(pair_forward_kernel)");
-    kernel<<<pr.grid, pr.warpgroups * 128, smem, stream>>>(pr, epilogue, padded, packed, bias, output, progress);
+    kernel<<<pr.grid, pr.warpgroups * 128, smem, stream>>>(pr, epilogue, padded, packed, bias, output, grad_factor,
+                                                           progress);
     check_launch("pair_forward_kernel");
   };
-  auto with_taps = [&](auto n_tile, auto nhwc) {
+  auto with_taps = [&](auto n_tile, auto nhwc, auto factor) {
     constexpr int N = decltype(n_tile)::value;
-    constexpr bool kNhwc = decltype(nhwc)::value;
-    if (pr.max_axis_taps == 1) run(pair_forward_kernel<T, N, 1, kNhwc>);
-    else if (pr.max_axis_taps == 2) run(pair_forward_kernel<T, N, 2, kNhwc>);
-    else run(pair_forward_kernel<T, N, 3, kNhwc>);
+    constexpr bool kNhwc = decltype(nhwc)::value, kFactor = decltype(factor)::value;
+    if (pr.max_axis_taps == 1) run(pair_forward_kernel<T, N, 1, kNhwc, kFactor>);
+    else if (pr.max_axis_taps == 2) run(pair_forward_kernel<T, N, 2, kNhwc, kFactor>);
+    else run(pair_forward_kernel<T, N, 3, kNhwc, kFactor>);
   };
-  auto with_tile = [&](auto nhwc) {
+  auto with_tile = [&](auto nhwc, auto factor) {
     if constexpr (sizeof(T) == 2) {  // float tiles stop at 32 channels (plan_pair_forward): none compiled
-      if (pr.n_tile == 64) return with_taps(std::integral_constant<int, 64>{}, nhwc);
+      if (pr.n_tile == 64) return with_taps(std::integral_constant<int, 64>{}, nhwc, factor);
     }
-    if (pr.n_tile == 32) with_taps(std::integral_constant<int, 32>{}, nhwc);
-    else with_taps(std::integral_constant<int, 16>{}, nhwc);
+    if (pr.n_tile == 32) with_taps(std::integral_constant<int, 32>{}, nhwc, factor);
+    else with_taps(std::integral_constant<int, 16>{}, nhwc, factor);
   };
-  if (pr.channels_last_out) with_tile(std::true_type{});
-  else with_tile(std::false_type{});
+  auto with_layout = [&](auto factor) {
+    if (pr.channels_last_out) with_tile(std::true_type{}, factor);
+    else with_tile(std::false_type{}, factor);
+  };
+  if (grad_factor) with_layout(std::true_type{});
+  else with_layout(std::false_type{});
 }
 
 }  // namespace fused_convt

@@ -1,6 +1,6 @@
 """A small workload that reaches every CUDA kernel variant the dispatcher can pick (tensor-core forward with
-each math policy and channel tile, the column-pair inference forward, the direct gather kernel for forward and grad_input, the grad_weight /
-grad_bias split reductions), run under compute-sanitizer by sanitize.sh. Exits non-zero on a wrong result."""
+each math policy and channel tile, the column-pair forward (inference, training, recompute), the direct gather kernel for forward and
+grad_input, the grad_weight / grad_bias split reductions), run under compute-sanitizer by sanitize.sh. Exits non-zero on a wrong result."""
 import os
 import sys
 
@@ -45,9 +45,10 @@ for dtype, tf32, _ in DTYPES:
     w.requires_grad_(False)
     fused_convt.conv_transpose2d_fused(x, w, b, **CASES[0][0].conv_kwargs(), **CASES[0][0].epilogue_kwargs(),
                                        allow_tf32=tf32).sum().backward()
-# The inference forward's column-pair kernel (sm_90a; stride_w 2; 16-bit, and float as TF32): 64- and
-# 16-channel tiles, NCHW and NHWC outputs, a row stride of 1 with odd output widths, a float patch in two K
-# chunks (64 channels, rows wide enough that four warpgroups' whole patches would not fit).
+# The column-pair kernel (sm_90a; stride_w 2; 16-bit, and float as TF32): 64- and 16-channel tiles, NCHW and NHWC
+# outputs, a row stride of 1 with odd output widths, a float patch in two K chunks (64 channels, rows wide enough
+# that four warpgroups' whole patches would not fit); each as the inference forward, the training forward (output
+# and grad_factor) and, NCHW, the recompute backward's factor-only forward.
 PAIR_CASES = [Problem(2, 32, 64, (5, 6), (4, 4), (2, 2), add_value=-0.5),
               Problem(1, 32, 16, (4, 7), (3, 3), (1, 2), (1, 1), (0, 0)),
               Problem(1, 64, 32, (3, 20), (4, 4), (2, 2), add_value=-0.5)]
@@ -60,11 +61,19 @@ for index, problem in enumerate(PAIR_CASES):
                 y = fused_convt.conv_transpose2d_fused(x.contiguous(memory_format=layout), w, b,
                                                        **problem.conv_kwargs(), **problem.epilogue_kwargs(),
                                                        allow_tf32=True if dtype == torch.float32 else None)
-            err = rel_err(y, composite_float64(x, w, b, **problem.conv_kwargs(), **problem.epilogue_kwargs()))
-            pair_runs += 1
-            if not err <= tol:
-                failures += 1
-                print(f"pair case {index} {dtype} {layout}: relative error {err:.3e} > {tol}")
+            expected = composite_float64(x, w, b, **problem.conv_kwargs(), **problem.epilogue_kwargs())
+            recompute = layout == torch.contiguous_format
+            leaves = [t.detach().requires_grad_() for t in (x, w, b)]
+            y_train = fused_convt.conv_transpose2d_fused(
+                leaves[0].contiguous(memory_format=layout), *leaves[1:], **problem.conv_kwargs(),
+                **problem.epilogue_kwargs(), recompute=recompute, allow_tf32=True if dtype == torch.float32 else None)
+            y_train.backward(torch.ones_like(y_train))
+            for mode, out in (("inference", y), ("training", y_train)):
+                err = rel_err(out, expected)
+                pair_runs += 1
+                if not err <= tol:
+                    failures += 1
+                    print(f"pair case {index} {dtype} {layout} {mode}: relative error {err:.3e} > {tol}")
 torch.cuda.synchronize()
 print(f"sanitize workload: {len(CASES) * len(DTYPES) + pair_runs} runs, {failures} wrong")
 sys.exit(1 if failures else 0)
