@@ -10,7 +10,8 @@
 // outputs pass through the tile's just-consumed patch buffer so that consecutive lanes store consecutive
 // output pairs (2j, 2j + 1): whole sectors, one store per pair, where the phase kernel's two column phases
 // each wrote half of every sector from different blocks (kb_v1 bf16, H100 prototype: 1.07 -> 0.56 ms on
-// random data). The training forward also stores grad_factor (NCHW), straight from the registers.
+// random data). The training forward also stores grad_factor (NCHW), staged through the same buffer after the
+// output.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -170,7 +171,10 @@ __device__ __forceinline__ void store_tile_nchw(const PairProblem& pr, const Pai
     out[h] = out_image + warp * (channel_step / 4) + first.oh * pr.out_w + first.ow;
   }
   PairWord<T> staged[kPreload ? N / 4 : 1][2];
-  auto word = [&](int c, int h) { return kPreload ? staged[c][h] : stage[(warp + 4 * c) * kStride + 32 * h + lane]; };
+  auto word = [&](int c, int h) {
+    if constexpr (kPreload) return staged[c][h];
+    else return stage[(warp + 4 * c) * kStride + 32 * h + lane];
+  };
   if constexpr (kPreload) {
 #pragma unroll
     for (int c = 0; c < N / 4; ++c)
@@ -223,7 +227,9 @@ __device__ __forceinline__ void store_tile_nhwc(const PairProblem& pr, const T* 
     if (!at.ok) continue;
     T* out = output + ((int64_t(n) * pr.out_h + at.oh) * pr.out_w + at.ow) * channels + channel0 +
              piece % kPieces * kPiece;
-    const uint4 value = kPreload ? staged[k] : staged_piece(k);
+    uint4 value;
+    if constexpr (kPreload) value = staged[k];
+    else value = staged_piece(k);
     if (pr.aligned_stores) {
       *reinterpret_cast<uint4*>(out) = value;
     } else {
@@ -426,7 +432,8 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
           u = kTail ? epilogue_from_preactivation<float, kSixteenBit>(u, epi.multiply_value) : value_at_nonnegative(u);
         }
       };
-      // Words of both column phases of channels 8 c + 2 quad + e (e = 0, 1) as NCHW pairs.
+      // Words of both column phases of channels 8 c + 2 quad + e (e = 0, 1) as NCHW pairs (grad_factor's staging
+      // also beside an NHWC output: the NHWC staging, whose size sets the buffer, is never the smaller one).
       auto stage_nchw = [&](int r, int c, const PairWord<T> (&words)[2]) {
 #pragma unroll
         for (int e = 0; e < 2; ++e)

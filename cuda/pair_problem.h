@@ -96,10 +96,11 @@ struct PairProblem {
   // the same offset in a 128-byte line, measured slower: kb_v1 bf16 0.70 -> 0.75 ms on the H100.)
   FCT_HD int plane_bytes() const { return patch * kPairPlaneBytes; }
   // The epilogue's staged tile: NCHW [channel][pair_stage_stride output pairs], NHWC [output pixel][n_tile
-  // values + 16 bytes] (16-byte rows, 16 bytes of padding).
+  // values + 16 bytes] (16-byte rows, 16 bytes of padding). grad_factor is staged NCHW whatever the output's
+  // layout; the NHWC staging is never the smaller one (128 n_tile elem_bytes + 2048 bytes against + 16 n_tile).
+  FCT_HD int nchw_stage_bytes() const { return n_tile * pair_stage_stride(elem_bytes) * 2 * elem_bytes; }
   FCT_HD int stage_bytes() const {
-    return channels_last_out ? 2 * kPairTileM * (n_tile * elem_bytes + 16)
-                             : n_tile * pair_stage_stride(elem_bytes) * 2 * elem_bytes;
+    return channels_last_out ? 2 * kPairTileM * (n_tile * elem_bytes + 16) : nchw_stage_bytes();
   }
   // A buffer holds one K chunk of a tile's patch, and after the tile's last chunk its staged outputs.
   FCT_HD int buffer_bytes() const {

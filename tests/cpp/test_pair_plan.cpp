@@ -31,6 +31,7 @@ int64_t check_plan(const PairProblem& pr, const std::string& what) {
             what + ": K chunks of an even number of planes");
   CHECK_MSG(pr.buffer_bytes() >= pr.stage_bytes() && pr.buffer_bytes() >= pr.chunk_planes() * pr.plane_bytes(),
             what + ": a buffer holds a chunk and the staged outputs");
+  CHECK_MSG(pr.buffer_bytes() >= pr.nchw_stage_bytes(), what + ": a buffer holds grad_factor's NCHW staging");
   for (int t = 0; t < pr.batch * pr.tiles; ++t)
     CHECK_MSG(pr.by_tiles.quotient(t) == t / pr.tiles, what + ": the tile divider");
   for (int ph = 0; ph < pr.stride_h; ++ph) {
