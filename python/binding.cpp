@@ -104,6 +104,13 @@ PYBIND11_MODULE(_C, m) {
           return backward_workspace_bytes(params, DType(dtype), grad_weight);
         },
         py::arg("params"), py::arg("dtype"), py::arg("grad_weight") = true);
+  m.def("transpose",
+        [](std::uintptr_t src, std::uintptr_t dst, std::int64_t batch, std::int64_t rows, std::int64_t cols,
+           int elem_bytes, int device, std::uintptr_t stream) {
+          transpose_cuda(as_ptr<const void>(src), as_ptr(dst), batch, rows, cols, elem_bytes,
+                         CudaContext{device, as_ptr(stream)});
+        },
+        "[batch][rows][cols] -> [batch][cols][rows] on a CUDA device", py::call_guard<py::gil_scoped_release>());
   m.def("forward", &forward, py::call_guard<py::gil_scoped_release>());
   m.def("backward", &backward, py::call_guard<py::gil_scoped_release>());
   // The shared epilogue math in double, so Python tests check the very functions the kernels use.

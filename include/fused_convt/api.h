@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cstddef>
+#include <cstdint>
 
 #include "fused_convt/dtype.h"
 #include "fused_convt/epilogue.h"
@@ -83,5 +84,11 @@ bool forward_reads_channels_last(const ConvTransposeParams& params, DType dtype,
 size_t backward_workspace_bytes(const ConvTransposeParams& params, DType dtype, bool grad_weight = true);
 void backward_cuda(const ConvTransposeParams& params, DType dtype, const BackwardArgs& args,
                    const CudaContext& ctx);
+
+// Transposes a batch of row-major matrices of elem_bytes-byte values (2, 4 or 8) on the device, src
+// [batch][rows][cols] into dst [batch][cols][rows] (not overlapping src): an NHWC (channels_last) tensor into NCHW
+// with rows = H * W and cols = C, as the backward takes its operands. A tiled copy at about the device's copy rate.
+void transpose_cuda(const void* src, void* dst, int64_t batch, int64_t rows, int64_t cols, int elem_bytes,
+                    const CudaContext& ctx);
 
 }  // namespace fused_convt

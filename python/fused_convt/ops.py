@@ -72,6 +72,19 @@ def _is_channels_last(t: Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
 
 
+def _nchw(t: Tensor) -> Tensor:
+    """t NCHW-contiguous. A channels_last CUDA tensor goes through the library's tiled transpose: PyTorch's own
+    `.contiguous()` of one (a generic permuted copy, ~1 TB/s in float and ~0.5 in bfloat16 on the H100) was 2.3 ms
+    of kb_v1's bf16 channels_last training step."""
+    if not (t.is_cuda and _is_channels_last(t)):
+        return t.contiguous()
+    out = torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    n, c, h, w = t.shape
+    device, stream = _where(t)
+    _C.transpose(t.data_ptr(), out.data_ptr(), n, h * w, c, t.element_size(), device, stream)
+    return out
+
+
 def _output_format(input: Tensor) -> torch.memory_format:
     """The output's layout follows the input's, as for PyTorch's convolutions: channels_last in, out."""
     return torch.channels_last if _is_channels_last(input) else torch.contiguous_format
@@ -92,7 +105,7 @@ def _forward_layout(input: Tensor, params, output: Optional[Tensor], grad_factor
             params, _DTYPE_TAGS[input.dtype], input.device.index, _ptr(output), _ptr(grad_factor), allow_tf32,
             _writes_channels_last(output))):
         return input
-    return input.contiguous()
+    return _nchw(input)
 
 
 def _run_forward(input, weight, bias, params, epilogue, output, grad_factor, allow_tf32) -> None:
@@ -171,7 +184,7 @@ def _backward_impl(
     allow_tf32: bool,
     output_mask: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    grad_output, input, weight = grad_output.contiguous(), input.contiguous(), weight.contiguous()
+    grad_output, input, weight = _nchw(grad_output), _nchw(input), weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     params = _params(input, weight, bias is not None, stride, padding, output_padding, dilation, groups)
     if apply_epilogue and grad_factor.numel() == 0 and grad_output.numel() > 0:

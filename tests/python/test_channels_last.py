@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import fused_convt
-from fused_convt.ops import _DTYPE_TAGS, _params
+from fused_convt.ops import _DTYPE_TAGS, _is_channels_last, _nchw, _params
 from conftest import requires_cuda
 from reference import composite_float64, rel_err
 
@@ -119,3 +119,22 @@ def test_tf32_inference_with_channels_last_input(cin, cout, k, stride):
     assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
     assert torch.equal(out, expected)
     assert rel_err(out, composite_float64(x, w, b, **kwargs)) < 5e-3
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+@pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 64, 33, 31), (3, 40, 1, 70)])
+def test_nchw_copy_of_channels_last_cuda_tensor(dtype, shape):
+    """The backward's NCHW copy of a channels_last tensor (the library's tiled transpose, 2-, 4- and 8-byte values,
+    tiles cut at every edge) is PyTorch's `.contiguous()` bitwise."""
+    x = torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
+    assert _is_channels_last(x)
+    y = _nchw(x)
+    assert y.is_contiguous() and y.dtype == dtype and torch.equal(y, x.contiguous())
+
+
+@requires_cuda
+def test_transpose_rejects_other_value_widths_cuda():
+    x = torch.zeros(4, device="cuda")
+    with pytest.raises(ValueError, match="2-, 4- or 8-byte values, got elem_bytes = 3"):
+        fused_convt._C.transpose(x.data_ptr(), x.data_ptr(), 1, 1, 1, 3, x.device.index, 0)
