@@ -2,35 +2,59 @@
 // 2-, 4- or 8-byte words: an NHWC (channels_last) tensor into NCHW with rows = H * W and cols = C. The backward
 // takes its grad_output and input NCHW, and PyTorch's own `.contiguous()` of a channels_last tensor (its generic
 // permuted copy) moved ~1 TB/s in float and ~0.5 in bfloat16: 2.3 ms of kb_v1's bf16 channels_last training step
-// (H100). Here each block stages a 32 x 32 tile in shared memory so that both the reads (along cols) and the
-// writes (along rows) are consecutive across a warp.
+// (H100). Here each block stages a tile in shared memory so that both the reads (along cols) and the writes
+// (along rows) are consecutive across a warp.
 #include <cstdint>
+#include <type_traits>
 
 #include "cuda_common.cuh"
 
 namespace fused_convt {
 
-constexpr int kTransposeTile = 32;
-constexpr int kTransposeRows = 8;  // thread rows per block: each thread moves kTransposeTile / 8 values each way
+constexpr int kTransposeLanes = 32;
+constexpr int kTransposeRows = 8;  // thread rows per block
 
+// A tile of (32 kVec) x (32 kVec) values: each thread moves kVec consecutive values per access, so that a warp
+// reads 128 bytes of a row and writes 128 bytes of a column also for 2-byte values (kVec 2, as one 4-byte word;
+// with 2-byte accesses the transpose moved 1.2 TB/s at kb_v1 bf16, against 1.9 for float). kVector: the launch's
+// rows and columns are even and the pointers 4-byte aligned, else each value goes alone.
 // grid.x: batch x row tiles (the batch folded in, so neither bounds the grid), grid.y: column tiles.
-template <typename Word>
-__global__ void __launch_bounds__(kTransposeTile * kTransposeRows)
-    transpose_kernel(const Word* __restrict__ src, Word* __restrict__ dst, int64_t rows, int64_t cols,
-                     int64_t row_tiles) {
-  __shared__ Word tile[kTransposeTile][kTransposeTile + 1];  // + 1: the column reads hit distinct banks
-  const int64_t b = blockIdx.x / row_tiles, r0 = blockIdx.x % row_tiles * kTransposeTile;
-  const int64_t c0 = int64_t(blockIdx.y) * kTransposeTile;
-  const Word* in = src + b * rows * cols;
-  Word* out = dst + b * rows * cols;
-  for (int i = threadIdx.y; i < kTransposeTile; i += kTransposeRows) {
-    const int64_t r = r0 + i, c = c0 + threadIdx.x;
-    if (r < rows && c < cols) tile[i][threadIdx.x] = in[r * cols + c];
+template <typename Value, int kVec>
+__global__ void __launch_bounds__(kTransposeLanes * kTransposeRows)
+    transpose_kernel(const Value* __restrict__ src, Value* __restrict__ dst, int64_t rows, int64_t cols,
+                     int64_t row_tiles, bool vector) {
+  constexpr int kTile = kTransposeLanes * kVec;
+  using Vector = std::conditional_t<kVec == 2, uint32_t, Value>;
+  // + kVec: a tile column's values (the write phase) fall in distinct banks, up to 2-way for 2-byte values
+  __shared__ __align__(16) Value tile[kTile][kTile + kVec];
+  const int64_t b = blockIdx.x / row_tiles, r0 = blockIdx.x % row_tiles * kTile;
+  const int64_t c0 = int64_t(blockIdx.y) * kTile;
+  const Value* in = src + b * rows * cols;
+  Value* out = dst + b * rows * cols;
+  const int x = threadIdx.x * kVec;
+  for (int i = threadIdx.y; i < kTile; i += kTransposeRows) {
+    const int64_t r = r0 + i, c = c0 + x;
+    if (r >= rows) break;
+    if (vector && c + kVec <= cols) {
+      const Vector v = *reinterpret_cast<const Vector*>(in + r * cols + c);
+      *reinterpret_cast<Vector*>(&tile[i][x]) = v;
+    } else {
+      for (int k = 0; k < kVec; ++k)
+        if (c + k < cols) tile[i][x + k] = in[r * cols + c + k];
+    }
   }
   __syncthreads();
-  for (int i = threadIdx.y; i < kTransposeTile; i += kTransposeRows) {
-    const int64_t c = c0 + i, r = r0 + threadIdx.x;
-    if (r < rows && c < cols) out[c * rows + r] = tile[threadIdx.x][i];
+  for (int j = threadIdx.y; j < kTile; j += kTransposeRows) {
+    const int64_t c = c0 + j, r = r0 + x;
+    if (c >= cols) break;
+    if (vector && r + kVec <= rows) {
+      Value v[kVec];
+      for (int k = 0; k < kVec; ++k) v[k] = tile[x + k][j];
+      *reinterpret_cast<Vector*>(out + c * rows + r) = *reinterpret_cast<const Vector*>(v);
+    } else {
+      for (int k = 0; k < kVec; ++k)
+        if (r + k < rows) out[c * rows + r + k] = tile[x + k][j];
+    }
   }
 }
 
@@ -42,22 +66,24 @@ void transpose_cuda(const void* src, void* dst, int64_t batch, int64_t rows, int
   if (batch < 0 || rows < 0 || cols < 0)
     throw std::invalid_argument("fused_convt: transpose_cuda got a negative extent");
   if (batch == 0 || rows == 0 || cols == 0) return;
-  const int64_t row_tiles = (rows + kTransposeTile - 1) / kTransposeTile;
-  const int64_t col_tiles = (cols + kTransposeTile - 1) / kTransposeTile;
-  if (batch * row_tiles > 0x7fffffff || col_tiles > 65535)
-    throw std::invalid_argument("fused_convt: transpose_cuda grid too large (batch x rows / 32 > 2^31 - 1 or "
-                                "cols > 65535 x 32)");
   DeviceGuard guard(ctx.device);
-  const dim3 grid(unsigned(batch * row_tiles), unsigned(col_tiles)), block(kTransposeTile, kTransposeRows);
   const auto stream = static_cast<cudaStream_t>(ctx.stream);
-  auto launch = [&](auto word) {
-    using Word = decltype(word);
-    transpose_kernel<Word><<<grid, block, 0, stream>>>(static_cast<const Word*>(src), static_cast<Word*>(dst), rows,
-                                                       cols, row_tiles);
+  auto launch = [&](auto value, auto vec) {
+    using Value = decltype(value);
+    constexpr int kVec = decltype(vec)::value, kTile = kTransposeLanes * kVec;
+    const int64_t row_tiles = (rows + kTile - 1) / kTile, col_tiles = (cols + kTile - 1) / kTile;
+    if (batch * row_tiles > 0x7fffffff || col_tiles > 65535)
+      throw std::invalid_argument("fused_convt: transpose_cuda grid too large (batch x row tiles > 2^31 - 1 or "
+                                  "more than 65535 column tiles)");
+    const bool vector = kVec == 1 || (rows % 2 == 0 && cols % 2 == 0 && reinterpret_cast<uintptr_t>(src) % 4 == 0 &&
+                                      reinterpret_cast<uintptr_t>(dst) % 4 == 0);
+    transpose_kernel<Value, kVec><<<dim3(unsigned(batch * row_tiles), unsigned(col_tiles)),
+                                    dim3(kTransposeLanes, kTransposeRows), 0, stream>>>(
+        static_cast<const Value*>(src), static_cast<Value*>(dst), rows, cols, row_tiles, vector);
   };
-  if (elem_bytes == 2) launch(uint16_t{});
-  else if (elem_bytes == 4) launch(uint32_t{});
-  else launch(uint64_t{});
+  if (elem_bytes == 2) launch(uint16_t{}, std::integral_constant<int, 2>{});
+  else if (elem_bytes == 4) launch(uint32_t{}, std::integral_constant<int, 1>{});
+  else launch(uint64_t{}, std::integral_constant<int, 1>{});
   check_launch("transpose_kernel");
 }
 
