@@ -16,7 +16,7 @@ constexpr int kTransposeRows = 8;  // thread rows per block
 
 // A tile of (32 kVec) x (32 kVec) values: each thread moves kVec consecutive values per access, so that a warp
 // reads 128 bytes of a row and writes 128 bytes of a column also for 2-byte values (kVec 2, as one 4-byte word;
-// with 2-byte accesses the transpose moved 1.2 TB/s at kb_v1 bf16, against 1.9 for float). kVector: the launch's
+// with 2-byte accesses the transpose moved 1.2 TB/s at kb_v1 bf16, against 1.9 for float). vector: the launch's
 // rows and columns are even and the pointers 4-byte aligned, else each value goes alone.
 // grid.x: batch x row tiles (the batch folded in, so neither bounds the grid), grid.y: column tiles.
 template <typename Value, int kVec>
