@@ -14,19 +14,19 @@ namespace fused_convt {
 constexpr int kTransposeLanes = 32;
 constexpr int kTransposeRows = 8;  // thread rows per block
 
-// A tile of (32 kVec) x (32 kVec) values: each thread moves kVec consecutive values per access, so that a warp
-// reads 128 bytes of a row and writes 128 bytes of a column also for 2-byte values (kVec 2, as one 4-byte word;
-// with 2-byte accesses the transpose moved 1.2 TB/s at kb_v1 bf16, against 1.9 for float). vector: the launch's
-// rows and columns are even and the pointers 4-byte aligned, else each value goes alone.
+// A tile of (32 kVec) x (32 kVec) values: each thread moves kVec consecutive values per global access, two for
+// 2- and 4-byte values (one 4- or 8-byte word), so that a warp reads and writes at least 128 bytes a row or column
+// (with one 2-byte value a lane the transpose moved 1.2 TB/s at kb_v1 bf16). vector: the launch's rows and columns
+// are even and the pointers aligned to such a word, else each value goes alone. Shared memory is accessed value by
+// value, its rows padded so that a tile column's values (the write phase) fall in distinct banks, up to 2-way.
 // grid.x: batch x row tiles (the batch folded in, so neither bounds the grid), grid.y: column tiles.
 template <typename Value, int kVec>
 __global__ void __launch_bounds__(kTransposeLanes * kTransposeRows)
     transpose_kernel(const Value* __restrict__ src, Value* __restrict__ dst, int64_t rows, int64_t cols,
                      int64_t row_tiles, bool vector) {
   constexpr int kTile = kTransposeLanes * kVec;
-  using Vector = std::conditional_t<kVec == 2, uint32_t, Value>;
-  // + kVec: a tile column's values (the write phase) fall in distinct banks, up to 2-way for 2-byte values
-  __shared__ __align__(16) Value tile[kTile][kTile + kVec];
+  using Vector = std::conditional_t<kVec == 1, Value, std::conditional_t<sizeof(Value) == 2, uint32_t, uint2>>;
+  __shared__ __align__(16) Value tile[kTile][kTile + (sizeof(Value) == 2 ? 2 : 1)];
   const int64_t b = blockIdx.x / row_tiles, r0 = blockIdx.x % row_tiles * kTile;
   const int64_t c0 = int64_t(blockIdx.y) * kTile;
   const Value* in = src + b * rows * cols;
@@ -36,8 +36,9 @@ __global__ void __launch_bounds__(kTransposeLanes * kTransposeRows)
     const int64_t r = r0 + i, c = c0 + x;
     if (r >= rows) break;
     if (vector && c + kVec <= cols) {
-      const Vector v = *reinterpret_cast<const Vector*>(in + r * cols + c);
-      *reinterpret_cast<Vector*>(&tile[i][x]) = v;
+      alignas(sizeof(Vector)) Value v[kVec];
+      *reinterpret_cast<Vector*>(v) = *reinterpret_cast<const Vector*>(in + r * cols + c);
+      for (int k = 0; k < kVec; ++k) tile[i][x + k] = v[k];
     } else {
       for (int k = 0; k < kVec; ++k)
         if (c + k < cols) tile[i][x + k] = in[r * cols + c + k];
@@ -48,7 +49,7 @@ __global__ void __launch_bounds__(kTransposeLanes * kTransposeRows)
     const int64_t c = c0 + j, r = r0 + x;
     if (c >= cols) break;
     if (vector && r + kVec <= rows) {
-      Value v[kVec];
+      alignas(sizeof(Vector)) Value v[kVec];
       for (int k = 0; k < kVec; ++k) v[k] = tile[x + k][j];
       *reinterpret_cast<Vector*>(out + c * rows + r) = *reinterpret_cast<const Vector*>(v);
     } else {
@@ -75,14 +76,15 @@ void transpose_cuda(const void* src, void* dst, int64_t batch, int64_t rows, int
     if (batch * row_tiles > 0x7fffffff || col_tiles > 65535)
       throw std::invalid_argument("fused_convt: transpose_cuda grid too large (batch x row tiles > 2^31 - 1 or "
                                   "more than 65535 column tiles)");
-    const bool vector = kVec == 1 || (rows % 2 == 0 && cols % 2 == 0 && reinterpret_cast<uintptr_t>(src) % 4 == 0 &&
-                                      reinterpret_cast<uintptr_t>(dst) % 4 == 0);
+    constexpr uintptr_t kWord = kVec * sizeof(Value);
+    const bool vector = kVec == 1 || (rows % 2 == 0 && cols % 2 == 0 && reinterpret_cast<uintptr_t>(src) % kWord == 0 &&
+                                      reinterpret_cast<uintptr_t>(dst) % kWord == 0);
     transpose_kernel<Value, kVec><<<dim3(unsigned(batch * row_tiles), unsigned(col_tiles)),
                                     dim3(kTransposeLanes, kTransposeRows), 0, stream>>>(
         static_cast<const Value*>(src), static_cast<Value*>(dst), rows, cols, row_tiles, vector);
   };
   if (elem_bytes == 2) launch(uint16_t{}, std::integral_constant<int, 2>{});
-  else if (elem_bytes == 4) launch(uint32_t{}, std::integral_constant<int, 1>{});
+  else if (elem_bytes == 4) launch(uint32_t{}, std::integral_constant<int, 2>{});
   else launch(uint64_t{}, std::integral_constant<int, 1>{});
   check_launch("transpose_kernel");
 }

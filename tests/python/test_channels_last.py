@@ -126,7 +126,7 @@ def test_tf32_inference_with_channels_last_input(cin, cout, k, stride):
 @pytest.mark.parametrize("shape", [(2, 3, 5, 7), (1, 64, 33, 31), (3, 40, 1, 70), (2, 24, 6, 10), (2, 130, 8, 9)])
 def test_nchw_copy_of_channels_last_cuda_tensor(dtype, shape):
     """The backward's NCHW copy of a channels_last tensor (the library's tiled transpose, 2-, 4- and 8-byte values,
-    tiles cut at every edge; 16-bit values in pairs where H * W and C are even, else one by one) is PyTorch's
+    tiles cut at every edge; 2- and 4-byte values in pairs where H * W and C are even, else one by one) is PyTorch's
     `.contiguous()` bitwise."""
     x = torch.randn(shape, device="cuda").to(dtype).contiguous(memory_format=torch.channels_last)
     assert _is_channels_last(x)
