@@ -68,13 +68,15 @@ inline BackwardPlan plan_backward(const ConvTransposeParams& p) {
   return plan;
 }
 
+// g = grad_output x grad_factor x factor_scale (float64's direct grad_weight kernel).
 template <typename T>
 struct GradLoader {
   const T* grad_output;
   const T* grad_factor;
+  T scale;
   __device__ __forceinline__ typename DeviceAcc<T>::type operator()(int64_t index) const {
     auto grad = to_acc(grad_output[index]);
-    return grad_factor ? grad * to_acc(grad_factor[index]) : grad;
+    return grad_factor ? grad * (to_acc(grad_factor[index]) * scale) : grad;
   }
 };
 
@@ -367,27 +369,29 @@ size_t backward_workspace_bytes(const ConvTransposeParams& params, DType dtype, 
   return backward_workspace_layout(params, dtype, grad_weight).total;
 }
 
-// grad_input by the direct gather kernel (float64, and shapes outside the tensor-core path).
-template <typename T>
-void launch_grad_input_gather(const ConvTransposeParams& params, const BackwardArgs& args, cudaStream_t stream) {
-  launch_gather_conv<T, GatherDirection::GradInput>(
-      grad_input_gather_problem(params), Epilogue{}, static_cast<const T*>(args.grad_output),
-      static_cast<const T*>(args.grad_factor), static_cast<const T*>(args.weight), nullptr,
+// grad_input by the direct gather kernel (float64, and shapes outside the tensor-core path); F: the factor's type.
+template <typename T, typename F>
+void launch_grad_input_gather(const ConvTransposeParams& params, const Epilogue& epilogue, const BackwardArgs& args,
+                              cudaStream_t stream) {
+  launch_gather_conv<T, GatherDirection::GradInput, F>(
+      grad_input_gather_problem(params), epilogue, static_cast<const T*>(args.grad_output),
+      static_cast<const F*>(args.grad_factor), static_cast<const T*>(args.weight), nullptr,
       static_cast<T*>(args.grad_input), nullptr, stream);
 }
 
 // grad_input on tensor cores; false (nothing launched) where the fast path does not apply. g_copy: the g
 // pass's phase-split copy of g where grad_weight made one (null: g formed from grad_output and the factor).
 template <typename T, typename Math>
-bool launch_grad_input_tensor_cores(const ConvTransposeParams& params, const BackwardArgs& args, void* packed,
-                                    typename Math::Smem* g_copy, const PhaseSplitLayout& g_layout,
-                                    cudaStream_t stream) {
+bool launch_grad_input_tensor_cores(const ConvTransposeParams& params, const Epilogue& epilogue,
+                                    const BackwardArgs& args, void* packed, typename Math::Smem* g_copy,
+                                    const PhaseSplitLayout& g_layout, cudaStream_t stream) {
   TcProblem problem;
   if (!grad_input_tc_problem(params, &problem)) return false;
   if (g_copy && !grad_input_copy_layout(&problem, g_layout)) g_copy = nullptr;
   const GatherProblem layout = grad_input_gather_problem(params);
   return launch_implicit_gemm_conv<T, Math, GatherDirection::GradInput>(
-      problem, Epilogue{}, static_cast<const T*>(args.grad_output), static_cast<const T*>(args.grad_factor),
+      problem, epilogue, static_cast<const T*>(args.grad_output),
+      static_cast<const typename Math::Factor*>(args.grad_factor),
       static_cast<const T*>(args.weight), layout.weight_group_stride, layout.weight_src_stride,
       layout.weight_dst_stride, nullptr, static_cast<T*>(args.grad_input), nullptr, packed, g_copy, true, stream);
 }
@@ -397,8 +401,9 @@ bool launch_grad_input_tensor_cores(const ConvTransposeParams& params, const Bac
 // copies its input's channels-last copy) instead of forming g again in registers; then grad_input, then
 // grad_weight's x copy and GEMM, then the ordered sums.
 template <typename T, typename Math>
-void launch_backward_tensor_cores(const ConvTransposeParams& p, DType dtype, const BackwardArgs& args,
-                                  unsigned char* workspace, const BackwardWorkspace& w, cudaStream_t stream) {
+void launch_backward_tensor_cores(const ConvTransposeParams& p, const Epilogue& epilogue, DType dtype,
+                                  const BackwardArgs& args, unsigned char* workspace, const BackwardWorkspace& w,
+                                  cudaStream_t stream) {
   using Smem = typename Math::Smem;
   const WeightGemmPlan plan = plan_weight_gemm(p, dtype);
   float* weight_partial = args.grad_weight ? reinterpret_cast<float*>(workspace + w.weight_partial) : nullptr;
@@ -413,17 +418,19 @@ void launch_backward_tensor_cores(const ConvTransposeParams& p, DType dtype, con
       check_cuda(cudaMemsetAsync(x_cl, 0, w.g_split - w.x_cl, stream), "cudaMemsetAsync");
   }
   if (args.grad_weight || args.grad_bias)
-    launch_pack_channels_last<T, Math>(static_cast<const T*>(args.grad_output), static_cast<const T*>(args.grad_factor),
-                                       int(p.out_channels), int(p.groups), int(padded_channels(p.out_channels_per_group())),
+    launch_pack_channels_last<T, Math>(static_cast<const T*>(args.grad_output),
+                                       static_cast<const typename Math::Factor*>(args.grad_factor),
+                                       float(factor_scale(epilogue)), int(p.out_channels), int(p.groups), int(padded_channels(p.out_channels_per_group())),
                                        plan.g_layout, g_split, bias_partial, stream);
   if (args.grad_input && p.input_numel() > 0) {
     const bool tensor_cores = workspace && packed_grad_input_weight_bytes(p, dtype) > 0 &&
-                              launch_grad_input_tensor_cores<T, Math>(p, args, workspace, g_split, plan.g_layout, stream);
-    if (!tensor_cores) launch_grad_input_gather<T>(p, args, stream);
+                              launch_grad_input_tensor_cores<T, Math>(p, epilogue, args, workspace, g_split,
+                                                                      plan.g_layout, stream);
+    if (!tensor_cores) launch_grad_input_gather<T, typename Math::Factor>(p, epilogue, args, stream);
   }
   if (args.grad_weight) {
     const PhaseSplitLayout x_layout{p.batch, PhaseAxis{int(p.in_h), 1, 0}, PhaseAxis{int(p.in_w), 1, 0}, plan.x_row};
-    launch_pack_channels_last<T, Math>(static_cast<const T*>(args.input), nullptr, int(p.in_channels), int(p.groups),
+    launch_pack_channels_last<T, Math>(static_cast<const T*>(args.input), nullptr, 1.0f, int(p.in_channels), int(p.groups),
                                        int(padded_channels(p.in_channels_per_group())), x_layout, x_cl, nullptr, stream);
     launch_grad_weight_gemm<Math>(p, plan, x_cl, g_split, weight_partial, stream);
     launch_sum_splits<T>(weight_partial, plan.splits, p.weight_numel(), static_cast<T*>(args.grad_weight), stream);
@@ -433,7 +440,7 @@ void launch_backward_tensor_cores(const ConvTransposeParams& p, DType dtype, con
   }
 }
 
-void backward_cuda(const ConvTransposeParams& params, DType dtype, const BackwardArgs& args,
+void backward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, DType dtype, const BackwardArgs& args,
                    const CudaContext& ctx) {
   validate(params);
   if (args.grad_bias && !params.has_bias)
@@ -452,8 +459,9 @@ void backward_cuda(const ConvTransposeParams& params, DType dtype, const Backwar
     using T = decltype(tag);
     unsigned char* workspace = static_cast<unsigned char*>(args.workspace);
     if constexpr (std::is_same_v<T, double>) {
-      const GradLoader<T> g{static_cast<const T*>(args.grad_output), static_cast<const T*>(args.grad_factor)};
-      if (args.grad_input && params.input_numel() > 0) launch_grad_input_gather<T>(params, args, stream);
+      const GradLoader<T> g{static_cast<const T*>(args.grad_output), static_cast<const T*>(args.grad_factor),
+                            factor_scale(epilogue)};
+      if (args.grad_input && params.input_numel() > 0) launch_grad_input_gather<T, T>(params, epilogue, args, stream);
       if (!args.grad_weight && !args.grad_bias) return;
       // Without grad_weight the blocks only sum the bias: one tap group and ic tile.
       const BackwardPlan plan = plan_backward(params);
@@ -479,12 +487,12 @@ void backward_cuda(const ConvTransposeParams& params, DType dtype, const Backwar
                              static_cast<T*>(args.grad_bias), stream);
     } else if constexpr (std::is_same_v<T, float>) {
       if (args.allow_tf32) {
-        launch_backward_tensor_cores<T, Tf32Math>(params, dtype, args, workspace, layout, stream);
+        launch_backward_tensor_cores<T, Tf32Math>(params, epilogue, dtype, args, workspace, layout, stream);
       } else {
-        launch_backward_tensor_cores<T, Fp32SplitMath>(params, dtype, args, workspace, layout, stream);
+        launch_backward_tensor_cores<T, Fp32SplitMath>(params, epilogue, dtype, args, workspace, layout, stream);
       }
     } else {
-      launch_backward_tensor_cores<T, Half16Math<T>>(params, dtype, args, workspace, layout, stream);
+      launch_backward_tensor_cores<T, Half16Math<T>>(params, epilogue, dtype, args, workspace, layout, stream);
     }
   });
 }

@@ -4,7 +4,8 @@
 // grad_weight reduces over pixels, so its GEMM operands are [pixel][channel] tiles; staged with 16-byte
 // cp.async they must have the channels of a pixel contiguous. The two operands come from NCHW tensors:
 //  * x -> X[n][ih][iw][group][channel padded], a plain transpose;
-//  * g = grad_output * grad_factor -> G[phase][n][a][b][group][channel padded]: the product is formed once,
+//  * g = grad_output * grad_factor * factor_scale -> G[phase][n][a][b][group][channel padded] (the factor of type
+//    Math::Factor, float16 for TF32): the product is formed once,
 //    rounded to the operand type once, and each output phase becomes one contiguous plane, so that a
 //    block of the GEMM walks its phase's pixels as consecutive rows. The same pass sums grad_bias (in the
 //    accumulator type, from the unrounded product), per block in a fixed order, into partials that a
@@ -59,15 +60,29 @@ inline int pack_tile_channels(int channels) { return channels <= 16 ? 16 : chann
 
 FCT_HD int64_t padded_channels(int64_t per_group) { return (per_group + kPackAlign - 1) / kPackAlign * kPackAlign; }
 
-// Two adjacent 16-bit values as one 4-byte load (PackPairs).
+// Two adjacent values as one load of twice their size (kPairs).
 template <typename T> struct PackPair;
 template <> struct PackPair<__half> { using type = __half2; };
 template <> struct PackPair<__nv_bfloat16> { using type = __nv_bfloat162; };
+template <> struct PackPair<float> { using type = float2; };
 
 template <typename S, int W>
 struct alignas(W * sizeof(S)) PackPiece {
   S v[W];
 };
+
+// Value j (and j + 1 with kPairs) of `to` from `from` at `at`, or zeros where the vector is not read (U: the
+// source's type, or the factor's).
+template <bool kPairs, typename U, int kCount>
+__device__ __forceinline__ void load_segment_values(const U* from, int64_t at, bool read, int j, U (&to)[kCount]) {
+  if constexpr (kPairs) {
+    using Pair = typename PackPair<U>::type;
+    const Pair two = read ? *reinterpret_cast<const Pair*>(from + at) : Pair();
+    to[j] = two.x, to[j + 1] = two.y;
+  } else {
+    to[j] = read ? from[at] : U();
+  }
+}
 
 // A thread's channel vector stored into a destination row in pieces of `width` values (a power of two, at most
 // W), one store each. `width` divides the per-group channel count, so a piece (width-aligned in the tile) lies in
@@ -103,17 +118,20 @@ __device__ __forceinline__ void store_pieces(int width, Smem* row, const int (&d
 // rows instead of the flattened plane also wasted most of a tile at each row end.
 // 3 blocks per SM: at most 80 registers, which the loads in flight take without spilling (35-41 KB of shared
 // memory per block).
-// kPairs (16-bit types, even planes, 4-byte aligned sources): a lane loads two adjacent pixels at once, a warp
-// 128 bytes per load instead of 64. Nsight Compute on the kb_v1 bf16 g pass without it: 743 us for 1.67 GB,
+// kPairs (even planes, sources aligned to two values): a lane loads two adjacent pixels at once, a warp 128 bytes
+// of 16-bit values per load instead of 64. Nsight Compute on the kb_v1 bf16 g pass without it: 743 us for 1.67 GB,
 // DRAM 67% busy, long-scoreboard waits 5.8 cycles per instruction, 36% occupancy (registers): latency-bound,
-// the bytes in flight per register too few.
+// the bytes in flight per register too few. Float with its float16 factor (TF32) likewise: kb_v1 1.107 -> 1.071 ms
+// (H100).
 // bias_partial[(n * pixel_blocks + pixel_block) * channels + c] = sum of the block's values of channel c.
 template <typename T, typename Math, bool kFactor, int kChannels, bool kPairs>
 __global__ void __launch_bounds__(kPackThreads, 3)
-pack_channels_last_kernel(const T* __restrict__ src, const T* __restrict__ factor, int channels, int groups,
-                          int padded, int pixel_blocks, PhaseSplitLayout layout, typename Math::Smem* __restrict__ dst,
+pack_channels_last_kernel(const T* __restrict__ src, const typename Math::Factor* __restrict__ factor,
+                          typename DeviceAcc<T>::type scale, int channels, int groups, int padded, int pixel_blocks,
+                          PhaseSplitLayout layout, typename Math::Smem* __restrict__ dst,
                           typename DeviceAcc<T>::type* __restrict__ bias_partial) {
   using Acc = typename DeviceAcc<T>::type;
+  using Factor = typename Math::Factor;
   using Smem = typename Math::Smem;
   using Tile = PackTile<kChannels>;
   constexpr int kPixels = Tile::kPixels, kVectorsPerWarp = Tile::kVectorsPerWarp;
@@ -148,7 +166,7 @@ pack_channels_last_kernel(const T* __restrict__ src, const T* __restrict__ facto
     return kPairs ? (first_segment + j / 2 * Tile::kSegmentStride) * 64 + 2 * lane + j % 2
                   : (first_segment + j * Tile::kSegmentStride) * 32 + lane;
   };
-  static_assert(!kPairs || (sizeof(T) == 2 && kSegmentsPerWarp % 2 == 0), "pairs of 16-bit values");
+  static_assert(!kPairs || kSegmentsPerWarp % 2 == 0, "pairs of segments");
   // Writing: this thread's channel vector (the same in every pixel row it writes), its channels' places in a
   // padded row (-1 past the last channel), and the widest piece that the group layout allows.
   const int write_vector = int(threadIdx.x) % Tile::kVectors;
@@ -172,7 +190,7 @@ pack_channels_last_kernel(const T* __restrict__ src, const T* __restrict__ facto
     // All loads are issued before any value is used: loads guarded per value compiled to each conversion
     // waiting for its load (one memory round trip after another).
     T raw[kVectorsPerWarp][kPackVector][kSegmentsPerWarp];
-    T raw_factor[kVectorsPerWarp][kPackVector][kSegmentsPerWarp];
+    Factor raw_factor[kVectorsPerWarp][kPackVector][kSegmentsPerWarp];
 #pragma unroll
     for (int i = 0; i < kVectorsPerWarp; ++i) {
       const bool vector_read = i * kVectorStride < read_channels;
@@ -183,18 +201,8 @@ pack_channels_last_kernel(const T* __restrict__ src, const T* __restrict__ facto
           // (kPairs: end is even, as are the plane and every pair's first pixel.)
           const int64_t at = src_offset + int64_t(min(i * kVectorStride + k, read_channels - 1)) * plane +
                              min(p0 + segment_pixel(j), end - (kPairs ? 2 : 1));
-          // Value j (and j + 1 with kPairs) of `to` from `from` at `at`.
-          auto load = [&](const T* from, T (&to)[kSegmentsPerWarp]) {
-            if constexpr (kPairs) {
-              using Pair = typename PackPair<T>::type;
-              const Pair two = vector_read ? *reinterpret_cast<const Pair*>(from + at) : Pair();
-              to[j] = two.x, to[j + 1] = two.y;
-            } else {
-              to[j] = vector_read ? from[at] : T();
-            }
-          };
-          load(src, raw[i][k]);
-          if constexpr (kFactor) load(factor, raw_factor[i][k]);
+          load_segment_values<kPairs>(src, at, vector_read, j, raw[i][k]);
+          if constexpr (kFactor) load_segment_values<kPairs>(factor, at, vector_read, j, raw_factor[i][k]);
         }
     }
     Acc v[kVectorsPerWarp][kPackVector][kSegmentsPerWarp];
@@ -205,7 +213,7 @@ pack_channels_last_kernel(const T* __restrict__ src, const T* __restrict__ facto
 #pragma unroll
         for (int j = 0; j < kSegmentsPerWarp; ++j) {
           const bool ok = i * kVectorStride + k < read_channels && p0 + segment_pixel(j) < end;
-          v[i][k][j] = ok ? to_acc(raw[i][k][j]) * (kFactor ? to_acc(raw_factor[i][k][j]) : Acc(1)) : Acc(0);
+          v[i][k][j] = ok ? to_acc(raw[i][k][j]) * (kFactor ? Acc(to_acc(raw_factor[i][k][j])) * scale : Acc(1)) : Acc(0);
         }
     // Destination row of each pixel of the tile (PhaseSplitLayout::pixel_row in 32-bit steps), decoded once
     // per pixel by one thread while the loads are in flight: decoding it in the write loop (every lane, every
@@ -294,10 +302,11 @@ inline int pack_pixel_blocks(int64_t batch, int channels, int64_t plane) {
   return int(std::clamp<int64_t>((2048 + tiles - 1) / tiles, 1, max_blocks));
 }
 
+// factor (null for a plain copy) is scaled by `scale` (factor_scale of the forward's epilogue).
 template <typename T, typename Math>
-void launch_pack_channels_last(const T* src, const T* factor, int channels, int groups, int padded,
-                               const PhaseSplitLayout& layout, typename Math::Smem* dst, typename DeviceAcc<T>::type* bias_partial,
-                               cudaStream_t stream) {
+void launch_pack_channels_last(const T* src, const typename Math::Factor* factor, float scale, int channels,
+                               int groups, int padded, const PhaseSplitLayout& layout, typename Math::Smem* dst,
+                               typename DeviceAcc<T>::type* bias_partial, cudaStream_t stream) {
   const int tile_channels = pack_tile_channels(channels);
   const int pixel_blocks = pack_pixel_blocks(layout.batch, channels, int64_t(layout.h.size) * layout.w.size);
   const int64_t blocks_x = layout.batch * pixel_blocks, blocks_y = (channels + tile_channels - 1) / tile_channels;
@@ -305,18 +314,18 @@ void launch_pack_channels_last(const T* src, const T* factor, int channels, int 
   if (blocks_x > 0x7fffffff || blocks_y > 65535)
     throw std::invalid_argument("fused_convt: channels-last pack grid too large (batch x pixel blocks > 2^31 - 1 "
                                 "or channels > 65535 x 64)");
-  // Pairs where every pair is whole and 4-byte aligned: 16-bit values, an even plane, aligned sources.
-  const bool pairs = sizeof(T) == 2 && (int64_t(layout.h.size) * layout.w.size) % 2 == 0 &&
-                     reinterpret_cast<uintptr_t>(src) % 4 == 0 && reinterpret_cast<uintptr_t>(factor) % 4 == 0;
+  // Pairs where every pair is whole and aligned: an even plane, sources aligned to two values.
+  const bool pairs = (int64_t(layout.h.size) * layout.w.size) % 2 == 0 &&
+                     reinterpret_cast<uintptr_t>(src) % (2 * sizeof(T)) == 0 &&
+                     reinterpret_cast<uintptr_t>(factor) % (2 * sizeof(typename Math::Factor)) == 0;
   auto launch = [&](auto with_factor, auto tile) {
     constexpr bool kFactor = decltype(with_factor)::value;
     constexpr int kChannels = decltype(tile)::value;
-    auto kernel = pack_channels_last_kernel<T, Math, kFactor, kChannels, false>;
-    if constexpr (sizeof(T) == 2) {
-      if (pairs) kernel = pack_channels_last_kernel<T, Math, kFactor, kChannels, true>;
-    }
+    auto kernel = pairs ? pack_channels_last_kernel<T, Math, kFactor, kChannels, true>
+                        : pack_channels_last_kernel<T, Math, kFactor, kChannels, false>;
     kernel<<<dim3(unsigned(blocks_x), unsigned(blocks_y)), kPackThreads, 0, stream>>>(
-        src, factor, channels, groups, padded, pixel_blocks, layout, dst, bias_partial);
+        src, factor, typename DeviceAcc<T>::type(scale), channels, groups, padded, pixel_blocks, layout, dst,
+        bias_partial);
   };
   auto with_tile = [&](auto with_factor) {
     if (tile_channels == 16) return launch(with_factor, std::integral_constant<int, 16>{});

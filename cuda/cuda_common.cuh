@@ -40,6 +40,11 @@ class DeviceGuard {
   int previous_ = 0;
 };
 
+// The saved factor's element type for a call of storage type T (grad_factor_dtype in api.h): float16 for
+// float with TF32 (kTf32), T otherwise.
+template <typename T, bool kTf32>
+using FactorType = std::conditional_t<std::is_same_v<T, float> && kTf32, __half, T>;
+
 template <typename T> struct DeviceAcc { using type = float; };
 template <> struct DeviceAcc<double> { using type = double; };
 

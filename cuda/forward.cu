@@ -107,7 +107,8 @@ void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, D
     const T* weight = static_cast<const T*>(args.weight);
     const T* bias = static_cast<const T*>(args.bias);
     T* output = static_cast<T*>(args.output);
-    T* grad_factor = static_cast<T*>(args.grad_factor);
+    // grad_factor in its type (grad_factor_dtype): float16 for float with TF32.
+    auto factor_as = [&](auto type) { return static_cast<decltype(type)*>(args.grad_factor); };
     GatherProblem direct = forward_gather_problem(params);
     direct.dst_channels_last = args.output_channels_last;
     auto require_workspace = [&] {
@@ -118,8 +119,8 @@ void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, D
       PairProblem pair;
       if (runs_pair_forward(params, dtype, args, &pair)) {
         require_workspace();
-        launch_pair_forward<T>(pair, epilogue, input, args.input_channels_last, weight, bias, output, grad_factor,
-                               args.workspace, stream);
+        launch_pair_forward<T>(pair, epilogue, input, args.input_channels_last, weight, bias, output,
+                               factor_as(FactorType<T, true>()), args.workspace, stream);
         return;
       }
     }
@@ -130,6 +131,7 @@ void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, D
         require_workspace();
         auto launch = [&](auto math) {
           using Smem = typename decltype(math)::Smem;
+          using Factor = typename decltype(math)::Factor;
           // The channels-last source (tc_async_patch): the input itself where it is NHWC, else a copy in the
           // workspace.
           Smem* source = args.input_channels_last
@@ -138,8 +140,8 @@ void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, D
                                                        forward_packed_bytes(fast, dtype));
           return launch_implicit_gemm_conv<T, decltype(math), GatherDirection::Forward>(
               fast, epilogue, input, nullptr, weight, direct.weight_group_stride, direct.weight_src_stride,
-              direct.weight_dst_stride, bias, output, grad_factor, args.workspace, source, args.input_channels_last,
-              stream);
+              direct.weight_dst_stride, bias, output, factor_as(Factor()), args.workspace, source,
+              args.input_channels_last, stream);
         };
         bool launched;
         if constexpr (std::is_same_v<T, float>) {
@@ -152,8 +154,13 @@ void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, D
     }
     if (args.input_channels_last)  // forward_reads_channels_last() promised the pair or tensor-core path
       throw std::logic_error("fused_convt: channels_last input reached the NCHW gather kernel");
-    launch_gather_conv<T, GatherDirection::Forward>(direct, epilogue, input, nullptr, weight, bias, output,
-                                                    grad_factor, stream);
+    auto gather = [&](auto factor_type) {
+      using F = decltype(factor_type);
+      launch_gather_conv<T, GatherDirection::Forward, F>(direct, epilogue, input, nullptr, weight, bias, output,
+                                                         factor_as(F()), stream);
+    };
+    if (args.allow_tf32) gather(FactorType<T, true>());
+    else gather(T());
   });
 }
 

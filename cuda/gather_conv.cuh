@@ -67,11 +67,13 @@ __device__ __forceinline__ void build_tap_list(const TapMap& map, int dst, int t
   *count = n;
 }
 
-template <typename T, GatherDirection Dir, int DST_C>
+// F: the saved factor's type (FactorType). epi: the forward's epilogue, which the forward applies and grad_input
+// scales its factor by (factor_scale).
+template <typename T, typename F, GatherDirection Dir, int DST_C>
 __global__ void __launch_bounds__(kGatherThreads)
-gather_conv_kernel(GatherProblem pr, Epilogue epi, const T* __restrict__ src, const T* __restrict__ src_factor,
+gather_conv_kernel(GatherProblem pr, Epilogue epi, const T* __restrict__ src, const F* __restrict__ src_factor,
                    const T* __restrict__ weight, const T* __restrict__ bias, T* __restrict__ dst,
-                   T* __restrict__ dst_factor) {
+                   F* __restrict__ dst_factor) {
   using Acc = typename DeviceAcc<T>::type;
   const int taps = pr.kernel_h * pr.kernel_w;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -113,8 +115,9 @@ gather_conv_kernel(GatherProblem pr, Epilogue epi, const T* __restrict__ src, co
 
   const int64_t src_plane = int64_t(pr.src_h) * pr.src_w;
   const T* src_group = src + (n * pr.src_channels + int64_t(group) * pr.src_per_group) * src_plane;
-  const T* src_factor_group =
+  const F* src_factor_group =
       src_factor ? src_factor + (n * pr.src_channels + int64_t(group) * pr.src_per_group) * src_plane : nullptr;
+  const Acc scale = Acc(factor_scale(epi));
   const T* weight_group = weight + group * pr.weight_group_stride;
   const int patch_values = rows * cols;
 
@@ -128,7 +131,7 @@ gather_conv_kernel(GatherProblem pr, Epilogue epi, const T* __restrict__ src, co
       if (y >= 0 && y < pr.src_h && x >= 0 && x < pr.src_w) {
         const int64_t offset = (c0 + c) * src_plane + int64_t(y) * pr.src_w + x;
         v = to_acc(src_group[offset]);
-        if (src_factor_group) v *= to_acc(src_factor_group[offset]);
+        if (src_factor_group) v *= Acc(to_acc(src_factor_group[offset])) * scale;
       }
       patch[(c * pr.patch_h + r) * pr.patch_w + q] = v;
     }
@@ -180,7 +183,7 @@ gather_conv_kernel(GatherProblem pr, Epilogue epi, const T* __restrict__ src, co
       if (dst_factor) {
         const EpilogueOutputs<Acc> both = apply_epilogue_with_factor(epilogue, pre);
         if (dst) dst[index] = from_acc<T>(both.value);
-        dst_factor[factor_index] = from_acc<T>(both.factor);
+        dst_factor[factor_index] = from_acc<F>(both.factor);
       } else if (dst) {
         dst[index] = from_acc<T>(apply_epilogue(epilogue, pre));
       }
@@ -191,9 +194,9 @@ gather_conv_kernel(GatherProblem pr, Epilogue epi, const T* __restrict__ src, co
 }
 
 // Chooses the channel tile and the source chunk, sizes shared memory and launches on the stream.
-template <typename T, GatherDirection Dir>
-void launch_gather_conv(GatherProblem pr, const Epilogue& epi, const T* src, const T* src_factor,
-                        const T* weight, const T* bias, T* dst, T* dst_factor, cudaStream_t stream) {
+template <typename T, GatherDirection Dir, typename F>
+void launch_gather_conv(GatherProblem pr, const Epilogue& epi, const T* src, const F* src_factor,
+                        const T* weight, const T* bias, T* dst, F* dst_factor, cudaStream_t stream) {
   using Acc = typename DeviceAcc<T>::type;
   pr.patch_h = patch_extent(pr.map_h, kGatherTileH, pr.kernel_h);
   // A row length that is a multiple of 4 keeps the weight tile behind the patch 16-byte aligned (4-wide
@@ -218,7 +221,7 @@ void launch_gather_conv(GatherProblem pr, const Epilogue& epi, const T* src, con
     const int64_t blocks = pr.batch * pr.groups * pr.channel_tiles * int64_t(pr.tiles_h) * pr.tiles_w;
     if (blocks > int64_t(0x7fffffff))
       throw std::invalid_argument("fused_convt: problem needs more than 2^31-1 thread blocks");
-    auto kernel = gather_conv_kernel<T, Dir, DST_C>;
+    auto kernel = gather_conv_kernel<T, F, Dir, DST_C>;
     if (smem > 48 * 1024) {
       check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
                  "cudaFuncSetAttribute(gather_conv_kernel)");

@@ -161,13 +161,15 @@ __device__ __forceinline__ void store_consecutive(T* to, const float* v) {
 template <typename T, typename Math, GatherDirection Dir, int BN, TcVariant Variant>
 __global__ void __launch_bounds__(kTcThreads, tc_min_blocks<Dir, Math, BN, Variant>())
 implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, const T* __restrict__ src,
-                          const T* __restrict__ src_factor, const typename Math::Smem* __restrict__ src_cl,
+                          const typename Math::Factor* __restrict__ src_factor,
+                          const typename Math::Smem* __restrict__ src_cl,
                           const typename Math::Smem* __restrict__ packed, const T* __restrict__ bias,
-                          T* __restrict__ dst, T* __restrict__ dst_factor,
+                          T* __restrict__ dst, typename Math::Factor* __restrict__ dst_factor,
                           const __grid_constant__ CUtensorMap patch_map,
                           const __grid_constant__ CUtensorMap weight_map) {
   using Traits = Math;
   using Smem = typename Traits::Smem;
+  using Factor = typename Math::Factor;
   constexpr int kRowBytes = tc_row_bytes<Math>();
   constexpr int kNFrags = BN / 8;
   constexpr int kRowChunks = kTcChunk * int(sizeof(Smem)) / 16;  // 16-byte pieces per staged row
@@ -203,7 +205,8 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   const int src_plane = pr.src_h * pr.src_w;
   const int64_t src_image = (image * pr.src_channels + int64_t(group) * pr.src_per_group) * src_plane;
   const T* src_group = src + src_image;
-  const T* factor_group = src_factor ? src_factor + src_image : nullptr;
+  const Factor* factor_group = src_factor ? src_factor + src_image : nullptr;
+  const float factor_scale_value = float(factor_scale(epi));  // grad_input: g = grad_output x factor x this
   // Channels-last copy of the source ([image][pixel][group][src_padded]), when the caller made one.
   const int cl_row = pr.groups * pr.src_padded;
   const Smem* cl_group =
@@ -359,7 +362,8 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
     for (int j = 0; j < kTcPixelsPerThread; ++j) {
       const int offset = c0 * src_plane + max(offsets[j], 0);
       const bool pixel_ok = offsets[j] >= 0;
-      T raw[kTcChunk], raw_factor[kTcChunk];
+      T raw[kTcChunk];
+      Factor raw_factor[kTcChunk];
 #pragma unroll
       for (int c = 0; c < kTcChunk; ++c) {
         const int at = offset + min(c, channels - 1) * src_plane;
@@ -373,7 +377,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
         for (int e = 0; e < Traits::kValuesPerWord; ++e) {
           const int c = w * Traits::kValuesPerWord + e;
           float value = float(to_acc(raw[c]));
-          if constexpr (kFactor) value *= float(to_acc(raw_factor[c]));
+          if constexpr (kFactor) value *= float(to_acc(raw_factor[c])) * factor_scale_value;
           v[e] = pixel_ok && c < channels ? value : 0.0f;
         }
         staged[j][w] = Traits::to_word(v);
@@ -639,7 +643,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
       }
     } else {
 #pragma unroll
-      for (int k = 0; k < kEpiGroup; ++k) result[k] = epilogue_at_nonnegative(pre[k], epilogue.multiply_value);
+      for (int k = 0; k < kEpiGroup; ++k) result[k] = epilogue_at_nonnegative(pre[k]);
     }
   };
   // The pre-activations of the four staged sums at `sums` (their column shifts added); true if one is negative.
@@ -663,7 +667,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
     constexpr int kPixels = decltype(pixels)::value;
     constexpr bool kValue = decltype(write_value)::value, kFactor = decltype(write_factor)::value;
     T* out = kValue ? dst + base : nullptr;
-    T* out_factor = kFactor ? dst_factor + base : nullptr;
+    Factor* out_factor = kFactor ? dst_factor + base : nullptr;
     for (int column = first; column < last; column += kEpiGroup) {
       // A group never reaches past the part's kEpiFrags * 8 staged columns (zero weights beyond the group's
       // channels), so its reads need no clamping; only the stores stop at `last`.
@@ -680,7 +684,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
       auto store_output = [&](int k) {
         if constexpr (kPixels == 1) {
           if constexpr (kValue) out[k * dst_plane] = from_acc<T>(result[0][k].value);
-          if constexpr (kFactor) out_factor[k * dst_plane] = from_acc<T>(result[0][k].factor);
+          if constexpr (kFactor) out_factor[k * dst_plane] = from_acc<Factor>(result[0][k].factor);
         } else {
           const float values[2] = {result[0][k].value, result[1][k].value};
           const float factors[2] = {result[0][k].factor, result[1][k].factor};
@@ -768,7 +772,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   // pixel: adjacent outputs, the first at an even offset) as pairs where an output row has an even length and
   // both outputs are aligned to two values; else one pixel at a time.
   const bool cluster_pairs = pr.dst_w % 2 == 0 && reinterpret_cast<uintptr_t>(dst) % (2 * sizeof(T)) == 0 &&
-                             reinterpret_cast<uintptr_t>(dst_factor) % (2 * sizeof(T)) == 0;
+                             reinterpret_cast<uintptr_t>(dst_factor) % (2 * sizeof(Factor)) == 0;
   auto store_cluster = [&](int first, int last, auto write_value, auto write_factor, auto enabled) {
     const int rank = int(blockIdx.x % unsigned(cluster));  // in the cluster: its blocks are consecutive in x
     const int lo = first + rank * share, hi = min(last, lo + share);
@@ -924,11 +928,14 @@ bool implicit_gemm_fits(TcProblem pr) {
 // src_cl: the channels-last source of the asynchronous path. Forward: always; made here from src unless
 // src_cl_ready (the caller's input already has that layout: NHWC at whole 16-channel chunks per group).
 // grad_input: the g pass's copy of g where there is one (pr then from grad_input_copy_layout; src and
-// src_factor unused), else null (g formed from src and src_factor while staging).
+// src_factor unused), else null (g formed from src and src_factor while staging). epi is the forward's epilogue
+// either way: the forward applies it, grad_input scales src_factor by it (factor_scale). The factor's type is
+// Math::Factor (float16 for TF32).
 template <typename T, typename Math, GatherDirection Dir>
-bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src, const T* src_factor,
-                               const T* weight, int64_t weight_group_stride, int weight_src_stride,
-                               int weight_dst_stride, const T* bias, T* dst, T* dst_factor, void* workspace,
+bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src,
+                               const typename Math::Factor* src_factor, const T* weight, int64_t weight_group_stride,
+                               int weight_src_stride, int weight_dst_stride, const T* bias, T* dst,
+                               typename Math::Factor* dst_factor, void* workspace,
                                typename Math::Smem* src_cl, bool src_cl_ready, cudaStream_t stream) {
   using Smem = typename Math::Smem;
   if (Dir == GatherDirection::Forward && !src_cl)
@@ -972,7 +979,7 @@ bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src, 
           check_cuda(cudaMemsetAsync(src_cl, 0, channels_last_source_bytes<Math>(pr), stream), "cudaMemsetAsync");
         const PhaseSplitLayout layout{pr.batch, PhaseAxis{pr.src_h, 1, 0}, PhaseAxis{pr.src_w, 1, 0},
                                       int64_t(pr.groups) * pr.src_padded};
-        launch_pack_channels_last<T, Math>(src, nullptr, pr.src_channels, pr.groups, pr.src_padded, layout, src_cl,
+        launch_pack_channels_last<T, Math>(src, nullptr, 1.0f, pr.src_channels, pr.groups, pr.src_padded, layout, src_cl,
                                            nullptr, stream);
       }
       auto kernel = implicit_gemm_conv_kernel<T, Math, Dir, BN, Variant>;

@@ -41,6 +41,7 @@ struct PlainFragments {
 // float with TF32 allowed: operands rounded to TF32 once, when staged; one m16n8k8 per step.
 struct Tf32Math : PlainFragments {
   using Smem = uint32_t;
+  using Factor = FactorType<float, true>;  // the saved factor's type
   static constexpr int kStep = 8;
   static constexpr int kValuesPerWord = 1;
   __device__ __forceinline__ static Smem to_smem(float v) { return round_to_tf32(v); }
@@ -56,6 +57,7 @@ struct Tf32Math : PlainFragments {
 // the wrong sign. So the cross products use `cross` = hi where hi is finite, else 0, and lo is 0 there.
 struct Fp32SplitMath {
   using Smem = uint32_t;
+  using Factor = FactorType<float, false>;
   static constexpr int kStep = 8;
   static constexpr int kValuesPerWord = 1;
   struct AFrag { uint32_t hi[4], cross[4], lo[4]; };
@@ -95,6 +97,7 @@ template <> __device__ __forceinline__ __half round_from_float(float v) { return
 template <typename T>
 struct Half16Math : PlainFragments {
   using Smem = T;
+  using Factor = T;
   static constexpr int kStep = 16;
   static constexpr int kValuesPerWord = 2;
   __device__ __forceinline__ static Smem to_smem(T v) { return v; }

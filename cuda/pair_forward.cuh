@@ -10,8 +10,8 @@
 // outputs pass through the tile's just-consumed patch buffer so that consecutive lanes store consecutive
 // output pairs (2j, 2j + 1): whole sectors, one store per pair, where the phase kernel's two column phases
 // each wrote half of every sector from different blocks (kb_v1 bf16, H100 prototype: 1.07 -> 0.56 ms on
-// random data). The training forward also stores grad_factor (NCHW), staged through the same buffer after the
-// output.
+// random data). The training forward also stores grad_factor (NCHW; float16 for float, which runs here only
+// with TF32: FactorType), staged through the same buffer after the output.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -267,13 +267,14 @@ template <typename T, int N, int kTaps, bool kNhwc, bool kFactor>
 __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
     pair_forward_kernel(PairProblem pr, Epilogue epilogue, const uint4* __restrict__ padded,
                         const uint4* __restrict__ packed, const T* __restrict__ bias, T* __restrict__ output,
-                        T* __restrict__ grad_factor, unsigned int* __restrict__ progress) {
+                        FactorType<T, true>* __restrict__ grad_factor, unsigned int* __restrict__ progress) {
 #ifdef FCT_WGMMA_ENABLED
   extern __shared__ __align__(128) unsigned char smem[];
   // The warpgroup index through a shuffle from lane 0: the compiler then knows it is the same on every lane, and
   // the descriptors and addresses derived from it live in uniform registers (from threadIdx directly, each
   // wgmma took four moves into them, and 36 bytes a thread spilled).
   constexpr bool kSixteenBit = sizeof(T) == 2;
+  using F = FactorType<T, true>;  // float runs here only with TF32
   const int wgs = blockDim.x / 128, wg = __shfl_sync(0xffffffffu, int(threadIdx.x / 128), 0), tid = threadIdx.x % 128;
   const int warp = tid / 32, lane = tid % 32, quad = lane % 4, row8 = lane / 4;
   // Planes from a compile-time channel count (pr.planes() divides by a runtime one); 16-bit patches come whole
@@ -426,21 +427,23 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
         constexpr bool kTail = decltype(tail)::value;
         if constexpr (kFactor) {
           const EpilogueOutputs<float> o = kTail ? epilogue_value_and_derivative(u, epi.multiply_value)
-                                                 : epilogue_at_nonnegative(u, epi.multiply_value);
+                                                 : epilogue_at_nonnegative(u);
           u = o.value, f = o.factor;
         } else {
           u = kTail ? epilogue_from_preactivation<float, kSixteenBit>(u, epi.multiply_value) : value_at_nonnegative(u);
         }
       };
-      // Words of both column phases of channels 8 c + 2 quad + e (e = 0, 1) as NCHW pairs (grad_factor's staging
-      // also beside an NHWC output: the NHWC staging, whose size sets the buffer, is never the smaller one).
-      auto stage_nchw = [&](int r, int c, const PairWord<T> (&words)[2]) {
+      // Words of both column phases of channels 8 c + 2 quad + e (e = 0, 1) as NCHW pairs of type U (T, or F for
+      // grad_factor, whose staging also goes beside an NHWC output: the NHWC staging, whose size sets the buffer,
+      // is never the smaller one; nor is a float16 factor's beside a float output).
+      auto stage_nchw = [&](auto type, int r, int c, const PairWord<decltype(type)> (&words)[2]) {
+        using U = decltype(type);
 #pragma unroll
         for (int e = 0; e < 2; ++e)
-          reinterpret_cast<PairWord<T>*>(stage)[(8 * c + 2 * quad + e) * pair_stage_stride(sizeof(T)) + 16 * warp +
+          reinterpret_cast<PairWord<U>*>(stage)[(8 * c + 2 * quad + e) * pair_stage_stride(sizeof(U)) + 16 * warp +
                                                 row8 + 8 * r] = words[e];
       };
-      PairWord<T> factor_words[kFactor ? 2 : 1][kFactor ? N / 8 : 1][2];  // [r][c][e]
+      PairWord<F> factor_words[kFactor ? 2 : 1][kFactor ? N / 8 : 1][2];  // [r][c][e]
 #pragma unroll
       for (int r = 0; r < 2; ++r)
 #pragma unroll
@@ -468,7 +471,7 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
           }
           if constexpr (kFactor) {
 #pragma unroll
-            for (int e = 0; e < 2; ++e) factor_words[r][c][e] = pair_word<T>(f[0][e], f[1][e]);
+            for (int e = 0; e < 2; ++e) factor_words[r][c][e] = pair_word<F>(f[0][e], f[1][e]);
           }
           if (kFactor && !output) continue;
           const int m = 16 * warp + row8 + 8 * r;
@@ -478,7 +481,7 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
               *reinterpret_cast<PairWord<T>*>(reinterpret_cast<T*>(stage) + (2 * m + pw) * kPairNhwcRow<T, N> + 8 * c +
                                               2 * quad) = pair_word<T>(v[pw][0], v[pw][1]);
           } else {
-            stage_nchw(r, c, {pair_word<T>(v[0][0], v[1][0]), pair_word<T>(v[0][1], v[1][1])});
+            stage_nchw(T(), r, c, {pair_word<T>(v[0][0], v[1][0]), pair_word<T>(v[0][1], v[1][1])});
           }
         }
       named_barrier_sync(1 + wg, 128);
@@ -506,9 +509,9 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
 #pragma unroll
         for (int r = 0; r < 2; ++r)
 #pragma unroll
-          for (int c = 0; c < N / 8; ++c) stage_nchw(r, c, factor_words[r][c]);
+          for (int c = 0; c < N / 8; ++c) stage_nchw(F(), r, c, factor_words[r][c]);
         named_barrier_sync(1 + wg, 128);
-        store_tile_nchw<T, N, true>(pr, reinterpret_cast<const PairWord<T>*>(stage), l0, ph, warp, lane,
+        store_tile_nchw<F, N, true>(pr, reinterpret_cast<const PairWord<F>*>(stage), l0, ph, warp, lane,
                                     grad_factor + set_offset + image_offset, release_buffer);
       } else {
         store_output(release_buffer);
@@ -545,19 +548,19 @@ inline bool pair_forward_plan_for_device(const ConvTransposeParams& params, int 
 }
 
 // Runs the pair forward (pr from pair_forward_plan_for_device) into an NCHW or NHWC output and, where given, an
-// NCHW grad_factor (output may then be null).
+// NCHW grad_factor of FactorType<T, true> (output may then be null).
 template <typename T>
 void launch_pair_forward(PairProblem pr, const Epilogue& epilogue, const T* input, bool input_channels_last,
-                         const T* weight, const T* bias, T* output, T* grad_factor, void* workspace,
+                         const T* weight, const T* bias, T* output, FactorType<T, true>* grad_factor, void* workspace,
                          cudaStream_t stream) {
   if (pr.elem_bytes != int(sizeof(T)) || (sizeof(T) == 4 && pr.n_tile == 64))
     throw std::logic_error("fused_convt: a pair plan made for another element type");
   if (!output && !grad_factor) throw std::logic_error("fused_convt: a pair forward with nothing to store");
   // Whole-pair stores (NCHW: an even row length) or 16-byte pieces (NHWC: channel counts are multiples of 16),
   // where every tensor this launch stores allows them.
-  auto aligned = [&](const T* tensor, bool nhwc) {
+  auto aligned = [&](const auto* tensor, bool nhwc) {
     const uintptr_t address = reinterpret_cast<uintptr_t>(tensor);
-    return !tensor || (nhwc ? address % 16 == 0 : pr.out_w % 2 == 0 && address % (2 * sizeof(T)) == 0);
+    return !tensor || (nhwc ? address % 16 == 0 : pr.out_w % 2 == 0 && address % (2 * sizeof(*tensor)) == 0);
   };
   pr.aligned_stores = aligned(output, pr.channels_last_out) && aligned(grad_factor, false);
   auto* packed = static_cast<uint4*>(workspace);

@@ -30,7 +30,8 @@ void forward(const ConvTransposeParams& params, const Epilogue& epilogue, int dt
   }
 }
 
-void backward(const ConvTransposeParams& params, int dtype, std::uintptr_t grad_output, std::uintptr_t grad_factor,
+void backward(const ConvTransposeParams& params, const Epilogue& epilogue, int dtype, std::uintptr_t grad_output,
+              std::uintptr_t grad_factor,
               std::uintptr_t input, std::uintptr_t weight, std::uintptr_t grad_input, std::uintptr_t grad_weight,
               std::uintptr_t grad_bias, std::uintptr_t workspace, std::size_t workspace_bytes, bool allow_tf32,
               int device, std::uintptr_t stream) {
@@ -38,9 +39,9 @@ void backward(const ConvTransposeParams& params, int dtype, std::uintptr_t grad_
                           as_ptr(grad_input),  as_ptr(grad_weight), as_ptr(grad_bias), as_ptr(workspace),
                           workspace_bytes,     allow_tf32};
   if (device < 0) {
-    backward_cpu(params, static_cast<DType>(dtype), args);
+    backward_cpu(params, epilogue, static_cast<DType>(dtype), args);
   } else {
-    backward_cuda(params, static_cast<DType>(dtype), args, CudaContext{device, as_ptr(stream)});
+    backward_cuda(params, epilogue, static_cast<DType>(dtype), args, CudaContext{device, as_ptr(stream)});
   }
 }
 
@@ -97,6 +98,8 @@ PYBIND11_MODULE(_C, m) {
           call.output_channels_last = output_channels_last;
           return forward_reads_channels_last(params, DType(dtype), device, call);
         });
+  m.def("grad_factor_dtype", [](int dtype, bool allow_tf32) { return int(grad_factor_dtype(DType(dtype), allow_tf32)); },
+        "The dtype tag of grad_factor on CUDA (float16 for float32 with TF32, else the call's)");
   m.def("forward_workspace_bytes",
         [](const ConvTransposeParams& params, int dtype) { return forward_workspace_bytes(params, DType(dtype)); });
   m.def("backward_workspace_bytes",

@@ -1,4 +1,4 @@
-// CPU backward. g = grad_output * grad_factor is formed on the fly wherever it is read (never stored),
+// CPU backward. g = grad_output * grad_factor * multiply_value (factor_scale) is formed on the fly wherever it is read (never stored),
 // as in the CUDA kernels. Each result element is owned by one OpenMP task and summed in a fixed order,
 // so repeated runs are bitwise equal.
 //   grad_input[n, ic, ih, iw]      = sum over oc in ic's group and taps of g[n, oc, oh, ow] * w[ic, oc_local, kh, kw]
@@ -19,16 +19,18 @@ struct GradSource {
   using Acc = typename AccumulatorOf<T>::type;
   const T* grad_output;
   const T* grad_factor;
+  Acc scale;  // factor_scale
   Acc operator()(int64_t index) const {
     const Acc grad = load_acc(grad_output, index);
-    return grad_factor ? grad * load_acc(grad_factor, index) : grad;
+    return grad_factor ? grad * (load_acc(grad_factor, index) * scale) : grad;
   }
 };
 
 template <typename T>
-void backward_typed(const ConvTransposeParams& p, const BackwardArgs& args) {
+void backward_typed(const ConvTransposeParams& p, const Epilogue& epi, const BackwardArgs& args) {
   using Acc = typename AccumulatorOf<T>::type;
-  const GradSource<T> g{static_cast<const T*>(args.grad_output), static_cast<const T*>(args.grad_factor)};
+  const GradSource<T> g{static_cast<const T*>(args.grad_output), static_cast<const T*>(args.grad_factor),
+                        Acc(factor_scale(epi))};
   const T* x = static_cast<const T*>(args.input);
   const T* w = static_cast<const T*>(args.weight);
   T* grad_input = static_cast<T*>(args.grad_input);
@@ -108,11 +110,11 @@ void backward_typed(const ConvTransposeParams& p, const BackwardArgs& args) {
 
 }  // namespace
 
-void backward_cpu(const ConvTransposeParams& params, DType dtype, const BackwardArgs& args) {
+void backward_cpu(const ConvTransposeParams& params, const Epilogue& epilogue, DType dtype, const BackwardArgs& args) {
   validate(params);
   if (args.grad_bias && !params.has_bias)
     throw std::invalid_argument("fused_convt: grad_bias requested but params.has_bias is false");
-  dispatch_host_dtype(dtype, [&](auto tag) { backward_typed<decltype(tag)>(params, args); });
+  dispatch_host_dtype(dtype, [&](auto tag) { backward_typed<decltype(tag)>(params, epilogue, args); });
 }
 
 }  // namespace fused_convt

@@ -3,7 +3,7 @@
 //
 // Layout contract: every tensor is contiguous. input [N, C_in, H, W]; weight [C_in, C_out/groups, kH, kW]
 // (nn.ConvTranspose2d's layout); bias [C_out]; output and grad_factor [N, C_out, H_out, W_out].
-// All pointers of one call hold the same DType. Errors throw std::invalid_argument (bad arguments) or
+// All pointers of one call hold the same DType, except grad_factor on CUDA (grad_factor_dtype). Errors throw std::invalid_argument (bad arguments) or
 // std::runtime_error (a CUDA failure), with a message naming what went wrong.
 #pragma once
 
@@ -21,7 +21,9 @@ struct ForwardArgs {
   const void* weight = nullptr;
   const void* bias = nullptr;   // required iff params.has_bias
   void* output = nullptr;       // may be null when only grad_factor is wanted (recompute in backward)
-  void* grad_factor = nullptr;  // optional: d output / d pre-activation, saved for the backward pass
+  // Optional, saved for the backward pass: d output / d pre-activation divided by epilogue.multiply_value
+  // (EpilogueOutputs in epilogue.h), in grad_factor_dtype(dtype, allow_tf32) on CUDA, dtype on the CPU.
+  void* grad_factor = nullptr;
   void* workspace = nullptr;    // device scratch of forward_workspace_bytes() bytes (CUDA only)
   // float32 only: allow TF32 tensor-core math (PyTorch's default for convolutions). Without it float32 runs
   // "3xTF32" on tensor cores (each operand as two TF32 parts: near-fp32 accuracy, ~1e-6 relative).
@@ -39,7 +41,8 @@ struct ForwardArgs {
 
 struct BackwardArgs {
   const void* grad_output = nullptr;
-  const void* grad_factor = nullptr;  // from ForwardArgs::grad_factor; null means the identity epilogue
+  // From ForwardArgs::grad_factor (same dtype and allow_tf32); null means the identity epilogue.
+  const void* grad_factor = nullptr;
   const void* input = nullptr;        // needed for grad_weight
   const void* weight = nullptr;       // needed for grad_input
   void* grad_input = nullptr;         // each gradient output is optional (null: not computed)
@@ -57,9 +60,17 @@ struct CudaContext {
   void* stream = nullptr;
 };
 
+// The element type of grad_factor on CUDA: float16 for float32 with allow_tf32, whose backward multiplies in TF32
+// (float16's 11-bit significand is TF32's; the factor is bounded by 1, epilogue.h), which halves the bytes the
+// training forward writes and the backward reads, and the memory saved between them; the call's dtype otherwise.
+inline DType grad_factor_dtype(DType dtype, bool allow_tf32) {
+  return dtype == DType::Float32 && allow_tf32 ? DType::Float16 : dtype;
+}
+
 void forward_cpu(const ConvTransposeParams& params, const Epilogue& epilogue, DType dtype,
                  const ForwardArgs& args);
-void backward_cpu(const ConvTransposeParams& params, DType dtype, const BackwardArgs& args);
+// The epilogue is the forward's: the backward scales grad_factor by its multiply_value (factor_scale).
+void backward_cpu(const ConvTransposeParams& params, const Epilogue& epilogue, DType dtype, const BackwardArgs& args);
 
 // True when the library was built with its CUDA kernels; the entry points below throw otherwise.
 bool cuda_compiled();
@@ -82,7 +93,7 @@ bool forward_reads_channels_last(const ConvTransposeParams& params, DType dtype,
 // Bytes of device scratch backward_cuda needs (deterministic split reductions and, for grad_weight, channels-last
 // operand copies about the size of the output). Pass grad_weight = false for calls that do not ask for it.
 size_t backward_workspace_bytes(const ConvTransposeParams& params, DType dtype, bool grad_weight = true);
-void backward_cuda(const ConvTransposeParams& params, DType dtype, const BackwardArgs& args,
+void backward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, DType dtype, const BackwardArgs& args,
                    const CudaContext& ctx);
 
 // Transposes a batch of row-major matrices of elem_bytes-byte values (2, 4 or 8) on the device, src

@@ -108,9 +108,12 @@ FCT_HD float normal_cdf_nonpositive_16bit(float z) {
   return 0.5f * fit.t * exp2_of(fmaf(z * z, HalfSquareLog2::kScale, fit.poly));
 }
 
+// The saved factor is d out / d u divided by multiply_value (the backward multiplies it back, factor_scale):
+// GELU'(z) times min's derivative, between -0.17 and 1/2 whatever multiply_value is, so that a float16 factor
+// (grad_factor_dtype in api.h) can neither overflow nor depend on the scale for its precision.
 template <typename Acc>
 struct EpilogueOutputs {
-  Acc value, factor;  // out, and d out / d u
+  Acc value, factor;  // out, and d out / d u / multiply_value
 };
 
 // The value where u >= 0 or u is NaN: 0, or NaN. On the GPU (float) one NaN-propagating minimum, min(u, 0),
@@ -129,11 +132,12 @@ FCT_HD Acc value_at_nonnegative(Acc u) {
 
 // The epilogue where u >= 0 (z = min(u, 0) = 0) or u is NaN: value exactly 0 and derivative 0, except at
 // u == 0, where PyTorch's binary minimum splits the gradient of the tie in half and GELU'(0) = 1/2, so the
-// composite gives m / 4. NaN propagates as in the PyTorch composite (the binary minimum keeps NaN).
+// composite gives m / 4 (a factor of 1/4). NaN propagates as in the PyTorch composite (the binary minimum keeps
+// NaN).
 template <typename Acc>
-FCT_HD EpilogueOutputs<Acc> epilogue_at_nonnegative(Acc u, Acc multiply_value) {
+FCT_HD EpilogueOutputs<Acc> epilogue_at_nonnegative(Acc u) {
   const Acc value = value_at_nonnegative(u);
-  return {value, u == Acc(0) ? Acc(0.25) * multiply_value : value};
+  return {value, u == Acc(0) ? Acc(0.25) : value};
 }
 
 // The functions below are written without branches: Phi is evaluated at z = min(u, 0) (NaN -> 0) on every
@@ -152,23 +156,23 @@ FCT_HD Acc epilogue_from_preactivation(Acc u, Acc multiply_value) {
   if constexpr (kSixteenBitOutput && std::is_same<Acc, float>::value) cdf = normal_cdf_nonpositive_16bit(z);
   else cdf = normal_cdf_nonpositive(z);
   const Acc value = multiply_value * z * cdf;
-  return tail ? value : epilogue_at_nonnegative(u, multiply_value).value;
+  return tail ? value : value_at_nonnegative(u);
 }
 
-// Both at once, with Phi evaluated once: the training forward stores both.
+// The value and the saved factor at once, with Phi evaluated once: the training forward stores both.
 template <typename Acc>
 FCT_HD EpilogueOutputs<Acc> epilogue_value_and_derivative(Acc u, Acc multiply_value) {
   const bool tail = u < Acc(0);
   const Acc z = tail ? u : Acc(0);
   const Acc cdf = normal_cdf_nonpositive(z);
-  const EpilogueOutputs<Acc> at_tail{multiply_value * z * cdf, multiply_value * (cdf + z * normal_density(z))};
-  return tail ? at_tail : epilogue_at_nonnegative(u, multiply_value);
+  const EpilogueOutputs<Acc> at_tail{multiply_value * z * cdf, cdf + z * normal_density(z)};
+  return tail ? at_tail : epilogue_at_nonnegative(u);
 }
 
-// d out / d u alone.
+// d out / d u alone (the factor times multiply_value).
 template <typename Acc>
 FCT_HD Acc epilogue_derivative(Acc u, Acc multiply_value) {
-  return epilogue_value_and_derivative(u, multiply_value).factor;
+  return multiply_value * epilogue_value_and_derivative(u, multiply_value).factor;
 }
 
 // The epilogue's scalars in the accumulation type, converted once per kernel rather than per element.
@@ -187,11 +191,14 @@ FCT_HD Acc apply_epilogue(const EpilogueConstants<Acc>& epi, Acc acc_plus_bias) 
   return epilogue_from_preactivation(acc_plus_bias + epi.add_value, epi.multiply_value);
 }
 
-// The epilogue and its derivative from the accumulator (the identity's derivative is 1).
+// The epilogue and its saved factor from the accumulator (the identity's derivative is 1).
 template <typename Acc>
 FCT_HD EpilogueOutputs<Acc> apply_epilogue_with_factor(const EpilogueConstants<Acc>& epi, Acc acc_plus_bias) {
   if (!epi.enabled) return {acc_plus_bias, Acc(1)};
   return epilogue_value_and_derivative(acc_plus_bias + epi.add_value, epi.multiply_value);
 }
+
+// What the backward multiplies a saved factor by to get d out / d u: multiply_value, or 1 for the identity.
+FCT_HD double factor_scale(const Epilogue& epi) { return epi.enabled ? epi.multiply_value : 1.0; }
 
 }  // namespace fused_convt

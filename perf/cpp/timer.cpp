@@ -160,10 +160,10 @@ int main(int argc, char** argv) {
     backward.workspace = backward_workspace.ptr;
     backward.workspace_bytes = backward_workspace.bytes;
     backward.allow_tf32 = true;
-    time_call(label, mode + "backward, grad_input (all three)", [&] { backward_cuda(p, dtype, backward, ctx); }, grad_x);
+    time_call(label, mode + "backward, grad_input (all three)", [&] { backward_cuda(p, epilogue, dtype, backward, ctx); }, grad_x);
     BackwardArgs weights_only = backward;
     weights_only.grad_input = nullptr;
-    time_call(label, mode + "backward, grad_weight + grad_bias", [&] { backward_cuda(p, dtype, weights_only, ctx); },
+    time_call(label, mode + "backward, grad_weight + grad_bias", [&] { backward_cuda(p, epilogue, dtype, weights_only, ctx); },
               grad_w);
   }
   return 0;

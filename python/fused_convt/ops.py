@@ -4,8 +4,9 @@ Two custom ops carry all the work, so that torch.compile traces them as single n
 goes through our own backward:
 
 * ``fused_convt::conv_transpose2d_fused`` returns ``(output, grad_factor)``. ``grad_factor`` is
-  d output / d pre-activation, written by the forward kernel beside the output when a backward will
-  follow (one output-sized tensor), and an empty tensor otherwise or with ``recompute=True``.
+  d output / d pre-activation divided by ``multiply_value`` (the backward multiplies it back), written by the
+  forward kernel beside the output when a backward will follow (one output-sized tensor, float16 for a float32
+  CUDA call with TF32: ``_factor_dtype``), and an empty tensor otherwise or with ``recompute=True``.
 * ``fused_convt::conv_transpose2d_fused_backward`` returns ``(grad_input, grad_weight, grad_bias)``
   (empty tensors where ``output_mask`` says a gradient is not needed). With an empty ``grad_factor``
   and the epilogue on, it reruns the forward kernel in factor-only mode into a temporary first.
@@ -22,6 +23,16 @@ from . import _C
 from ._validation import as_finite_float, as_groups, as_pair, check_conv_args, output_size
 
 _DTYPE_TAGS = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+_TAG_DTYPES = {tag: dtype for dtype, tag in _DTYPE_TAGS.items()}
+
+
+def _factor_dtype(input: Tensor, allow_tf32: bool) -> torch.dtype:
+    """grad_factor's dtype: on CUDA the native rule (float16 for float32 with TF32, whose backward multiplies in
+    TF32 anyway: half the bytes the training forward writes, the backward reads and the step keeps), else the
+    input's."""
+    if input.device.type != "cuda":
+        return input.dtype
+    return _TAG_DTYPES[_C.grad_factor_dtype(_DTYPE_TAGS[input.dtype], allow_tf32)]
 
 
 def _params(input: Tensor, weight: Tensor, has_bias: bool, stride, padding, output_padding, dilation, groups):
@@ -141,7 +152,7 @@ def _forward_impl(
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     shape = _output_shape(input, weight, stride, padding, output_padding, dilation, groups)
-    output, grad_factor = _forward_outputs(input, shape, save_grad_factor and apply_epilogue)
+    output, grad_factor = _forward_outputs(input, shape, save_grad_factor and apply_epilogue, allow_tf32)
     if output.numel() > 0:
         params = _params(input, weight, bias is not None, stride, padding, output_padding, dilation, groups)
         epilogue = _C.Epilogue(add_value, multiply_value, apply_epilogue)
@@ -150,11 +161,14 @@ def _forward_impl(
     return output, grad_factor
 
 
-def _forward_outputs(input: Tensor, shape, with_factor: bool) -> Tuple[Tensor, Tensor]:
-    """The output, in the input's layout (_output_format), and the saved factor (empty unless with_factor),
-    NCHW always: the backward's kernels read it so (a channels_last factor would cost them a transpose)."""
+def _forward_outputs(input: Tensor, shape, with_factor: bool, allow_tf32: bool) -> Tuple[Tensor, Tensor]:
+    """The output, in the input's layout (_output_format), and the saved factor (empty unless with_factor) in
+    _factor_dtype, NCHW always: the backward's kernels read it so (a channels_last factor would cost them a
+    transpose)."""
     output = torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=_output_format(input))
-    return output, (torch.empty(shape, dtype=input.dtype, device=input.device) if with_factor else input.new_empty((0,)))
+    if not with_factor:
+        return output, input.new_empty((0,))
+    return output, torch.empty(shape, dtype=_factor_dtype(input, allow_tf32), device=input.device)
 
 
 _forward_op = torch.library.custom_op("fused_convt::conv_transpose2d_fused", _forward_impl, mutates_args=())
@@ -164,7 +178,18 @@ _forward_op = torch.library.custom_op("fused_convt::conv_transpose2d_fused", _fo
 def _(input, weight, bias, stride, padding, output_padding, dilation, groups, add_value, multiply_value,
       apply_epilogue, save_grad_factor, allow_tf32):
     shape = _output_shape(input, weight, stride, padding, output_padding, dilation, groups)
-    return _forward_outputs(input, shape, save_grad_factor and apply_epilogue)
+    return _forward_outputs(input, shape, save_grad_factor and apply_epilogue, allow_tf32)
+
+
+def _check_grad_factor(grad_factor: Tensor, grad_output: Tensor, dtype: torch.dtype) -> None:
+    """A saved factor handed to the backward op must be the forward op's: the kernels read it as `dtype` over
+    grad_output's extent (another dtype or shape would read wrong values or out of bounds)."""
+    if grad_factor.shape != grad_output.shape or grad_factor.dtype != dtype or grad_factor.device != grad_output.device:
+        raise ValueError(
+            f"fused_convt: grad_factor must be the forward op's second output for this call: shape "
+            f"{tuple(grad_output.shape)}, dtype {dtype} on {grad_output.device} (float16 for float32 CUDA calls with "
+            f"allow_tf32), or empty to recompute it; got shape {tuple(grad_factor.shape)}, dtype {grad_factor.dtype} "
+            f"on {grad_factor.device}")
 
 
 def _backward_impl(
@@ -187,15 +212,17 @@ def _backward_impl(
     grad_output, input, weight = _nchw(grad_output), _nchw(input), weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     params = _params(input, weight, bias is not None, stride, padding, output_padding, dilation, groups)
-    if apply_epilogue and grad_factor.numel() == 0 and grad_output.numel() > 0:
-        # recompute=True: rebuild d output / d pre-activation from x and the weights, output not written.
-        grad_factor = torch.empty_like(grad_output)
-        _run_forward(input, weight, bias, params, _C.Epilogue(add_value, multiply_value, True), None, grad_factor,
-                     allow_tf32)
-    elif apply_epilogue:
-        grad_factor = grad_factor.contiguous()
-    else:
+    epilogue = _C.Epilogue(add_value, multiply_value, apply_epilogue)
+    if not apply_epilogue:
         grad_factor = None
+    elif grad_factor.numel() == 0:
+        if grad_output.numel() > 0:
+            # recompute=True: rebuild the factor from x and the weights, output not written.
+            grad_factor = torch.empty(grad_output.shape, dtype=_factor_dtype(input, allow_tf32), device=input.device)
+            _run_forward(input, weight, bias, params, epilogue, None, grad_factor, allow_tf32)
+    else:
+        _check_grad_factor(grad_factor, grad_output, _factor_dtype(input, allow_tf32))
+        grad_factor = grad_factor.contiguous()
 
     want_input, want_weight, want_bias = output_mask
     want_bias = want_bias and bias is not None
@@ -209,7 +236,7 @@ def _backward_impl(
             # grad_weight's channels-last operand copies (about the output's size) only when it is wanted.
             nbytes = _C.backward_workspace_bytes(params, _DTYPE_TAGS[input.dtype], want_weight)
             workspace = torch.empty(nbytes, dtype=torch.uint8, device=input.device)
-        _C.backward(params, _DTYPE_TAGS[input.dtype], _ptr(grad_output), _ptr(grad_factor), _ptr(input),
+        _C.backward(params, epilogue, _DTYPE_TAGS[input.dtype], _ptr(grad_output), _ptr(grad_factor), _ptr(input),
                     _ptr(weight), _ptr(grad_input), _ptr(grad_weight), _ptr(grad_bias), _ptr(workspace), nbytes,
                     allow_tf32, device, stream)
     return grad_input, grad_weight, grad_bias

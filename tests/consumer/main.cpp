@@ -3,8 +3,8 @@
 // x = [[1, 2], [3, 4]], weight = ones(2, 2), bias = 0.5, stride 1, no padding: the transposed convolution
 // spreads each input over a 2x2 window of the 3x3 output, so the centre sums all four inputs (10) and the
 // corner (0, 0) sees x[0][0] only (1). With add_value = -11 and multiply_value = 2 the centre's
-// pre-activation is u = 10 + 0.5 - 11 = -0.5, its output 2 * u * Phi(u) and its grad_factor
-// 2 * (Phi(u) + u * phi(u)), with Phi(-0.5) = 0.30853753872598688 and phi(-0.5) = 0.35206532676429952.
+// pre-activation is u = 10 + 0.5 - 11 = -0.5, its output 2 * u * Phi(u) and its grad_factor (the derivative
+// divided by multiply_value) Phi(u) + u * phi(u), with Phi(-0.5) = 0.30853753872598688 and phi(-0.5) = 0.35206532676429952.
 #include <cmath>
 #include <cstdio>
 
@@ -23,7 +23,7 @@ int main() {
   epilogue.multiply_value = 2.0;
   forward_cpu(params, epilogue, DType::Float32, ForwardArgs{x, weight, bias, output, grad_factor});
   const double centre = 2 * -0.5 * 0.30853753872598688;
-  const double centre_factor = 2 * (0.30853753872598688 - 0.5 * 0.35206532676429952);
+  const double centre_factor = 0.30853753872598688 - 0.5 * 0.35206532676429952;
 
   Epilogue identity;
   identity.enabled = false;

@@ -1,5 +1,5 @@
 // backward_cpu against the gradients of the scatter definition, summed in double with
-// g = grad_output * grad_factor: grad_input, grad_weight and grad_bias in float, double, float16 and
+// g = grad_output * grad_factor * multiply_value: grad_input, grad_weight and grad_bias in float, double, float16 and
 // bfloat16 on random problems (grad_factor absent, random, or saved by forward_cpu). Each gradient computed
 // alone must equal the one computed with the others, and repeated runs must be bitwise equal.
 #include <cstring>
@@ -22,8 +22,8 @@ struct Gradients {
 };
 
 template <typename T>
-Gradients<T> run_backward(const ConvTransposeParams& p, const BackwardArgs& inputs, bool want_input, bool want_weight,
-                          bool want_bias) {
+Gradients<T> run_backward(const ConvTransposeParams& p, const fused_convt::Epilogue& epi, const BackwardArgs& inputs,
+                          bool want_input, bool want_weight, bool want_bias) {
   Gradients<T> g;
   g.input = test::poisoned<T>(p.input_numel());
   g.weight = test::poisoned<T>(p.weight_numel());
@@ -32,7 +32,7 @@ Gradients<T> run_backward(const ConvTransposeParams& p, const BackwardArgs& inpu
   args.grad_input = want_input ? g.input.data() : nullptr;
   args.grad_weight = want_weight ? g.weight.data() : nullptr;
   args.grad_bias = want_bias && p.has_bias ? g.bias.data() : nullptr;
-  fused_convt::backward_cpu(p, test::Storage<T>::dtype, args);
+  fused_convt::backward_cpu(p, epi, test::Storage<T>::dtype, args);
   return g;
 }
 
@@ -47,20 +47,22 @@ void check_backward(const ConvTransposeParams& p, FactorSource factor_source, te
   const auto w = test::random_tensor<T>(rng, p.weight_numel(), -1, 1, &w_exact);
   const auto grad_output = test::random_tensor<T>(rng, p.output_numel(), -1, 1, &go_exact);
   std::vector<T> factor;
+  // The forward's epilogue: the backward multiplies the saved factor by its multiply_value.
+  fused_convt::Epilogue epi;
+  epi.add_value = -0.4;
+  epi.multiply_value = 1.3;
   if (factor_source == FactorSource::Random) {
     factor = test::random_tensor<T>(rng, p.output_numel(), -1, 1, &factor_exact);
   } else if (factor_source == FactorSource::Forward) {
     // The grad_factor forward_cpu saves, as the autograd path passes it on.
     const auto b = p.has_bias ? test::random_tensor<T>(rng, p.out_channels, -1, 1, &b_exact) : std::vector<T>{};
-    fused_convt::Epilogue epi;
-    epi.add_value = -0.4;
-    epi.multiply_value = 1.3;
     factor.resize(size_t(p.output_numel()));
     const fused_convt::ForwardArgs args{x.data(), w.data(), p.has_bias ? b.data() : nullptr, nullptr, factor.data()};
     fused_convt::forward_cpu(p, epi, dtype, args);
     factor_exact.resize(factor.size());
     for (size_t i = 0; i < factor.size(); ++i) factor_exact[i] = test::to_double(factor[i]);
   }
+  for (double& f : factor_exact) f *= double(typename fused_convt::AccumulatorOf<T>::type(epi.multiply_value));
   const std::string what = label + " " + fused_convt::dtype_name(dtype) + " " + test::describe(p) +
                            (factor_source == FactorSource::None ? " no grad_factor" : " with grad_factor");
 
@@ -69,7 +71,7 @@ void check_backward(const ConvTransposeParams& p, FactorSource factor_source, te
   inputs.grad_factor = factor.empty() ? nullptr : factor.data();
   inputs.input = x.data();
   inputs.weight = w.data();
-  const Gradients<T> all = run_backward<T>(p, inputs, true, true, true);
+  const Gradients<T> all = run_backward<T>(p, epi, inputs, true, true, true);
 
   const test::BackwardReference ref = test::reference_backward(p, x_exact, w_exact, go_exact, factor_exact);
   test::check_close(all.input, ref.grad_input.value, test::sum_tolerances<T>(ref.grad_input), 1.0,
@@ -80,16 +82,16 @@ void check_backward(const ConvTransposeParams& p, FactorSource factor_source, te
     test::check_close(all.bias, ref.grad_bias.value, test::sum_tolerances<T>(ref.grad_bias), 1.0, what + ": grad_bias");
   }
 
-  const Gradients<T> again = run_backward<T>(p, inputs, true, true, true);
+  const Gradients<T> again = run_backward<T>(p, epi, inputs, true, true, true);
   CHECK_MSG(test::bitwise_equal(again.input, all.input) && test::bitwise_equal(again.weight, all.weight) &&
                 test::bitwise_equal(again.bias, all.bias),
             what + ": two runs differ");
-  CHECK_MSG(test::bitwise_equal(run_backward<T>(p, inputs, true, false, false).input, all.input),
+  CHECK_MSG(test::bitwise_equal(run_backward<T>(p, epi, inputs, true, false, false).input, all.input),
             what + ": grad_input alone");
-  CHECK_MSG(test::bitwise_equal(run_backward<T>(p, inputs, false, true, false).weight, all.weight),
+  CHECK_MSG(test::bitwise_equal(run_backward<T>(p, epi, inputs, false, true, false).weight, all.weight),
             what + ": grad_weight alone");
   if (p.has_bias) {
-    CHECK_MSG(test::bitwise_equal(run_backward<T>(p, inputs, false, false, true).bias, all.bias), what + ": grad_bias alone");
+    CHECK_MSG(test::bitwise_equal(run_backward<T>(p, epi, inputs, false, false, true).bias, all.bias), what + ": grad_bias alone");
   }
 }
 
@@ -118,7 +120,7 @@ void argument_checks() {
   args.grad_bias = grad_bias.data();
   bool threw = false;
   try {
-    fused_convt::backward_cpu(p, fused_convt::DType::Float32, args);
+    fused_convt::backward_cpu(p, fused_convt::Epilogue{}, fused_convt::DType::Float32, args);
   } catch (const std::invalid_argument&) {
     threw = true;
   }
@@ -131,7 +133,7 @@ void argument_checks() {
   grad_bias.assign(2, 5.0f);
   args.grad_weight = grad_weight.data();
   args.grad_bias = grad_bias.data();
-  fused_convt::backward_cpu(p, fused_convt::DType::Float32, args);
+  fused_convt::backward_cpu(p, fused_convt::Epilogue{}, fused_convt::DType::Float32, args);
   for (float v : grad_weight) CHECK_MSG(v == 0.0f, "grad_weight of an empty batch");
   for (float v : grad_bias) CHECK_MSG(v == 0.0f, "grad_bias of an empty batch");
 }

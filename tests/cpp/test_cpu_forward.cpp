@@ -109,7 +109,8 @@ void forward_matches_reference(test::Rng& rng, int random_cases) {
   }
 }
 
-// Zero input and zero bias with add_value 0 put every u exactly at 0: value 0, factor multiply_value / 4.
+// Zero input and zero bias with add_value 0 put every u exactly at 0: value 0, derivative multiply_value / 4, so
+// the saved factor (the derivative / multiply_value) 1/4.
 void preactivation_exactly_zero() {
   ConvTransposeParams p;
   p.batch = 1, p.in_channels = 2, p.out_channels = 2, p.in_h = 3, p.in_w = 3, p.kernel_h = p.kernel_w = 2;
@@ -121,7 +122,7 @@ void preactivation_exactly_zero() {
   fused_convt::forward_cpu(p, epi, fused_convt::DType::Float32,
                            ForwardArgs{x.data(), w.data(), b.data(), out.data(), factor.data()});
   for (size_t i = 0; i < out.size(); ++i) {
-    CHECK_MSG(out[i] == 0.0f && factor[i] == -0.75f, "u == 0 at " + std::to_string(i));
+    CHECK_MSG(out[i] == 0.0f && factor[i] == 0.25f, "u == 0 at " + std::to_string(i));
   }
 }
 

@@ -97,10 +97,10 @@ void check_case(const ConvTransposeParams& p, const Epilogue& epi, const CaseOpt
       dtype == fused_convt::DType::Float32 ? (tf32 ? kTf32OperandUnit : kSplitTf32OperandUnit) : 0.0;
   // The tensor-core backward (grad_input whenever a workspace is passed, grad_weight always) rounds
   // g = grad_output * grad_factor to the storage type before the MMA, as PyTorch's composite stores g;
-  // float32 is 3xTF32 instead. float64 stays exact.
+  // float32 is 3xTF32 instead, or TF32 (the backward follows allow_tf32 like the forward). float64 stays exact.
   double grad_input_unit = 0.0, grad_weight_unit = 0.0;
   if (dtype == fused_convt::DType::Float32) {
-    grad_input_unit = grad_weight_unit = kSplitTf32OperandUnit;
+    grad_input_unit = grad_weight_unit = tf32 ? kTf32OperandUnit : kSplitTf32OperandUnit;
   } else if (dtype != fused_convt::DType::Float64) {
     grad_weight_unit = test::Storage<T>::unit_roundoff;
     if (options.full) grad_input_unit = grad_weight_unit;
@@ -124,7 +124,22 @@ void check_case(const ConvTransposeParams& p, const Epilogue& epi, const CaseOpt
       test::reference_preactivation(p, x_exact, w_exact, b_exact), epi, tensor_core_unit);
 
   const DeviceBuffer x_dev(x), w_dev(w), b_dev(b), go_dev(grad_output);
-  DeviceBuffer out_dev(out_cpu.size() * sizeof(T)), factor_dev(factor_cpu.size() * sizeof(T));
+  // grad_factor on the device is float16 with TF32 (grad_factor_dtype): its expected values keep their
+  // tolerance plus float16's rounding, and the backward below reads the device's factor (the CPU's backward the
+  // same values as T), so both multiply the same g.
+  const auto factor_dtype = fused_convt::grad_factor_dtype(dtype, options.allow_tf32);
+  CHECK_MSG(factor_dtype == (tf32 ? fused_convt::DType::Float16 : dtype), what + ": grad_factor_dtype");
+  DeviceBuffer out_dev(out_cpu.size() * sizeof(T)),
+      factor_dev(factor_cpu.size() * fused_convt::dtype_size(factor_dtype));
+  auto download_factor = [&] {
+    return tf32 ? as_doubles(factor_dev.download<fused_convt::HalfBits>()) : as_doubles(factor_dev.download<T>());
+  };
+  std::vector<double> factor_tol = expected.factor_tol;
+  if (tf32) {
+    for (size_t i = 0; i < factor_tol.size(); ++i)
+      factor_tol[i] += 2 * test::Storage<fused_convt::HalfBits>::unit_roundoff * std::fabs(expected.factor[i]) +
+                       test::Storage<fused_convt::HalfBits>::denorm_min;
+  }
   const size_t forward_workspace_bytes = fused_convt::forward_workspace_bytes(p, dtype);
   DeviceBuffer forward_workspace(forward_workspace_bytes);
   ForwardArgs forward_args{x_dev.get(), w_dev.get(), p.has_bias ? b_dev.get() : nullptr,
@@ -138,12 +153,13 @@ void check_case(const ConvTransposeParams& p, const Epilogue& epi, const CaseOpt
     sync();
   };
   run_forward();
-  const auto out = out_dev.download<T>(), factor = factor_dev.download<T>();
+  const auto out = out_dev.download<T>();
+  const std::vector<double> factor = download_factor();
   if (options.full) check_device(out, out_cpu, expected.output, expected.output_tol, what + ": output");
-  check_device(factor, factor_cpu, expected.factor, expected.factor_tol, what + ": grad_factor");
+  check_device(factor, as_doubles(factor_cpu), expected.factor, factor_tol, what + ": grad_factor");
   run_forward();
   CHECK_MSG(!options.full || test::bitwise_equal(out_dev.download<T>(), out), what + ": forward output not reproducible");
-  CHECK_MSG(test::bitwise_equal(factor_dev.download<T>(), factor), what + ": forward grad_factor not reproducible");
+  CHECK_MSG(test::bitwise_equal(download_factor(), factor), what + ": forward grad_factor not reproducible");
   auto as_nchw = [&](const std::vector<T>& nhwc) {
     const int64_t channels = p.out_channels, plane = p.out_h() * p.out_w();
     std::vector<T> nchw(nhwc.size());
@@ -183,22 +199,31 @@ void check_case(const ConvTransposeParams& p, const Epilogue& epi, const CaseOpt
     sync();
     CHECK_MSG(!options.full || test::bitwise_equal(as_nchw(out_dev.download<T>()), out),
               what + ": channels_last output differs from the NCHW output");
-    CHECK_MSG(test::bitwise_equal(factor_dev.download<T>(), factor),
+    CHECK_MSG(test::bitwise_equal(download_factor(), factor),
               what + ": grad_factor (NCHW) beside a channels_last output differs");
   }
 
-  // ---- backward, with the grad_factor the CPU forward saved (identical input for both paths)
+  // ---- backward, with the grad_factor the CPU forward saved (identical input for both paths); with TF32 the
+  // device's float16 factor (the CPU's backward reads its values as float)
+  const auto factor_half = factor_dev.download<fused_convt::HalfBits>();
+  std::vector<T> factor_for_cpu = factor_cpu;
+  if (tf32) {
+    for (size_t i = 0; i < factor_for_cpu.size(); ++i)
+      factor_for_cpu[i] = test::Storage<T>::from_double(fused_convt::to_float(factor_half[i]));
+  }
   BackwardArgs cpu_args;
   cpu_args.grad_output = grad_output.data();
-  cpu_args.grad_factor = epi.enabled ? factor_cpu.data() : nullptr;
+  cpu_args.grad_factor = epi.enabled ? factor_for_cpu.data() : nullptr;
   cpu_args.input = x.data();
   cpu_args.weight = w.data();
   std::vector<T> gi_cpu(size_t(p.input_numel())), gw_cpu(size_t(p.weight_numel())), gb_cpu(size_t(p.out_channels));
   cpu_args.grad_input = gi_cpu.data();
   cpu_args.grad_weight = gw_cpu.data();
   cpu_args.grad_bias = p.has_bias ? gb_cpu.data() : nullptr;
-  fused_convt::backward_cpu(p, dtype, cpu_args);
-  const std::vector<double> factor_exact = epi.enabled ? as_doubles(factor_cpu) : std::vector<double>{};
+  fused_convt::backward_cpu(p, epi, dtype, cpu_args);
+  // g's factor as both backwards form it: the saved factor times multiply_value (rounded to the accumulator type).
+  std::vector<double> factor_exact = epi.enabled ? as_doubles(factor_for_cpu) : std::vector<double>{};
+  for (double& f : factor_exact) f *= double(typename fused_convt::AccumulatorOf<T>::type(epi.multiply_value));
   const test::BackwardReference ref = test::reference_backward(p, x_exact, w_exact, go_exact, factor_exact);
 
   // Where the tensor-core path needs its workspace, leaving it out is an argument error, not a crash.
@@ -217,7 +242,7 @@ void check_case(const ConvTransposeParams& p, const Epilogue& epi, const CaseOpt
                                    outcome);
   }
 
-  const DeviceBuffer saved_factor_dev(factor_cpu);
+  const DeviceBuffer saved_factor_dev = tf32 ? DeviceBuffer(factor_half) : DeviceBuffer(factor_cpu);
   DeviceBuffer gi_dev(gi_cpu.size() * sizeof(T)), gw_dev(gw_cpu.size() * sizeof(T)), gb_dev(gb_cpu.size() * sizeof(T));
   DeviceBuffer workspace(fused_convt::backward_workspace_bytes(p, dtype));
   BackwardArgs dev_args;
@@ -226,6 +251,7 @@ void check_case(const ConvTransposeParams& p, const Epilogue& epi, const CaseOpt
   dev_args.input = x_dev.get();
   dev_args.weight = w_dev.get();
   dev_args.grad_input = gi_dev.get();
+  dev_args.allow_tf32 = options.allow_tf32;
   if (options.full) {
     dev_args.grad_weight = gw_dev.get();
     dev_args.grad_bias = p.has_bias ? gb_dev.get() : nullptr;
@@ -235,7 +261,7 @@ void check_case(const ConvTransposeParams& p, const Epilogue& epi, const CaseOpt
   auto run_backward = [&] {
     for (DeviceBuffer* buffer : {&gi_dev, &gw_dev, &gb_dev, &workspace}) buffer->poison();
     cuda_ok(cudaDeviceSynchronize(), "poison");
-    fused_convt::backward_cuda(p, dtype, dev_args, ctx);
+    fused_convt::backward_cuda(p, epi, dtype, dev_args, ctx);
     sync();
   };
   run_backward();
@@ -378,7 +404,7 @@ void argument_checks() {
   args.grad_weight = buffer.get();
   bool threw = false;
   try {
-    fused_convt::backward_cuda(p, fused_convt::DType::Float32, args, CudaContext{});
+    fused_convt::backward_cuda(p, Epilogue{}, fused_convt::DType::Float32, args, CudaContext{});
   } catch (const std::invalid_argument&) {
     threw = true;
   }
@@ -393,7 +419,7 @@ void argument_checks() {
   args.workspace_bytes = workspace.bytes();
   threw = false;
   try {
-    fused_convt::backward_cuda(p, fused_convt::DType::Float32, args, CudaContext{});
+    fused_convt::backward_cuda(p, Epilogue{}, fused_convt::DType::Float32, args, CudaContext{});
   } catch (const std::invalid_argument& error) {
     threw = std::string(error.what()).find("this call needs") != std::string::npos;
   }

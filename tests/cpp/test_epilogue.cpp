@@ -102,10 +102,13 @@ void special_points(const char* type_name) {
   CHECK_MSG(fused_convt::epilogue_from_preactivation(Acc(0), m) == Acc(0), t + " value at 0");
   CHECK_MSG(fused_convt::epilogue_derivative(Acc(0), m) == m / 4, t + " derivative at 0");
   CHECK_MSG(fused_convt::epilogue_derivative(Acc(-0.0), m) == m / 4, t + " derivative at -0");
+  CHECK_MSG(fused_convt::epilogue_value_and_derivative(Acc(0), m).factor == Acc(0.25), t + " saved factor at 0");
   // u > 0: min(u, 0) == 0, so value and derivative are exactly 0, infinity included.
   for (const Acc u : {std::numeric_limits<Acc>::denorm_min(), Acc(1e-20), Acc(0.5), Acc(3), Acc(1e30), inf}) {
     CHECK_MSG(same_bits(fused_convt::epilogue_from_preactivation(u, m), Acc(0)), t + " value at u > 0");
-    CHECK_MSG(same_bits(fused_convt::epilogue_derivative(u, m), Acc(0)), t + " derivative at u > 0");
+    CHECK_MSG(same_bits(fused_convt::epilogue_value_and_derivative(u, m).factor, Acc(0)) &&
+                  fused_convt::epilogue_derivative(u, m) == Acc(0),
+              t + " factor and derivative at u > 0");
   }
   CHECK_MSG(std::isnan(fused_convt::epilogue_from_preactivation(nan, m)), t + " NaN value");
   CHECK_MSG(std::isnan(fused_convt::epilogue_derivative(nan, m)), t + " NaN derivative");
@@ -145,8 +148,12 @@ void apply_epilogue_composes(test::Rng& rng, const char* type_name) {
     CHECK_MSG(same_bits(fused_convt::apply_epilogue(fused, a), value), t + " apply_epilogue adds add_value");
     // The training forward's one evaluation of Phi for both is bitwise the separate ones.
     const auto both = fused_convt::apply_epilogue_with_factor(fused, a);
-    CHECK_MSG(same_bits(both.value, value) && same_bits(both.factor, derivative),
-              t + " apply_epilogue_with_factor equals value and derivative at u = " + test::fmt(double(u)));
+    // The factor is the derivative divided by multiply_value, bounded by 1/2 whatever multiply_value is (so a
+    // float16 factor neither overflows nor loses precision to the scale).
+    CHECK_MSG(same_bits(both.value, value) && same_bits(fused.multiply_value * both.factor, derivative),
+              t + " apply_epilogue_with_factor equals value and derivative / m at u = " + test::fmt(double(u)));
+    CHECK_MSG(!(std::fabs(both.factor) > Acc(0.5) * (1 + 8 * std::numeric_limits<Acc>::epsilon())),
+              t + " saved factor within [-1/2, 1/2] at u = " + test::fmt(double(u)));
   }
 }
 
