@@ -52,21 +52,15 @@ size_t forward_workspace_bytes(const ConvTransposeParams& params, DType dtype) {
   return bytes;
 }
 
-// The training forward (output and grad_factor) takes the pair kernel up to this many outputs. Its second store
-// pass (grad_factor after the output, through the same buffer) lengthens each tile's epilogue, and over many tiles per
-// warpgroup that costs more than the phase kernel's half-sector stores (H100, KernelBench data, training forward
-// pair / phase: kb_v1, 268M outputs, 1.28 / 1.17 ms bf16 and 1.81 / 1.48 TF32; bench.py's sweep points, up to 18M
-// outputs, 1.0x-1.4x faster in the pair kernel, kb_v0 (8M) 1.19x).
-constexpr int64_t kPairTrainingMaxOutputs = int64_t(1) << 26;
-
 // Whether this call runs the column-pair kernel (pair_forward.cuh), and its plan: the forward (inference, training
-// with grad_factor up to kPairTrainingMaxOutputs, or grad_factor alone) in a 16-bit type, or float with TF32 allowed
-// (the kernel multiplies float as TF32), where the plan applies on the current device.
+// with grad_factor, or grad_factor alone) in a 16-bit type, or float with TF32 allowed (the kernel multiplies float
+// as TF32), where the plan applies on the current device. (Until the eighteenth session the training forward took it
+// only up to 2^26 outputs and the phase kernel above: kb_v1 1.28 / 1.17 ms bf16 pair / phase with the lockstep's two
+// tiles of slack; with one tile, pair_forward.cuh, 1.11 / 1.17, TF32 1.26 / 1.40.)
 static bool runs_pair_forward(const ConvTransposeParams& params, DType dtype, const ForwardArgs& args,
                               PairProblem* pair) {
   if (!pair_operand_bytes(dtype) || (dtype == DType::Float32 && !args.allow_tf32) || (!args.output && !args.grad_factor))
     return false;
-  if (args.output && args.grad_factor && params.output_numel() > kPairTrainingMaxOutputs) return false;
   return pair_forward_plan_for_device(params, pair_operand_bytes(dtype), args.output_channels_last, pair);
 }
 

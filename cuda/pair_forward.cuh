@@ -342,9 +342,12 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
     // other part arrives and DRAM reads and writes it twice (H100, kb_v1 bf16 on KernelBench's data: without it
     // SM busy times spread from 0.77M to 1.15M cycles, L2 write misses rose from 0.24M to 3.3M sectors, DRAM
     // reads from 81 to 259 MB, and the kernel took 0.68 ms where it took 0.51 in isolation). Each warpgroup
-    // leader counts its finished tiles in *progress and, before a tile, waits until every warpgroup has finished
-    // the round kPairSlack rounds back.
-    constexpr int kPairSlack = 2;
+    // leader counts its finished tiles in *progress and, before its tile k, waits until every warpgroup has finished
+    // k - kPairSlack tiles. One tile of slack rather than two (eighteenth session; 4 and 8 were slower still):
+    // kb_v1 inference forward bf16 0.645 -> 0.549 ms, TF32 0.918 -> 0.875, training forward (output and factor)
+    // bf16 1.28 -> 1.11, TF32 1.50 -> 1.26 (H100, KernelBench data, same call; randn data 1.36 -> 1.12 and
+    // 1.53 -> 1.44).
+    constexpr int kPairSlack = 1;
     const bool lockstep = pr.sets <= sets_stride;
     const unsigned int grid_wgs = gridDim.x * wgs, rounds = (total + tile_stride - 1) / tile_stride;
     bool waiting = lockstep && tid == 0;

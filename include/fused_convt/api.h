@@ -87,7 +87,7 @@ void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, D
 bool forward_reads_channels_last(const ConvTransposeParams& params, DType dtype, int device);
 // The same for one call (its input pointer and input_channels_last are not read): also true where that call
 // runs the column-pair kernel, whose input pass reads NHWC as it reads NCHW: the forward (an output, grad_factor
-// or both; both only up to 2^26 outputs) in float16, bfloat16 or float32 with allow_tf32 on an sm_90a build and
+// or both) in float16, bfloat16 or float32 with allow_tf32 on an sm_90a build and
 // device, stride_w 2.
 bool forward_reads_channels_last(const ConvTransposeParams& params, DType dtype, int device, const ForwardArgs& call);
 // Bytes of device scratch backward_cuda needs (deterministic split reductions and, for grad_weight, channels-last

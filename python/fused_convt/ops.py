@@ -110,8 +110,8 @@ def _forward_layout(input: Tensor, params, output: Optional[Tensor], grad_factor
                     allow_tf32: bool) -> Tensor:
     """The input as the native forward call with these outputs reads it: a channels_last tensor in place on the
     CPU, and on CUDA where the kernel takes NHWC as it is (the tensor-core path of float16 / bfloat16 at whole
-    16-channel chunks per group; the column-pair forward, float32 with TF32 included, and for training up to 2^26
-    outputs: no transpose at all); else an NCHW-contiguous tensor (a copy if it was not one: `_nchw`)."""
+    16-channel chunks per group; the column-pair forward, float32 with TF32 included, inference and training: no
+    transpose at all); else an NCHW-contiguous tensor (a copy if it was not one: `_nchw`)."""
     if _is_channels_last(input) and (not input.is_cuda or _C.forward_call_reads_channels_last(
             params, _DTYPE_TAGS[input.dtype], input.device.index, _ptr(output), _ptr(grad_factor), allow_tf32,
             _writes_channels_last(output))):

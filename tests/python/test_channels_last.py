@@ -92,7 +92,7 @@ def _call_reads(params, dtype, x, training, allow_tf32):
 @pytest.mark.parametrize("cin,cout,groups,k,stride,dtype,in_place", CASES)
 def test_call_query_extends_the_problem_query(cin, cout, groups, k, stride, dtype, in_place):
     """Whatever is read in place for every call is read in place for each; exact float32 never is (its kernel
-    stages a split copy of the input); at these sizes the training forward (a factor beside the output) wherever the
+    stages a split copy of the input); the training forward (a factor beside the output) wherever the
     inference forward is (the column-pair kernel stores both; only the phase kernel's float32 copies)."""
     x, w, _ = make("cuda", cin, cout, groups, k, dtype)
     params = _params(x, w, True, (stride, stride), (1, 1), (0, 0), (1, 1), groups)
