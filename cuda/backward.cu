@@ -420,8 +420,9 @@ void launch_backward_tensor_cores(const ConvTransposeParams& p, const Epilogue& 
   if (args.grad_weight || args.grad_bias)
     launch_pack_channels_last<T, Math>(static_cast<const T*>(args.grad_output),
                                        static_cast<const typename Math::Factor*>(args.grad_factor),
-                                       float(factor_scale(epilogue)), int(p.out_channels), int(p.groups), int(padded_channels(p.out_channels_per_group())),
-                                       plan.g_layout, g_split, bias_partial, stream);
+                                       float(factor_scale(epilogue)), int(p.out_channels), int(p.groups),
+                                       int(padded_channels(p.out_channels_per_group())), plan.g_layout, g_split,
+                                       bias_partial, stream);
   if (args.grad_input && p.input_numel() > 0) {
     const bool tensor_cores = workspace && packed_grad_input_weight_bytes(p, dtype) > 0 &&
                               launch_grad_input_tensor_cores<T, Math>(p, epilogue, args, workspace, g_split,
@@ -430,8 +431,9 @@ void launch_backward_tensor_cores(const ConvTransposeParams& p, const Epilogue& 
   }
   if (args.grad_weight) {
     const PhaseSplitLayout x_layout{p.batch, PhaseAxis{int(p.in_h), 1, 0}, PhaseAxis{int(p.in_w), 1, 0}, plan.x_row};
-    launch_pack_channels_last<T, Math>(static_cast<const T*>(args.input), nullptr, 1.0f, int(p.in_channels), int(p.groups),
-                                       int(padded_channels(p.in_channels_per_group())), x_layout, x_cl, nullptr, stream);
+    launch_pack_channels_last<T, Math>(static_cast<const T*>(args.input), nullptr, 1.0f, int(p.in_channels),
+                                       int(p.groups), int(padded_channels(p.in_channels_per_group())), x_layout, x_cl,
+                                       nullptr, stream);
     launch_grad_weight_gemm<Math>(p, plan, x_cl, g_split, weight_partial, stream);
     launch_sum_splits<T>(weight_partial, plan.splits, p.weight_numel(), static_cast<T*>(args.grad_weight), stream);
   }

@@ -213,7 +213,8 @@ pack_channels_last_kernel(const T* __restrict__ src, const typename Math::Factor
 #pragma unroll
         for (int j = 0; j < kSegmentsPerWarp; ++j) {
           const bool ok = i * kVectorStride + k < read_channels && p0 + segment_pixel(j) < end;
-          v[i][k][j] = ok ? to_acc(raw[i][k][j]) * (kFactor ? Acc(to_acc(raw_factor[i][k][j])) * scale : Acc(1)) : Acc(0);
+          const Acc factor = kFactor ? Acc(to_acc(raw_factor[i][k][j])) * scale : Acc(1);
+          v[i][k][j] = ok ? to_acc(raw[i][k][j]) * factor : Acc(0);
         }
     // Destination row of each pixel of the tile (PhaseSplitLayout::pixel_row in 32-bit steps), decoded once
     // per pixel by one thread while the loads are in flight: decoding it in the write loop (every lane, every
