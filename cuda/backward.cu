@@ -388,9 +388,12 @@ bool launch_grad_input_tensor_cores(const ConvTransposeParams& params, const Epi
   TcProblem problem;
   if (!grad_input_tc_problem(params, &problem)) return false;
   if (g_copy && !grad_input_copy_layout(&problem, g_layout)) g_copy = nullptr;
+  if (args.grad_output_channels_last && !g_copy)  // backward_reads_channels_last() promised the copy
+    throw std::logic_error("fused_convt: an NHWC grad_output without grad_input's copy path");
   const GatherProblem layout = grad_input_gather_problem(params);
+  // An NHWC grad_output is no source for the register path (Plain): only the copy may run.
   return launch_implicit_gemm_conv<T, Math, GatherDirection::GradInput>(
-      problem, epilogue, static_cast<const T*>(args.grad_output),
+      problem, epilogue, args.grad_output_channels_last ? nullptr : static_cast<const T*>(args.grad_output),
       static_cast<const typename Math::Factor*>(args.grad_factor),
       static_cast<const T*>(args.weight), layout.weight_group_stride, layout.weight_src_stride,
       layout.weight_dst_stride, nullptr, static_cast<T*>(args.grad_input), nullptr, packed, g_copy, true, stream);
@@ -422,11 +425,13 @@ void launch_backward_tensor_cores(const ConvTransposeParams& p, const Epilogue& 
                                        static_cast<const typename Math::Factor*>(args.grad_factor),
                                        float(factor_scale(epilogue)), int(p.out_channels), int(p.groups),
                                        int(padded_channels(p.out_channels_per_group())), plan.g_layout, g_split,
-                                       bias_partial, stream);
+                                       bias_partial, stream, args.grad_output_channels_last);
   if (args.grad_input && p.input_numel() > 0) {
     const bool tensor_cores = workspace && packed_grad_input_weight_bytes(p, dtype) > 0 &&
                               launch_grad_input_tensor_cores<T, Math>(p, epilogue, args, workspace, g_split,
                                                                       plan.g_layout, stream);
+    if (!tensor_cores && args.grad_output_channels_last)
+      throw std::logic_error("fused_convt: an NHWC grad_output reached grad_input's NCHW kernels");
     if (!tensor_cores) launch_grad_input_gather<T, typename Math::Factor>(p, epilogue, args, stream);
   }
   if (args.grad_weight) {
@@ -442,9 +447,41 @@ void launch_backward_tensor_cores(const ConvTransposeParams& p, const Epilogue& 
   }
 }
 
+// grad_input's copy path (the g pass's G in place of grad_output) fits this device for Math, as
+// launch_implicit_gemm_conv decides it: the TMA form where it applies, else the cp.async one, which decides.
+template <typename Math>
+static bool grad_input_copy_fits(const ConvTransposeParams& params, DType dtype) {
+  TcProblem problem;
+  if (!grad_input_tc_problem(params, &problem) || packed_grad_input_weight_bytes(params, dtype) == 0 ||
+      !grad_input_copy_layout(&problem, plan_weight_gemm(params, dtype).g_layout))
+    return false;
+  return with_channel_tile(problem, [&](auto bn) {
+    return layout_implicit_gemm<Math, GatherDirection::GradInput, decltype(bn)::value, TcVariant::CopiedSource>(
+               &problem) > 0;
+  });
+}
+
+bool backward_reads_channels_last(const ConvTransposeParams& params, DType dtype, int device,
+                                  const BackwardArgs& call) {
+  validate(params);
+  if (dtype == DType::Float64 || params.out_channels % kPackVector != 0 || (!call.grad_weight && !call.grad_bias))
+    return false;
+  if (!call.grad_input || params.input_numel() == 0) return true;
+  if (!call.grad_weight) return false;  // grad_input would read grad_output itself
+  DeviceGuard guard(device);
+  if (dtype == DType::Float32)
+    return call.allow_tf32 ? grad_input_copy_fits<Tf32Math>(params, dtype)
+                           : grad_input_copy_fits<Fp32SplitMath>(params, dtype);
+  return grad_input_copy_fits<Half16Math<__half>>(params, dtype);
+}
+
 void backward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, DType dtype, const BackwardArgs& args,
                    const CudaContext& ctx) {
   validate(params);
+  if (args.grad_output_channels_last && !backward_reads_channels_last(params, dtype, ctx.device, args))
+    throw std::invalid_argument("fused_convt: a channels_last grad_output is read in place only where "
+                                "backward_reads_channels_last() is true for the call; pass NCHW (contiguous) "
+                                "grad_output here");
   if (args.grad_bias && !params.has_bias)
     throw std::invalid_argument("fused_convt: grad_bias requested but params.has_bias is false");
   const BackwardWorkspace layout = backward_workspace_layout(params, dtype, args.grad_weight != nullptr);

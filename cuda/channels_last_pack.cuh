@@ -124,7 +124,13 @@ __device__ __forceinline__ void store_pieces(int width, Smem* row, const int (&d
 // the bytes in flight per register too few. Float with its float16 factor (TF32) likewise: kb_v1 1.107 -> 1.071 ms
 // (H100).
 // bias_partial[(n * pixel_blocks + pixel_block) * channels + c] = sum of the block's values of channel c.
-template <typename T, typename Math, bool kFactor, int kChannels, bool kPairs>
+// kSrcNhwc: src (grad_output) is NHWC, PyTorch's channels_last: each tile's pixel rows are first copied into the
+// tile as they are (the write phase's thread mapping, one channel vector of a pixel row per thread), and the read
+// phase then takes its values from the tile instead of from src, multiplies them by the factor (NCHW, read as
+// before) and puts the products back: no transpose of a channels_last grad_output beforehand (it moved the whole
+// tensor twice, ~0.7 ms of kb_v1's TF32 channels_last training step), and the same products summed in the same
+// order, so bitwise the NCHW source's G and grad_bias.
+template <typename T, typename Math, bool kFactor, int kChannels, bool kPairs, bool kSrcNhwc>
 __global__ void __launch_bounds__(kPackThreads, 3)
 pack_channels_last_kernel(const T* __restrict__ src, const typename Math::Factor* __restrict__ factor,
                           typename DeviceAcc<T>::type scale, int channels, int groups, int padded, int pixel_blocks,
@@ -187,6 +193,22 @@ pack_channels_last_kernel(const T* __restrict__ src, const typename Math::Factor
 
   int buffer = 0;
   for (int p0 = begin; p0 < end; p0 += kPixels, buffer ^= 1) {
+    if constexpr (kSrcNhwc) {
+      // The tile's NHWC rows into the tile (this buffer was last read two tiles ago, as below), zeros past the
+      // last pixel or channel.
+      const int c = c0 + write_vector * kPackVector;
+#pragma unroll
+      for (int s = 0; s < Tile::kWritePixels; ++s) {
+        const int q = write_pixel + s * (kPackThreads / Tile::kVectors);
+        const bool pixel_ok = p0 + q < end;
+        const T* row = src + (n * plane + min(p0 + q, end - 1)) * int64_t(channels);
+        PackPiece<Acc, kPackVector> piece;
+#pragma unroll
+        for (int k = 0; k < kPackVector; ++k)
+          piece.v[k] = pixel_ok && c + k < channels ? Acc(to_acc(row[min(c + k, channels - 1)])) : Acc(0);
+        *reinterpret_cast<PackPiece<Acc, kPackVector>*>(&tile[buffer][q][write_vector * kPackVector]) = piece;
+      }
+    }
     // All loads are issued before any value is used: loads guarded per value compiled to each conversion
     // waiting for its load (one memory round trip after another).
     T raw[kVectorsPerWarp][kPackVector][kSegmentsPerWarp];
@@ -201,10 +223,11 @@ pack_channels_last_kernel(const T* __restrict__ src, const typename Math::Factor
           // (kPairs: end is even, as are the plane and every pair's first pixel.)
           const int64_t at = src_offset + int64_t(min(i * kVectorStride + k, read_channels - 1)) * plane +
                              min(p0 + segment_pixel(j), end - (kPairs ? 2 : 1));
-          load_segment_values<kPairs>(src, at, vector_read, j, raw[i][k]);
+          if constexpr (!kSrcNhwc) load_segment_values<kPairs>(src, at, vector_read, j, raw[i][k]);
           if constexpr (kFactor) load_segment_values<kPairs>(factor, at, vector_read, j, raw_factor[i][k]);
         }
     }
+    if constexpr (kSrcNhwc) __syncthreads();  // the staged rows are complete
     Acc v[kVectorsPerWarp][kPackVector][kSegmentsPerWarp];
 #pragma unroll
     for (int i = 0; i < kVectorsPerWarp; ++i)
@@ -214,7 +237,10 @@ pack_channels_last_kernel(const T* __restrict__ src, const typename Math::Factor
         for (int j = 0; j < kSegmentsPerWarp; ++j) {
           const bool ok = i * kVectorStride + k < read_channels && p0 + segment_pixel(j) < end;
           const Acc factor = kFactor ? Acc(to_acc(raw_factor[i][k][j])) * scale : Acc(1);
-          v[i][k][j] = ok ? to_acc(raw[i][k][j]) * factor : Acc(0);
+          Acc value;
+          if constexpr (kSrcNhwc) value = tile[buffer][segment_pixel(j)][first_read - c0 + i * kVectorStride + k];
+          else value = to_acc(raw[i][k][j]);
+          v[i][k][j] = ok ? value * factor : Acc(0);
         }
     // Destination row of each pixel of the tile (PhaseSplitLayout::pixel_row in 32-bit steps), decoded once
     // per pixel by one thread while the loads are in flight: decoding it in the write loop (every lane, every
@@ -303,11 +329,13 @@ inline int pack_pixel_blocks(int64_t batch, int channels, int64_t plane) {
   return int(std::clamp<int64_t>((2048 + tiles - 1) / tiles, 1, max_blocks));
 }
 
-// factor (null for a plain copy) is scaled by `scale` (factor_scale of the forward's epilogue).
+// factor (null for a plain copy) is scaled by `scale` (factor_scale of the forward's epilogue). src_nhwc: src is
+// NHWC (channels_last), the factor NCHW.
 template <typename T, typename Math>
 void launch_pack_channels_last(const T* src, const typename Math::Factor* factor, float scale, int channels,
                                int groups, int padded, const PhaseSplitLayout& layout, typename Math::Smem* dst,
-                               typename DeviceAcc<T>::type* bias_partial, cudaStream_t stream) {
+                               typename DeviceAcc<T>::type* bias_partial, cudaStream_t stream,
+                               bool src_nhwc = false) {
   const int tile_channels = pack_tile_channels(channels);
   const int pixel_blocks = pack_pixel_blocks(layout.batch, channels, int64_t(layout.h.size) * layout.w.size);
   const int64_t blocks_x = layout.batch * pixel_blocks, blocks_y = (channels + tile_channels - 1) / tile_channels;
@@ -317,13 +345,16 @@ void launch_pack_channels_last(const T* src, const typename Math::Factor* factor
                                 "or channels > 65535 x 64)");
   // Pairs where every pair is whole and aligned: an even plane, sources aligned to two values.
   const bool pairs = (int64_t(layout.h.size) * layout.w.size) % 2 == 0 &&
-                     reinterpret_cast<uintptr_t>(src) % (2 * sizeof(T)) == 0 &&
+                     (src_nhwc || reinterpret_cast<uintptr_t>(src) % (2 * sizeof(T)) == 0) &&
                      reinterpret_cast<uintptr_t>(factor) % (2 * sizeof(typename Math::Factor)) == 0;
   auto launch = [&](auto with_factor, auto tile) {
     constexpr bool kFactor = decltype(with_factor)::value;
     constexpr int kChannels = decltype(tile)::value;
-    auto kernel = pairs ? pack_channels_last_kernel<T, Math, kFactor, kChannels, true>
-                        : pack_channels_last_kernel<T, Math, kFactor, kChannels, false>;
+    auto kernel = pairs ? pack_channels_last_kernel<T, Math, kFactor, kChannels, true, false>
+                        : pack_channels_last_kernel<T, Math, kFactor, kChannels, false, false>;
+    if (src_nhwc)
+      kernel = pairs ? pack_channels_last_kernel<T, Math, kFactor, kChannels, true, true>
+                     : pack_channels_last_kernel<T, Math, kFactor, kChannels, false, true>;
     kernel<<<dim3(unsigned(blocks_x), unsigned(blocks_y)), kPackThreads, 0, stream>>>(
         src, factor, typename DeviceAcc<T>::type(scale), channels, groups, padded, pixel_blocks, layout, dst,
         bias_partial);

@@ -1023,7 +1023,7 @@ bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src,
       // The copied form stages more (three 16-bit stages); where that does not fit, g is formed in registers.
       if (tma && run(std::integral_constant<TcVariant, TcVariant::TmaCopiedSource>{})) return true;
       if (src_cl && run(std::integral_constant<TcVariant, TcVariant::CopiedSource>{})) return true;
-      return run(Plain{});
+      return src && run(Plain{});  // (no src: grad_output is NHWC, which only the copy replaces)
     }
   });
 }

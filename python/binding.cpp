@@ -34,10 +34,10 @@ void backward(const ConvTransposeParams& params, const Epilogue& epilogue, int d
               std::uintptr_t grad_factor,
               std::uintptr_t input, std::uintptr_t weight, std::uintptr_t grad_input, std::uintptr_t grad_weight,
               std::uintptr_t grad_bias, std::uintptr_t workspace, std::size_t workspace_bytes, bool allow_tf32,
-              int device, std::uintptr_t stream) {
+              bool grad_output_channels_last, int device, std::uintptr_t stream) {
   const BackwardArgs args{as_ptr(grad_output), as_ptr(grad_factor), as_ptr(input),     as_ptr(weight),
                           as_ptr(grad_input),  as_ptr(grad_weight), as_ptr(grad_bias), as_ptr(workspace),
-                          workspace_bytes,     allow_tf32};
+                          workspace_bytes,     allow_tf32,          grad_output_channels_last};
   if (device < 0) {
     backward_cpu(params, epilogue, static_cast<DType>(dtype), args);
   } else {
@@ -97,6 +97,18 @@ PYBIND11_MODULE(_C, m) {
           call.allow_tf32 = allow_tf32;
           call.output_channels_last = output_channels_last;
           return forward_reads_channels_last(params, DType(dtype), device, call);
+        });
+  // For one backward call: which gradients it computes (flags) and its precision.
+  m.def("backward_call_reads_channels_last",
+        [](const ConvTransposeParams& params, int dtype, int device, bool grad_input, bool grad_weight, bool grad_bias,
+           bool allow_tf32) {
+          BackwardArgs call;
+          int dummy = 0;  // non-null pointers stand for the wanted gradients
+          call.grad_input = grad_input ? &dummy : nullptr;
+          call.grad_weight = grad_weight ? &dummy : nullptr;
+          call.grad_bias = grad_bias ? &dummy : nullptr;
+          call.allow_tf32 = allow_tf32;
+          return backward_reads_channels_last(params, DType(dtype), device, call);
         });
   m.def("grad_factor_dtype", [](int dtype, bool allow_tf32) { return int(grad_factor_dtype(DType(dtype), allow_tf32)); },
         "The dtype tag of grad_factor on CUDA (float16 for float32 with TF32, else the call's)");

@@ -23,6 +23,7 @@ bool forward_reads_channels_last(const ConvTransposeParams&, DType, int) { retur
 bool forward_reads_channels_last(const ConvTransposeParams&, DType, int, const ForwardArgs&) { return false; }
 size_t backward_workspace_bytes(const ConvTransposeParams&, DType, bool) { return 0; }
 void backward_cuda(const ConvTransposeParams&, const Epilogue&, DType, const BackwardArgs&, const CudaContext&) { no_cuda(); }
+bool backward_reads_channels_last(const ConvTransposeParams&, DType, int, const BackwardArgs&) { return false; }
 void transpose_cuda(const void*, void*, int64_t, int64_t, int64_t, int, const CudaContext&) { no_cuda(); }
 
 }  // namespace fused_convt

@@ -209,9 +209,18 @@ def _backward_impl(
     allow_tf32: bool,
     output_mask: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    grad_output, input, weight = _nchw(grad_output), _nchw(input), weight.contiguous()
+    input, weight = _nchw(input), weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     params = _params(input, weight, bias is not None, stride, padding, output_padding, dilation, groups)
+    want_input, want_weight, want_bias = output_mask
+    want_bias = want_bias and bias is not None
+    # A channels_last grad_output is read in place where the g pass is its only reader (the CUDA backward's
+    # backward_reads_channels_last); elsewhere it is made NCHW first.
+    grad_output_nhwc = (grad_output.is_cuda and _is_channels_last(grad_output) and
+                        _C.backward_call_reads_channels_last(params, _DTYPE_TAGS[input.dtype], input.device.index,
+                                                             want_input, want_weight, want_bias, allow_tf32))
+    if not grad_output_nhwc:
+        grad_output = _nchw(grad_output)
     epilogue = _C.Epilogue(add_value, multiply_value, apply_epilogue)
     if not apply_epilogue:
         grad_factor = None
@@ -224,8 +233,6 @@ def _backward_impl(
         _check_grad_factor(grad_factor, grad_output, _factor_dtype(input, allow_tf32))
         grad_factor = grad_factor.contiguous()
 
-    want_input, want_weight, want_bias = output_mask
-    want_bias = want_bias and bias is not None
     grad_input = torch.empty_like(input) if want_input else input.new_empty(0)
     grad_weight = torch.empty_like(weight) if want_weight else weight.new_empty(0)
     grad_bias = torch.empty_like(bias) if want_bias else input.new_empty(0)
@@ -238,7 +245,7 @@ def _backward_impl(
             workspace = torch.empty(nbytes, dtype=torch.uint8, device=input.device)
         _C.backward(params, epilogue, _DTYPE_TAGS[input.dtype], _ptr(grad_output), _ptr(grad_factor), _ptr(input),
                     _ptr(weight), _ptr(grad_input), _ptr(grad_weight), _ptr(grad_bias), _ptr(workspace), nbytes,
-                    allow_tf32, device, stream)
+                    allow_tf32, grad_output_nhwc, device, stream)
     return grad_input, grad_weight, grad_bias
 
 

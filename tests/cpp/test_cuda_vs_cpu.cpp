@@ -83,6 +83,7 @@ struct CaseOptions {
 
 // TF32 keeps 10 mantissa bits: an operand is off by less than 2^-10 of itself, rounded or truncated.
 constexpr double kTf32OperandUnit = 0x1.0p-10;
+int nhwc_backward_cases = 0;  // cases whose backward also ran from an NHWC grad_output (main checks there are some)
 // float32 without TF32 runs on tensor cores as 3xTF32 (x = hi + lo, two TF32 roundings, lo*lo dropped):
 // each product carries up to ~3 * 2^-22 relative error instead of float32's 2^-24.
 constexpr double kSplitTf32OperandUnit = 0x1.0p-21;
@@ -281,6 +282,38 @@ void check_case(const ConvTransposeParams& p, const Epilogue& epi, const CaseOpt
     CHECK_MSG(test::bitwise_equal(gw_dev.download<T>(), gw), what + ": grad_weight not reproducible");
     CHECK_MSG(!p.has_bias || test::bitwise_equal(gb_dev.download<T>(), gb), what + ": grad_bias not reproducible");
   }
+  // An NHWC (channels_last) grad_output read in place where backward_reads_channels_last() says so: the same
+  // products in the same order, so bitwise the NCHW run's gradients; elsewhere backward_cuda refuses it.
+  BackwardArgs nhwc_args = dev_args;
+  nhwc_args.grad_output_channels_last = true;
+  const int64_t plane = p.out_h() * p.out_w();
+  std::vector<T> go_nhwc(grad_output.size());
+  for (int64_t n = 0; n < p.batch; ++n)
+    for (int64_t c = 0; c < p.out_channels; ++c)
+      for (int64_t i = 0; i < plane; ++i)
+        go_nhwc[size_t((n * plane + i) * p.out_channels + c)] = grad_output[size_t((n * p.out_channels + c) * plane + i)];
+  const DeviceBuffer go_nhwc_dev(go_nhwc);
+  nhwc_args.grad_output = go_nhwc_dev.get();
+  if (fused_convt::backward_reads_channels_last(p, dtype, 0, nhwc_args)) {
+    for (DeviceBuffer* buffer : {&gi_dev, &gw_dev, &gb_dev, &workspace}) buffer->poison();
+    cuda_ok(cudaDeviceSynchronize(), "poison");
+    fused_convt::backward_cuda(p, epi, dtype, nhwc_args, ctx);
+    sync();
+    CHECK_MSG(test::bitwise_equal(gi_dev.download<T>(), gi), what + ": grad_input from an NHWC grad_output differs");
+    CHECK_MSG(!options.full || test::bitwise_equal(gw_dev.download<T>(), gw),
+              what + ": grad_weight from an NHWC grad_output differs");
+    CHECK_MSG(!options.full || !p.has_bias || test::bitwise_equal(gb_dev.download<T>(), gb),
+              what + ": grad_bias from an NHWC grad_output differs");
+    ++nhwc_backward_cases;
+  } else {
+    bool refused = false;
+    try {
+      fused_convt::backward_cuda(p, epi, dtype, nhwc_args, ctx);
+    } catch (const std::invalid_argument&) {
+      refused = true;
+    }
+    CHECK_MSG(refused, what + ": an NHWC grad_output where backward_reads_channels_last() is false must be refused");
+  }
 }
 
 // Square kernel, stride, padding and output padding: both axes alike.
@@ -446,6 +479,8 @@ int main() {
     device_matches_cpu<fused_convt::HalfBits>(rng, stream, 25);
     device_matches_cpu<fused_convt::BFloat16Bits>(rng, stream, 25);
     argument_checks();
+    CHECK_MSG(nhwc_backward_cases >= 10, "too few cases ran the backward from an NHWC grad_output: " +
+                                             std::to_string(nhwc_backward_cases));
     cuda_ok(cudaStreamDestroy(stream), "cudaStreamDestroy");
   } catch (const std::exception& error) {
     CHECK_MSG(false, std::string("exception: ") + error.what());

@@ -48,7 +48,8 @@ for dtype, tf32, _ in DTYPES:
 # The column-pair kernel (sm_90a; stride_w 2; 16-bit, and float as TF32): 64- and 16-channel tiles, NCHW and NHWC
 # outputs, a row stride of 1 with odd output widths, a float patch in two K chunks (64 channels, rows wide enough
 # that four warpgroups' whole patches would not fit); each as the inference forward, the training forward (output
-# and grad_factor) and, NCHW, the recompute backward's factor-only forward.
+# and grad_factor) and, NCHW, the recompute backward's factor-only forward; channels_last, the backward's g pass
+# reading the channels_last grad_output in place.
 PAIR_CASES = [Problem(2, 32, 64, (5, 6), (4, 4), (2, 2), add_value=-0.5),
               Problem(1, 32, 16, (4, 7), (3, 3), (1, 2), (1, 1), (0, 0)),
               Problem(1, 64, 32, (3, 20), (4, 4), (2, 2), add_value=-0.5)]
