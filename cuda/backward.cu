@@ -438,7 +438,7 @@ void launch_backward_tensor_cores(const ConvTransposeParams& p, const Epilogue& 
     const PhaseSplitLayout x_layout{p.batch, PhaseAxis{int(p.in_h), 1, 0}, PhaseAxis{int(p.in_w), 1, 0}, plan.x_row};
     launch_pack_channels_last<T, Math>(static_cast<const T*>(args.input), nullptr, 1.0f, int(p.in_channels),
                                        int(p.groups), int(padded_channels(p.in_channels_per_group())), x_layout, x_cl,
-                                       nullptr, stream);
+                                       nullptr, stream, args.input_channels_last);
     launch_grad_weight_gemm<Math>(p, plan, x_cl, g_split, weight_partial, stream);
     launch_sum_splits<T>(weight_partial, plan.splits, p.weight_numel(), static_cast<T*>(args.grad_weight), stream);
   }
@@ -464,8 +464,10 @@ static bool grad_input_copy_fits(const ConvTransposeParams& params, DType dtype)
 bool backward_reads_channels_last(const ConvTransposeParams& params, DType dtype, int device,
                                   const BackwardArgs& call) {
   validate(params);
-  if (dtype == DType::Float64 || params.out_channels % kPackVector != 0 || (!call.grad_weight && !call.grad_bias))
-    return false;
+  if (dtype == DType::Float64) return !call.grad_output_channels_last && !call.input_channels_last;
+  if (call.input_channels_last && params.in_channels % kPackVector != 0) return false;
+  if (!call.grad_output_channels_last) return true;
+  if (params.out_channels % kPackVector != 0 || (!call.grad_weight && !call.grad_bias)) return false;
   if (!call.grad_input || params.input_numel() == 0) return true;
   if (!call.grad_weight) return false;  // grad_input would read grad_output itself
   DeviceGuard guard(device);
@@ -478,10 +480,11 @@ bool backward_reads_channels_last(const ConvTransposeParams& params, DType dtype
 void backward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, DType dtype, const BackwardArgs& args,
                    const CudaContext& ctx) {
   validate(params);
-  if (args.grad_output_channels_last && !backward_reads_channels_last(params, dtype, ctx.device, args))
-    throw std::invalid_argument("fused_convt: a channels_last grad_output is read in place only where "
+  if ((args.grad_output_channels_last || args.input_channels_last) &&
+      !backward_reads_channels_last(params, dtype, ctx.device, args))
+    throw std::invalid_argument("fused_convt: a channels_last grad_output or input is read in place only where "
                                 "backward_reads_channels_last() is true for the call; pass NCHW (contiguous) "
-                                "grad_output here");
+                                "tensors here");
   if (args.grad_bias && !params.has_bias)
     throw std::invalid_argument("fused_convt: grad_bias requested but params.has_bias is false");
   const BackwardWorkspace layout = backward_workspace_layout(params, dtype, args.grad_weight != nullptr);

@@ -34,10 +34,10 @@ void backward(const ConvTransposeParams& params, const Epilogue& epilogue, int d
               std::uintptr_t grad_factor,
               std::uintptr_t input, std::uintptr_t weight, std::uintptr_t grad_input, std::uintptr_t grad_weight,
               std::uintptr_t grad_bias, std::uintptr_t workspace, std::size_t workspace_bytes, bool allow_tf32,
-              bool grad_output_channels_last, int device, std::uintptr_t stream) {
+              bool grad_output_channels_last, bool input_channels_last, int device, std::uintptr_t stream) {
   const BackwardArgs args{as_ptr(grad_output), as_ptr(grad_factor), as_ptr(input),     as_ptr(weight),
                           as_ptr(grad_input),  as_ptr(grad_weight), as_ptr(grad_bias), as_ptr(workspace),
-                          workspace_bytes,     allow_tf32,          grad_output_channels_last};
+                          workspace_bytes,     allow_tf32,          grad_output_channels_last, input_channels_last};
   if (device < 0) {
     backward_cpu(params, epilogue, static_cast<DType>(dtype), args);
   } else {
@@ -98,11 +98,14 @@ PYBIND11_MODULE(_C, m) {
           call.output_channels_last = output_channels_last;
           return forward_reads_channels_last(params, DType(dtype), device, call);
         });
-  // For one backward call: which gradients it computes (flags) and its precision.
+  // For one backward call: which gradients it computes (flags), its precision and which of grad_output and input
+  // would be passed NHWC.
   m.def("backward_call_reads_channels_last",
         [](const ConvTransposeParams& params, int dtype, int device, bool grad_input, bool grad_weight, bool grad_bias,
-           bool allow_tf32) {
+           bool allow_tf32, bool grad_output_channels_last, bool input_channels_last) {
           BackwardArgs call;
+          call.grad_output_channels_last = grad_output_channels_last;
+          call.input_channels_last = input_channels_last;
           int dummy = 0;  // non-null pointers stand for the wanted gradients
           call.grad_input = grad_input ? &dummy : nullptr;
           call.grad_weight = grad_weight ? &dummy : nullptr;

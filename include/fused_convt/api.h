@@ -51,9 +51,10 @@ struct BackwardArgs {
   void* workspace = nullptr;          // device scratch (CUDA only) of at least
   size_t workspace_bytes = 0;         //   backward_workspace_bytes(params, dtype, grad_weight != nullptr) bytes
   bool allow_tf32 = false;            // as ForwardArgs::allow_tf32, for grad_input and grad_weight
-  // grad_output is NHWC (channels_last), read in place; only where backward_reads_channels_last() is true for the
-  // call (backward_cuda refuses it elsewhere). The other tensors stay NCHW.
+  // grad_output / input is NHWC (channels_last), read in place; only where backward_reads_channels_last() is true
+  // for the call (backward_cuda refuses it elsewhere). The other tensors, gradients included, stay NCHW.
   bool grad_output_channels_last = false;
+  bool input_channels_last = false;
 };
 
 // Where a call runs. The stream is a cudaStream_t (null: the legacy default stream); the device index is
@@ -98,10 +99,12 @@ bool forward_reads_channels_last(const ConvTransposeParams& params, DType dtype,
 size_t backward_workspace_bytes(const ConvTransposeParams& params, DType dtype, bool grad_weight = true);
 void backward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, DType dtype, const BackwardArgs& args,
                    const CudaContext& ctx);
-// Whether backward_cuda on `device` reads an NHWC (channels_last) grad_output in place for this call (its pointers
-// are only tested for null; allow_tf32 is read): where the g pass is grad_output's only reader, i.e. a
-// tensor-core dtype with out_channels a multiple of 4, grad_weight or grad_bias wanted, and grad_input not wanted
-// or read from the g pass's copy (grad_weight wanted and that copy's path fitting the device). False without CUDA.
+// Whether backward_cuda on `device` reads in place every tensor the call marks NHWC (grad_output_channels_last,
+// input_channels_last; its pointers are only tested for null, allow_tf32 is read). grad_output: where the g pass
+// is its only reader, i.e. a tensor-core dtype with out_channels a multiple of 4, grad_weight or grad_bias wanted,
+// and grad_input not wanted or read from the g pass's copy (grad_weight wanted and that copy's path fitting the
+// device). input: a tensor-core dtype with in_channels a multiple of 4 (grad_weight's channels-last copy of x is
+// made from it without a transpose). False without CUDA.
 bool backward_reads_channels_last(const ConvTransposeParams& params, DType dtype, int device, const BackwardArgs& call);
 
 // Transposes a batch of row-major matrices of elem_bytes-byte values (2, 4 or 8) on the device, src

@@ -209,18 +209,24 @@ def _backward_impl(
     allow_tf32: bool,
     output_mask: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor]:
-    input, weight = _nchw(input), weight.contiguous()
+    weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
     params = _params(input, weight, bias is not None, stride, padding, output_padding, dilation, groups)
     want_input, want_weight, want_bias = output_mask
     want_bias = want_bias and bias is not None
-    # A channels_last grad_output is read in place where the g pass is its only reader (the CUDA backward's
-    # backward_reads_channels_last); elsewhere it is made NCHW first.
-    grad_output_nhwc = (grad_output.is_cuda and _is_channels_last(grad_output) and
-                        _C.backward_call_reads_channels_last(params, _DTYPE_TAGS[input.dtype], input.device.index,
-                                                             want_input, want_weight, want_bias, allow_tf32))
-    if not grad_output_nhwc:
-        grad_output = _nchw(grad_output)
+
+    # The CUDA backward reads a channels_last grad_output in place where its g pass is the only reader, and a
+    # channels_last input where the channels divide evenly (backward_reads_channels_last); elsewhere either is
+    # made NCHW first.
+    def read_in_place(t: Tensor, grad_output_nhwc: bool, input_nhwc: bool) -> bool:
+        return t.is_cuda and _is_channels_last(t) and _C.backward_call_reads_channels_last(
+            params, _DTYPE_TAGS[input.dtype], input.device.index, want_input, want_weight, want_bias, allow_tf32,
+            grad_output_nhwc, input_nhwc)
+
+    grad_output_nhwc = read_in_place(grad_output, True, False)
+    input_nhwc = read_in_place(input, False, True)
+    grad_output = grad_output if grad_output_nhwc else _nchw(grad_output)
+    input = input if input_nhwc else _nchw(input)
     epilogue = _C.Epilogue(add_value, multiply_value, apply_epilogue)
     if not apply_epilogue:
         grad_factor = None
@@ -228,12 +234,14 @@ def _backward_impl(
         if grad_output.numel() > 0:
             # recompute=True: rebuild the factor from x and the weights, output not written.
             grad_factor = torch.empty(grad_output.shape, dtype=_factor_dtype(input, allow_tf32), device=input.device)
-            _run_forward(input, weight, bias, params, epilogue, None, grad_factor, allow_tf32)
+            _run_forward(_forward_layout(input, params, None, grad_factor, allow_tf32), weight, bias, params,
+                         epilogue, None, grad_factor, allow_tf32)
     else:
         _check_grad_factor(grad_factor, grad_output, _factor_dtype(input, allow_tf32))
         grad_factor = grad_factor.contiguous()
 
-    grad_input = torch.empty_like(input) if want_input else input.new_empty(0)
+    # (NCHW whatever the input's layout: the kernels write grad_input NCHW.)
+    grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device) if want_input else input.new_empty(0)
     grad_weight = torch.empty_like(weight) if want_weight else weight.new_empty(0)
     grad_bias = torch.empty_like(bias) if want_bias else input.new_empty(0)
     if want_input or want_weight or want_bias:
@@ -245,7 +253,7 @@ def _backward_impl(
             workspace = torch.empty(nbytes, dtype=torch.uint8, device=input.device)
         _C.backward(params, epilogue, _DTYPE_TAGS[input.dtype], _ptr(grad_output), _ptr(grad_factor), _ptr(input),
                     _ptr(weight), _ptr(grad_input), _ptr(grad_weight), _ptr(grad_bias), _ptr(workspace), nbytes,
-                    allow_tf32, grad_output_nhwc, device, stream)
+                    allow_tf32, grad_output_nhwc, input_nhwc, device, stream)
     return grad_input, grad_weight, grad_bias
 
 

@@ -83,7 +83,7 @@ struct CaseOptions {
 
 // TF32 keeps 10 mantissa bits: an operand is off by less than 2^-10 of itself, rounded or truncated.
 constexpr double kTf32OperandUnit = 0x1.0p-10;
-int nhwc_backward_cases = 0;  // cases whose backward also ran from an NHWC grad_output (main checks there are some)
+int nhwc_backward_cases = 0;  // backward runs from NHWC grad_output / input (main checks there are some)
 // float32 without TF32 runs on tensor cores as 3xTF32 (x = hi + lo, two TF32 roundings, lo*lo dropped):
 // each product carries up to ~3 * 2^-22 relative error instead of float32's 2^-24.
 constexpr double kSplitTf32OperandUnit = 0x1.0p-21;
@@ -282,37 +282,45 @@ void check_case(const ConvTransposeParams& p, const Epilogue& epi, const CaseOpt
     CHECK_MSG(test::bitwise_equal(gw_dev.download<T>(), gw), what + ": grad_weight not reproducible");
     CHECK_MSG(!p.has_bias || test::bitwise_equal(gb_dev.download<T>(), gb), what + ": grad_bias not reproducible");
   }
-  // An NHWC (channels_last) grad_output read in place where backward_reads_channels_last() says so: the same
-  // products in the same order, so bitwise the NCHW run's gradients; elsewhere backward_cuda refuses it.
-  BackwardArgs nhwc_args = dev_args;
-  nhwc_args.grad_output_channels_last = true;
-  const int64_t plane = p.out_h() * p.out_w();
-  std::vector<T> go_nhwc(grad_output.size());
-  for (int64_t n = 0; n < p.batch; ++n)
-    for (int64_t c = 0; c < p.out_channels; ++c)
-      for (int64_t i = 0; i < plane; ++i)
-        go_nhwc[size_t((n * plane + i) * p.out_channels + c)] = grad_output[size_t((n * p.out_channels + c) * plane + i)];
-  const DeviceBuffer go_nhwc_dev(go_nhwc);
-  nhwc_args.grad_output = go_nhwc_dev.get();
-  if (fused_convt::backward_reads_channels_last(p, dtype, 0, nhwc_args)) {
-    for (DeviceBuffer* buffer : {&gi_dev, &gw_dev, &gb_dev, &workspace}) buffer->poison();
-    cuda_ok(cudaDeviceSynchronize(), "poison");
-    fused_convt::backward_cuda(p, epi, dtype, nhwc_args, ctx);
-    sync();
-    CHECK_MSG(test::bitwise_equal(gi_dev.download<T>(), gi), what + ": grad_input from an NHWC grad_output differs");
-    CHECK_MSG(!options.full || test::bitwise_equal(gw_dev.download<T>(), gw),
-              what + ": grad_weight from an NHWC grad_output differs");
-    CHECK_MSG(!options.full || !p.has_bias || test::bitwise_equal(gb_dev.download<T>(), gb),
-              what + ": grad_bias from an NHWC grad_output differs");
-    ++nhwc_backward_cases;
-  } else {
-    bool refused = false;
-    try {
+  // NHWC (channels_last) grad_output and / or input read in place where backward_reads_channels_last() says so:
+  // the same products in the same order, so bitwise the NCHW run's gradients; elsewhere backward_cuda refuses them.
+  auto nhwc_of = [](const std::vector<T>& nchw, int64_t batch, int64_t channels, int64_t plane) {
+    std::vector<T> nhwc(nchw.size());
+    for (int64_t n = 0; n < batch; ++n)
+      for (int64_t c = 0; c < channels; ++c)
+        for (int64_t i = 0; i < plane; ++i)
+          nhwc[size_t((n * plane + i) * channels + c)] = nchw[size_t((n * channels + c) * plane + i)];
+    return nhwc;
+  };
+  const DeviceBuffer go_nhwc_dev(nhwc_of(grad_output, p.batch, p.out_channels, p.out_h() * p.out_w()));
+  const DeviceBuffer x_nhwc_dev(nhwc_of(x, p.batch, p.in_channels, p.in_h * p.in_w));
+  for (const auto& [go_nhwc, x_nhwc] : {std::pair{true, false}, std::pair{false, true}, std::pair{true, true}}) {
+    BackwardArgs nhwc_args = dev_args;
+    nhwc_args.grad_output_channels_last = go_nhwc;
+    nhwc_args.input_channels_last = x_nhwc;
+    if (go_nhwc) nhwc_args.grad_output = go_nhwc_dev.get();
+    if (x_nhwc) nhwc_args.input = x_nhwc_dev.get();
+    const std::string layouts = std::string(go_nhwc ? " NHWC grad_output" : "") + (x_nhwc ? " NHWC input" : "");
+    if (fused_convt::backward_reads_channels_last(p, dtype, 0, nhwc_args)) {
+      for (DeviceBuffer* buffer : {&gi_dev, &gw_dev, &gb_dev, &workspace}) buffer->poison();
+      cuda_ok(cudaDeviceSynchronize(), "poison");
       fused_convt::backward_cuda(p, epi, dtype, nhwc_args, ctx);
-    } catch (const std::invalid_argument&) {
-      refused = true;
+      sync();
+      CHECK_MSG(test::bitwise_equal(gi_dev.download<T>(), gi), what + ": grad_input with" + layouts + " differs");
+      CHECK_MSG(!options.full || test::bitwise_equal(gw_dev.download<T>(), gw),
+                what + ": grad_weight with" + layouts + " differs");
+      CHECK_MSG(!options.full || !p.has_bias || test::bitwise_equal(gb_dev.download<T>(), gb),
+                what + ": grad_bias with" + layouts + " differs");
+      ++nhwc_backward_cases;
+    } else {
+      bool refused = false;
+      try {
+        fused_convt::backward_cuda(p, epi, dtype, nhwc_args, ctx);
+      } catch (const std::invalid_argument&) {
+        refused = true;
+      }
+      CHECK_MSG(refused, what + ":" + layouts + " where backward_reads_channels_last() is false must be refused");
     }
-    CHECK_MSG(refused, what + ": an NHWC grad_output where backward_reads_channels_last() is false must be refused");
   }
 }
 
@@ -479,7 +487,7 @@ int main() {
     device_matches_cpu<fused_convt::HalfBits>(rng, stream, 25);
     device_matches_cpu<fused_convt::BFloat16Bits>(rng, stream, 25);
     argument_checks();
-    CHECK_MSG(nhwc_backward_cases >= 10, "too few cases ran the backward from an NHWC grad_output: " +
+    CHECK_MSG(nhwc_backward_cases >= 30, "too few backward runs from NHWC grad_output / input: " +
                                              std::to_string(nhwc_backward_cases));
     cuda_ok(cudaStreamDestroy(stream), "cudaStreamDestroy");
   } catch (const std::exception& error) {

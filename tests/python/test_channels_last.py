@@ -146,22 +146,30 @@ def test_transpose_rejects_other_value_widths_cuda():
                                               (torch.float64, False)], ids=["bf16", "tf32", "fp32", "fp64"])
 def test_channels_last_grad_output_read_in_place_where_the_g_pass_reads_it(dtype, allow_tf32):
     """The CUDA backward reads a channels_last grad_output in place where the g pass is its only reader (grad_weight
-    or grad_bias wanted, grad_input not wanted or taken from the g pass's copy): the same products in the same order,
-    so every gradient equals the NCHW grad_output's bitwise, for every output mask; elsewhere it is made NCHW first."""
+    or grad_bias wanted, grad_input not wanted or taken from the g pass's copy), and a channels_last input (x) for
+    grad_weight's copy: the same products in the same order, so every gradient equals the NCHW tensors' bitwise, for
+    every output mask and layout; elsewhere they are made NCHW first."""
     x, w, b = make("cuda", 32, 16, 1, 4, dtype)
     conv = ([2, 2], [1, 1], [0, 0], [1, 1], 1, -0.3, 1.5, True)
     _, factor = torch.ops.fused_convt.conv_transpose2d_fused(x, w, b, *conv, True, allow_tf32)
     grad = torch.randn(factor.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(3)).to(dtype)
     grad_cl = grad.contiguous(memory_format=torch.channels_last)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
     params = _params(x, w, True, (2, 2), (1, 1), (0, 0), (1, 1), 1)
     for mask in ([True, True, True], [False, True, False], [False, False, True], [True, False, True],
                  [True, False, False]):
-        reads = fused_convt._C.backward_call_reads_channels_last(params, _DTYPE_TAGS[dtype], 0, *mask, allow_tf32)
+        reads = fused_convt._C.backward_call_reads_channels_last(params, _DTYPE_TAGS[dtype], 0, *mask, allow_tf32,
+                                                                 True, False)
+        reads_x = fused_convt._C.backward_call_reads_channels_last(params, _DTYPE_TAGS[dtype], 0, *mask, allow_tf32,
+                                                                   False, True)
+        assert reads_x is (dtype != torch.float64)  # x: any tensor-core call (32 channels)
         if dtype == torch.float64 or (mask[0] and not mask[1]):
             assert not reads  # float64 has no g pass; grad_input without grad_weight reads grad_output itself
         elif not mask[0] or dtype != torch.float32 or allow_tf32:
             assert reads  # (exact float32's grad_input copy path may not fit: either answer is consistent)
         expected = torch.ops.fused_convt.conv_transpose2d_fused_backward(grad, x, w, b, factor, *conv, allow_tf32, mask)
-        got = torch.ops.fused_convt.conv_transpose2d_fused_backward(grad_cl, x, w, b, factor, *conv, allow_tf32, mask)
-        for name, e, g in zip(("grad_input", "grad_weight", "grad_bias"), expected, got):
-            assert torch.equal(e, g), (mask, name)
+        for x_in, g_in in ((x, grad_cl), (x_cl, grad), (x_cl, grad_cl)):
+            got = torch.ops.fused_convt.conv_transpose2d_fused_backward(g_in, x_in, w, b, factor, *conv, allow_tf32,
+                                                                        mask)
+            for name, e, g in zip(("grad_input", "grad_weight", "grad_bias"), expected, got):
+                assert torch.equal(e, g), (mask, name, x_in.is_contiguous(), g_in.is_contiguous())
