@@ -2,7 +2,8 @@
 // grad_weight GEMM (grad_weight_gemm.cuh).
 //
 // grad_weight reduces over pixels, so its GEMM operands are [pixel][channel] tiles; staged with 16-byte
-// cp.async they must have the channels of a pixel contiguous. The two operands come from NCHW tensors:
+// cp.async they must have the channels of a pixel contiguous. The two operands come from NCHW tensors, or from
+// channels_last (NHWC) ones, whose rows are staged as they are (kSrcNhwc):
 //  * x -> X[n][ih][iw][group][channel padded], a plain transpose;
 //  * g = grad_output * grad_factor * factor_scale -> G[phase][n][a][b][group][channel padded] (the factor of type
 //    Math::Factor, float16 for TF32): the product is formed once,

@@ -204,7 +204,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   // Offsets inside one image fit 32 bits (checked by finish_tc_problem); only the image base is 64-bit.
   const int src_plane = pr.src_h * pr.src_w;
   const int64_t src_image = (image * pr.src_channels + int64_t(group) * pr.src_per_group) * src_plane;
-  const T* src_group = src + src_image;
+  const T* src_group = src ? src + src_image : nullptr;  // (null: grad_input from the g pass's copy alone)
   const Factor* factor_group = src_factor ? src_factor + src_image : nullptr;
   const float factor_scale_value = float(factor_scale(epi));  // grad_input: g = grad_output x factor x this
   // Channels-last copy of the source ([image][pixel][group][src_padded]), when the caller made one.
