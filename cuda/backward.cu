@@ -23,6 +23,7 @@
 #include "grad_weight_gemm.cuh"
 #include "implicit_gemm_conv.cuh"
 #include "problems.cuh"
+#include "side_stream.h"
 
 namespace fused_convt {
 
@@ -401,8 +402,8 @@ bool launch_grad_input_tensor_cores(const ConvTransposeParams& params, const Epi
 
 // The backward of the tensor-core dtypes (Math: the operand policy of mma.cuh). The g pass runs first where
 // grad_weight or grad_bias is wanted, so that grad_input copies its patches from the g it wrote (as the forward
-// copies its input's channels-last copy) instead of forming g again in registers; then grad_input, then
-// grad_weight's x copy and GEMM, then the ordered sums.
+// copies its input's channels-last copy) instead of forming g again in registers; then grad_input beside
+// grad_weight's x copy, GEMM and sum (on a side stream where both are wanted), then grad_bias's ordered sum.
 template <typename T, typename Math>
 void launch_backward_tensor_cores(const ConvTransposeParams& p, const Epilogue& epilogue, DType dtype,
                                   const BackwardArgs& args, unsigned char* workspace, const BackwardWorkspace& w,
@@ -426,7 +427,20 @@ void launch_backward_tensor_cores(const ConvTransposeParams& p, const Epilogue& 
                                        float(factor_scale(epilogue)), int(p.out_channels), int(p.groups),
                                        int(padded_channels(p.out_channels_per_group())), plan.g_layout, g_split,
                                        bias_partial, stream, args.grad_output_channels_last);
-  if (args.grad_input && p.input_numel() > 0) {
+  // grad_input and grad_weight's chain (x copy, GEMM, sum) both need only the g pass: where both are wanted, the
+  // chain runs on a side stream beside grad_input (side_stream.h).
+  const bool grad_input = args.grad_input && p.input_numel() > 0;
+  ForkJoin fork(stream, grad_input && args.grad_weight && !serial_backward());
+  if (args.grad_weight) {
+    const cudaStream_t side = fork.side();
+    const PhaseSplitLayout x_layout{p.batch, PhaseAxis{int(p.in_h), 1, 0}, PhaseAxis{int(p.in_w), 1, 0}, plan.x_row};
+    launch_pack_channels_last<T, Math>(static_cast<const T*>(args.input), nullptr, 1.0f, int(p.in_channels),
+                                       int(p.groups), int(padded_channels(p.in_channels_per_group())), x_layout, x_cl,
+                                       nullptr, side, args.input_channels_last);
+    launch_grad_weight_gemm<Math>(p, plan, x_cl, g_split, weight_partial, side);
+    launch_sum_splits<T>(weight_partial, plan.splits, p.weight_numel(), static_cast<T*>(args.grad_weight), side);
+  }
+  if (grad_input) {
     const bool tensor_cores = workspace && packed_grad_input_weight_bytes(p, dtype) > 0 &&
                               launch_grad_input_tensor_cores<T, Math>(p, epilogue, args, workspace, g_split,
                                                                       plan.g_layout, stream);
@@ -434,14 +448,7 @@ void launch_backward_tensor_cores(const ConvTransposeParams& p, const Epilogue& 
       throw std::logic_error("fused_convt: an NHWC grad_output reached grad_input's NCHW kernels");
     if (!tensor_cores) launch_grad_input_gather<T, typename Math::Factor>(p, epilogue, args, stream);
   }
-  if (args.grad_weight) {
-    const PhaseSplitLayout x_layout{p.batch, PhaseAxis{int(p.in_h), 1, 0}, PhaseAxis{int(p.in_w), 1, 0}, plan.x_row};
-    launch_pack_channels_last<T, Math>(static_cast<const T*>(args.input), nullptr, 1.0f, int(p.in_channels),
-                                       int(p.groups), int(padded_channels(p.in_channels_per_group())), x_layout, x_cl,
-                                       nullptr, stream, args.input_channels_last);
-    launch_grad_weight_gemm<Math>(p, plan, x_cl, g_split, weight_partial, stream);
-    launch_sum_splits<T>(weight_partial, plan.splits, p.weight_numel(), static_cast<T*>(args.grad_weight), stream);
-  }
+  fork.join();
   if (args.grad_bias) {
     launch_sum_splits<T>(bias_partial, bias_partial_count(p), p.out_channels, static_cast<T*>(args.grad_bias), stream);
   }

@@ -107,3 +107,78 @@ def test_forward_backward_graph_replay_equals_eager_bitwise():
     torch.cuda.synchronize()
     for ours, ref in zip((x.grad, w.grad, b.grad), eager):
         assert torch.equal(ours, ref)
+
+
+def _gradients(x, w, b, grad):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    fused(*leaves).backward(grad)
+    return [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_side_stream_equals_serial_bitwise(dtype, monkeypatch):
+    """With grad_input and grad_weight both wanted, grad_weight's chain runs on a side stream forked from the
+    caller's (cuda/side_stream.h); FUSED_CONVT_SERIAL_BACKWARD keeps it on one stream. Same kernels, same bits."""
+    x, w, b = PROBLEM.tensors(dtype, "cuda")
+    grad = torch.randn(fused(x, w, b).shape, device="cuda", dtype=dtype)
+    monkeypatch.setenv("FUSED_CONVT_SERIAL_BACKWARD", "1")
+    serial = _gradients(x, w, b, grad)
+    monkeypatch.delenv("FUSED_CONVT_SERIAL_BACKWARD")
+    forked = _gradients(x, w, b, grad)
+    for ours, ref in zip(forked, serial):
+        assert torch.equal(ours, ref)
+    assert all(t.abs().max() > 0 for t in forked)
+
+
+def test_backward_side_stream_joins_before_later_work():
+    """The caller's stream waits for the side stream: work queued after the backward on the caller's stream
+    (reading grad_weight, then overwriting the inputs) sees the finished gradients, with no host sync between."""
+    x, w, b = PROBLEM.tensors(torch.float32, "cuda")
+    grad = torch.randn(fused(x, w, b).shape, device="cuda")
+    expected = _gradients(x, w, b, grad)
+    for _ in range(3):
+        leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+        fused(*leaves).backward(grad)
+        weight_grad = leaves[1].grad.clone()  # queued on the caller's stream right after the join
+        assert torch.equal(weight_grad, expected[1])
+        assert torch.equal(leaves[0].grad, expected[0])
+
+
+def test_first_backward_of_a_thread_inside_a_graph_capture():
+    """A thread's side stream is created on its first forked backward, which must not happen inside a capture:
+    there the backward runs serially, and the replay still equals eager bitwise. The backward op is called from a
+    new thread (autograd would run it on its own device thread, whose side stream earlier tests made)."""
+    import threading
+    x, w, b = PROBLEM.tensors(torch.float32, "cuda")
+    conv = [[*PROBLEM.stride], [*PROBLEM.padding], [*PROBLEM.output_padding], [*PROBLEM.dilation], PROBLEM.groups,
+            PROBLEM.add_value, PROBLEM.multiply_value, True]
+    y, factor = torch.ops.fused_convt.conv_transpose2d_fused(x, w, b, *conv, save_grad_factor=True, allow_tf32=True)
+    grad = torch.randn(y.shape, device="cuda")
+
+    def backward():
+        return torch.ops.fused_convt.conv_transpose2d_fused_backward(grad, x, w, b, factor, *conv, True,
+                                                                      [True, True, True])
+
+    eager = backward()
+    outcome = {}
+
+    def capture():
+        try:
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                captured = backward()
+            graph.replay()
+            torch.cuda.synchronize()
+            outcome["captured"] = captured
+            outcome["forked"] = backward()  # outside the capture: this thread's side stream now exists
+            torch.cuda.synchronize()
+        except Exception as error:  # reported to the test's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=capture)
+    thread.start()
+    thread.join()
+    assert "error" not in outcome, outcome.get("error")
+    for result in (outcome["captured"], outcome["forked"]):
+        for ours, ref in zip(result, eager):
+            assert torch.equal(ours, ref)
