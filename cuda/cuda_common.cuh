@@ -6,8 +6,11 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 #include "fused_convt/api.h"
 
@@ -103,6 +106,21 @@ inline int current_device_attribute(cudaDeviceAttr attribute) {
 // Largest dynamic shared memory a block of this device may opt in to.
 inline size_t max_dynamic_smem_bytes() {
   return static_cast<size_t>(current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));
+}
+
+// Lets `kernel` use `bytes` of dynamic shared memory on the current device: cudaFuncSetAttribute once per
+// kernel, device and larger size, not once per launch (~3 us of host time each, three or four per training step,
+// which bound the small shapes; torch.profiler on the H100 machine).
+inline void allow_dynamic_smem(const void* kernel, int bytes, const char* what) {
+  static std::mutex lock;
+  static std::map<std::pair<const void*, int>, int> allowed;  // (kernel, device) -> bytes
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  std::lock_guard<std::mutex> guard(lock);
+  int& done = allowed[{kernel, device}];
+  if (bytes <= done) return;
+  check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), what);
+  done = bytes;
 }
 
 }  // namespace fused_convt

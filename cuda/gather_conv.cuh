@@ -223,8 +223,7 @@ void launch_gather_conv(GatherProblem pr, const Epilogue& epi, const T* src, con
       throw std::invalid_argument("fused_convt: problem needs more than 2^31-1 thread blocks");
     auto kernel = gather_conv_kernel<T, F, Dir, DST_C>;
     if (smem > 48 * 1024) {
-      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-                 "cudaFuncSetAttribute(gather_conv_kernel)");
+      allow_dynamic_smem(reinterpret_cast<const void*>(kernel), int(smem), "cudaFuncSetAttribute(gather_conv_kernel)");
     }
     kernel<<<dim3(unsigned(blocks)), kGatherThreads, smem, stream>>>(pr, epi, src, src_factor, weight, bias,
                                                                         dst, dst_factor);

@@ -598,8 +598,7 @@ void launch_grad_weight_gemm(const ConvTransposeParams& p, const WeightGemmPlan&
       if constexpr (Shape::kGroups == 1) {
         if (plan.patch) kernel = grad_weight_gemm_kernel<Math, Shape, kStages, true>;
       }
-      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kSmem),
-                 "cudaFuncSetAttribute(grad_weight_gemm_kernel)");
+      allow_dynamic_smem(reinterpret_cast<const void*>(kernel), kSmem, "cudaFuncSetAttribute(grad_weight_gemm_kernel)");
       kernel<<<dim3(unsigned(grid_x), unsigned(grid_y), unsigned(p.groups)), kGemmThreads, kSmem, stream>>>(
           p, plan, x_cl, g_split, weight_partial);
       check_launch("grad_weight_gemm_kernel");

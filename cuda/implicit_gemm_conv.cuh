@@ -983,8 +983,8 @@ bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src,
                                            nullptr, stream);
       }
       auto kernel = implicit_gemm_conv_kernel<T, Math, Dir, BN, Variant>;
-      check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)),
-                 "cudaFuncSetAttribute(implicit_gemm_conv_kernel)");
+      allow_dynamic_smem(reinterpret_cast<const void*>(kernel), int(smem),
+                         "cudaFuncSetAttribute(implicit_gemm_conv_kernel)");
       cudaLaunchConfig_t config{};
       config.gridDim = dim3(unsigned(grid_x), unsigned(grid_y));
       config.blockDim = dim3(kTcThreads);

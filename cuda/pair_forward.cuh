@@ -53,14 +53,14 @@ __device__ __forceinline__ uint4 pair_plane_row(const T (&v)[kPairPlaneChannels<
 
 // The input in zero-padded planes of 16 bytes per pixel, [image][plane][padded pixel][16 bytes]
 // (pair_problem.h), from NCHW or NHWC: one row per thread, each of its loads coalesced with its neighbours'
-// along the row.
+// along the row. Blocks `block` of `blocks` (pack_pair_operands' share of its grid).
 template <typename T>
-__global__ void pack_pair_input(PairProblem pr, const T* __restrict__ input, bool channels_last,
-                                uint4* __restrict__ padded) {
+__device__ void pack_pair_input(const PairProblem& pr, const T* __restrict__ input, bool channels_last,
+                                uint4* __restrict__ padded, int block, int blocks) {
   constexpr int kPlane = kPairPlaneChannels<T>;
   const int planes = pr.groups * pr.planes(), channels = planes * kPlane;
   const int64_t total = pr.padded_input_rows();
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t idx = block * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(blocks) * blockDim.x) {
     const int pixel = int(idx % pr.plane_len);
     const int64_t image_plane = idx / pr.plane_len;
     const int plane = int(image_plane % planes);
@@ -85,15 +85,16 @@ __global__ void pack_pair_input(PairProblem pr, const T* __restrict__ input, boo
 // The weights of each set as the kernel's resident slots, [set][slot][plane][column phase][n_tile][16 bytes]:
 // slot a * col_taps + u holds row tap a at input column offset dw = col_hi - u, for each column phase the tap
 // that reads that offset, or zeros where the phase has none. weight: PyTorch's [C_in][C_out / groups][kh][kw].
-// Also zeroes the pair kernel's progress counter (this launch runs first, on the same stream).
+// Also zeroes the pair kernel's progress counter (this launch runs first, on the same stream). Blocks `block` of
+// `blocks`, as pack_pair_input.
 template <typename T>
-__global__ void pack_pair_weight(PairProblem pr, const T* __restrict__ weight, uint4* __restrict__ packed,
-                                 unsigned int* __restrict__ progress) {
-  if (blockIdx.x == 0 && threadIdx.x == 0) *progress = 0;
+__device__ void pack_pair_weight(const PairProblem& pr, const T* __restrict__ weight, uint4* __restrict__ packed,
+                                 unsigned int* __restrict__ progress, int block, int blocks) {
+  if (block == 0 && threadIdx.x == 0) *progress = 0;
   constexpr int kPlane = kPairPlaneChannels<T>;
   const int planes = pr.planes(), rows = 2 * pr.n_tile;
   const int64_t total = pr.packed_weight_rows();
-  for (int64_t idx = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t idx = block * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(blocks) * blockDim.x) {
     const int row = int(idx % rows), plane = int(idx / rows % planes), slot = int(idx / rows / planes % pr.max_taps);
     const int set = int(idx / rows / planes / pr.max_taps);
     const PairSet at = pr.set_at(set);
@@ -113,6 +114,17 @@ __global__ void pack_pair_weight(PairProblem pr, const T* __restrict__ weight, u
     }
     packed[idx] = pair_plane_row<T>(v);
   }
+}
+
+// Both packs in one launch (a launch less per forward: host time and a gap between kernels, which count at small
+// shapes): the first weight_blocks blocks pack the weights, the others the input.
+template <typename T>
+__global__ void pack_pair_operands(PairProblem pr, const T* __restrict__ weight, const T* __restrict__ input,
+                                   bool channels_last, int weight_blocks, uint4* __restrict__ packed,
+                                   unsigned int* __restrict__ progress, uint4* __restrict__ padded) {
+  const int block = int(blockIdx.x);
+  if (block < weight_blocks) pack_pair_weight<T>(pr, weight, packed, progress, block, weight_blocks);
+  else pack_pair_input<T>(pr, input, channels_last, padded, block - weight_blocks, int(gridDim.x) - weight_blocks);
 }
 
 // Barrier of one warpgroup (named barrier `id`, 1 + its index: 0 is __syncthreads').
@@ -336,7 +348,7 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
       const int later = tile + ahead / chunks * tile_stride;
       if (later < total) issue(later, ahead % chunks, buffer);
     };
-    // Lockstep, where each block serves one set: the warpgroups of the grid finish tiles of the same image
+    // Lockstep, where each block serves one set and the launcher asks for it (pair_lockstep): the warpgroups of the grid finish tiles of the same image
     // region together. Output rows of the two row phases (other sets, other blocks) and neighbouring tiles
     // share 32-byte sectors at their ends; when blocks drift apart, the first partial sector leaves L2 before its
     // other part arrives and DRAM reads and writes it twice (H100, kb_v1 bf16 on KernelBench's data: without it
@@ -348,7 +360,7 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
     // bf16 1.28 -> 1.11, TF32 1.50 -> 1.26 (H100, KernelBench data, same call; randn data 1.36 -> 1.12 and
     // 1.53 -> 1.44).
     constexpr int kPairSlack = 1;
-    const bool lockstep = pr.sets <= sets_stride;
+    const bool lockstep = pr.lockstep && pr.sets <= sets_stride;
     const unsigned int grid_wgs = gridDim.x * wgs, rounds = (total + tile_stride - 1) / tile_stride;
     bool waiting = lockstep && tid == 0;
     if (tid == 0) {
@@ -566,21 +578,21 @@ void launch_pair_forward(PairProblem pr, const Epilogue& epilogue, const T* inpu
     return !tensor || (nhwc ? address % 16 == 0 : pr.out_w % 2 == 0 && address % (2 * sizeof(*tensor)) == 0);
   };
   pr.aligned_stores = aligned(output, pr.channels_last_out) && aligned(grad_factor, false);
+  pr.lockstep = pair_lockstep(pr, output ? int(sizeof(T)) : 0, grad_factor ? int(sizeof(FactorType<T, true>)) : 0,
+                              current_device_attribute(cudaDevAttrL2CacheSize));
   auto* packed = static_cast<uint4*>(workspace);
   auto* progress = reinterpret_cast<unsigned int*>(static_cast<unsigned char*>(workspace) + pair_packed_bytes(pr));
   auto* padded = reinterpret_cast<uint4*>(static_cast<unsigned char*>(workspace) + pair_packed_bytes(pr) +
                                           kPairProgressBytes);
   const int threads = 256;
   auto blocks = [&](int64_t rows) { return int(std::min<int64_t>((rows + threads - 1) / threads, 65536)); };
-  pack_pair_weight<T><<<blocks(pr.packed_weight_rows()), threads, 0, stream>>>(pr, weight, packed, progress);
-  check_launch("pack_pair_weight");
-  pack_pair_input<T><<<blocks(pr.padded_input_rows()), threads, 0, stream>>>(
-      pr, input, input_channels_last, padded);
-  check_launch("pack_pair_input");
+  const int weight_blocks = blocks(pr.packed_weight_rows());
+  pack_pair_operands<T><<<weight_blocks + blocks(pr.padded_input_rows()), threads, 0, stream>>>(
+      pr, weight, input, input_channels_last, weight_blocks, packed, progress, padded);
+  check_launch("pack_pair_operands");
   auto run = [&](auto kernel) {
     const int smem = pr.smem_bytes(pr.warpgroups);
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem),
-               "cudaFuncSetAttribute(pair_forward_kernel)");
+    allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem, "cudaFuncSetAttribute(pair_forward_kernel)");
     kernel<<<pr.grid, pr.warpgroups * 128, smem, stream>>>(pr, epilogue, padded, packed, bias, output, grad_factor,
                                                            progress);
     check_launch("pair_forward_kernel");

@@ -78,6 +78,7 @@ struct PairProblem {
   int blocks_per_set, grid;  // grid: blocks_per_set x sets, or one block per SM looping over the sets
   Divider by_tiles, by_plane_w;  // tile numbers -> image, grid pixels -> row (no integer division per tile)
   bool channels_last_out;  // NHWC output: the staging layout, so the shared memory, depends on it
+  bool lockstep;           // the grid's soft lockstep (pair_lockstep; the launcher)
   bool aligned_stores;     // NCHW: every pair (2j, 2j + 1) 4-byte aligned; NHWC: 16-byte pieces (the launcher)
 
   FCT_HD int plane_channels() const { return kPairPlaneBytes / elem_bytes; }
@@ -186,6 +187,20 @@ inline bool plan_pair_forward(const ConvTransposeParams& p, int elem_bytes, int 
   pr.grid = pr.sets <= sms ? pr.blocks_per_set * pr.sets : std::max(1, sms);
   *out = pr;
   return true;
+}
+
+// Whether the pair kernel's warpgroups keep the grid in a soft lockstep (pair_forward_kernel: before a tile, wait
+// until every warpgroup has finished all but the last of its tiles). It exists for the output sectors that the two
+// row phases (different blocks) and neighbouring tiles share: while the blocks stay together both halves of such a
+// sector meet in L2, once they drift apart DRAM writes it twice. Where everything the launch stores fits in L2
+// (l2_bytes) the halves meet there anyway and the waits are pure cost; and the float inference forward was faster
+// without it at every kb_v1-like point measured (H100, KernelBench data; perf/NOTES.md forward row 50: kb_v1 0.880
+// -> 0.827 ms; the one loss, kb_v0 at batch 512, 0.201 -> 0.216). `output_bytes` / `factor_bytes`: per element of
+// each tensor the launch stores (0: not stored).
+inline bool pair_lockstep(const PairProblem& pr, int output_bytes, int factor_bytes, int64_t l2_bytes) {
+  if (pr.elem_bytes == 4 && factor_bytes == 0) return false;
+  const int64_t outputs = int64_t(pr.batch) * pr.groups * pr.cout_g * pr.out_h * pr.out_w;
+  return outputs * (output_bytes + factor_bytes) > l2_bytes;
 }
 
 }  // namespace fused_convt

@@ -150,6 +150,25 @@ int main() {
   CHECK_MSG(pr.warpgroups == 4 && pr.chunks == 2 && pr.blocks_per_set == 16 && pr.grid == 128, "kb_v1 float grid");
   pairs += check_plan(pr, "kb_v1 float");
 
+  // The lockstep (pair_lockstep) with an H100's 50 MB L2: kb_v1 keeps it for bf16 (0.55 GB stored) and every
+  // training forward, not for float inference; kb_v0 (N128 Cin32 Cout16 32x32: 17.8 MB of bf16 outputs) only for
+  // the float training forward (outputs and float16 factor, 53.5 MB).
+  const int64_t l2 = 50 << 20;
+  CHECK_MSG(fused_convt::plan_pair_forward(kb, 2, 132, false, &pr) && fused_convt::pair_lockstep(pr, 2, 0, l2) &&
+                fused_convt::pair_lockstep(pr, 2, 2, l2) && fused_convt::pair_lockstep(pr, 0, 2, l2),
+            "kb_v1 bf16 lockstep");
+  CHECK_MSG(fused_convt::plan_pair_forward(kb, 4, 132, false, &pr) && !fused_convt::pair_lockstep(pr, 4, 0, l2) &&
+                fused_convt::pair_lockstep(pr, 4, 2, l2) && fused_convt::pair_lockstep(pr, 0, 2, l2),
+            "kb_v1 float lockstep");
+  ConvTransposeParams kb0 = test::make_params(128, 32, 16, 32, 32, 1);
+  kb0.kernel_h = kb0.kernel_w = 4, kb0.stride_h = kb0.stride_w = 2;
+  CHECK_MSG(fused_convt::plan_pair_forward(kb0, 2, 132, false, &pr) && !fused_convt::pair_lockstep(pr, 2, 0, l2) &&
+                !fused_convt::pair_lockstep(pr, 2, 2, l2),
+            "kb_v0 bf16 lockstep");
+  CHECK_MSG(fused_convt::plan_pair_forward(kb0, 4, 132, false, &pr) && !fused_convt::pair_lockstep(pr, 4, 0, l2) &&
+                fused_convt::pair_lockstep(pr, 4, 2, l2) && !fused_convt::pair_lockstep(pr, 0, 2, l2),
+            "kb_v0 float lockstep");
+
   // Refused: another column stride, dilation, channels per group not a multiple of 16, four taps per axis.
   ConvTransposeParams refused = kb;
   refused.stride_w = 3;
