@@ -1,6 +1,6 @@
 // CUDA forward entry point: validates, makes the caller's device current and, on the caller's stream, runs
-// the column-pair wgmma kernel at stride_w 2 on sm_90a (float16, bfloat16, and float where TF32 is allowed;
-// the output, grad_factor or both; pair_forward.cuh),
+// the column-pair wgmma kernel at stride_w 2 on sm_90a (float16, bfloat16, and float: as TF32 where it is allowed,
+// the output, grad_factor or both; exact, as 3xTF32, for the output alone; pair_forward.cuh),
 // else the tensor-core implicit-GEMM kernel where it applies (float16, bfloat16, float32 as TF32 or, without TF32,
 // as exact 3xTF32; phases and patches within its limits), else the direct gather kernel (float64, the rest).
 // It first makes a channels-last copy of the input in the workspace (tc_async_patch), or, for the 16-bit
@@ -46,22 +46,27 @@ size_t forward_workspace_bytes(const ConvTransposeParams& params, DType dtype) {
                                                   : channels_last_source_bytes<Half16Math<__half>>(problem);
     bytes = forward_packed_bytes(problem, dtype) + source;
   }
-  PairProblem pair;
-  if (pair_operand_bytes(dtype) && plan_pair_forward(params, pair_operand_bytes(dtype), 1, false, &pair))
-    bytes = std::max(bytes, pair_workspace_bytes(pair));
+  // (Float: TF32's plan, or exact float's, three parts per input channel: whichever the call takes.)
+  for (int k_parts : {1, 3}) {
+    PairProblem pair;
+    if (pair_operand_bytes(dtype) && plan_pair_forward(params, pair_operand_bytes(dtype), 1, false, &pair, k_parts))
+      bytes = std::max(bytes, pair_workspace_bytes(pair));
+  }
   return bytes;
 }
 
 // Whether this call runs the column-pair kernel (pair_forward.cuh), and its plan: the forward (inference, training
 // with grad_factor, or grad_factor alone) in a 16-bit type, or float with TF32 allowed (the kernel multiplies float
-// as TF32), where the plan applies on the current device. (Until the eighteenth session the training forward took it
+// as TF32), or the exact float inference forward (TF32 off: as 3xTF32, three parts of K per channel), where the
+// plan applies on the current device. (Until the eighteenth session the training forward took it
 // only up to 2^26 outputs and the phase kernel above: kb_v1 1.28 / 1.17 ms bf16 pair / phase with the lockstep's two
 // tiles of slack; with one tile, pair_forward.cuh, 1.11 / 1.17, TF32 1.26 / 1.40.)
 static bool runs_pair_forward(const ConvTransposeParams& params, DType dtype, const ForwardArgs& args,
                               PairProblem* pair) {
-  if (!pair_operand_bytes(dtype) || (dtype == DType::Float32 && !args.allow_tf32) || (!args.output && !args.grad_factor))
-    return false;
-  return pair_forward_plan_for_device(params, pair_operand_bytes(dtype), args.output_channels_last, pair);
+  const bool exact = dtype == DType::Float32 && !args.allow_tf32;
+  if (!pair_operand_bytes(dtype) || (exact && args.grad_factor) || (!args.output && !args.grad_factor)) return false;
+  return pair_forward_plan_for_device(params, pair_operand_bytes(dtype), args.output_channels_last, pair,
+                                      exact ? 3 : 1);
 }
 
 bool forward_reads_channels_last(const ConvTransposeParams& params, DType dtype, int device,

@@ -51,6 +51,21 @@ __device__ __forceinline__ uint4 pair_plane_row(const T (&v)[kPairPlaneChannels<
   }
 }
 
+// Exact float (k_parts 3): part `part` of a value as Fp32SplitMath splits it, the input's parts in the order
+// lo, cross, hi and the weights' cross, lo, hi (pair_problem.h), so that K pairs them lo x cross, cross x lo, hi x hi.
+__device__ __forceinline__ float split_part(float v, int part) {
+  uint32_t hi, cross, lo;
+  Fp32SplitMath::split(__float_as_uint(v), hi, cross, lo);
+  return __uint_as_float(part == 0 ? lo : part == 1 ? cross : hi);
+}
+template <typename T>
+__device__ __forceinline__ void split_parts(T (&v)[kPairPlaneChannels<T>], int part) {
+  if constexpr (std::is_same<T, float>::value) {
+#pragma unroll
+    for (int q = 0; q < kPairPlaneChannels<T>; ++q) v[q] = split_part(v[q], part);
+  }
+}
+
 // The input in zero-padded planes of 16 bytes per pixel, [image][plane][padded pixel][16 bytes]
 // (pair_problem.h), from NCHW or NHWC: one row per thread, each of its loads coalesced with its neighbours'
 // along the row. Blocks `block` of `blocks` (pack_pair_operands' share of its grid).
@@ -58,7 +73,7 @@ template <typename T>
 __device__ void pack_pair_input(const PairProblem& pr, const T* __restrict__ input, bool channels_last,
                                 uint4* __restrict__ padded, int block, int blocks) {
   constexpr int kPlane = kPairPlaneChannels<T>;
-  const int planes = pr.groups * pr.planes(), channels = planes * kPlane;
+  const int planes = pr.groups * pr.planes(), channels = pr.groups * pr.cin_g;
   const int64_t total = pr.padded_input_rows();
   for (int64_t idx = block * int64_t(blockDim.x) + threadIdx.x; idx < total; idx += int64_t(blocks) * blockDim.x) {
     const int pixel = int(idx % pr.plane_len);
@@ -69,7 +84,8 @@ __device__ void pack_pair_input(const PairProblem& pr, const T* __restrict__ inp
     T v[kPlane];
     for (int q = 0; q < kPlane; ++q) v[q] = T(0.0f);
     if (ih >= 0 && ih < pr.in_h && iw >= 0 && iw < pr.in_w) {
-      const int c0 = plane * kPlane;
+      const int part = plane % pr.planes() / pr.channel_planes();
+      const int c0 = plane / pr.planes() * pr.cin_g + plane % pr.channel_planes() * kPlane;
       if (channels_last) {
         const T* src = input + ((n * pr.in_h + ih) * pr.in_w + iw) * channels + c0;
         for (int q = 0; q < kPlane; ++q) v[q] = src[q];
@@ -77,6 +93,7 @@ __device__ void pack_pair_input(const PairProblem& pr, const T* __restrict__ inp
         const T* src = input + ((n * channels + c0) * pr.in_h + ih) * int64_t(pr.in_w) + iw;
         for (int q = 0; q < kPlane; ++q) v[q] = src[int64_t(q) * pr.in_h * pr.in_w];
       }
+      if (pr.k_parts == 3) split_parts<T>(v, part);  // lo, cross, hi
     }
     padded[idx] = pair_plane_row<T>(v);
   }
@@ -108,8 +125,12 @@ __device__ void pack_pair_weight(const PairProblem& pr, const T* __restrict__ we
       const int kh = th.k0 + pr.stride_h * a, kw = tw.k0 + 2 * t;
       const int co_g = ct * pr.n_tile + co;
       for (int q = 0; q < kPlane; ++q) {
-        const int64_t ci = int64_t(g) * pr.cin_g + plane * kPlane + q;
+        const int64_t ci = int64_t(g) * pr.cin_g + plane % pr.channel_planes() * kPlane + q;
         v[q] = weight[((ci * pr.cout_g + co_g) * pr.kernel_h + kh) * pr.kernel_w + kw];
+      }
+      if (pr.k_parts == 3) {  // against the input's lo, cross, hi: cross, lo, hi
+        const int part = plane / pr.channel_planes();
+        split_parts<T>(v, part == 2 ? 2 : 1 - part);
       }
     }
     packed[idx] = pair_plane_row<T>(v);
@@ -286,12 +307,12 @@ __global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
   // the descriptors and addresses derived from it live in uniform registers (from threadIdx directly, each
   // wgmma took four moves into them, and 36 bytes a thread spilled).
   constexpr bool kSixteenBit = sizeof(T) == 2;
-  using F = FactorType<T, true>;  // float runs here only with TF32
+  using F = FactorType<T, true>;  // float stores a factor here only with TF32 (exact float: inference only)
   const int wgs = blockDim.x / 128, wg = __shfl_sync(0xffffffffu, int(threadIdx.x / 128), 0), tid = threadIdx.x % 128;
   const int warp = tid / 32, lane = tid % 32, quad = lane % 4, row8 = lane / 4;
   // Planes from a compile-time channel count (pr.planes() divides by a runtime one); 16-bit patches come whole
   // (plan_pair_forward), so their kernels compile without the chunk loop.
-  const int planes = pr.cin_g / kPairPlaneChannels<T>, chunks = kSixteenBit ? 1 : pr.chunks;
+  const int planes = pr.k_parts * pr.cin_g / kPairPlaneChannels<T>, chunks = kSixteenBit ? 1 : pr.chunks;
   const int chunk_planes = planes / chunks;
   const int buffer_bytes = pr.buffer_bytes(), plane_bytes = pr.plane_bytes();
   unsigned char* weights = smem;
@@ -552,14 +573,14 @@ inline size_t pair_workspace_bytes(const PairProblem& pr) {
 // Plans the pair path for this device, or false where it does not apply (no sm_90a code in this build, not
 // compute capability 9.0, or a problem outside plan_pair_forward).
 inline bool pair_forward_plan_for_device(const ConvTransposeParams& params, int elem_bytes, bool output_channels_last,
-                                         PairProblem* pr) {
+                                         PairProblem* pr, int k_parts = 1) {
   if (!pair_forward_compiled()) return false;
   int device = 0, major = 0, minor = 0, sms = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
   check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
   check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute");
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-  return major == 9 && minor == 0 && plan_pair_forward(params, elem_bytes, sms, output_channels_last, pr);
+  return major == 9 && minor == 0 && plan_pair_forward(params, elem_bytes, sms, output_channels_last, pr, k_parts);
 }
 
 // Runs the pair forward (pr from pair_forward_plan_for_device) into an NCHW or NHWC output and, where given, an
@@ -571,6 +592,8 @@ void launch_pair_forward(PairProblem pr, const Epilogue& epilogue, const T* inpu
   if (pr.elem_bytes != int(sizeof(T)) || (sizeof(T) == 4 && pr.n_tile == 64))
     throw std::logic_error("fused_convt: a pair plan made for another element type");
   if (!output && !grad_factor) throw std::logic_error("fused_convt: a pair forward with nothing to store");
+  if (pr.k_parts != 1 && grad_factor)  // its factor would be float, which the kernel does not store
+    throw std::logic_error("fused_convt: an exact float pair forward with grad_factor");
   // Whole-pair stores (NCHW: an even row length) or 16-byte pieces (NHWC: channel counts are multiples of 16),
   // where every tensor this launch stores allows them.
   auto aligned = [&](const auto* tensor, bool nhwc) {

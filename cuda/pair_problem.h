@@ -62,6 +62,10 @@ struct PairProblem {
   int batch, groups, cin_g, cout_g, in_h, in_w, out_h, out_w;
   int kernel_h, kernel_w, stride_h, pad_h, pad_w;
   int n_tile;            // output channels per warpgroup tile: 16, 32 or 64 (a wgmma's N is twice that)
+  // Parts of K per input channel: 1, or 3 for exact float (TF32 off) as 3xTF32: each channel's plane comes three
+  // times, as the input's TF32 parts lo, cross, hi against the weights' cross, lo, hi (Fp32SplitMath's split:
+  // lo x cross + cross x lo + hi x hi, small products first), so the kernel is the TF32 one over 3 cin_g channels.
+  int k_parts;
   int pad_top, pad_left, plane_w, plane_len;
   int rows, out_cols;    // phase rows per row phase (the most any has), pair columns ceil(out_w / 2)
   int tiles;             // tiles per (image, row phase)
@@ -82,7 +86,8 @@ struct PairProblem {
   bool aligned_stores;     // NCHW: every pair (2j, 2j + 1) 4-byte aligned; NHWC: 16-byte pieces (the launcher)
 
   FCT_HD int plane_channels() const { return kPairPlaneBytes / elem_bytes; }
-  FCT_HD int planes() const { return cin_g / plane_channels(); }
+  FCT_HD int channel_planes() const { return cin_g / plane_channels(); }  // of one part
+  FCT_HD int planes() const { return k_parts * channel_planes(); }          // K planes: every part's
   FCT_HD int chunk_planes() const { return planes() / chunks; }
   FCT_HD int channel_tiles() const { return cout_g / n_tile; }
   FCT_HD PairSet set_at(int set) const {
@@ -92,7 +97,7 @@ struct PairProblem {
   FCT_HD int shift(int dh, int dw) const { return (dh + pad_top) * plane_w + dw + pad_left; }
   // Bytes of one resident weight set, and of one patch buffer (also the epilogue's staging).
   // A slot holds B for both column phases: 2 n_tile rows of cin_g channels.
-  FCT_HD int weight_bytes() const { return max_taps * cin_g * 2 * n_tile * elem_bytes; }
+  FCT_HD int weight_bytes() const { return max_taps * k_parts * cin_g * 2 * n_tile * elem_bytes; }
   // Bytes of a patch plane, copied and stored back to back: patch * 16. (Planes padded to 128 bytes, each on
   // the same offset in a 128-byte line, measured slower: kb_v1 bf16 0.70 -> 0.75 ms on the H100.)
   FCT_HD int plane_bytes() const { return patch * kPairPlaneBytes; }
@@ -120,11 +125,16 @@ struct PairProblem {
 
 // Plans the column-pair forward; false where it does not apply (then the phase kernel runs). elem_bytes: 2 for
 // float16 / bfloat16, 4 for float multiplied as TF32; sms: the device's multiprocessor count (the grid is one
-// block per SM at most); channels_last_out: an NHWC output.
+// block per SM at most); channels_last_out: an NHWC output; k_parts: 3 for exact float (TF32 off), else 1.
 inline bool plan_pair_forward(const ConvTransposeParams& p, int elem_bytes, int sms, bool channels_last_out,
-                              PairProblem* out) {
+                              PairProblem* out, int k_parts = 1) {
   if (p.stride_w != 2 || p.dil_h != 1 || p.dil_w != 1 || (elem_bytes != 2 && elem_bytes != 4)) return false;
+  if (k_parts != 1 && (k_parts != 3 || elem_bytes != 4)) return false;
   const int64_t cin_g = p.in_channels_per_group(), cout_g = p.out_channels_per_group();
+  // Exact float's weight set is three times TF32's, so its tiles stop at 16 channels. Where TF32's would be 32 wide
+  // the narrower tiles cost more than the phase kernel's 3xTF32 (kb_v1, H100: 3.30 -> 3.62 ms); where they are 16
+  // anyway it gains (kb_v0: 0.150 -> 0.120 ms). So exact float takes this kernel only at 16-channel tiles.
+  if (k_parts == 3 && cout_g % 32 == 0) return false;
   // A wgmma K step reads two planes (32 bytes of each pixel's channels): 16 channels of a 16-bit type, 8 of float.
   if (cin_g * elem_bytes % (2 * kPairPlaneBytes) != 0 || cout_g % 16 != 0) return false;
   PairProblem pr{};
@@ -132,6 +142,7 @@ inline bool plan_pair_forward(const ConvTransposeParams& p, int elem_bytes, int 
   // Float tiles stop at 32 channels: at 64 the weight set (kb_v1: 128 KB) and the staged outputs (35 KB per
   // warpgroup) would leave room for one or two warpgroups.
   pr.n_tile = cout_g % 64 == 0 && elem_bytes == 2 ? 64 : cout_g % 32 == 0 ? 32 : 16;
+  pr.k_parts = k_parts;
   const int sh = int(p.stride_h);
   int dh_min = 1 << 30, dh_max = -(1 << 30), dw_min = 1 << 30, dw_max = -(1 << 30), th_max = 0;
   for (int ph = 0; ph < sh; ++ph) {

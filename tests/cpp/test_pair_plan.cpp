@@ -96,7 +96,7 @@ int main() {
   test::Rng rng(20261126);
   check_divider(rng);
   int64_t pairs = 0;
-  int planned = 0;
+  int planned = 0, planned_exact = 0;
   for (int it = 0; it < 400; ++it) {
     ConvTransposeParams p;
     p.batch = rng.integer(1, 3);
@@ -126,8 +126,14 @@ int main() {
     }
     ++planned;
     pairs += check_plan(pr, test::describe(p));
+    // Exact float takes the same geometry with three parts of K per channel, where its weights fit.
+    if (it % 3 == 2 && fused_convt::plan_pair_forward(p, 4, 132, it % 2 == 1, &pr, 3)) {
+      ++planned_exact;
+      pairs += check_plan(pr, test::describe(p) + " exact");
+    }
   }
   CHECK_MSG(planned > 100, "too few random problems planned: " + std::to_string(planned));
+  CHECK_MSG(planned_exact > 10, "too few random exact float problems planned: " + std::to_string(planned_exact));
 
   // kb_v1: N128 Cin64 Cout128 64x64 k4 s2 -> 130 x 130.
   ConvTransposeParams kb = test::make_params(128, 64, 128, 64, 64, 1);
@@ -149,6 +155,9 @@ int main() {
   CHECK_MSG(pr.n_tile == 32 && pr.planes() == 16 && pr.weight_bytes() == 64 * 1024 && pr.sets == 8, "kb_v1 float sets");
   CHECK_MSG(pr.warpgroups == 4 && pr.chunks == 2 && pr.blocks_per_set == 16 && pr.grid == 128, "kb_v1 float grid");
   pairs += check_plan(pr, "kb_v1 float");
+  // Exact float (3xTF32) only where TF32's tiles are 16 channels too (kb_v1's would be 32: not planned).
+  CHECK_MSG(!fused_convt::plan_pair_forward(kb, 4, 132, false, &pr, 3), "kb_v1 exact float planned");
+  CHECK_MSG(!fused_convt::plan_pair_forward(kb, 2, 132, false, &pr, 3), "exact parts planned for a 16-bit type");
 
   // The lockstep (pair_lockstep) with an H100's 50 MB L2: kb_v1 keeps it for bf16 (0.55 GB stored) and every
   // training forward, not for float inference; kb_v0 (N128 Cin32 Cout16 32x32: 17.8 MB of bf16 outputs) only for
@@ -168,6 +177,14 @@ int main() {
   CHECK_MSG(fused_convt::plan_pair_forward(kb0, 4, 132, false, &pr) && !fused_convt::pair_lockstep(pr, 4, 0, l2) &&
                 fused_convt::pair_lockstep(pr, 4, 2, l2) && !fused_convt::pair_lockstep(pr, 0, 2, l2),
             "kb_v0 float lockstep");
+  // kb_v0 in exact float: three parts of K per input channel (24 planes: 8 of each), 16-channel tiles as in TF32, a
+  // 48 KB weight set (three times TF32's).
+  CHECK_MSG(fused_convt::plan_pair_forward(kb0, 4, 132, false, &pr, 3), "kb_v0 exact float not planned");
+  CHECK_MSG(pr.k_parts == 3 && pr.n_tile == 16 && pr.channel_planes() == 8 && pr.planes() == 24 &&
+                pr.weight_bytes() == 48 * 1024 && pr.padded_input_rows() == int64_t(128) * 24 * pr.plane_len &&
+                pr.warpgroups == 4,
+            "kb_v0 exact float plan");
+  pairs += check_plan(pr, "kb_v0 exact float");
 
   // Refused: another column stride, dilation, channels per group not a multiple of 16, four taps per axis.
   ConvTransposeParams refused = kb;
@@ -185,6 +202,7 @@ int main() {
   CHECK_MSG(!fused_convt::plan_pair_forward(refused, 4, 132, false, &pr), "36 input channels planned (float)");
   refused = kb, refused.kernel_w = 8;
   CHECK_MSG(!fused_convt::plan_pair_forward(refused, 2, 132, false, &pr), "kernel_w 8 planned");
-  std::printf("test_pair_plan: %lld (output pixel, tap) pairs on %d planned problems\n", (long long)pairs, planned);
+  std::printf("test_pair_plan: %lld (output pixel, tap) pairs on %d planned problems (and %d exact float)\n",
+              (long long)pairs, planned, planned_exact);
   return test::summary("test_pair_plan");
 }
