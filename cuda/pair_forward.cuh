@@ -296,8 +296,10 @@ __device__ __forceinline__ bool wait_for_progress(const unsigned int* progress, 
 // kNhwc: the output's layout (pr.channels_last_out), a template parameter so that each kernel carries one
 // store path (with both, the NCHW forward measured 0.70 -> 0.77 ms at kb_v1 bf16). kFactor: grad_factor is
 // stored too (the training forward), and output may be null (only grad_factor wanted).
-template <typename T, int N, int kTaps, bool kNhwc, bool kFactor>
-__global__ void __launch_bounds__(kPairMaxWarpgroups * 128, 1)
+// kMinBlocks: 2 for the two blocks of three warpgroups per SM of PairProblem::two_blocks_per_sm (at most 80
+// registers a thread), else 1.
+template <typename T, int N, int kTaps, bool kNhwc, bool kFactor, int kMinBlocks>
+__global__ void __launch_bounds__(kMinBlocks == 2 ? 3 * 128 : kPairMaxWarpgroups * 128, kMinBlocks)
     pair_forward_kernel(PairProblem pr, Epilogue epilogue, const uint4* __restrict__ padded,
                         const uint4* __restrict__ packed, const T* __restrict__ bias, T* __restrict__ output,
                         FactorType<T, true>* __restrict__ grad_factor, unsigned int* __restrict__ progress) {
@@ -620,12 +622,18 @@ void launch_pair_forward(PairProblem pr, const Epilogue& epilogue, const T* inpu
                                                            progress);
     check_launch("pair_forward_kernel");
   };
-  auto with_taps = [&](auto n_tile, auto nhwc, auto factor) {
-    constexpr int N = decltype(n_tile)::value;
+  auto with_blocks = [&](auto n_tile, auto nhwc, auto factor, auto min_blocks) {
+    constexpr int N = decltype(n_tile)::value, kMinBlocks = decltype(min_blocks)::value;
     constexpr bool kNhwc = decltype(nhwc)::value, kFactor = decltype(factor)::value;
-    if (pr.max_axis_taps == 1) run(pair_forward_kernel<T, N, 1, kNhwc, kFactor>);
-    else if (pr.max_axis_taps == 2) run(pair_forward_kernel<T, N, 2, kNhwc, kFactor>);
-    else run(pair_forward_kernel<T, N, 3, kNhwc, kFactor>);
+    if (pr.max_axis_taps == 1) run(pair_forward_kernel<T, N, 1, kNhwc, kFactor, kMinBlocks>);
+    else if (pr.max_axis_taps == 2) run(pair_forward_kernel<T, N, 2, kNhwc, kFactor, kMinBlocks>);
+    else run(pair_forward_kernel<T, N, 3, kNhwc, kFactor, kMinBlocks>);
+  };
+  auto with_taps = [&](auto n_tile, auto nhwc, auto factor) {
+    if constexpr (decltype(n_tile)::value == 16 && !decltype(factor)::value) {
+      if (pr.blocks_per_sm == 2) return with_blocks(n_tile, nhwc, factor, std::integral_constant<int, 2>{});
+    }
+    with_blocks(n_tile, nhwc, factor, std::integral_constant<int, 1>{});
   };
   auto with_tile = [&](auto nhwc, auto factor) {
     if constexpr (sizeof(T) == 2) {  // float tiles stop at 32 channels (plan_pair_forward): none compiled
@@ -638,6 +646,12 @@ void launch_pair_forward(PairProblem pr, const Epilogue& epilogue, const T* inpu
     if (pr.channels_last_out) with_tile(std::true_type{}, factor);
     else with_tile(std::false_type{}, factor);
   };
+  // Two blocks per SM for 16-channel inference tiles (two_blocks_per_sm): 16-bit everywhere measured (kb_v0 bf16
+  // 38.7 -> 36.0 us, at batch 512 136.6 -> 121.1), float only where its output fits in L2 (kb_v0 56.7 -> 54.4 us;
+  // at batch 512, 143 MB, it measured 221.5 -> 231.7). H100, CUDA graph replay, perf/NOTES.md forward row 54.
+  const int64_t output_bytes = int64_t(pr.batch) * pr.groups * pr.cout_g * pr.out_h * pr.out_w * int64_t(sizeof(T));
+  if (!grad_factor && (sizeof(T) == 2 || output_bytes <= current_device_attribute(cudaDevAttrL2CacheSize)))
+    pr.two_blocks_per_sm(current_device_attribute(cudaDevAttrMultiProcessorCount));
   if (grad_factor) with_layout(std::true_type{});
   else with_layout(std::false_type{});
 }

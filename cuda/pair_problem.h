@@ -78,6 +78,7 @@ struct PairProblem {
   int max_axis_taps;     // max(row taps, col_taps): 1 to 3, the kernel's unrolled loops
   int sets;              // groups x stride_h x channel tiles: the weights a block keeps resident
   int warpgroups;        // per block (the smem budget), and blocks per set (the grid)
+  int blocks_per_sm;     // 1, or 2 blocks of three warpgroups (two_blocks_per_sm)
   int chunks;            // a tile's planes arrive in this many copies (K chunks), each filling one buffer
   int blocks_per_set, grid;  // grid: blocks_per_set x sets, or one block per SM looping over the sets
   Divider by_tiles, by_plane_w;  // tile numbers -> image, grid pixels -> row (no integer division per tile)
@@ -121,6 +122,28 @@ struct PairProblem {
   // 16-byte rows (kPairPlaneBytes) of the padded input and of the packed weights.
   FCT_HD int64_t padded_input_rows() const { return int64_t(batch) * groups * planes() * plane_len; }
   FCT_HD int64_t packed_weight_rows() const { return int64_t(sets) * max_taps * planes() * 2 * n_tile; }
+  // The grid: one wave of blocks_per_sm blocks per SM, split evenly over the sets (or looping over them).
+  void size_grid(int sms) {
+    const int slots = std::max(1, sms * blocks_per_sm);
+    blocks_per_set = std::max(1, slots / sets);
+    grid = sets <= slots ? blocks_per_set * sets : slots;
+  }
+  // 16-channel tiles (N = 32: 80 registers a thread in the inference kernels) as two blocks of three warpgroups
+  // per SM, six warpgroups instead of four, where two blocks' shared memory fits an SM (228 KB, 1 KB of it
+  // reserved per block): the kernel is latency-bound (Nsight Compute at kb_v0: 6.7 cycles per issued instruction).
+  // Inference only (the kernels that store grad_factor need up to 126 registers). False (unchanged) elsewhere.
+  bool two_blocks_per_sm(int sms) {
+    if (n_tile != 16 || warpgroups < 3) return false;
+    const int saved = warpgroups;
+    warpgroups = 3;
+    if (2 * (smem_bytes(3) + 1024) > 228 * 1024) {
+      warpgroups = saved;
+      return false;
+    }
+    blocks_per_sm = 2;
+    size_grid(sms);
+    return true;
+  }
 };
 
 // Plans the column-pair forward; false where it does not apply (then the phase kernel runs). elem_bytes: 2 for
@@ -194,8 +217,8 @@ inline bool plan_pair_forward(const ConvTransposeParams& p, int elem_bytes, int 
         break;
       }
   if (!pr.warpgroups) return false;
-  pr.blocks_per_set = std::max(1, sms / pr.sets);
-  pr.grid = pr.sets <= sms ? pr.blocks_per_set * pr.sets : std::max(1, sms);
+  pr.blocks_per_sm = 1;
+  pr.size_grid(sms);
   *out = pr;
   return true;
 }

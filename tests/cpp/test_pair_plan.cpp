@@ -96,7 +96,8 @@ int main() {
   test::Rng rng(20261126);
   check_divider(rng);
   int64_t pairs = 0;
-  int planned = 0, planned_exact = 0;
+  int planned = 0, planned_exact = 0, planned_two = 0;
+  auto describe_two = [](const ConvTransposeParams& p) { return test::describe(p) + ": two blocks per SM"; };
   for (int it = 0; it < 400; ++it) {
     ConvTransposeParams p;
     p.batch = rng.integer(1, 3);
@@ -126,6 +127,17 @@ int main() {
     }
     ++planned;
     pairs += check_plan(pr, test::describe(p));
+    // Two blocks of three warpgroups per SM (16-channel tiles, inference), where both blocks' shared memory fits.
+    PairProblem two = pr;
+    if (two.two_blocks_per_sm(132)) {
+      ++planned_two;
+      CHECK_MSG(two.n_tile == 16 && two.warpgroups == 3 && two.blocks_per_sm == 2 &&
+                    2 * (two.smem_bytes(3) + 1024) <= 228 * 1024 && two.grid <= 264 &&
+                    (two.sets > 264 || two.grid == two.blocks_per_set * two.sets),
+                describe_two(p));
+    } else {
+      CHECK_MSG(two.blocks_per_sm == 1 && two.warpgroups == pr.warpgroups && two.grid == pr.grid, describe_two(p));
+    }
     // Exact float takes the same geometry with three parts of K per channel, where its weights fit.
     if (it % 3 == 2 && fused_convt::plan_pair_forward(p, 4, 132, it % 2 == 1, &pr, 3)) {
       ++planned_exact;
@@ -133,6 +145,7 @@ int main() {
     }
   }
   CHECK_MSG(planned > 100, "too few random problems planned: " + std::to_string(planned));
+  CHECK_MSG(planned_two > 10, "too few random problems with two blocks per SM: " + std::to_string(planned_two));
   CHECK_MSG(planned_exact > 10, "too few random exact float problems planned: " + std::to_string(planned_exact));
 
   // kb_v1: N128 Cin64 Cout128 64x64 k4 s2 -> 130 x 130.
@@ -147,6 +160,7 @@ int main() {
   // Both column phases read input column offsets -1 and 0: 2 row taps x 2 column offsets per set.
   CHECK_MSG(pr.col_hi == 0 && pr.col_taps == 2 && pr.max_taps == 4 && pr.weight_bytes() == 64 * 1024, "kb_v1 slots");
   CHECK_MSG(pr.blocks_per_set == 33 && pr.grid == 132, "kb_v1 grid");
+  CHECK_MSG(!pr.two_blocks_per_sm(132) && pr.warpgroups == 4 && pr.grid == 132, "kb_v1: 64-channel tiles, one block");
   pairs += check_plan(pr, "kb_v1");
   CHECK_MSG(pr.elem_bytes == 2 && pr.planes() == 8 && pr.chunks == 1, "kb_v1 16-bit planes and chunks");
   // kb_v1 in float (TF32): 32-channel tiles (a 64 KB weight set), so sets = 2 row phases x 4 channel tiles, and
@@ -174,6 +188,9 @@ int main() {
   CHECK_MSG(fused_convt::plan_pair_forward(kb0, 2, 132, false, &pr) && !fused_convt::pair_lockstep(pr, 2, 0, l2) &&
                 !fused_convt::pair_lockstep(pr, 2, 2, l2),
             "kb_v0 bf16 lockstep");
+  CHECK_MSG(pr.two_blocks_per_sm(132) && pr.warpgroups == 3 && pr.blocks_per_set == 132 && pr.grid == 264,
+            "kb_v0 bf16 inference: two blocks of three warpgroups per SM");
+  pairs += check_plan(pr, "kb_v0 bf16, two blocks per SM");
   CHECK_MSG(fused_convt::plan_pair_forward(kb0, 4, 132, false, &pr) && !fused_convt::pair_lockstep(pr, 4, 0, l2) &&
                 fused_convt::pair_lockstep(pr, 4, 2, l2) && !fused_convt::pair_lockstep(pr, 0, 2, l2),
             "kb_v0 float lockstep");
