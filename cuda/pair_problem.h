@@ -80,7 +80,7 @@ struct PairProblem {
   int warpgroups;        // per block (the smem budget), and blocks per set (the grid)
   int blocks_per_sm;     // 1, or 2 blocks of three warpgroups (two_blocks_per_sm)
   int chunks;            // a tile's planes arrive in this many copies (K chunks), each filling one buffer
-  int blocks_per_set, grid;  // grid: blocks_per_set x sets, or one block per SM looping over the sets
+  int blocks_per_set, grid;  // grid: blocks_per_set x sets, or one wave of blocks looping over the sets
   Divider by_tiles, by_plane_w;  // tile numbers -> image, grid pixels -> row (no integer division per tile)
   bool channels_last_out;  // NHWC output: the staging layout, so the shared memory, depends on it
   bool lockstep;           // the grid's soft lockstep (pair_lockstep; the launcher)
@@ -128,10 +128,11 @@ struct PairProblem {
     blocks_per_set = std::max(1, slots / sets);
     grid = sets <= slots ? blocks_per_set * sets : slots;
   }
-  // 16-channel tiles (N = 32: 80 registers a thread in the inference kernels) as two blocks of three warpgroups
-  // per SM, six warpgroups instead of four, where two blocks' shared memory fits an SM (228 KB, 1 KB of it
-  // reserved per block): the kernel is latency-bound (Nsight Compute at kb_v0: 6.7 cycles per issued instruction).
-  // Inference only (the kernels that store grad_factor need up to 126 registers). False (unchanged) elsewhere.
+  // 16-channel tiles (a wgmma's N of 32: 55-88 registers a thread in the inference kernels) as two blocks of three
+  // warpgroups per SM, six warpgroups instead of four, where two blocks' shared memory fits an SM (228 KB, 1 KB of
+  // it reserved per block): the kernel is latency-bound (Nsight Compute at kb_v0: 6.7 cycles per issued
+  // instruction). For inference only (the kernels that store grad_factor need up to 126 registers); the launcher
+  // also keeps float at one block where its output outgrows L2. False (the plan unchanged) where it does not fit.
   bool two_blocks_per_sm(int sms) {
     if (n_tile != 16 || warpgroups < 3) return false;
     const int saved = warpgroups;
@@ -148,7 +149,7 @@ struct PairProblem {
 
 // Plans the column-pair forward; false where it does not apply (then the phase kernel runs). elem_bytes: 2 for
 // float16 / bfloat16, 4 for float multiplied as TF32; sms: the device's multiprocessor count (the grid is one
-// block per SM at most); channels_last_out: an NHWC output; k_parts: 3 for exact float (TF32 off), else 1.
+// wave: a block per SM, two_blocks_per_sm two); channels_last_out: an NHWC output; k_parts: 3 for exact float (TF32 off), else 1.
 inline bool plan_pair_forward(const ConvTransposeParams& p, int elem_bytes, int sms, bool channels_last_out,
                               PairProblem* out, int k_parts = 1) {
   if (p.stride_w != 2 || p.dil_h != 1 || p.dil_w != 1 || (elem_bytes != 2 && elem_bytes != 4)) return false;
