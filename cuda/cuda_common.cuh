@@ -110,7 +110,8 @@ inline size_t max_dynamic_smem_bytes() {
 
 // Lets `kernel` use `bytes` of dynamic shared memory on the current device: cudaFuncSetAttribute once per
 // kernel, device and larger size, not once per launch (~3 us of host time each, three or four per training step,
-// which bound the small shapes; torch.profiler on the H100 machine).
+// which bound the small shapes; torch.profiler on the H100 machine). (A cudaDeviceReset between calls would drop
+// the attribute while this cache still holds it: the next launch then fails with a CUDA error, never silently.)
 inline void allow_dynamic_smem(const void* kernel, int bytes, const char* what) {
   static std::mutex lock;
   static std::map<std::pair<const void*, int>, int> allowed;  // (kernel, device) -> bytes
