@@ -371,8 +371,8 @@ __global__ void __launch_bounds__(kMinBlocks == 2 ? 3 * 128 : kPairMaxWarpgroups
       const int later = tile + ahead / chunks * tile_stride;
       if (later < total) issue(later, ahead % chunks, buffer);
     };
-    // Lockstep, where each block serves one set and the launcher asks for it (pair_lockstep): the warpgroups of the grid finish tiles of the same image
-    // region together. Output rows of the two row phases (other sets, other blocks) and neighbouring tiles
+    // Lockstep, where each block serves one set and the launcher asks for it (pair_lockstep): the warpgroups of
+    // the grid finish tiles of the same image region together. Output rows of the two row phases (other sets, other blocks) and neighbouring tiles
     // share 32-byte sectors at their ends; when blocks drift apart, the first partial sector leaves L2 before its
     // other part arrives and DRAM reads and writes it twice (H100, kb_v1 bf16 on KernelBench's data: without it
     // SM busy times spread from 0.77M to 1.15M cycles, L2 write misses rose from 0.24M to 3.3M sectors, DRAM
@@ -649,8 +649,8 @@ void launch_pair_forward(PairProblem pr, const Epilogue& epilogue, const T* inpu
   // Two blocks per SM for 16-channel inference tiles (two_blocks_per_sm): 16-bit everywhere measured (kb_v0 bf16
   // 38.7 -> 36.0 us, at batch 512 136.6 -> 121.1), float only where its output fits in L2 (kb_v0 56.7 -> 54.4 us;
   // at batch 512, 143 MB, it measured 221.5 -> 231.7). H100, CUDA graph replay, perf/NOTES.md forward row 54.
-  const int64_t output_bytes = int64_t(pr.batch) * pr.groups * pr.cout_g * pr.out_h * pr.out_w * int64_t(sizeof(T));
-  if (!grad_factor && (sizeof(T) == 2 || output_bytes <= current_device_attribute(cudaDevAttrL2CacheSize)))
+  if (!grad_factor &&
+      (sizeof(T) == 2 || pr.outputs() * int64_t(sizeof(T)) <= current_device_attribute(cudaDevAttrL2CacheSize)))
     pr.two_blocks_per_sm(current_device_attribute(cudaDevAttrMultiProcessorCount));
   if (grad_factor) with_layout(std::true_type{});
   else with_layout(std::false_type{});

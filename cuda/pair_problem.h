@@ -91,6 +91,7 @@ struct PairProblem {
   FCT_HD int planes() const { return k_parts * channel_planes(); }          // K planes: every part's
   FCT_HD int chunk_planes() const { return planes() / chunks; }
   FCT_HD int channel_tiles() const { return cout_g / n_tile; }
+  FCT_HD int64_t outputs() const { return int64_t(batch) * groups * cout_g * out_h * out_w; }  // per stored tensor
   FCT_HD PairSet set_at(int set) const {
     const int channel_tile = set % channel_tiles(), row_phase = set / channel_tiles() % stride_h;
     return {set / channel_tiles() / stride_h, row_phase, channel_tile};
@@ -234,8 +235,7 @@ inline bool plan_pair_forward(const ConvTransposeParams& p, int elem_bytes, int 
 // each tensor the launch stores (0: not stored).
 inline bool pair_lockstep(const PairProblem& pr, int output_bytes, int factor_bytes, int64_t l2_bytes) {
   if (pr.elem_bytes == 4 && factor_bytes == 0) return false;
-  const int64_t outputs = int64_t(pr.batch) * pr.groups * pr.cout_g * pr.out_h * pr.out_w;
-  return outputs * (output_bytes + factor_bytes) > l2_bytes;
+  return pr.outputs() * (output_bytes + factor_bytes) > l2_bytes;
 }
 
 }  // namespace fused_convt
