@@ -21,6 +21,7 @@
 #include <algorithm>
 
 #include "grad_weight_gemm.cuh"
+#include "grad_weight_wgmma.cuh"
 #include "implicit_gemm_conv.cuh"
 #include "problems.cuh"
 #include "side_stream.h"
@@ -353,10 +354,15 @@ static BackwardWorkspace backward_workspace_layout(const ConvTransposeParams& p,
     return w;
   }
   const WeightGemmPlan plan = plan_weight_gemm(p, dtype);
+  // Partials for the split count of either GEMM (the wgmma one's by shape alone: the query knows no device).
+  WgmmaWeightPlan wgmma_plan{};
+  const int64_t splits = dtype == DType::Float32 && plan_weight_wgmma_shape(p, &wgmma_plan)
+                             ? std::max(plan.splits, wgmma_plan.splits)
+                             : plan.splits;
   const size_t operand = dtype == DType::Float32 ? sizeof(float) : sizeof(__half);
   const int64_t bias_values = p.has_bias ? bias_partial_count(p) * p.out_channels : 0;
   w.weight_partial = packed_grad_input_weight_bytes(p, dtype);
-  w.bias_partial = w.weight_partial + (grad_weight ? round_up_256(size_t(plan.splits * p.weight_numel()) * 4) : 0);
+  w.bias_partial = w.weight_partial + (grad_weight ? round_up_256(size_t(splits * p.weight_numel()) * 4) : 0);
   w.x_cl = w.bias_partial + round_up_256(size_t(bias_values) * sizeof(float));
   const int64_t x_values = grad_weight ? p.batch * p.in_h * p.in_w * plan.x_row : 0;
   const int64_t g_values = grad_weight ? p.batch * p.out_h() * p.out_w() * plan.g_layout.row : 0;
@@ -431,7 +437,18 @@ void launch_backward_tensor_cores(const ConvTransposeParams& p, const Epilogue& 
   // chain runs on a side stream beside grad_input (side_stream.h).
   const bool grad_input = args.grad_input && p.input_numel() > 0;
   ForkJoin fork(stream, grad_input && args.grad_weight && !serial_backward());
-  if (args.grad_weight) {
+  // TF32 grad_weight on wgmma where its shape and the device allow (grad_weight_wgmma.cuh), else on mma.sync.
+  WgmmaWeightPlan wgmma_plan{};
+  bool on_wgmma = false;
+  if constexpr (std::is_same<Math, Tf32Math>::value)
+    on_wgmma = args.grad_weight && wgmma_weight_input_ok(args.input) && plan_weight_wgmma(p, &wgmma_plan);
+  if (on_wgmma) {
+    const cudaStream_t side = fork.side();
+    launch_grad_weight_wgmma(p, wgmma_plan, plan.g_layout, static_cast<const float*>(args.input),
+                             args.input_channels_last, reinterpret_cast<uint32_t*>(x_cl), reinterpret_cast<const uint32_t*>(g_split),
+                             weight_partial, side);
+    launch_sum_splits<T>(weight_partial, wgmma_plan.splits, p.weight_numel(), static_cast<T*>(args.grad_weight), side);
+  } else if (args.grad_weight) {
     const cudaStream_t side = fork.side();
     const PhaseSplitLayout x_layout{p.batch, PhaseAxis{int(p.in_h), 1, 0}, PhaseAxis{int(p.in_w), 1, 0}, plan.x_row};
     launch_pack_channels_last<T, Math>(static_cast<const T*>(args.input), nullptr, 1.0f, int(p.in_channels),

@@ -390,6 +390,14 @@ std::vector<std::pair<std::string, ConvTransposeParams>> tiled_cases() {
   cases.push_back({"pair: a column phase without taps", p});
   cases.push_back({"pair: more weight sets than SMs", square(make(1, 16 * 70, 16 * 70, 3, 3, 70), 2, 2)});
   cases.push_back({"pair: K chunks (float)", square(make(1, 64, 32, 3, 20, 1), 4, 2)});
+  // TF32 grad_weight on wgmma (one group, input channels of whole 64s, 64 or 128k output channels, four taps per
+  // phase, phase rows of whole 32-pixel chunks): two warpgroups; one warpgroup with two input channel tiles and
+  // rows of two chunks; row phases of different heights (output_padding), so that their split counts differ.
+  cases.push_back({"grad_weight wgmma, two warpgroups", square(make(2, 64, 128, 6, 32, 1), 4, 2, 1)});
+  cases.push_back({"grad_weight wgmma, one warpgroup", square(make(1, 128, 64, 3, 64, 1), 4, 2, 1)});
+  p = square(make(2, 64, 256, 5, 32, 1), 4, 2, 1);
+  p.out_pad_h = 1;
+  cases.push_back({"grad_weight wgmma, uneven row phases", p});
   p = make(0, 4, 6, 5, 5, 2);
   p.kernel_h = p.kernel_w = 3, p.stride_h = 2;
   cases.push_back({"empty batch", p});
@@ -419,13 +427,16 @@ void device_matches_cpu(test::Rng& rng, cudaStream_t stream, int random_cases) {
     run_case<T>(p, epi, CaseOptions{true, stream, false}, rng, name);
     if (is_float) run_case<T>(p, epi, CaseOptions{true, stream, true}, rng, name);
   }
-  // The cp.async forward, which the launcher otherwise takes only before sm_90 (FUSED_CONVT_NO_TMA, tma.cuh).
+  // The cp.async forward, which the launcher otherwise takes only before sm_90 (FUSED_CONVT_NO_TMA, tma.cuh), and
+  // TF32 grad_weight on mma.sync where the wgmma GEMM would run (grad_weight_wgmma.cuh).
   setenv("FUSED_CONVT_NO_TMA", "1", 1);
+  setenv("FUSED_CONVT_NO_WGMMA_GRAD_WEIGHT", "1", 1);
   for (const auto& [name, p] : tiled_cases()) {
     run_case<T>(p, epi, CaseOptions{true, stream, false}, rng, name + " (cp.async)");
     if (is_float) run_case<T>(p, epi, CaseOptions{true, stream, true}, rng, name + " (cp.async)");
   }
   unsetenv("FUSED_CONVT_NO_TMA");
+  unsetenv("FUSED_CONVT_NO_WGMMA_GRAD_WEIGHT");
   for (int i = 0; i < random_cases; ++i) {
     Epilogue random_epi;
     random_epi.enabled = i % 5 != 4;

@@ -1,0 +1,394 @@
+// grad_weight with TF32 on wgmma (sm_90a): the GEMM of grad_weight_gemm.cuh with operands the warpgroup
+// instruction can take: TF32 comes from shared memory only K-major (here: pixel-contiguous), which NCHW x is and
+// the g pass's channels-last G is not. For tap (kh, kw) of output phase (r_h, r_w), with the sum taken over the
+// input's pixels q = (n, i, j) instead of the phase's (G is zero outside the phase grid),
+//   grad_weight[ic, oc, kh, kw] = sum over q of G[phase, n, i - off_h, j - off_w, oc] * X[n, ic, i, j]
+// is D = A x B with M = output channels (A = G at the tap's shift, loaded into registers: a register operand has
+// no layout, and the shift is an address offset), N = input channels (B = X from shared memory: one window serves
+// all four taps) and K = input pixels.
+//
+// A block owns one phase, its four taps, up to 128 output channels (a warpgroup per 64), 64 input channels and a
+// contiguous run ("split") of K chunks; a chunk is 32 consecutive pixels of one input row (n, i, j0 ... j0 + 31).
+// A producer thread brings each chunk into a pipeline stage with the Tensor Memory Accelerator, in the 128-byte
+// swizzle: X as one box of 64 channels x 32 pixels (the layout wgmma reads B in), and the G pixels the four taps
+// pair with it, two phase rows x 33 columns (zeros outside the phase grid), as boxes of 32 channels (conflict-free
+// loads of A). The consumer warpgroups load A fragments and issue 16 wgmmas per chunk (4 k steps x 4 taps,
+// m64n64k8, in two halves whose fragments alternate between two register sets) and release the stage to the
+// producer once they are done. Each split writes its partial sums in grad_weight_gemm.cuh's layout; sum_splits
+// adds them in order.
+//
+// X's values are rounded to TF32 first (round_to_tf32_copy, NCHW into the workspace), as every other TF32 operand
+// of the library is: the tensor cores would otherwise truncate them, a bias of -2^-11 on average.
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+
+#include "cuda_common.cuh"
+#include "fused_convt/api.h"
+#include "grad_weight_gemm.cuh"
+#include "mma.cuh"
+#include "tma.cuh"
+#include "wgmma.cuh"
+
+namespace fused_convt {
+
+constexpr int kWgmmaChunk = 32;         // pixels (K) per stage: one 128-byte swizzle row of TF32 values
+constexpr int kWgmmaStages = 4;
+constexpr int kWgmmaTaps = 4;           // every phase has 2 x 2 taps (plan_weight_wgmma_shape)
+constexpr int kWgmmaMaxPhases = 4;      // a G tensor map per phase
+constexpr int kWgmmaIcTile = 64;        // N of the wgmma
+constexpr int kWgmmaOcPerGroup = 64;    // M of a warpgroup
+constexpr int kWgmmaGCols = kWgmmaChunk + 1;                 // G columns a chunk's taps read: two column offsets
+constexpr int kWgmmaGRows = 2 * kWgmmaGCols;                 // 128-byte rows of a G box: two phase rows
+constexpr int kWgmmaGBox = (kWgmmaGRows * 128 + 1023) / 1024 * 1024;  // 32 channels (box starts 1024-aligned)
+constexpr int kWgmmaXBox = kWgmmaIcTile * kWgmmaChunk * 4;   // X: 64 channels x 32 pixels
+// Split count for about one block per SM of an H100, fixed so that the split count, and the bits, do not depend on
+// the device.
+constexpr int64_t kWgmmaTargetBlocks = 128;
+
+// Whether to take this path (FUSED_CONVT_NO_WGMMA_GRAD_WEIGHT set and not "0": the mma.sync GEMM everywhere, so
+// that tests and timings on a Hopper machine can compare the two). Read at each call.
+inline bool wgmma_grad_weight_disabled() {
+  const char* value = std::getenv("FUSED_CONVT_NO_WGMMA_GRAD_WEIGHT");
+  return value && *value && std::strcmp(value, "0") != 0;
+}
+
+// A phase's four taps: input offsets, the largest of each axis (G's box origin), and the weight tap (kh kernel_w + kw).
+struct WgmmaPhaseTaps {
+  int off_h[kWgmmaTaps], off_w[kWgmmaTaps], max_h, max_w, tap[kWgmmaTaps];
+};
+
+struct WgmmaWeightPlan {
+  int phases, warpgroups, oc_blocks, ic_tiles;
+  int64_t splits, chunks_per_split;
+  WgmmaPhaseTaps taps[kWgmmaMaxPhases];  // (from the host's gemm_tap: one table, not every block's own)
+};
+
+// The plan where the problem has this path's shape, whatever the device: one group; input channels a multiple of
+// 64; output channels 64 (one warpgroup per block) or a multiple of 128 (two); at most four phases, each of 2 x 2
+// taps that read two neighbouring input rows and columns (kernel = 2 x stride at dilation 1, as kb_v0 and kb_v1);
+// input rows of whole chunks. (The caller also needs x 16-byte aligned: wgmma_weight_input_ok.)
+inline bool plan_weight_wgmma_shape(const ConvTransposeParams& p, WgmmaWeightPlan* plan) {
+  const int64_t cin = p.in_channels, cout = p.out_channels;
+  if (p.groups != 1 || cin % kWgmmaIcTile != 0 || !(cout == 64 || cout % 128 == 0) || p.in_w % kWgmmaChunk != 0 ||
+      p.stride_h * p.stride_w > kWgmmaMaxPhases || p.output_numel() / cout > INT32_MAX)  // (TMA coordinates)
+    return false;
+  for (int rh = 0; rh < p.stride_h; ++rh)
+    for (int rw = 0; rw < p.stride_w; ++rw) {
+      const int taps_w = phase_taps(p.kernel_w, p.stride_w, p.dil_w, rw);
+      if (phase_taps(p.kernel_h, p.stride_h, p.dil_h, rh) * taps_w != kWgmmaTaps) return false;
+      WgmmaPhaseTaps& taps = plan->taps[rh * p.stride_w + rw];
+      int min_h = INT32_MAX, min_w = INT32_MAX;
+      taps.max_h = taps.max_w = INT32_MIN;
+      for (int t = 0; t < kWgmmaTaps; ++t) {
+        const GemmTap tap = gemm_tap(p, rh, rw, taps_w, t);
+        taps.off_h[t] = tap.off_h, taps.off_w[t] = tap.off_w, taps.tap[t] = int(tap.kh * p.kernel_w + tap.kw);
+        min_h = std::min(min_h, tap.off_h), taps.max_h = std::max(taps.max_h, tap.off_h);
+        min_w = std::min(min_w, tap.off_w), taps.max_w = std::max(taps.max_w, tap.off_w);
+      }
+      if (taps.max_h - min_h != 1 || taps.max_w - min_w != 1) return false;
+    }
+  const int64_t chunks = p.batch * p.in_h * (p.in_w / kWgmmaChunk);  // per phase
+  plan->phases = int(p.stride_h * p.stride_w);
+  plan->warpgroups = cout == 64 ? 1 : 2;
+  plan->oc_blocks = int(cout / (kWgmmaOcPerGroup * plan->warpgroups));
+  plan->ic_tiles = int(cin / kWgmmaIcTile);
+  const int64_t tiles = int64_t(plan->phases) * plan->oc_blocks * plan->ic_tiles;
+  const int64_t splits = std::clamp<int64_t>(kWgmmaTargetBlocks / tiles, 1, std::max<int64_t>(1, chunks));
+  plan->chunks_per_split = std::max<int64_t>(1, (chunks + splits - 1) / splits);
+  plan->splits = std::max<int64_t>(1, (chunks + plan->chunks_per_split - 1) / plan->chunks_per_split);
+  return true;
+}
+
+// The plan for this call on this device, or false (then the mma.sync GEMM runs): the shape above, an sm_90a
+// build on a compute capability 9.0 device, the driver's TMA encoder, and the switch.
+inline bool plan_weight_wgmma(const ConvTransposeParams& p, WgmmaWeightPlan* plan) {
+#ifndef FUSED_CONVT_SM90A
+  (void)p, (void)plan;
+  return false;
+#else
+  if (wgmma_grad_weight_disabled() || !plan_weight_wgmma_shape(p, plan) || !tensor_map_encoder()) return false;
+  return current_device_attribute(cudaDevAttrComputeCapabilityMajor) == 9 &&
+         current_device_attribute(cudaDevAttrComputeCapabilityMinor) == 0;
+#endif
+}
+
+// x as this path reads it: 16-byte aligned (round_to_tf32_copy's vectors).
+inline bool wgmma_weight_input_ok(const void* x) { return reinterpret_cast<uintptr_t>(x) % 16 == 0; }
+
+// Stage bytes (X's box, then the G boxes of the block's channels) and the kernel's shared memory (stages
+// 1024-byte aligned, as the 128-byte swizzle's pattern repeats every 1024 bytes, then the barriers).
+FCT_HD constexpr int wgmma_stage_bytes(int warpgroups) {
+  return kWgmmaXBox + warpgroups * (kWgmmaOcPerGroup / 32) * kWgmmaGBox;
+}
+constexpr int wgmma_smem_bytes(int warpgroups) {
+  return 1024 + kWgmmaStages * wgmma_stage_bytes(warpgroups) + 2 * kWgmmaStages * 8;
+}
+
+struct WgmmaWeightArgs {
+  ConvTransposeParams p;
+  WgmmaWeightPlan plan;
+};
+// G of each phase as a 4-D tensor [image][phase row][phase column][row of channels].
+struct WgmmaGMaps {
+  CUtensorMap phase[kWgmmaMaxPhases];
+};
+
+__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+#endif
+}
+
+// K-major operand descriptor in the 128-byte swizzle: rows of 128 bytes, 8-row atoms 1024 bytes apart.
+__device__ __forceinline__ uint64_t wgmma_sw128_descriptor(uint32_t smem_address) {
+  return uint64_t((smem_address >> 4) & 0x3FFF) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) |
+         (uint64_t(1) << 62);
+}
+
+// D (64 x 64) = A (64 x 8 TF32, registers: rows g and g + 8, columns t and t + 4 of the warp's 16 rows) x B
+// (8 x 64, descriptor b) + (accumulate ? D : 0).
+__device__ __forceinline__ void wgmma_tf32_m64n64k8_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b,
+                                                       int accumulate) {
+#ifdef FCT_WGMMA_ENABLED
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "{%32, %33, %34, %35}, %36, p, 1, 1;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
+        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
+        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
+        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+#endif
+}
+
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c, int row, uint32_t bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(c), "r"(row), "r"(bar)
+      : "memory");
+#endif
+}
+
+// x (NCHW float) with its values rounded to TF32, into out (which may be x itself).
+__global__ void round_to_tf32_copy(const float4* x, uint4* out, int64_t vectors) {
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < vectors; i += int64_t(gridDim.x) * blockDim.x) {
+    const float4 v = x[i];
+    out[i] = make_uint4(round_to_tf32(v.x), round_to_tf32(v.y), round_to_tf32(v.z), round_to_tf32(v.w));
+  }
+}
+
+// Registers per thread of the consumer and producer warpgroups (setmaxnreg; the launch bound alone gives every
+// thread of three warpgroups 168, and the consumers' 128 accumulators and two A fragment sets need more: ptxas
+// serialized the wgmmas).
+template <int kWgs>
+constexpr int kWgmmaConsumerRegisters = kWgs == 2 ? 232 : 248;
+constexpr int kWgmmaProducerRegisters = 40;
+
+// Grid: x = phase + phases x split, y = input channel tile + ic_tiles x output channel block. Threads: the
+// consumer warpgroups, then the producer warpgroup (one thread of it issues the copies).
+template <int kWgs>
+__global__ void __launch_bounds__((kWgs + 1) * 128, 1)
+    grad_weight_wgmma_kernel(const __grid_constant__ WgmmaGMaps g_maps, const __grid_constant__ CUtensorMap x_map,
+                             const __grid_constant__ WgmmaWeightArgs args, float* __restrict__ weight_partial) {
+#ifdef FCT_WGMMA_ENABLED
+  constexpr int kStageBytes = wgmma_stage_bytes(kWgs);
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const ConvTransposeParams& p = args.p;
+  const WgmmaWeightPlan& plan = args.plan;
+  const uint32_t smem = (smem_address(smem_raw) + 1023) & ~1023u;
+  const uint32_t full_bar = smem + kWgmmaStages * kStageBytes, empty_bar = full_bar + 8 * kWgmmaStages;
+
+  const int phase = int(blockIdx.x % plan.phases);
+  const int64_t split = blockIdx.x / plan.phases;
+  const int ic0 = int(blockIdx.y % plan.ic_tiles) * kWgmmaIcTile;
+  const int oc0 = int(blockIdx.y / plan.ic_tiles) * kWgs * kWgmmaOcPerGroup;
+  const WgmmaPhaseTaps& taps = plan.taps[phase];
+  const int max_h = taps.max_h, max_w = taps.max_w;  // G's box starts at the larger offsets' pixel
+  // 32-bit chunk numbers: a phase's chunks are below 2^31 / 32 (plan_weight_wgmma_shape).
+  const int row_chunks = int(p.in_w) / kWgmmaChunk, chunks = int(p.batch * p.in_h) * row_chunks;
+  const int begin = int(split * plan.chunks_per_split);
+  const int count = max(0, min(chunks, begin + int(plan.chunks_per_split)) - begin);
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kWgmmaStages; ++s) {
+      mbarrier_init(full_bar + 8 * s, 1);
+      mbarrier_init(empty_bar + 8 * s, kWgs * 4);  // one arrival per consumer warp
+    }
+    mbarrier_init_fence();
+  }
+  __syncthreads();
+
+  if (threadIdx.x >= kWgs * 128) {  // the producer warpgroup: one thread issues every copy
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kWgmmaProducerRegisters));
+    if (threadIdx.x != kWgs * 128) return;
+    const CUtensorMap* g_map = &g_maps.phase[phase];
+    for (int i = 0; i < count; ++i) {
+      const int s = i % kWgmmaStages;
+      if (i >= kWgmmaStages) mbarrier_wait(empty_bar + 8 * s, (i / kWgmmaStages - 1) & 1);
+      const int chunk = begin + i, row = chunk / row_chunks;  // row: n x in_h + i
+      const int j0 = (chunk - row * row_chunks) * kWgmmaChunk, in_row = row % int(p.in_h), n = row / int(p.in_h);
+      const uint32_t stage = smem + s * kStageBytes, bar = full_bar + 8 * s;
+      mbarrier_arrive_expect_tx(bar, kWgmmaXBox + kWgs * (kWgmmaOcPerGroup / 32) * kWgmmaGRows * 128);
+      tma_load_4d(stage, &x_map, j0, in_row, ic0, n, bar);
+#pragma unroll
+      for (int b = 0; b < kWgs * kWgmmaOcPerGroup / 32; ++b)
+        tma_load_4d(stage + kWgmmaXBox + b * kWgmmaGBox, g_map, oc0 + 32 * b, j0 - max_w, in_row - max_h, n, bar);
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kWgmmaConsumerRegisters<kWgs>));
+  // Consumer warpgroup wg: output channels oc0 + 64 wg ... of every tap. The warpgroup index through a shuffle
+  // (uniform registers for the addresses, as in pair_forward_kernel).
+  const int wg = __shfl_sync(0xffffffffu, int(threadIdx.x / 128), 0), warp = int(threadIdx.x / 32) % 4;
+  const int lane = int(threadIdx.x % 32), g = lane / 4, t4 = lane % 4;
+  // This lane's A rows (output channels) m and m + 8: G box m / 32, 16-byte piece (m % 32) / 4 (+ 2 for m + 8)
+  // and word m % 4 of each 128-byte row. Tap t's pixel k sits in the box's row (max_h - off_h) x 33 + max_w - off_w
+  // + k, whose pieces the swizzle permutes by the row's low three bits: the same for k and k + 8, so a lane's
+  // offsets for its pixels t4 and t4 + 4 (q / 2) and rows m and m + 8 (q % 2) of each tap serve every k step.
+  const int m = wg * kWgmmaOcPerGroup + 16 * warp + g;
+  uint32_t a_offset[kWgmmaTaps][4];
+#pragma unroll
+  for (int t = 0; t < kWgmmaTaps; ++t)
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const uint32_t row = uint32_t((max_h - taps.off_h[t]) * kWgmmaGCols + max_w - taps.off_w[t] + t4 + 4 * (q >> 1));
+      const uint32_t piece = uint32_t(m % 32) / 4 + 2 * (q & 1);
+      a_offset[t][q] = kWgmmaXBox + uint32_t(m / 32) * kWgmmaGBox + row * 128 + ((piece ^ (row & 7)) << 4) +
+                       uint32_t(m % 4) * 4;
+    }
+  float acc[kWgmmaTaps][32];
+  constexpr int kHalfSteps = kWgmmaChunk / 16;  // k steps per half chunk
+  // Half h of chunk i: its A fragments into `a` (registers that must not change until its wgmmas are done: two
+  // sets used in turn, and the wait after each half retires the one before), 8 wgmmas, then the wait; after the
+  // first half, the previous chunk's stage is released.
+  auto half = [&](int i, int h, uint32_t (&a)[kHalfSteps][kWgmmaTaps][4]) {
+    const int s = i % kWgmmaStages;
+    const uint32_t stage = smem + s * kStageBytes;
+    if (h == 0) mbarrier_wait(full_bar + 8 * s, (i / kWgmmaStages) & 1);
+#pragma unroll
+    for (int kk = 0; kk < kHalfSteps; ++kk)
+#pragma unroll
+      for (int t = 0; t < kWgmmaTaps; ++t)
+#pragma unroll
+        for (int q = 0; q < 4; ++q) a[kk][t][q] = lds32(stage + a_offset[t][q] + (h * kHalfSteps + kk) * 8 * 128);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kHalfSteps; ++kk)
+#pragma unroll
+      for (int t = 0; t < kWgmmaTaps; ++t)
+        wgmma_tf32_m64n64k8_rs(acc[t], a[kk][t], wgmma_sw128_descriptor(stage + (h * kHalfSteps + kk) * 32),
+                               (i | h | kk) != 0);
+    wgmma_commit();
+    if (i > 0 || h > 0) wgmma_wait<1>();
+    if (h == 0 && i > 0 && lane == 0) mbarrier_arrive(empty_bar + 8 * ((i - 1) % kWgmmaStages));
+  };
+  uint32_t a_first[kHalfSteps][kWgmmaTaps][4], a_second[kHalfSteps][kWgmmaTaps][4];
+#pragma unroll 1
+  for (int i = 0; i < count; ++i) {
+    half(i, 0, a_first);
+    half(i, 1, a_second);
+  }
+  wgmma_wait_all();
+  if (count == 0) {
+#pragma unroll
+    for (int t = 0; t < kWgmmaTaps; ++t)
+#pragma unroll
+      for (int e = 0; e < 32; ++e) acc[t][e] = 0.0f;
+  }
+
+  // acc[t][4 j + q]: output channel row m + 8 (q / 2), input channel 8 j + 2 t4 + q % 2. (A split's partials are
+  // one weight's values: 32-bit offsets, validate().)
+  const int kernel_taps = int(p.kernel_h * p.kernel_w), out_channels = int(p.out_channels);
+  float* partial = weight_partial + split * p.weight_numel();
+#pragma unroll
+  for (int t = 0; t < kWgmmaTaps; ++t) {
+    const int first = ((ic0 + 2 * t4) * out_channels + oc0 + m) * kernel_taps + taps.tap[t];
+#pragma unroll
+    for (int e = 0; e < 32; ++e)
+      partial[first + ((8 * (e / 4) + e % 2) * out_channels + 8 * ((e % 4) / 2)) * kernel_taps] = acc[t][e];
+  }
+#endif
+}
+
+// G of each phase (g_split, laid out as g_layout) as the kernel's boxes read it; false where the driver refuses.
+inline bool encode_wgmma_g_maps(const ConvTransposeParams& p, const WgmmaWeightPlan& plan,
+                                const PhaseSplitLayout& g_layout, const uint32_t* g_split, WgmmaGMaps* maps) {
+  const TensorMapEncoder encode = tensor_map_encoder();
+  const cuuint32_t box[4] = {32, kWgmmaGCols, 2, 1}, steps[4] = {1, 1, 1, 1};
+  for (int phase = 0; phase < plan.phases; ++phase) {
+    const int rh = phase / int(p.stride_w), rw = phase % int(p.stride_w);
+    const int64_t extent_h = g_layout.h.extent(rh), extent_w = g_layout.w.extent(rw), row = g_layout.row;
+    const cuuint64_t extent[4] = {cuuint64_t(row), cuuint64_t(extent_w), cuuint64_t(extent_h), cuuint64_t(p.batch)};
+    const cuuint64_t stride[3] = {cuuint64_t(row) * 4, cuuint64_t(extent_w * row) * 4,
+                                  cuuint64_t(extent_h * extent_w * row) * 4};
+    if (encode(&maps->phase[phase], CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4,
+               const_cast<uint32_t*>(g_split + g_layout.phase_first_row(rh, rw) * row), extent, stride, box, steps,
+               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
+      return false;
+  }
+  return true;
+}
+
+// Rounds x (NCHW, or NHWC: transposed first, so that both layouts give the same bits) into x_tf32 (NCHW) and
+// launches the GEMM on it and on G (g_split, laid out as g_layout) into weight_partial (plan.splits x weight
+// values).
+inline void launch_grad_weight_wgmma(const ConvTransposeParams& p, const WgmmaWeightPlan& plan,
+                                     const PhaseSplitLayout& g_layout, const float* x, bool x_channels_last,
+                                     uint32_t* x_tf32, const uint32_t* g_split, float* weight_partial,
+                                     cudaStream_t stream) {
+  if (x_channels_last) {
+    int device = 0;
+    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+    transpose_cuda(x, x_tf32, p.batch, p.in_h * p.in_w, p.in_channels, 4, CudaContext{device, stream});
+    x = reinterpret_cast<const float*>(x_tf32);  // rounded in place below
+  }
+  const int threads = 256;
+  const int64_t vectors = p.input_numel() / 4;  // in_w % 32 == 0 (plan)
+  round_to_tf32_copy<<<int(std::min<int64_t>((vectors + threads - 1) / threads, 4096)), threads, 0, stream>>>(
+      reinterpret_cast<const float4*>(x), reinterpret_cast<uint4*>(x_tf32), vectors);
+  check_launch("round_to_tf32_copy");
+
+  const TensorMapEncoder encode = tensor_map_encoder();
+  const cuuint32_t steps[4] = {1, 1, 1, 1};
+  auto encoded = [&](CUtensorMap* map, const void* base, const cuuint64_t* extent, const cuuint64_t* stride,
+                     const cuuint32_t* box) {
+    return encode(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, const_cast<void*>(base), extent, stride, box, steps,
+                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  };
+  alignas(64) CUtensorMap x_map{};
+  const cuuint64_t x_extent[4] = {cuuint64_t(p.in_w), cuuint64_t(p.in_h), cuuint64_t(p.in_channels), cuuint64_t(p.batch)};
+  const cuuint64_t x_stride[3] = {cuuint64_t(p.in_w) * 4, cuuint64_t(p.in_h * p.in_w) * 4,
+                                  cuuint64_t(p.in_channels * p.in_h * p.in_w) * 4};
+  const cuuint32_t x_box[4] = {kWgmmaChunk, 1, kWgmmaIcTile, 1};
+  bool ok = encoded(&x_map, x_tf32, x_extent, x_stride, x_box);
+  alignas(64) WgmmaGMaps g_maps{};
+  ok = ok && encode_wgmma_g_maps(p, plan, g_layout, g_split, &g_maps);
+  if (!ok) throw std::runtime_error("fused_convt: cuTensorMapEncodeTiled failed for grad_weight's operands");
+  const WgmmaWeightArgs args{p, plan};
+  const dim3 grid(unsigned(plan.splits * plan.phases), unsigned(plan.ic_tiles * plan.oc_blocks));
+  auto launch = [&](auto kernel, int warpgroups) {
+    const int smem = wgmma_smem_bytes(warpgroups);
+    allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem, "cudaFuncSetAttribute(grad_weight_wgmma_kernel)");
+    kernel<<<grid, (warpgroups + 1) * 128, smem, stream>>>(g_maps, x_map, args, weight_partial);
+    check_launch("grad_weight_wgmma_kernel");
+  };
+  if (plan.warpgroups == 2) launch(grad_weight_wgmma_kernel<2>, 2);
+  else launch(grad_weight_wgmma_kernel<1>, 1);
+}
+
+}  // namespace fused_convt
