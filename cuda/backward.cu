@@ -355,11 +355,10 @@ static BackwardWorkspace backward_workspace_layout(const ConvTransposeParams& p,
   }
   const WeightGemmPlan plan = plan_weight_gemm(p, dtype);
   // Partials for the split count of either GEMM (the wgmma one's by shape alone: the query knows no device).
-  WgmmaWeightPlan wgmma_plan{};
-  const int64_t splits = dtype == DType::Float32 && plan_weight_wgmma_shape(p, &wgmma_plan)
-                             ? std::max(plan.splits, wgmma_plan.splits)
-                             : plan.splits;
   const size_t operand = dtype == DType::Float32 ? sizeof(float) : sizeof(__half);
+  WgmmaWeightPlan wgmma_plan{};
+  const int64_t splits = plan_weight_wgmma_shape(p, int(operand), &wgmma_plan) ? std::max(plan.splits, wgmma_plan.splits)
+                                                                              : plan.splits;
   const int64_t bias_values = p.has_bias ? bias_partial_count(p) * p.out_channels : 0;
   w.weight_partial = packed_grad_input_weight_bytes(p, dtype);
   w.bias_partial = w.weight_partial + (grad_weight ? round_up_256(size_t(splits * p.weight_numel()) * 4) : 0);
@@ -437,16 +436,17 @@ void launch_backward_tensor_cores(const ConvTransposeParams& p, const Epilogue& 
   // chain runs on a side stream beside grad_input (side_stream.h).
   const bool grad_input = args.grad_input && p.input_numel() > 0;
   ForkJoin fork(stream, grad_input && args.grad_weight && !serial_backward());
-  // TF32 grad_weight on wgmma where its shape and the device allow (grad_weight_wgmma.cuh), else on mma.sync.
+  // grad_weight on wgmma where its shape and the device allow (grad_weight_wgmma.cuh; not exact float), else on
+  // mma.sync.
   WgmmaWeightPlan wgmma_plan{};
   bool on_wgmma = false;
-  if constexpr (std::is_same<Math, Tf32Math>::value)
-    on_wgmma = args.grad_weight && wgmma_weight_input_ok(args.input) && plan_weight_wgmma(p, &wgmma_plan);
+  if constexpr (!std::is_same<Math, Fp32SplitMath>::value)
+    on_wgmma = args.grad_weight && wgmma_weight_input_ok(args.input) &&
+               plan_weight_wgmma(p, int(sizeof(T)), &wgmma_plan);
   if (on_wgmma) {
     const cudaStream_t side = fork.side();
-    launch_grad_weight_wgmma(p, wgmma_plan, plan.g_layout, static_cast<const float*>(args.input),
-                             args.input_channels_last, reinterpret_cast<uint32_t*>(x_cl), reinterpret_cast<const uint32_t*>(g_split),
-                             weight_partial, side);
+    launch_grad_weight_wgmma<T>(p, wgmma_plan, plan.g_layout, static_cast<const T*>(args.input),
+                                args.input_channels_last, x_cl, g_split, weight_partial, side);
     launch_sum_splits<T>(weight_partial, wgmma_plan.splits, p.weight_numel(), static_cast<T*>(args.grad_weight), side);
   } else if (args.grad_weight) {
     const cudaStream_t side = fork.side();

@@ -1,6 +1,6 @@
-// grad_weight with TF32 on wgmma (sm_90a): the GEMM of grad_weight_gemm.cuh with operands the warpgroup
-// instruction can take: TF32 comes from shared memory only K-major (here: pixel-contiguous), which NCHW x is and
-// the g pass's channels-last G is not. For tap (kh, kw) of output phase (r_h, r_w), with the sum taken over the
+// grad_weight on wgmma (sm_90a), TF32, bfloat16 and float16: the GEMM of grad_weight_gemm.cuh with operands the
+// warpgroup instruction can take: TF32 comes from shared memory only K-major (here: pixel-contiguous), which NCHW x
+// is and the g pass's channels-last G is not (16-bit operands could be either; one layout serves all three). For tap (kh, kw) of output phase (r_h, r_w), with the sum taken over the
 // input's pixels q = (n, i, j) instead of the phase's (G is zero outside the phase grid),
 //   grad_weight[ic, oc, kh, kw] = sum over q of G[phase, n, i - off_h, j - off_w, oc] * X[n, ic, i, j]
 // is D = A x B with M = output channels (A = G at the tap's shift, loaded into registers: a register operand has
@@ -8,17 +8,19 @@
 // all four taps) and K = input pixels.
 //
 // A block owns one phase, its four taps, up to 128 output channels (a warpgroup per 64), 64 input channels and a
-// contiguous run ("split") of K chunks; a chunk is 32 consecutive pixels of one input row (n, i, j0 ... j0 + 31).
-// A producer thread brings each chunk into a pipeline stage with the Tensor Memory Accelerator, in the 128-byte
-// swizzle: X as one box of 64 channels x 32 pixels (the layout wgmma reads B in), and the G pixels the four taps
-// pair with it, two phase rows x 33 columns (zeros outside the phase grid), as boxes of 32 channels (conflict-free
-// loads of A). The consumer warpgroups load A fragments and issue 16 wgmmas per chunk (4 k steps x 4 taps,
-// m64n64k8, in two halves whose fragments alternate between two register sets) and release the stage to the
-// producer once they are done. Each split writes its partial sums in grad_weight_gemm.cuh's layout; sum_splits
+// contiguous run ("split") of K chunks; a chunk is one 128-byte row of pixels (32 TF32, 64 16-bit) of one input row
+// (n, i, j0 ...). A producer thread brings each chunk into a pipeline stage with the Tensor Memory Accelerator, in
+// the 128-byte swizzle: X as one box of 64 channels x a chunk (the layout wgmma reads B in), and the G pixels the
+// four taps pair with it, two phase rows x (chunk + 1) columns (zeros outside the phase grid), as boxes of 128
+// bytes of channels (conflict-free loads of A: 32-bit loads for TF32, ldmatrix.trans for 16-bit values). The
+// consumer warpgroups load A fragments and issue 16 wgmmas per chunk (4 k steps of 32 bytes x 4 taps, m64n64k8 /
+// k16, in two halves whose fragments alternate between two register sets) and release the stage to the producer
+// once they are done. Each split writes its partial sums in grad_weight_gemm.cuh's layout; sum_splits
 // adds them in order.
 //
-// X's values are rounded to TF32 first (round_to_tf32_copy, NCHW into the workspace), as every other TF32 operand
-// of the library is: the tensor cores would otherwise truncate them, a bias of -2^-11 on average.
+// Float X is rounded to TF32 first (round_to_tf32_copy, NCHW into the workspace), as every other TF32 operand of the
+// library is: the tensor cores would otherwise truncate it, a bias of -2^-11 on average. 16-bit X is read in place
+// (NCHW) or transposed into the workspace (NHWC).
 #pragma once
 
 #include <cuda.h>
@@ -39,16 +41,31 @@
 
 namespace fused_convt {
 
-constexpr int kWgmmaChunk = 32;         // pixels (K) per stage: one 128-byte swizzle row of TF32 values
 constexpr int kWgmmaStages = 4;
 constexpr int kWgmmaTaps = 4;           // every phase has 2 x 2 taps (plan_weight_wgmma_shape)
 constexpr int kWgmmaMaxPhases = 4;      // a G tensor map per phase
 constexpr int kWgmmaIcTile = 64;        // N of the wgmma
 constexpr int kWgmmaOcPerGroup = 64;    // M of a warpgroup
-constexpr int kWgmmaGCols = kWgmmaChunk + 1;                 // G columns a chunk's taps read: two column offsets
-constexpr int kWgmmaGRows = 2 * kWgmmaGCols;                 // 128-byte rows of a G box: two phase rows
-constexpr int kWgmmaGBox = (kWgmmaGRows * 128 + 1023) / 1024 * 1024;  // 32 channels (box starts 1024-aligned)
-constexpr int kWgmmaXBox = kWgmmaIcTile * kWgmmaChunk * 4;   // X: 64 channels x 32 pixels
+constexpr int kWgmmaXBox = kWgmmaIcTile * 128;  // X: 64 channels x one 128-byte row of pixels
+
+// A stage's geometry for operands of kBytes (4: TF32, 2: bfloat16 / float16).
+template <int kBytes>
+struct WgmmaGeometry {
+  static constexpr int kChunk = 128 / kBytes;        // pixels (K) per stage
+  static constexpr int kStepPixels = 32 / kBytes;    // K of one wgmma (32 bytes)
+  static constexpr int kBoxChannels = 128 / kBytes;  // output channels per G box
+  static constexpr int kBoxesPerGroup = kWgmmaOcPerGroup / kBoxChannels;
+  static constexpr int kGCols = kChunk + 1;          // G columns a chunk's taps read: two column offsets
+  static constexpr int kGRows = 2 * kGCols;          // 128-byte rows of a G box: two phase rows
+  static constexpr int kGBox = (kGRows * 128 + 1023) / 1024 * 1024;  // box starts 1024-byte aligned
+  // Stage bytes (X's box, then the G boxes of the block's channels) and the kernel's shared memory (stages
+  // 1024-byte aligned, as the 128-byte swizzle's pattern repeats every 1024 bytes, then the barriers).
+  static constexpr int stage_bytes(int warpgroups) { return kWgmmaXBox + warpgroups * kBoxesPerGroup * kGBox; }
+  static constexpr int smem_bytes(int warpgroups) {
+    return 1024 + kWgmmaStages * stage_bytes(warpgroups) + 2 * kWgmmaStages * 8;
+  }
+};
+
 // Split count for about one block per SM of an H100, fixed so that the split count, and the bits, do not depend on
 // the device.
 constexpr int64_t kWgmmaTargetBlocks = 128;
@@ -74,10 +91,10 @@ struct WgmmaWeightPlan {
 // The plan where the problem has this path's shape, whatever the device: one group; input channels a multiple of
 // 64; output channels 64 (one warpgroup per block) or a multiple of 128 (two); at most four phases, each of 2 x 2
 // taps that read two neighbouring input rows and columns (kernel = 2 x stride at dilation 1, as kb_v0 and kb_v1);
-// input rows of whole chunks. (The caller also needs x 16-byte aligned: wgmma_weight_input_ok.)
-inline bool plan_weight_wgmma_shape(const ConvTransposeParams& p, WgmmaWeightPlan* plan) {
-  const int64_t cin = p.in_channels, cout = p.out_channels;
-  if (p.groups != 1 || cin % kWgmmaIcTile != 0 || !(cout == 64 || cout % 128 == 0) || p.in_w % kWgmmaChunk != 0 ||
+// input rows of whole chunks (128 bytes). (The caller also needs x 16-byte aligned: wgmma_weight_input_ok.)
+inline bool plan_weight_wgmma_shape(const ConvTransposeParams& p, int elem_bytes, WgmmaWeightPlan* plan) {
+  const int64_t cin = p.in_channels, cout = p.out_channels, chunk = 128 / elem_bytes;
+  if (p.groups != 1 || cin % kWgmmaIcTile != 0 || !(cout == 64 || cout % 128 == 0) || p.in_w % chunk != 0 ||
       p.stride_h * p.stride_w > kWgmmaMaxPhases || p.output_numel() / cout > INT32_MAX)  // (TMA coordinates)
     return false;
   for (int rh = 0; rh < p.stride_h; ++rh)
@@ -95,7 +112,7 @@ inline bool plan_weight_wgmma_shape(const ConvTransposeParams& p, WgmmaWeightPla
       }
       if (taps.max_h - min_h != 1 || taps.max_w - min_w != 1) return false;
     }
-  const int64_t chunks = p.batch * p.in_h * (p.in_w / kWgmmaChunk);  // per phase
+  const int64_t chunks = p.batch * p.in_h * (p.in_w / chunk);  // per phase
   plan->phases = int(p.stride_h * p.stride_w);
   plan->warpgroups = cout == 64 ? 1 : 2;
   plan->oc_blocks = int(cout / (kWgmmaOcPerGroup * plan->warpgroups));
@@ -109,30 +126,22 @@ inline bool plan_weight_wgmma_shape(const ConvTransposeParams& p, WgmmaWeightPla
 
 // The plan for this call on this device, or false (then the mma.sync GEMM runs): the shape above, an sm_90a
 // build on a compute capability 9.0 device, the driver's TMA encoder, and the switch.
-inline bool plan_weight_wgmma(const ConvTransposeParams& p, WgmmaWeightPlan* plan) {
+inline bool plan_weight_wgmma(const ConvTransposeParams& p, int elem_bytes, WgmmaWeightPlan* plan) {
 #ifndef FUSED_CONVT_SM90A
-  (void)p, (void)plan;
+  (void)p, (void)elem_bytes, (void)plan;
   return false;
 #else
-  if (wgmma_grad_weight_disabled() || !plan_weight_wgmma_shape(p, plan) || !tensor_map_encoder()) return false;
+  if (wgmma_grad_weight_disabled() || !plan_weight_wgmma_shape(p, elem_bytes, plan) || !tensor_map_encoder())
+    return false;
   return current_device_attribute(cudaDevAttrComputeCapabilityMajor) == 9 &&
          current_device_attribute(cudaDevAttrComputeCapabilityMinor) == 0;
 #endif
 }
 
-// x as this path reads it: 16-byte aligned (round_to_tf32_copy's vectors).
+// x as this path reads it: 16-byte aligned (round_to_tf32_copy's vectors, the TMA's base address).
 inline bool wgmma_weight_input_ok(const void* x) { return reinterpret_cast<uintptr_t>(x) % 16 == 0; }
 
-// Stage bytes (X's box, then the G boxes of the block's channels) and the kernel's shared memory (stages
-// 1024-byte aligned, as the 128-byte swizzle's pattern repeats every 1024 bytes, then the barriers).
-FCT_HD constexpr int wgmma_stage_bytes(int warpgroups) {
-  return kWgmmaXBox + warpgroups * (kWgmmaOcPerGroup / 32) * kWgmmaGBox;
-}
-constexpr int wgmma_smem_bytes(int warpgroups) {
-  return 1024 + kWgmmaStages * wgmma_stage_bytes(warpgroups) + 2 * kWgmmaStages * 8;
-}
-
-struct WgmmaWeightArgs {
+  struct WgmmaWeightArgs {
   ConvTransposeParams p;
   WgmmaWeightPlan plan;
 };
@@ -153,24 +162,29 @@ __device__ __forceinline__ uint64_t wgmma_sw128_descriptor(uint32_t smem_address
          (uint64_t(1) << 62);
 }
 
-// D (64 x 64) = A (64 x 8 TF32, registers: rows g and g + 8, columns t and t + 4 of the warp's 16 rows) x B
-// (8 x 64, descriptor b) + (accumulate ? D : 0).
-__device__ __forceinline__ void wgmma_tf32_m64n64k8_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b,
-                                                       int accumulate) {
+// D (64 x 64) = A (64 x K, registers: rows g and g + 8, 32-bit words t and t + 4 of the warp's 16 rows, as
+// mma.sync's A fragment) x B (K x 64, descriptor b) + (accumulate ? D : 0), K 32 bytes: 8 TF32 or 16 16-bit values.
+#define FCT_WGMMA_RS(type, k, trans)                                                                            \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                   \
+               "wgmma.mma_async.sync.aligned.m64n64" k ".f32." type "." type " "                                \
+               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                        \
+               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "              \
+               "{%32, %33, %34, %35}, %36, p, 1, 1" trans ";\n}\n"                                              \
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
+                 "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),         \
+                 "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),       \
+                 "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),       \
+                 "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                                                            \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate))
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n64_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b, int accumulate) {
 #ifdef FCT_WGMMA_ENABLED
-  asm volatile(
-      "{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-      "wgmma.mma_async.sync.aligned.m64n64k8.f32.tf32.tf32 "
-      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
-      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
-      "{%32, %33, %34, %35}, %36, p, 1, 1;\n}\n"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]),
-        "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]),
-        "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]),
-        "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) FCT_WGMMA_RS("bf16", "k16", ", 0");
+  else if constexpr (std::is_same<T, __half>::value) FCT_WGMMA_RS("f16", "k16", ", 0");
+  else FCT_WGMMA_RS("tf32", "k8", "");
 #endif
 }
+#undef FCT_WGMMA_RS
 
 __device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c, int row, uint32_t bar) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
@@ -197,13 +211,16 @@ constexpr int kWgmmaConsumerRegisters = kWgs == 2 ? 232 : 248;
 constexpr int kWgmmaProducerRegisters = 40;
 
 // Grid: x = phase + phases x split, y = input channel tile + ic_tiles x output channel block. Threads: the
-// consumer warpgroups, then the producer warpgroup (one thread of it issues the copies).
-template <int kWgs>
+// consumer warpgroups, then the producer warpgroup (one thread of it issues the copies). T: float (TF32 operands),
+// __nv_bfloat16 or __half.
+template <typename T, int kWgs>
 __global__ void __launch_bounds__((kWgs + 1) * 128, 1)
     grad_weight_wgmma_kernel(const __grid_constant__ WgmmaGMaps g_maps, const __grid_constant__ CUtensorMap x_map,
                              const __grid_constant__ WgmmaWeightArgs args, float* __restrict__ weight_partial) {
 #ifdef FCT_WGMMA_ENABLED
-  constexpr int kStageBytes = wgmma_stage_bytes(kWgs);
+  using Geo = WgmmaGeometry<int(sizeof(T))>;
+  constexpr int kStageBytes = Geo::stage_bytes(kWgs), kBoxes = kWgs * Geo::kBoxesPerGroup;
+  constexpr int kSteps = 128 / 32, kHalfSteps = kSteps / 2;  // wgmma k steps per chunk and half chunk
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const ConvTransposeParams& p = args.p;
   const WgmmaWeightPlan& plan = args.plan;
@@ -216,8 +233,8 @@ __global__ void __launch_bounds__((kWgs + 1) * 128, 1)
   const int oc0 = int(blockIdx.y / plan.ic_tiles) * kWgs * kWgmmaOcPerGroup;
   const WgmmaPhaseTaps& taps = plan.taps[phase];
   const int max_h = taps.max_h, max_w = taps.max_w;  // G's box starts at the larger offsets' pixel
-  // 32-bit chunk numbers: a phase's chunks are below 2^31 / 32 (plan_weight_wgmma_shape).
-  const int row_chunks = int(p.in_w) / kWgmmaChunk, chunks = int(p.batch * p.in_h) * row_chunks;
+  // 32-bit chunk numbers: a phase's chunks are below 2^31 (plan_weight_wgmma_shape).
+  const int row_chunks = int(p.in_w) / Geo::kChunk, chunks = int(p.batch * p.in_h) * row_chunks;
   const int begin = int(split * plan.chunks_per_split);
   const int count = max(0, min(chunks, begin + int(plan.chunks_per_split)) - begin);
 
@@ -238,13 +255,14 @@ __global__ void __launch_bounds__((kWgs + 1) * 128, 1)
       const int s = i % kWgmmaStages;
       if (i >= kWgmmaStages) mbarrier_wait(empty_bar + 8 * s, (i / kWgmmaStages - 1) & 1);
       const int chunk = begin + i, row = chunk / row_chunks;  // row: n x in_h + i
-      const int j0 = (chunk - row * row_chunks) * kWgmmaChunk, in_row = row % int(p.in_h), n = row / int(p.in_h);
+      const int j0 = (chunk - row * row_chunks) * Geo::kChunk, in_row = row % int(p.in_h), n = row / int(p.in_h);
       const uint32_t stage = smem + s * kStageBytes, bar = full_bar + 8 * s;
-      mbarrier_arrive_expect_tx(bar, kWgmmaXBox + kWgs * (kWgmmaOcPerGroup / 32) * kWgmmaGRows * 128);
+      mbarrier_arrive_expect_tx(bar, kWgmmaXBox + kBoxes * Geo::kGRows * 128);
       tma_load_4d(stage, &x_map, j0, in_row, ic0, n, bar);
 #pragma unroll
-      for (int b = 0; b < kWgs * kWgmmaOcPerGroup / 32; ++b)
-        tma_load_4d(stage + kWgmmaXBox + b * kWgmmaGBox, g_map, oc0 + 32 * b, j0 - max_w, in_row - max_h, n, bar);
+      for (int b = 0; b < kBoxes; ++b)
+        tma_load_4d(stage + kWgmmaXBox + b * Geo::kGBox, g_map, oc0 + Geo::kBoxChannels * b, j0 - max_w,
+                    in_row - max_h, n, bar);
     }
     return;
   }
@@ -254,23 +272,26 @@ __global__ void __launch_bounds__((kWgs + 1) * 128, 1)
   // (uniform registers for the addresses, as in pair_forward_kernel).
   const int wg = __shfl_sync(0xffffffffu, int(threadIdx.x / 128), 0), warp = int(threadIdx.x / 32) % 4;
   const int lane = int(threadIdx.x % 32), g = lane / 4, t4 = lane % 4;
-  // This lane's A rows (output channels) m and m + 8: G box m / 32, 16-byte piece (m % 32) / 4 (+ 2 for m + 8)
-  // and word m % 4 of each 128-byte row. Tap t's pixel k sits in the box's row (max_h - off_h) x 33 + max_w - off_w
-  // + k, whose pieces the swizzle permutes by the row's low three bits: the same for k and k + 8, so a lane's
-  // offsets for its pixels t4 and t4 + 4 (q / 2) and rows m and m + 8 (q % 2) of each tap serve every k step.
-  const int m = wg * kWgmmaOcPerGroup + 16 * warp + g;
-  uint32_t a_offset[kWgmmaTaps][4];
+  const int m = wg * kWgmmaOcPerGroup + 16 * warp + g;  // this lane's A rows (output channels): m and m + 8
+  // Tap t's pixel k sits in G's box row (max_h - off_h) x (chunk + 1) + max_w - off_w + k, whose 16-byte pieces
+  // the swizzle permutes by the row's low three bits; a k step moves 8 or 16 rows on, which keeps them, so one
+  // offset per load of a tap serves every k step. TF32: four 32-bit loads, of pixels t4 and t4 + 4 (q / 2) and
+  // rows m and m + 8 (q % 2, two pieces on); 16-bit: one ldmatrix.trans of the warp's 16 rows x 16 pixels, this
+  // lane giving the address of pixel (lane & 7) + 8 ((lane >> 4) & 1) and rows 8 ((lane >> 3) & 1) ... + 7.
+  constexpr int kLoads = sizeof(T) == 4 ? 4 : 1;
+  uint32_t a_offset[kWgmmaTaps][kLoads];
 #pragma unroll
   for (int t = 0; t < kWgmmaTaps; ++t)
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      const uint32_t row = uint32_t((max_h - taps.off_h[t]) * kWgmmaGCols + max_w - taps.off_w[t] + t4 + 4 * (q >> 1));
-      const uint32_t piece = uint32_t(m % 32) / 4 + 2 * (q & 1);
-      a_offset[t][q] = kWgmmaXBox + uint32_t(m / 32) * kWgmmaGBox + row * 128 + ((piece ^ (row & 7)) << 4) +
-                       uint32_t(m % 4) * 4;
+    for (int q = 0; q < kLoads; ++q) {
+      const int tap_row = (max_h - taps.off_h[t]) * Geo::kGCols + max_w - taps.off_w[t];
+      const int channel = sizeof(T) == 4 ? m % 32 + 8 * (q & 1) : 16 * warp + 8 * ((lane >> 3) & 1);
+      const uint32_t row = uint32_t(tap_row + (sizeof(T) == 4 ? t4 + 4 * (q >> 1) : (lane & 7) + 8 * ((lane >> 4) & 1)));
+      const uint32_t piece = uint32_t(channel * int(sizeof(T))) / 16;
+      a_offset[t][q] = kWgmmaXBox + uint32_t(sizeof(T) == 4 ? m / 32 : wg) * Geo::kGBox + row * 128 +
+                       ((piece ^ (row & 7)) << 4) + uint32_t(channel * int(sizeof(T))) % 16;
     }
   float acc[kWgmmaTaps][32];
-  constexpr int kHalfSteps = kWgmmaChunk / 16;  // k steps per half chunk
   // Half h of chunk i: its A fragments into `a` (registers that must not change until its wgmmas are done: two
   // sets used in turn, and the wait after each half retires the one before), 8 wgmmas, then the wait; after the
   // first half, the previous chunk's stage is released.
@@ -279,18 +300,25 @@ __global__ void __launch_bounds__((kWgs + 1) * 128, 1)
     const uint32_t stage = smem + s * kStageBytes;
     if (h == 0) mbarrier_wait(full_bar + 8 * s, (i / kWgmmaStages) & 1);
 #pragma unroll
-    for (int kk = 0; kk < kHalfSteps; ++kk)
+    for (int kk = 0; kk < kHalfSteps; ++kk) {
+      const uint32_t step = stage + (h * kHalfSteps + kk) * Geo::kStepPixels * 128;
 #pragma unroll
-      for (int t = 0; t < kWgmmaTaps; ++t)
+      for (int t = 0; t < kWgmmaTaps; ++t) {
+        if constexpr (sizeof(T) == 4) {
 #pragma unroll
-        for (int q = 0; q < 4; ++q) a[kk][t][q] = lds32(stage + a_offset[t][q] + (h * kHalfSteps + kk) * 8 * 128);
+          for (int q = 0; q < 4; ++q) a[kk][t][q] = lds32(step + a_offset[t][q]);
+        } else {
+          ldmatrix_x4_trans(a[kk][t], step + a_offset[t][0]);
+        }
+      }
+    }
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kHalfSteps; ++kk)
 #pragma unroll
       for (int t = 0; t < kWgmmaTaps; ++t)
-        wgmma_tf32_m64n64k8_rs(acc[t], a[kk][t], wgmma_sw128_descriptor(stage + (h * kHalfSteps + kk) * 32),
-                               (i | h | kk) != 0);
+        wgmma_m64n64_rs<T>(acc[t], a[kk][t], wgmma_sw128_descriptor(stage + (h * kHalfSteps + kk) * 32),
+                           (i | h | kk) != 0);
     wgmma_commit();
     if (i > 0 || h > 0) wgmma_wait<1>();
     if (h == 0 && i > 0 && lane == 0) mbarrier_arrive(empty_bar + 8 * ((i - 1) % kWgmmaStages));
@@ -323,72 +351,78 @@ __global__ void __launch_bounds__((kWgs + 1) * 128, 1)
 #endif
 }
 
-// G of each phase (g_split, laid out as g_layout) as the kernel's boxes read it; false where the driver refuses.
-inline bool encode_wgmma_g_maps(const ConvTransposeParams& p, const WgmmaWeightPlan& plan,
-                                const PhaseSplitLayout& g_layout, const uint32_t* g_split, WgmmaGMaps* maps) {
-  const TensorMapEncoder encode = tensor_map_encoder();
-  const cuuint32_t box[4] = {32, kWgmmaGCols, 2, 1}, steps[4] = {1, 1, 1, 1};
-  for (int phase = 0; phase < plan.phases; ++phase) {
-    const int rh = phase / int(p.stride_w), rw = phase % int(p.stride_w);
-    const int64_t extent_h = g_layout.h.extent(rh), extent_w = g_layout.w.extent(rw), row = g_layout.row;
-    const cuuint64_t extent[4] = {cuuint64_t(row), cuuint64_t(extent_w), cuuint64_t(extent_h), cuuint64_t(p.batch)};
-    const cuuint64_t stride[3] = {cuuint64_t(row) * 4, cuuint64_t(extent_w * row) * 4,
-                                  cuuint64_t(extent_h * extent_w * row) * 4};
-    if (encode(&maps->phase[phase], CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4,
-               const_cast<uint32_t*>(g_split + g_layout.phase_first_row(rh, rw) * row), extent, stride, box, steps,
-               CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-               CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) != CUDA_SUCCESS)
-      return false;
-  }
-  return true;
-}
-
-// Rounds x (NCHW, or NHWC: transposed first, so that both layouts give the same bits) into x_tf32 (NCHW) and
-// launches the GEMM on it and on G (g_split, laid out as g_layout) into weight_partial (plan.splits x weight
-// values).
-inline void launch_grad_weight_wgmma(const ConvTransposeParams& p, const WgmmaWeightPlan& plan,
-                                     const PhaseSplitLayout& g_layout, const float* x, bool x_channels_last,
-                                     uint32_t* x_tf32, const uint32_t* g_split, float* weight_partial,
-                                     cudaStream_t stream) {
-  if (x_channels_last) {
-    int device = 0;
-    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-    transpose_cuda(x, x_tf32, p.batch, p.in_h * p.in_w, p.in_channels, 4, CudaContext{device, stream});
-    x = reinterpret_cast<const float*>(x_tf32);  // rounded in place below
-  }
-  const int threads = 256;
-  const int64_t vectors = p.input_numel() / 4;  // in_w % 32 == 0 (plan)
-  round_to_tf32_copy<<<int(std::min<int64_t>((vectors + threads - 1) / threads, 4096)), threads, 0, stream>>>(
-      reinterpret_cast<const float4*>(x), reinterpret_cast<uint4*>(x_tf32), vectors);
-  check_launch("round_to_tf32_copy");
-
+// x's and G's tensor maps: x [image][channel][row][column] (x_nchw), G of each phase [image][phase row][phase
+// column][row of channels] (g_split, laid out as g_layout), both in the kernel's boxes; false where the driver
+// refuses one.
+template <int kBytes>
+inline bool encode_wgmma_maps(const ConvTransposeParams& p, const WgmmaWeightPlan& plan, const void* x_nchw,
+                              const PhaseSplitLayout& g_layout, const void* g_split, CUtensorMap* x_map,
+                              WgmmaGMaps* g_maps) {
+  using Geo = WgmmaGeometry<kBytes>;
   const TensorMapEncoder encode = tensor_map_encoder();
   const cuuint32_t steps[4] = {1, 1, 1, 1};
   auto encoded = [&](CUtensorMap* map, const void* base, const cuuint64_t* extent, const cuuint64_t* stride,
                      const cuuint32_t* box) {
-    return encode(map, CU_TENSOR_MAP_DATA_TYPE_FLOAT32, 4, const_cast<void*>(base), extent, stride, box, steps,
-                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+    return encode(map, kBytes == 4 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32 : CU_TENSOR_MAP_DATA_TYPE_UINT16, 4,
+                  const_cast<void*>(base), extent, stride, box, steps, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                  CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
                   CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
   };
-  alignas(64) CUtensorMap x_map{};
   const cuuint64_t x_extent[4] = {cuuint64_t(p.in_w), cuuint64_t(p.in_h), cuuint64_t(p.in_channels), cuuint64_t(p.batch)};
-  const cuuint64_t x_stride[3] = {cuuint64_t(p.in_w) * 4, cuuint64_t(p.in_h * p.in_w) * 4,
-                                  cuuint64_t(p.in_channels * p.in_h * p.in_w) * 4};
-  const cuuint32_t x_box[4] = {kWgmmaChunk, 1, kWgmmaIcTile, 1};
-  bool ok = encoded(&x_map, x_tf32, x_extent, x_stride, x_box);
+  const cuuint64_t x_stride[3] = {cuuint64_t(p.in_w) * kBytes, cuuint64_t(p.in_h * p.in_w) * kBytes,
+                                  cuuint64_t(p.in_channels * p.in_h * p.in_w) * kBytes};
+  const cuuint32_t x_box[4] = {Geo::kChunk, 1, kWgmmaIcTile, 1};
+  if (!encoded(x_map, x_nchw, x_extent, x_stride, x_box)) return false;
+  const cuuint32_t g_box[4] = {Geo::kBoxChannels, Geo::kGCols, 2, 1};
+  for (int phase = 0; phase < plan.phases; ++phase) {
+    const int rh = phase / int(p.stride_w), rw = phase % int(p.stride_w);
+    const int64_t extent_h = g_layout.h.extent(rh), extent_w = g_layout.w.extent(rw), row = g_layout.row;
+    const cuuint64_t extent[4] = {cuuint64_t(row), cuuint64_t(extent_w), cuuint64_t(extent_h), cuuint64_t(p.batch)};
+    const cuuint64_t stride[3] = {cuuint64_t(row) * kBytes, cuuint64_t(extent_w * row) * kBytes,
+                                  cuuint64_t(extent_h * extent_w * row) * kBytes};
+    const auto* base = static_cast<const unsigned char*>(g_split) + g_layout.phase_first_row(rh, rw) * row * kBytes;
+    if (!encoded(&g_maps->phase[phase], base, extent, stride, g_box)) return false;
+  }
+  return true;
+}
+
+// grad_weight's partial sums (plan.splits x weight values) from x (T; NCHW, or NHWC: transposed into x_copy
+// first, so that both layouts give the same bits; float: rounded to TF32 into x_copy) and G (g_split, laid out as
+// g_layout).
+template <typename T>
+void launch_grad_weight_wgmma(const ConvTransposeParams& p, const WgmmaWeightPlan& plan,
+                              const PhaseSplitLayout& g_layout, const T* x, bool x_channels_last, void* x_copy,
+                              const void* g_split, float* weight_partial, cudaStream_t stream) {
+  constexpr int kBytes = int(sizeof(T));
+  const void* x_nchw = x;
+  if (x_channels_last) {
+    int device = 0;
+    check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+    transpose_cuda(x, x_copy, p.batch, p.in_h * p.in_w, p.in_channels, kBytes, CudaContext{device, stream});
+    x_nchw = x_copy;
+  }
+  if constexpr (kBytes == 4) {  // rounded into x_copy (in place after the transpose)
+    const int threads = 256;
+    const int64_t vectors = p.input_numel() / 4;  // in_w % 32 == 0 (plan)
+    round_to_tf32_copy<<<int(std::min<int64_t>((vectors + threads - 1) / threads, 4096)), threads, 0, stream>>>(
+        static_cast<const float4*>(x_nchw), static_cast<uint4*>(x_copy), vectors);
+    check_launch("round_to_tf32_copy");
+    x_nchw = x_copy;
+  }
+  alignas(64) CUtensorMap x_map{};
   alignas(64) WgmmaGMaps g_maps{};
-  ok = ok && encode_wgmma_g_maps(p, plan, g_layout, g_split, &g_maps);
-  if (!ok) throw std::runtime_error("fused_convt: cuTensorMapEncodeTiled failed for grad_weight's operands");
+  if (!encode_wgmma_maps<kBytes>(p, plan, x_nchw, g_layout, g_split, &x_map, &g_maps))
+    throw std::runtime_error("fused_convt: cuTensorMapEncodeTiled failed for grad_weight's operands");
   const WgmmaWeightArgs args{p, plan};
   const dim3 grid(unsigned(plan.splits * plan.phases), unsigned(plan.ic_tiles * plan.oc_blocks));
   auto launch = [&](auto kernel, int warpgroups) {
-    const int smem = wgmma_smem_bytes(warpgroups);
+    const int smem = WgmmaGeometry<kBytes>::smem_bytes(warpgroups);
     allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem, "cudaFuncSetAttribute(grad_weight_wgmma_kernel)");
     kernel<<<grid, (warpgroups + 1) * 128, smem, stream>>>(g_maps, x_map, args, weight_partial);
     check_launch("grad_weight_wgmma_kernel");
   };
-  if (plan.warpgroups == 2) launch(grad_weight_wgmma_kernel<2>, 2);
-  else launch(grad_weight_wgmma_kernel<1>, 1);
+  if (plan.warpgroups == 2) launch(grad_weight_wgmma_kernel<T, 2>, 2);
+  else launch(grad_weight_wgmma_kernel<T, 1>, 1);
 }
 
 }  // namespace fused_convt

@@ -390,12 +390,13 @@ std::vector<std::pair<std::string, ConvTransposeParams>> tiled_cases() {
   cases.push_back({"pair: a column phase without taps", p});
   cases.push_back({"pair: more weight sets than SMs", square(make(1, 16 * 70, 16 * 70, 3, 3, 70), 2, 2)});
   cases.push_back({"pair: K chunks (float)", square(make(1, 64, 32, 3, 20, 1), 4, 2)});
-  // TF32 grad_weight on wgmma (one group, input channels of whole 64s, 64 or 128k output channels, four taps per
-  // phase, phase rows of whole 32-pixel chunks): two warpgroups; one warpgroup with two input channel tiles and
-  // rows of two chunks; row phases of different heights (output_padding), so that their split counts differ.
+  // grad_weight on wgmma (one group, input channels of whole 64s, 64 or 128k output channels, four taps per phase,
+  // input rows of whole 128-byte chunks: 32 float or 64 16-bit pixels): two warpgroups (float only: rows of 32);
+  // one warpgroup with two input channel tiles; two output channel blocks and row phases of different heights
+  // (output_padding).
   cases.push_back({"grad_weight wgmma, two warpgroups", square(make(2, 64, 128, 6, 32, 1), 4, 2, 1)});
   cases.push_back({"grad_weight wgmma, one warpgroup", square(make(1, 128, 64, 3, 64, 1), 4, 2, 1)});
-  p = square(make(2, 64, 256, 5, 32, 1), 4, 2, 1);
+  p = square(make(2, 64, 256, 5, 64, 1), 4, 2, 1);
   p.out_pad_h = 1;
   cases.push_back({"grad_weight wgmma, uneven row phases", p});
   p = make(0, 4, 6, 5, 5, 2);
