@@ -3,7 +3,9 @@
 // device index and torch's current stream handle. std::invalid_argument becomes ValueError and
 // std::runtime_error becomes RuntimeError.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
+#include <array>
 #include <cstdint>
 
 #include "fused_convt/api.h"
@@ -52,6 +54,35 @@ PYBIND11_MODULE(_C, m) {
 
   py::class_<ConvTransposeParams>(m, "Params")
       .def(py::init<>())
+      // The whole description in one call, from the tensors' shapes (input [N, C_in, H, W], weight
+      // [C_in, C_out/groups, kH, kW]) and the (h, w) pairs: setting the fields one by one was a dozen round trips
+      // on every forward and backward, which bound small shapes.
+      .def(py::init([](const std::array<int64_t, 4>& input_shape, const std::array<int64_t, 4>& weight_shape,
+                       const std::array<int64_t, 2>& stride, const std::array<int64_t, 2>& padding,
+                       const std::array<int64_t, 2>& output_padding, const std::array<int64_t, 2>& dilation,
+                       int64_t groups, bool has_bias) {
+             ConvTransposeParams p;
+             p.batch = input_shape[0];
+             p.in_channels = input_shape[1];
+             p.in_h = input_shape[2];
+             p.in_w = input_shape[3];
+             p.out_channels = weight_shape[1] * groups;
+             p.kernel_h = weight_shape[2];
+             p.kernel_w = weight_shape[3];
+             p.stride_h = stride[0];
+             p.stride_w = stride[1];
+             p.pad_h = padding[0];
+             p.pad_w = padding[1];
+             p.out_pad_h = output_padding[0];
+             p.out_pad_w = output_padding[1];
+             p.dil_h = dilation[0];
+             p.dil_w = dilation[1];
+             p.groups = groups;
+             p.has_bias = has_bias;
+             return p;
+           }),
+           py::arg("input_shape"), py::arg("weight_shape"), py::arg("stride"), py::arg("padding"),
+           py::arg("output_padding"), py::arg("dilation"), py::arg("groups"), py::arg("has_bias"))
       .def_readwrite("batch", &ConvTransposeParams::batch)
       .def_readwrite("in_channels", &ConvTransposeParams::in_channels)
       .def_readwrite("in_h", &ConvTransposeParams::in_h)

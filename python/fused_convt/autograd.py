@@ -19,12 +19,10 @@ class FusedConvTranspose2dFunction(torch.autograd.Function):
         args = prepare_args(input, weight, bias, stride, padding, output_padding, groups, dilation, add_value,
                             multiply_value)
         tf32 = resolve_allow_tf32(allow_tf32)
-        output, grad_factor = run_forward_op(
-            args.input, args.weight, args.bias, *args.conv, args.groups, args.add_value, args.multiply_value, True,
-            not recompute, tf32)
+        output, grad_factor, ctx.params = run_forward_op(args, True, not recompute, tf32)
         ctx.save_for_backward(args.input, args.weight, args.bias, grad_factor)
         ctx.input_dtypes = (input.dtype, weight.dtype, None if bias is None else bias.dtype)
-        ctx.conv_args = (*args.conv, args.groups, args.add_value, args.multiply_value, True, tf32)
+        ctx.call_args = (args.conv, args.groups, args.add_value, args.multiply_value, tf32)
         ctx.unbatched = args.unbatched
         return output.squeeze(0) if args.unbatched else output
 
@@ -35,9 +33,11 @@ class FusedConvTranspose2dFunction(torch.autograd.Function):
             grad_output = grad_output.unsqueeze(0)
         mask = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], bias is not None and ctx.needs_input_grad[2]]
         grad_input, grad_weight, grad_bias = run_backward_op(
-            grad_output, input, weight, bias, grad_factor, *ctx.conv_args, mask)
+            ctx.params, grad_output, input, weight, bias, grad_factor, *ctx.call_args, mask)
         if ctx.unbatched and mask[0]:
             grad_input = grad_input.squeeze(0)
         # Under autocast the Function computed in a lower precision: return gradients in the inputs' dtypes.
         grads = (grad_input, grad_weight, grad_bias)
-        return tuple(g.to(dtype) if m else None for g, m, dtype in zip(grads, mask, ctx.input_dtypes)) + (None,) * 9
+        # (.to only where the dtype differs: it returns the tensor itself otherwise, at a dispatch's host time.)
+        return tuple((g if g.dtype == dtype else g.to(dtype)) if m else None
+                     for g, m, dtype in zip(grads, mask, ctx.input_dtypes)) + (None,) * 9

@@ -30,23 +30,13 @@ def _factor_dtype(input: Tensor, allow_tf32: bool) -> torch.dtype:
     """grad_factor's dtype: on CUDA the native rule (float16 for float32 with TF32, whose backward multiplies in
     TF32 anyway: half the bytes the training forward writes, the backward reads and the step keeps), else the
     input's."""
-    if input.device.type != "cuda":
+    if not input.is_cuda:
         return input.dtype
     return _TAG_DTYPES[_C.grad_factor_dtype(_DTYPE_TAGS[input.dtype], allow_tf32)]
 
 
 def _params(input: Tensor, weight: Tensor, has_bias: bool, stride, padding, output_padding, dilation, groups):
-    p = _C.Params()
-    p.batch, p.in_channels, p.in_h, p.in_w = input.shape
-    p.out_channels = weight.shape[1] * groups
-    p.kernel_h, p.kernel_w = weight.shape[2], weight.shape[3]
-    p.stride_h, p.stride_w = stride
-    p.pad_h, p.pad_w = padding
-    p.out_pad_h, p.out_pad_w = output_padding
-    p.dil_h, p.dil_w = dilation
-    p.groups = groups
-    p.has_bias = has_bias
-    return p
+    return _C.Params(input.shape, weight.shape, stride, padding, output_padding, dilation, groups, has_bias)
 
 
 # The current stream's raw handle without building a torch.cuda.Stream object (that took 4 us of the ~65 us
@@ -57,9 +47,9 @@ _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", None)
 
 def _where(t: Tensor) -> Tuple[int, int]:
     """(device index, stream handle) for the native call; (-1, 0) for the CPU."""
-    device = t.device
-    if device.type == "cpu":
+    if t.is_cpu:
         return -1, 0
+    device = t.device
     if _raw_stream is not None:
         return device.index, _raw_stream(device.index)
     return device.index, torch.cuda.current_stream(device).cuda_stream
@@ -149,12 +139,19 @@ def _forward_impl(
     save_grad_factor: bool,
     allow_tf32: bool,
 ) -> Tuple[Tensor, Tensor]:
+    params = _params(input, weight, bias is not None, stride, padding, output_padding, dilation, groups)
+    return _forward(params, input, weight, bias, add_value, multiply_value, apply_epilogue, save_grad_factor,
+                    allow_tf32)
+
+
+def _forward(params, input: Tensor, weight: Tensor, bias: Optional[Tensor], add_value: float, multiply_value: float,
+             apply_epilogue: bool, save_grad_factor: bool, allow_tf32: bool) -> Tuple[Tensor, Tensor]:
+    """The forward op's implementation, given `params` (_params of the same call: the conv arguments)."""
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    shape = _output_shape(input, weight, stride, padding, output_padding, dilation, groups)
+    shape = (params.batch, params.out_channels, params.out_h, params.out_w)
     output, grad_factor = _forward_outputs(input, shape, save_grad_factor and apply_epilogue, allow_tf32)
     if output.numel() > 0:
-        params = _params(input, weight, bias is not None, stride, padding, output_padding, dilation, groups)
         epilogue = _C.Epilogue(add_value, multiply_value, apply_epilogue)
         _run_forward(_forward_layout(input, params, output, grad_factor, allow_tf32), weight, bias, params, epilogue,
                      output, grad_factor, allow_tf32)
@@ -165,10 +162,11 @@ def _forward_outputs(input: Tensor, shape, with_factor: bool, allow_tf32: bool) 
     """The output, in the input's layout (_output_format), and the saved factor (empty unless with_factor) in
     _factor_dtype, NCHW always: the backward's kernels read it so (a channels_last factor would cost them a
     transpose)."""
-    output = torch.empty(shape, dtype=input.dtype, device=input.device, memory_format=_output_format(input))
+    # (*shape: torch.empty parses separate sizes faster than a tuple, by a third of its host time.)
+    output = torch.empty(*shape, dtype=input.dtype, device=input.device, memory_format=_output_format(input))
     if not with_factor:
-        return output, input.new_empty((0,))
-    return output, torch.empty(shape, dtype=_factor_dtype(input, allow_tf32), device=input.device)
+        return output, input.new_empty(0)
+    return output, torch.empty(*shape, dtype=_factor_dtype(input, allow_tf32), device=input.device)
 
 
 _forward_op = torch.library.custom_op("fused_convt::conv_transpose2d_fused", _forward_impl, mutates_args=())
@@ -209,9 +207,17 @@ def _backward_impl(
     allow_tf32: bool,
     output_mask: List[bool],
 ) -> Tuple[Tensor, Tensor, Tensor]:
+    params = _params(input, weight, bias is not None, stride, padding, output_padding, dilation, groups)
+    return _backward(params, grad_output, input, weight, bias, grad_factor, add_value, multiply_value, apply_epilogue,
+                     allow_tf32, output_mask)
+
+
+def _backward(params, grad_output: Tensor, input: Tensor, weight: Tensor, bias: Optional[Tensor], grad_factor: Tensor,
+              add_value: float, multiply_value: float, apply_epilogue: bool, allow_tf32: bool,
+              output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+    """The backward op's implementation, given `params` (_params of the same call: the conv arguments)."""
     weight = weight.contiguous()
     bias = bias.contiguous() if bias is not None else None
-    params = _params(input, weight, bias is not None, stride, padding, output_padding, dilation, groups)
     want_input, want_weight, want_bias = output_mask
     want_bias = want_bias and bias is not None
 
@@ -233,7 +239,8 @@ def _backward_impl(
     elif grad_factor.numel() == 0:
         if grad_output.numel() > 0:
             # recompute=True: rebuild the factor from x and the weights, output not written.
-            grad_factor = torch.empty(grad_output.shape, dtype=_factor_dtype(input, allow_tf32), device=input.device)
+            grad_factor = torch.empty_like(grad_output, dtype=_factor_dtype(input, allow_tf32),
+                                           memory_format=torch.contiguous_format)
             _run_forward(_forward_layout(input, params, None, grad_factor, allow_tf32), weight, bias, params,
                          epilogue, None, grad_factor, allow_tf32)
     else:
@@ -241,7 +248,7 @@ def _backward_impl(
         grad_factor = grad_factor.contiguous()
 
     # (NCHW whatever the input's layout: the kernels write grad_input NCHW.)
-    grad_input = torch.empty(input.shape, dtype=input.dtype, device=input.device) if want_input else input.new_empty(0)
+    grad_input = torch.empty_like(input, memory_format=torch.contiguous_format) if want_input else input.new_empty(0)
     grad_weight = torch.empty_like(weight) if want_weight else weight.new_empty(0)
     grad_bias = torch.empty_like(bias) if want_bias else input.new_empty(0)
     if want_input or want_weight or want_bias:
@@ -291,25 +298,50 @@ def _plain_eager(tensors) -> bool:
     dispatch_modes, function_modes, functorch = _MODE_PREDICATES
     if dispatch_modes() > 0 or function_modes() or functorch():
         return False
-    return all(t is None or (type(t) in _PLAIN_TENSOR_TYPES and t.device.type in ("cpu", "cuda")) for t in tensors)
+    # (A loop rather than all() over a generator, and is_cpu / is_cuda rather than t.device.type, which builds a
+    # torch.device per tensor: this runs three times per training step.)
+    for t in tensors:
+        if t is not None and not (type(t) in _PLAIN_TENSOR_TYPES and (t.is_cpu or t.is_cuda)):
+            return False
+    return True
 
 
 def _records_autograd(tensors) -> bool:
-    """(Tested before _plain_eager, which costs more: so it meets any argument, a non-tensor too.)"""
-    return torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in tensors)
+    """(Tested before _plain_eager, which costs more: so it meets any argument, a non-tensor too. A loop, which
+    stops at the first such tensor, rather than any() over a generator: a third of the host time.)"""
+    if torch.is_grad_enabled():
+        for t in tensors:
+            if isinstance(t, Tensor) and t.requires_grad:
+                return True
+    return False
 
 
-def run_forward_op(*args):
-    """``torch.ops.fused_convt.conv_transpose2d_fused(*args)``, called directly where that is the same."""
-    direct = not _records_autograd(args[:3]) and _plain_eager(args[:3])  # (the cheaper test first)
-    return (_forward_impl if direct else _forward_op)(*args)
+def run_forward_op(args: "PreparedArgs", apply_epilogue: bool, save_grad_factor: bool, allow_tf32: bool):
+    """``torch.ops.fused_convt.conv_transpose2d_fused`` of prepare_args' arguments, its implementation called
+    directly where that is the same. Returns (output, grad_factor, params): params the native problem description
+    where the call was direct (for run_backward_op, rather than building it again), else None."""
+    tensors = (args.input, args.weight, args.bias)
+    rest = (args.add_value, args.multiply_value, apply_epilogue, save_grad_factor, allow_tf32)  # (after the conv)
+    if _records_autograd(tensors) or not _plain_eager(tensors):  # (the cheaper test first)
+        return (*_forward_op(*tensors, *args.conv, args.groups, *rest), None)
+    params = _params(args.input, args.weight, args.bias is not None, *args.conv, args.groups)
+    return (*_forward(params, *tensors, *rest), params)
 
 
-def run_backward_op(*args):
-    """``torch.ops.fused_convt.conv_transpose2d_fused_backward(*args)``, called directly where that is the
-    same. With create_graph (grad mode on in backward) the op runs, so double backward fails clearly."""
-    direct = not _records_autograd(args[:5]) and _plain_eager(args[:5])
-    return (_backward_impl if direct else _backward_op)(*args)
+def run_backward_op(params, grad_output: Tensor, input: Tensor, weight: Tensor, bias: Optional[Tensor],
+                    grad_factor: Tensor, conv, groups: int, add_value: float, multiply_value: float,
+                    allow_tf32: bool, output_mask: List[bool]):
+    """The backward of run_forward_op's call (epilogue on; conv as in PreparedArgs):
+    ``torch.ops.fused_convt.conv_transpose2d_fused_backward``, its implementation called directly where that is
+    the same, with run_forward_op's params (None: built here). With create_graph (grad mode on in backward) the
+    op runs, so double backward fails clearly."""
+    tensors = (grad_output, input, weight, bias, grad_factor)
+    rest = (add_value, multiply_value, True, allow_tf32, output_mask)  # (the op's arguments after the conv's)
+    if _records_autograd(tensors) or not _plain_eager(tensors):
+        return _backward_op(*tensors, *conv, groups, *rest)
+    if params is None:
+        params = _params(input, weight, bias is not None, *conv, groups)
+    return _backward(params, *tensors, *rest)
 
 
 def _setup_forward_context(ctx, inputs, output):
@@ -379,9 +411,9 @@ def prepare_args(input, weight, bias, stride, padding, output_padding, groups, d
 def _autocast(input, weight, bias):
     """Inside torch.autocast the op runs in the autocast dtype, as PyTorch's convolutions do (they are on
     autocast's lower-precision list): floating-point tensors are cast (differentiably) to that dtype."""
-    if not isinstance(input, Tensor) or input.device.type not in ("cpu", "cuda"):
+    if not isinstance(input, Tensor) or not (input.is_cpu or input.is_cuda):
         return input, weight, bias
-    device_type = input.device.type
+    device_type = "cuda" if input.is_cuda else "cpu"
     if not torch.is_autocast_enabled(device_type):
         return input, weight, bias
     dtype = torch.get_autocast_dtype(device_type)
@@ -399,16 +431,16 @@ def _call(input, weight, bias, stride, padding, output_padding, groups, dilation
     if apply_epilogue and _records_autograd((input, weight, bias)) and _plain_eager((input, weight, bias)):
         # The explicit autograd.Function over the op implementations: same kernels, less host time than
         # the custom op's registered autograd (which torch.compile, export and dispatch modes still use).
-        from .autograd import FusedConvTranspose2dFunction
-        return FusedConvTranspose2dFunction.apply(input, weight, bias, stride, padding, output_padding, groups,
-                                                  dilation, add_value, multiply_value, recompute, allow_tf32)
+        # (Imported here, as autograd imports this module; the module rather than the class: half the host time.)
+        from . import autograd
+        return autograd.FusedConvTranspose2dFunction.apply(input, weight, bias, stride, padding, output_padding,
+                                                           groups, dilation, add_value, multiply_value, recompute,
+                                                           allow_tf32)
     args = prepare_args(input, weight, bias, stride, padding, output_padding, groups, dilation, add_value,
                         multiply_value)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (args.input, args.weight, args.bias))
-    output, _ = run_forward_op(
-        args.input, args.weight, args.bias, *args.conv, args.groups, args.add_value, args.multiply_value,
-        apply_epilogue, needs_grad and not recompute, resolve_allow_tf32(allow_tf32))
+    output, _, _ = run_forward_op(args, apply_epilogue, needs_grad and not recompute, resolve_allow_tf32(allow_tf32))
     return output.squeeze(0) if args.unbatched else output
 
 

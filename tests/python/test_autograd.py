@@ -2,6 +2,7 @@
 differences (gradcheck) and against the float64 PyTorch composite, the u == 0 tie and the epilogue
 derivative in the tails, determinism, what forward saves, double backward, torch.compile and partial
 gradients. Every check runs on the CPU and, where a GPU exists, on CUDA."""
+import contextlib
 import math
 
 import pytest
@@ -526,3 +527,31 @@ def test_plain_eager_path_equals_the_custom_op_path_bitwise(device):
         results.append((y.detach(), x.grad, w.grad, b.grad))
     for plain, dispatched in zip(*results):
         assert torch.equal(plain, dispatched)
+
+
+@pytest.mark.parametrize("dispatched", ["forward", "backward"])
+def test_function_paths_mixed_across_forward_and_backward_agree_bitwise(device, dispatched):
+    """FusedConvTranspose2dFunction keeps a direct forward's native problem description for a direct backward.
+    A forward under a dispatch mode (the custom op runs, nothing is kept) with a plain backward, and a plain
+    forward with its backward under the mode (the backward op runs, the kept description unused), must give
+    bitwise the output and gradients of the plain run, and the mode must see the op it covered."""
+    p = PARTIAL_PROBLEM
+
+    def run(forward_mode, backward_mode):
+        x, w, b = p.tensors(torch.float32, device, seed=18, requires_grad=True)
+        with forward_mode:
+            y = FusedConvTranspose2dFunction.apply(x, w, b, p.stride, p.padding, p.output_padding, p.groups,
+                                                   p.dilation, p.add_value, p.multiply_value)
+        with backward_mode:
+            y.backward(torch.randn(y.shape, generator=torch.Generator().manual_seed(19)).to(device))
+        return y.detach(), x.grad, w.grad, b.grad
+
+    plain = run(contextlib.nullcontext(), contextlib.nullcontext())
+    mode = _RecordOps()
+    if dispatched == "forward":
+        mixed, op = run(mode, contextlib.nullcontext()), "fused_convt.conv_transpose2d_fused.default"
+    else:
+        mixed, op = run(contextlib.nullcontext(), mode), "fused_convt.conv_transpose2d_fused_backward.default"
+    assert any(op in name for name in mode.names)
+    for expected, got in zip(plain, mixed):
+        assert torch.equal(expected, got)

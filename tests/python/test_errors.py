@@ -2,12 +2,14 @@
 ValueError for a wrong value, as _validation.py raises them), a message naming the argument, and a
 valid call that still works afterwards."""
 import math
+import random
 
 import pytest
 import torch
 
 import fused_convt
 from conftest import requires_cuda
+from fused_convt import _validation
 from reference import REL_TOL, composite_float64, rel_err
 
 # The valid call every case perturbs: input [2, 4, 5, 6], weight [4, 3, 3, 2] (out_channels 3), bias [3],
@@ -202,6 +204,81 @@ def valid_params():
     p.groups = 2
     p.has_bias = True
     return p
+
+
+FIELDS = ("batch", "in_channels", "in_h", "in_w", "out_channels", "kernel_h", "kernel_w", "stride_h", "stride_w",
+          "pad_h", "pad_w", "out_pad_h", "out_pad_w", "dil_h", "dil_w", "groups", "has_bias")
+
+
+@pytest.mark.parametrize("has_bias", [True, False])
+def test_params_from_shapes_equal_the_fields_set_one_by_one(has_bias):
+    """The one-call constructor the ops use: input [N, C_in, H, W] and weight [C_in, C_out/groups, kH, kW] shapes
+    (torch.Size or any sequence), the (h, w) pairs and groups fill the same fields as setting them one by one."""
+    expected = valid_params()
+    expected.has_bias = has_bias
+    input_shape, weight_shape = torch.Size([2, 4, 5, 6]), torch.Size([4, 3, 3, 2])
+    for pairs in (([2, 2], [1, 1], [1, 1], [1, 1]), ((2, 2), (1, 1), (1, 1), (1, 1))):
+        p = fused_convt._C.Params(input_shape, weight_shape, *pairs, 2, has_bias)
+        assert {f: getattr(p, f) for f in FIELDS} == {f: getattr(expected, f) for f in FIELDS}
+    assert (p.out_h, p.out_w) == (10, 11)
+
+
+def _random_conv_args(rng):
+    """Arguments for check_conv_args around valid ones: each size, hyper-parameter, dtype, device and type now
+    and then wrong, planes and weights now and then too large (expanded views: no memory is used)."""
+    def pick(*choices):
+        return choices[rng.randrange(len(choices))]
+
+    def vary(valid, *wrong):
+        return pick(*wrong) if rng.random() < 0.04 else valid
+
+    def tensor(*shape, dtype=torch.float32, device="cpu"):
+        return torch.empty(1, dtype=dtype, device=device).expand(*shape)
+
+    dtype = vary(pick(torch.float32, torch.float64, torch.float16), torch.int32, torch.bool)
+    groups = vary(pick(1, 2), 3, 0, -1)
+    in_channels = vary(max(groups, 1) * pick(1, 2), 0, 3)
+    input = tensor(pick(0, 1, 2), in_channels, vary(pick(1, 3, 5), 0, 50000), vary(pick(1, 4), 0, 2**28, 2**31),
+                   dtype=dtype)
+    out_per_group = vary(pick(1, 2, 3), 0, 2**31)
+    weight = tensor(vary(in_channels, in_channels + 1), out_per_group, vary(pick(1, 2, 3), 0),
+                    vary(pick(1, 2, 3), 0, 50000), dtype=vary(dtype, torch.float32, torch.float64),
+                    device=vary("cpu", "meta"))
+    bias = pick(None, tensor(out_per_group * max(groups, 1), dtype=vary(dtype, torch.float64),
+                             device=vary("cpu", "meta")))
+    bias = vary(bias, tensor(out_per_group + 1, dtype=dtype), tensor(1, out_per_group, dtype=dtype), [0.0])
+    input = vary(input, tensor(*input.shape[1:], dtype=dtype), [0.0])
+    weight = vary(weight, tensor(*weight.shape[1:], dtype=weight.dtype, device=weight.device), [0.0])
+    stride, dilation = [pick(1, 2, 3), pick(1, 2, 3)], [pick(1, 2), pick(1, 2)]
+    output_padding = [vary(max(stride[0], dilation[0]) - 1, 2, 3, -1), vary(0, 1, 3, -1)]
+    stride = [vary(stride[0], 0, -1), vary(stride[1], 0)]
+    dilation = [vary(dilation[0], 0), vary(dilation[1], -1)]
+    padding = [vary(pick(0, 1), 6, -1), vary(pick(0, 1), 9, -2)]
+    return input, weight, bias, stride, padding, output_padding, groups, dilation
+
+
+def test_fast_validation_agrees_with_the_checks_one_by_one(monkeypatch):
+    """check_conv_args returns after one cheap test where every check surely passes (_plainly_valid); on a
+    spread of valid and invalid arguments its verdict must be that of the checks one by one: the same
+    exception type and message, or none."""
+    cases = [_random_conv_args(random.Random(seed)) for seed in range(3000)]
+
+    def verdicts():
+        outcomes = []
+        for args in cases:
+            try:
+                _validation.check_conv_args(*args)
+                outcomes.append(None)
+            except (TypeError, ValueError) as e:
+                outcomes.append((type(e), str(e)))
+        return outcomes
+
+    fast = verdicts()
+    valid = [args for args, outcome in zip(cases, fast) if outcome is None]
+    assert 500 < len(valid) < len(cases) - 500  # both kinds well represented
+    assert all(_validation._plainly_valid(*args) for args in valid)  # (CPU tensors: the fast path takes them all)
+    monkeypatch.setattr(_validation, "_plainly_valid", lambda *args: False)
+    assert verdicts() == fast
 
 
 NATIVE_CASES = [
