@@ -94,13 +94,17 @@ struct WgmmaWeightPlan {
 // input rows of whole chunks (128 bytes). (The caller also needs x 16-byte aligned: wgmma_weight_input_ok.)
 inline bool plan_weight_wgmma_shape(const ConvTransposeParams& p, int elem_bytes, WgmmaWeightPlan* plan) {
   const int64_t cin = p.in_channels, cout = p.out_channels, chunk = 128 / elem_bytes;
+  // (An empty batch or phase has no tensor map: the driver refuses zero extents. G's pixel rows are 32-bit TMA
+  // coordinates.)
   if (p.groups != 1 || cin % kWgmmaIcTile != 0 || !(cout == 64 || cout % 128 == 0) || p.in_w % chunk != 0 ||
-      p.stride_h * p.stride_w > kWgmmaMaxPhases || p.output_numel() / cout > INT32_MAX)  // (TMA coordinates)
+      p.stride_h * p.stride_w > kWgmmaMaxPhases || p.batch == 0 || p.output_numel() / cout > INT32_MAX)
     return false;
   for (int rh = 0; rh < p.stride_h; ++rh)
     for (int rw = 0; rw < p.stride_w; ++rw) {
       const int taps_w = phase_taps(p.kernel_w, p.stride_w, p.dil_w, rw);
-      if (phase_taps(p.kernel_h, p.stride_h, p.dil_h, rh) * taps_w != kWgmmaTaps) return false;
+      if (phase_taps(p.kernel_h, p.stride_h, p.dil_h, rh) * taps_w != kWgmmaTaps ||
+          phase_span(p.out_h(), p.stride_h, p.pad_h, rh).extent == 0 || phase_span(p.out_w(), p.stride_w, p.pad_w, rw).extent == 0)
+        return false;
       WgmmaPhaseTaps& taps = plan->taps[rh * p.stride_w + rw];
       int min_h = INT32_MAX, min_w = INT32_MAX;
       taps.max_h = taps.max_w = INT32_MIN;

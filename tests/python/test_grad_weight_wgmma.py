@@ -100,3 +100,16 @@ def test_wgmma_grad_weight_deterministic_and_layout_blind(dtype):
     nhwc, _, _, names = weight_gradient(p, x, w, b, grad, channels_last=True)
     assert ran_wgmma(names) == takes_wgmma(p, dtype)
     assert torch.equal(first, second) and torch.equal(first, nhwc)
+
+
+@requires_cuda
+def test_empty_batch_of_a_wgmma_shape():
+    """A shape the wgmma GEMM takes, with no images: zero weight and bias gradients (no tensor map of a zero
+    extent is made)."""
+    p = PROBLEMS[1]
+    x, w, b = p.tensors(torch.float32, "cuda", seed=4)
+    x = x[:0].clone()
+    grad = torch.randn(fused_convt.conv_transpose2d(x, w, b, **p.conv_kwargs()).shape, device="cuda")
+    gw, gi, gb, _ = weight_gradient(p, x, w, b, grad)
+    assert gi.shape == x.shape
+    assert torch.equal(gw, torch.zeros_like(w)) and torch.equal(gb, torch.zeros_like(b))
