@@ -154,51 +154,6 @@ struct WgmmaGMaps {
   CUtensorMap phase[kWgmmaMaxPhases];
 };
 
-__device__ __forceinline__ void mbarrier_arrive(uint32_t bar) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-#endif
-}
-
-// K-major operand descriptor in the 128-byte swizzle: rows of 128 bytes, 8-row atoms 1024 bytes apart.
-__device__ __forceinline__ uint64_t wgmma_sw128_descriptor(uint32_t smem_address) {
-  return uint64_t((smem_address >> 4) & 0x3FFF) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) |
-         (uint64_t(1) << 62);
-}
-
-// D (64 x 64) = A (64 x K, registers: rows g and g + 8, 32-bit words t and t + 4 of the warp's 16 rows, as
-// mma.sync's A fragment) x B (K x 64, descriptor b) + (accumulate ? D : 0), K 32 bytes: 8 TF32 or 16 16-bit values.
-#define FCT_WGMMA_RS(type, k, trans)                                                                            \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                   \
-               "wgmma.mma_async.sync.aligned.m64n64" k ".f32." type "." type " "                                \
-               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                        \
-               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "              \
-               "{%32, %33, %34, %35}, %36, p, 1, 1" trans ";\n}\n"                                              \
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-                 "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),         \
-                 "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),       \
-                 "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),       \
-                 "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                                                            \
-               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate))
-template <typename T>
-__device__ __forceinline__ void wgmma_m64n64_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b, int accumulate) {
-#ifdef FCT_WGMMA_ENABLED
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) FCT_WGMMA_RS("bf16", "k16", ", 0");
-  else if constexpr (std::is_same<T, __half>::value) FCT_WGMMA_RS("f16", "k16", ", 0");
-  else FCT_WGMMA_RS("tf32", "k8", "");
-#endif
-}
-#undef FCT_WGMMA_RS
-
-__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap* map, int c, int row, uint32_t bar) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];\n" ::"r"(dst),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(c), "r"(row), "r"(bar)
-      : "memory");
-#endif
-}
-
 // x (NCHW float) with its values rounded to TF32, into out (which may be x itself).
 __global__ void round_to_tf32_copy(const float4* x, uint4* out, int64_t vectors) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < vectors; i += int64_t(gridDim.x) * blockDim.x) {
