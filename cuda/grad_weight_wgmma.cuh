@@ -1,7 +1,8 @@
 // grad_weight on wgmma (sm_90a), TF32, bfloat16 and float16: the GEMM of grad_weight_gemm.cuh with operands the
 // warpgroup instruction can take: TF32 comes from shared memory only K-major (here: pixel-contiguous), which NCHW x
-// is and the g pass's channels-last G is not (16-bit operands could be either; one layout serves all three). For tap (kh, kw) of output phase (r_h, r_w), with the sum taken over the
-// input's pixels q = (n, i, j) instead of the phase's (G is zero outside the phase grid),
+// is and the g pass's channels-last G is not (16-bit operands could be either; one layout serves all three). For
+// tap (kh, kw) of output phase (r_h, r_w), with the sum taken over the input's pixels q = (n, i, j) instead of the
+// phase's (G is zero outside the phase grid),
 //   grad_weight[ic, oc, kh, kw] = sum over q of G[phase, n, i - off_h, j - off_w, oc] * X[n, ic, i, j]
 // is D = A x B with M = output channels (A = G at the tap's shift, loaded into registers: a register operand has
 // no layout, and the shift is an address offset), N = input channels (B = X from shared memory: one window serves
@@ -154,8 +155,9 @@ struct WgmmaGMaps {
   CUtensorMap phase[kWgmmaMaxPhases];
 };
 
-// x (NCHW float) with its values rounded to TF32, into out (which may be x itself).
-__global__ void round_to_tf32_copy(const float4* x, uint4* out, int64_t vectors) {
+// x (NCHW float) with its values rounded to TF32, into out (which may be x itself). (static: a kernel defined in a
+// header, one per translation unit.)
+static __global__ void round_to_tf32_copy(const float4* x, uint4* out, int64_t vectors) {
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < vectors; i += int64_t(gridDim.x) * blockDim.x) {
     const float4 v = x[i];
     out[i] = make_uint4(round_to_tf32(v.x), round_to_tf32(v.y), round_to_tf32(v.z), round_to_tf32(v.w));
