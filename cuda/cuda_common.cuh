@@ -103,6 +103,17 @@ inline int current_device_attribute(cudaDeviceAttr attribute) {
   return value;
 }
 
+// Whether the current device runs this build's sm_90a kernels (wgmma, setmaxnreg): the build carries them (CMake:
+// an sm_90a target architecture defines FUSED_CONVT_SM90A) and the device is of compute capability 9.0.
+inline bool sm90a_kernels_run_here() {
+#ifdef FUSED_CONVT_SM90A
+  return current_device_attribute(cudaDevAttrComputeCapabilityMajor) == 9 &&
+         current_device_attribute(cudaDevAttrComputeCapabilityMinor) == 0;
+#else
+  return false;
+#endif
+}
+
 // Largest dynamic shared memory a block of this device may opt in to.
 inline size_t max_dynamic_smem_bytes() {
   return static_cast<size_t>(current_device_attribute(cudaDevAttrMaxSharedMemoryPerBlockOptin));

@@ -93,6 +93,20 @@ FCT_HD GemmTap gemm_tap(const ConvTransposeParams& p, int rh, int rw, int taps_w
   return tap;
 }
 
+// The input offsets that taps first ... end - 1 of output phase (r_h, r_w) read at: least and greatest per axis.
+struct GemmTapSpan {
+  int min_h, max_h, min_w, max_w;
+};
+inline GemmTapSpan gemm_tap_span(const ConvTransposeParams& p, int rh, int rw, int taps_w, int first, int end) {
+  GemmTapSpan span{INT_MAX, INT_MIN, INT_MAX, INT_MIN};
+  for (int index = first; index < end; ++index) {
+    const GemmTap tap = gemm_tap(p, rh, rw, taps_w, index);
+    span.min_h = std::min(span.min_h, tap.off_h), span.max_h = std::max(span.max_h, tap.off_h);
+    span.min_w = std::min(span.min_w, tap.off_w), span.max_w = std::max(span.max_w, tap.off_w);
+  }
+  return span;
+}
+
 // Whether every block's taps (groups of kGemmTaps of a phase) read offsets within one row and one column.
 inline bool gemm_patch_steps(const ConvTransposeParams& p) {
   for (int rh = 0; rh < int(p.stride_h); ++rh)
@@ -100,13 +114,8 @@ inline bool gemm_patch_steps(const ConvTransposeParams& p) {
       const int taps_w = phase_taps(p.kernel_w, p.stride_w, p.dil_w, rw);
       const int taps = phase_taps(p.kernel_h, p.stride_h, p.dil_h, rh) * taps_w;
       for (int first = 0; first < taps; first += kGemmTaps) {
-        int min_h = INT_MAX, max_h = INT_MIN, min_w = INT_MAX, max_w = INT_MIN;
-        for (int index = first; index < std::min(first + kGemmTaps, taps); ++index) {
-          const GemmTap tap = gemm_tap(p, rh, rw, taps_w, index);
-          min_h = std::min(min_h, tap.off_h), max_h = std::max(max_h, tap.off_h);
-          min_w = std::min(min_w, tap.off_w), max_w = std::max(max_w, tap.off_w);
-        }
-        if (max_h - min_h > 1 || max_w - min_w > 1) return false;
+        const GemmTapSpan span = gemm_tap_span(p, rh, rw, taps_w, first, std::min(first + kGemmTaps, taps));
+        if (span.max_h - span.min_h > 1 || span.max_w - span.min_w > 1) return false;
       }
     }
   return true;

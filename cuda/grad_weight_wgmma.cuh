@@ -106,16 +106,14 @@ inline bool plan_weight_wgmma_shape(const ConvTransposeParams& p, int elem_bytes
       if (phase_taps(p.kernel_h, p.stride_h, p.dil_h, rh) * taps_w != kWgmmaTaps ||
           phase_span(p.out_h(), p.stride_h, p.pad_h, rh).extent == 0 || phase_span(p.out_w(), p.stride_w, p.pad_w, rw).extent == 0)
         return false;
+      const GemmTapSpan span = gemm_tap_span(p, rh, rw, taps_w, 0, kWgmmaTaps);
+      if (span.max_h - span.min_h != 1 || span.max_w - span.min_w != 1) return false;
       WgmmaPhaseTaps& taps = plan->taps[rh * p.stride_w + rw];
-      int min_h = INT32_MAX, min_w = INT32_MAX;
-      taps.max_h = taps.max_w = INT32_MIN;
+      taps.max_h = span.max_h, taps.max_w = span.max_w;
       for (int t = 0; t < kWgmmaTaps; ++t) {
         const GemmTap tap = gemm_tap(p, rh, rw, taps_w, t);
         taps.off_h[t] = tap.off_h, taps.off_w[t] = tap.off_w, taps.tap[t] = int(tap.kh * p.kernel_w + tap.kw);
-        min_h = std::min(min_h, tap.off_h), taps.max_h = std::max(taps.max_h, tap.off_h);
-        min_w = std::min(min_w, tap.off_w), taps.max_w = std::max(taps.max_w, tap.off_w);
       }
-      if (taps.max_h - min_h != 1 || taps.max_w - min_w != 1) return false;
     }
   const int64_t chunks = p.batch * p.in_h * (p.in_w / chunk);  // per phase
   plan->phases = int(p.stride_h * p.stride_w);
@@ -136,10 +134,8 @@ inline bool plan_weight_wgmma(const ConvTransposeParams& p, int elem_bytes, Wgmm
   (void)p, (void)elem_bytes, (void)plan;
   return false;
 #else
-  if (wgmma_grad_weight_disabled() || !plan_weight_wgmma_shape(p, elem_bytes, plan) || !tensor_map_encoder())
-    return false;
-  return current_device_attribute(cudaDevAttrComputeCapabilityMajor) == 9 &&
-         current_device_attribute(cudaDevAttrComputeCapabilityMinor) == 0;
+  return !wgmma_grad_weight_disabled() && plan_weight_wgmma_shape(p, elem_bytes, plan) && tensor_map_encoder() &&
+         sm90a_kernels_run_here();
 #endif
 }
 
@@ -320,29 +316,15 @@ inline bool encode_wgmma_maps(const ConvTransposeParams& p, const WgmmaWeightPla
                               const PhaseSplitLayout& g_layout, const void* g_split, CUtensorMap* x_map,
                               WgmmaGMaps* g_maps) {
   using Geo = WgmmaGeometry<kBytes>;
-  const TensorMapEncoder encode = tensor_map_encoder();
-  const cuuint32_t steps[4] = {1, 1, 1, 1};
-  auto encoded = [&](CUtensorMap* map, const void* base, const cuuint64_t* extent, const cuuint64_t* stride,
-                     const cuuint32_t* box) {
-    return encode(map, kBytes == 4 ? CU_TENSOR_MAP_DATA_TYPE_FLOAT32 : CU_TENSOR_MAP_DATA_TYPE_UINT16, 4,
-                  const_cast<void*>(base), extent, stride, box, steps, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                  CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
-  };
-  const cuuint64_t x_extent[4] = {cuuint64_t(p.in_w), cuuint64_t(p.in_h), cuuint64_t(p.in_channels), cuuint64_t(p.batch)};
-  const cuuint64_t x_stride[3] = {cuuint64_t(p.in_w) * kBytes, cuuint64_t(p.in_h * p.in_w) * kBytes,
-                                  cuuint64_t(p.in_channels * p.in_h * p.in_w) * kBytes};
-  const cuuint32_t x_box[4] = {Geo::kChunk, 1, kWgmmaIcTile, 1};
-  if (!encoded(x_map, x_nchw, x_extent, x_stride, x_box)) return false;
-  const cuuint32_t g_box[4] = {Geo::kBoxChannels, Geo::kGCols, 2, 1};
+  const int64_t x_dims[4] = {p.in_w, p.in_h, p.in_channels, p.batch};
+  const uint32_t x_box[4] = {Geo::kChunk, 1, kWgmmaIcTile, 1};
+  if (!encode_dense_map(x_map, x_nchw, kBytes, 4, x_dims, x_box, CU_TENSOR_MAP_SWIZZLE_128B)) return false;
+  const uint32_t g_box[4] = {Geo::kBoxChannels, Geo::kGCols, 2, 1};
   for (int phase = 0; phase < plan.phases; ++phase) {
     const int rh = phase / int(p.stride_w), rw = phase % int(p.stride_w);
-    const int64_t extent_h = g_layout.h.extent(rh), extent_w = g_layout.w.extent(rw), row = g_layout.row;
-    const cuuint64_t extent[4] = {cuuint64_t(row), cuuint64_t(extent_w), cuuint64_t(extent_h), cuuint64_t(p.batch)};
-    const cuuint64_t stride[3] = {cuuint64_t(row) * kBytes, cuuint64_t(extent_w * row) * kBytes,
-                                  cuuint64_t(extent_h * extent_w * row) * kBytes};
-    const auto* base = static_cast<const unsigned char*>(g_split) + g_layout.phase_first_row(rh, rw) * row * kBytes;
-    if (!encoded(&g_maps->phase[phase], base, extent, stride, g_box)) return false;
+    const int64_t dims[4] = {g_layout.row, g_layout.w.extent(rw), g_layout.h.extent(rh), p.batch};
+    const auto* base = static_cast<const unsigned char*>(g_split) + g_layout.phase_first_row(rh, rw) * g_layout.row * kBytes;
+    if (!encode_dense_map(&g_maps->phase[phase], base, kBytes, 4, dims, g_box, CU_TENSOR_MAP_SWIZZLE_128B)) return false;
   }
   return true;
 }

@@ -29,15 +29,6 @@
 
 namespace fused_convt {
 
-// Whether this build carries the sm_90a kernels (CMake: an sm_90a target architecture).
-constexpr bool pair_forward_compiled() {
-#ifdef FUSED_CONVT_SM90A
-  return true;
-#else
-  return false;
-#endif
-}
-
 // Channels per 16-byte plane row, and such a row of operands: 16-bit values as they are, float rounded to TF32
 // (as the phase kernel's Tf32Math stages them).
 template <typename T>
@@ -576,13 +567,9 @@ inline size_t pair_workspace_bytes(const PairProblem& pr) {
 // compute capability 9.0, or a problem outside plan_pair_forward).
 inline bool pair_forward_plan_for_device(const ConvTransposeParams& params, int elem_bytes, bool output_channels_last,
                                          PairProblem* pr, int k_parts = 1) {
-  if (!pair_forward_compiled()) return false;
-  int device = 0, major = 0, minor = 0, sms = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  check_cuda(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
-  check_cuda(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device), "cudaDeviceGetAttribute");
-  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-  return major == 9 && minor == 0 && plan_pair_forward(params, elem_bytes, sms, output_channels_last, pr, k_parts);
+  return sm90a_kernels_run_here() &&
+         plan_pair_forward(params, elem_bytes, current_device_attribute(cudaDevAttrMultiProcessorCount),
+                           output_channels_last, pr, k_parts);
 }
 
 // Runs the pair forward (pr from pair_forward_plan_for_device) into an NCHW or NHWC output and, where given, an

@@ -154,29 +154,37 @@ inline TensorMapEncoder tensor_map_encoder() {
   return encode;
 }
 
-// The map of a dense tensor of rank 3-5 whose innermost dimension holds staged rows' values (element bytes 2
-// or 4): dims innermost first, boxes of 16 values x box[1] x box[2] (x 1 beyond), swizzled as tc_stage_offset
-// lays rows out (32-byte rows: the 32-byte swizzle, 64-byte rows: the 64-byte one). Coordinates past a
-// dimension read as zeros. False where the driver cannot encode it (no entry point, misaligned address, ...).
-inline bool encode_rows_map(CUtensorMap* map, const void* base, int element_bytes, int rank, const int64_t* dims,
-                            int box_1, int box_2) {
+// The map of a dense tensor of rank 1-5 (element bytes 2 or 4; dims innermost first) read in boxes of box[0] x ...
+// box[rank - 1] values, in the given swizzle. Coordinates past a dimension read as zeros. False where the driver
+// cannot encode it (no entry point, a misaligned address or stride, a zero extent, ...).
+inline bool encode_dense_map(CUtensorMap* map, const void* base, int element_bytes, int rank, const int64_t* dims,
+                             const uint32_t* box, CUtensorMapSwizzle swizzle) {
   const TensorMapEncoder encode = tensor_map_encoder();
-  if (!encode || rank < 3 || rank > 5) return false;
+  if (!encode || rank < 1 || rank > 5) return false;
   cuuint64_t extent[5], strides[4];
-  cuuint32_t box[5], steps[5];
+  cuuint32_t boxes[5], steps[5];
   cuuint64_t bytes = cuuint64_t(element_bytes);
   for (int d = 0; d < rank; ++d) {
     extent[d] = cuuint64_t(dims[d]);
     if (d > 0) strides[d - 1] = bytes;
     bytes *= extent[d];
-    box[d] = d == 0 ? 16 : d == 1 ? cuuint32_t(box_1) : d == 2 ? cuuint32_t(box_2) : 1;
+    boxes[d] = box[d];
     steps[d] = 1;
   }
-  const bool half = element_bytes == 2;
-  return encode(map, half ? CU_TENSOR_MAP_DATA_TYPE_UINT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT32, cuuint32_t(rank),
-                const_cast<void*>(base), extent, strides, box, steps, CU_TENSOR_MAP_INTERLEAVE_NONE,
-                half ? CU_TENSOR_MAP_SWIZZLE_32B : CU_TENSOR_MAP_SWIZZLE_64B, CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-                CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  return encode(map, element_bytes == 2 ? CU_TENSOR_MAP_DATA_TYPE_UINT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT32,
+                cuuint32_t(rank), const_cast<void*>(base), extent, strides, boxes, steps, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+}
+
+// The map of a dense tensor of rank 3-5 whose innermost dimension holds staged rows' values (element bytes 2
+// or 4): boxes of 16 values x box_1 x box_2 (x 1 beyond), swizzled as tc_stage_offset lays rows out (32-byte
+// rows: the 32-byte swizzle, 64-byte rows: the 64-byte one).
+inline bool encode_rows_map(CUtensorMap* map, const void* base, int element_bytes, int rank, const int64_t* dims,
+                            int box_1, int box_2) {
+  if (rank < 3) return false;
+  const uint32_t box[5] = {16, uint32_t(box_1), uint32_t(box_2), 1, 1};
+  return encode_dense_map(map, base, element_bytes, rank, dims, box,
+                          element_bytes == 2 ? CU_TENSOR_MAP_SWIZZLE_32B : CU_TENSOR_MAP_SWIZZLE_64B);
 }
 
 }  // namespace fused_convt
