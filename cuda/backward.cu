@@ -21,6 +21,7 @@
 #include <algorithm>
 
 #include "grad_weight_gemm.cuh"
+#include "grad_input_wgmma.cuh"
 #include "grad_weight_wgmma.cuh"
 #include "implicit_gemm_conv.cuh"
 #include "problems.cuh"
@@ -323,11 +324,19 @@ void launch_sum_splits(const typename DeviceAcc<T>::type* partial, int64_t split
 
 static size_t round_up_256(size_t bytes) { return (bytes + 255) / 256 * 256; }
 
+// The packed weights of grad_input's mma.sync kernel or its wgmma one (where that one's shape applies: the query
+// knows no device), whichever is larger.
 static size_t packed_grad_input_weight_bytes(const ConvTransposeParams& params, DType dtype) {
+  if (dtype == DType::Float64) return 0;
+  size_t bytes = 0;
   TcProblem problem;
-  if (dtype == DType::Float64 || !grad_input_tc_problem(params, &problem)) return 0;
-  const size_t bytes = dtype == DType::Float32 ? packed_weight_bytes<Tf32Math>(problem)
-                                               : packed_weight_bytes<Half16Math<__half>>(problem);
+  if (grad_input_tc_problem(params, &problem))
+    bytes = dtype == DType::Float32 ? packed_weight_bytes<Tf32Math>(problem)
+                                    : packed_weight_bytes<Half16Math<__half>>(problem);
+  const int operand = dtype == DType::Float32 ? 4 : 2;
+  InputWgmmaPlan wgmma_plan{};
+  if (plan_input_wgmma_shape(params, operand, &wgmma_plan))
+    bytes = std::max(bytes, input_wgmma_weight_bytes(params, operand));
   return round_up_256(bytes);
 }
 
@@ -457,7 +466,16 @@ void launch_backward_tensor_cores(const ConvTransposeParams& p, const Epilogue& 
     launch_grad_weight_gemm<Math>(p, plan, x_cl, g_split, weight_partial, side);
     launch_sum_splits<T>(weight_partial, plan.splits, p.weight_numel(), static_cast<T*>(args.grad_weight), side);
   }
-  if (grad_input) {
+  // grad_input on wgmma from the g pass's G where grad_weight made it and the shape and device allow (not exact
+  // float), else on mma.sync, else the gather kernel.
+  InputWgmmaPlan input_plan{};
+  bool input_on_wgmma = false;
+  if constexpr (!std::is_same<Math, Fp32SplitMath>::value)
+    input_on_wgmma = grad_input && g_split && plan_input_wgmma(p, int(sizeof(T)), &input_plan);
+  if (input_on_wgmma) {
+    launch_grad_input_wgmma<T>(p, input_plan, plan.g_layout, g_split, static_cast<const T*>(args.weight), workspace,
+                               static_cast<T*>(args.grad_input), stream);
+  } else if (grad_input) {
     const bool tensor_cores = workspace && packed_grad_input_weight_bytes(p, dtype) > 0 &&
                               launch_grad_input_tensor_cores<T, Math>(p, epilogue, args, workspace, g_split,
                                                                       plan.g_layout, stream);

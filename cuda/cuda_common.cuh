@@ -6,6 +6,8 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <stdexcept>
@@ -94,6 +96,12 @@ void dispatch_device_dtype(DType dtype, Fn&& fn) {
 }
 
 inline int ceil_div_int(int64_t a, int64_t b) { return static_cast<int>((a + b - 1) / b); }
+
+// Whether the environment switch `name` is on: set and not "0". Read at each call, so that tests can flip it.
+inline bool env_switch_on(const char* name) {
+  const char* value = std::getenv(name);
+  return value && *value && std::strcmp(value, "0") != 0;
+}
 
 // An attribute of the current device.
 inline int current_device_attribute(cudaDeviceAttr attribute) {

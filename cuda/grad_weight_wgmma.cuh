@@ -29,8 +29,6 @@
 
 #include <algorithm>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <stdexcept>
 
 #include "cuda_common.cuh"
@@ -39,12 +37,11 @@
 #include "mma.cuh"
 #include "tma.cuh"
 #include "wgmma.cuh"
+#include "wgmma_phases.cuh"
 
 namespace fused_convt {
 
 constexpr int kWgmmaStages = 4;
-constexpr int kWgmmaTaps = 4;           // every phase has 2 x 2 taps (plan_weight_wgmma_shape)
-constexpr int kWgmmaMaxPhases = 4;      // a G tensor map per phase
 constexpr int kWgmmaIcTile = 64;        // N of the wgmma
 constexpr int kWgmmaOcPerGroup = 64;    // M of a warpgroup
 constexpr int kWgmmaXBox = kWgmmaIcTile * 128;  // X: 64 channels x one 128-byte row of pixels
@@ -73,48 +70,24 @@ constexpr int64_t kWgmmaTargetBlocks = 128;
 
 // Whether to take this path (FUSED_CONVT_NO_WGMMA_GRAD_WEIGHT set and not "0": the mma.sync GEMM everywhere, so
 // that tests and timings on a Hopper machine can compare the two). Read at each call.
-inline bool wgmma_grad_weight_disabled() {
-  const char* value = std::getenv("FUSED_CONVT_NO_WGMMA_GRAD_WEIGHT");
-  return value && *value && std::strcmp(value, "0") != 0;
-}
-
-// A phase's four taps: input offsets, the largest of each axis (G's box origin), and the weight tap (kh kernel_w + kw).
-struct WgmmaPhaseTaps {
-  int off_h[kWgmmaTaps], off_w[kWgmmaTaps], max_h, max_w, tap[kWgmmaTaps];
-};
+inline bool wgmma_grad_weight_disabled() { return env_switch_on("FUSED_CONVT_NO_WGMMA_GRAD_WEIGHT"); }
 
 struct WgmmaWeightPlan {
   int phases, warpgroups, oc_blocks, ic_tiles;
   int64_t splits, chunks_per_split;
-  WgmmaPhaseTaps taps[kWgmmaMaxPhases];  // (from the host's gemm_tap: one table, not every block's own)
+  WgmmaPhaseTaps taps[kWgmmaMaxPhases];
 };
 
 // The plan where the problem has this path's shape, whatever the device: one group; input channels a multiple of
-// 64; output channels 64 (one warpgroup per block) or a multiple of 128 (two); at most four phases, each of 2 x 2
-// taps that read two neighbouring input rows and columns (kernel = 2 x stride at dilation 1, as kb_v0 and kb_v1);
-// input rows of whole chunks (128 bytes). (The caller also needs x 16-byte aligned: wgmma_weight_input_ok.)
+// 64; output channels 64 (one warpgroup per block) or a multiple of 128 (two); phases as wgmma_phase_tables takes
+// them; input rows of whole chunks (128 bytes). (The caller also needs x 16-byte aligned: wgmma_weight_input_ok.)
 inline bool plan_weight_wgmma_shape(const ConvTransposeParams& p, int elem_bytes, WgmmaWeightPlan* plan) {
   const int64_t cin = p.in_channels, cout = p.out_channels, chunk = 128 / elem_bytes;
-  // (An empty batch or phase has no tensor map: the driver refuses zero extents. G's pixel rows are 32-bit TMA
+  // (An empty batch has no tensor map: the driver refuses zero extents. G's pixel rows are 32-bit TMA
   // coordinates.)
   if (p.groups != 1 || cin % kWgmmaIcTile != 0 || !(cout == 64 || cout % 128 == 0) || p.in_w % chunk != 0 ||
-      p.stride_h * p.stride_w > kWgmmaMaxPhases || p.batch == 0 || p.output_numel() / cout > INT32_MAX)
+      p.batch == 0 || p.output_numel() / cout > INT32_MAX || !wgmma_phase_tables(p, plan->taps))
     return false;
-  for (int rh = 0; rh < p.stride_h; ++rh)
-    for (int rw = 0; rw < p.stride_w; ++rw) {
-      const int taps_w = phase_taps(p.kernel_w, p.stride_w, p.dil_w, rw);
-      if (phase_taps(p.kernel_h, p.stride_h, p.dil_h, rh) * taps_w != kWgmmaTaps ||
-          phase_span(p.out_h(), p.stride_h, p.pad_h, rh).extent == 0 || phase_span(p.out_w(), p.stride_w, p.pad_w, rw).extent == 0)
-        return false;
-      const GemmTapSpan span = gemm_tap_span(p, rh, rw, taps_w, 0, kWgmmaTaps);
-      if (span.max_h - span.min_h != 1 || span.max_w - span.min_w != 1) return false;
-      WgmmaPhaseTaps& taps = plan->taps[rh * p.stride_w + rw];
-      taps.max_h = span.max_h, taps.max_w = span.max_w;
-      for (int t = 0; t < kWgmmaTaps; ++t) {
-        const GemmTap tap = gemm_tap(p, rh, rw, taps_w, t);
-        taps.off_h[t] = tap.off_h, taps.off_w[t] = tap.off_w, taps.tap[t] = int(tap.kh * p.kernel_w + tap.kw);
-      }
-    }
   const int64_t chunks = p.batch * p.in_h * (p.in_w / chunk);  // per phase
   plan->phases = int(p.stride_h * p.stride_w);
   plan->warpgroups = cout == 64 ? 1 : 2;
@@ -146,11 +119,6 @@ inline bool wgmma_weight_input_ok(const void* x) { return reinterpret_cast<uintp
   ConvTransposeParams p;
   WgmmaWeightPlan plan;
 };
-// G of each phase as a 4-D tensor [image][phase row][phase column][row of channels].
-struct WgmmaGMaps {
-  CUtensorMap phase[kWgmmaMaxPhases];
-};
-
 // x (NCHW float) with its values rounded to TF32, into out (which may be x itself). (static: a kernel defined in a
 // header, one per translation unit.)
 static __global__ void round_to_tf32_copy(const float4* x, uint4* out, int64_t vectors) {
@@ -312,7 +280,7 @@ __global__ void __launch_bounds__((kWgs + 1) * 128, 1)
 // column][row of channels] (g_split, laid out as g_layout), both in the kernel's boxes; false where the driver
 // refuses one.
 template <int kBytes>
-inline bool encode_wgmma_maps(const ConvTransposeParams& p, const WgmmaWeightPlan& plan, const void* x_nchw,
+inline bool encode_wgmma_maps(const ConvTransposeParams& p, const void* x_nchw,
                               const PhaseSplitLayout& g_layout, const void* g_split, CUtensorMap* x_map,
                               WgmmaGMaps* g_maps) {
   using Geo = WgmmaGeometry<kBytes>;
@@ -320,13 +288,7 @@ inline bool encode_wgmma_maps(const ConvTransposeParams& p, const WgmmaWeightPla
   const uint32_t x_box[4] = {Geo::kChunk, 1, kWgmmaIcTile, 1};
   if (!encode_dense_map(x_map, x_nchw, kBytes, 4, x_dims, x_box, CU_TENSOR_MAP_SWIZZLE_128B)) return false;
   const uint32_t g_box[4] = {Geo::kBoxChannels, Geo::kGCols, 2, 1};
-  for (int phase = 0; phase < plan.phases; ++phase) {
-    const int rh = phase / int(p.stride_w), rw = phase % int(p.stride_w);
-    const int64_t dims[4] = {g_layout.row, g_layout.w.extent(rw), g_layout.h.extent(rh), p.batch};
-    const auto* base = static_cast<const unsigned char*>(g_split) + g_layout.phase_first_row(rh, rw) * g_layout.row * kBytes;
-    if (!encode_dense_map(&g_maps->phase[phase], base, kBytes, 4, dims, g_box, CU_TENSOR_MAP_SWIZZLE_128B)) return false;
-  }
-  return true;
+  return encode_g_phase_maps(p, kBytes, g_layout, g_split, g_box, g_maps);
 }
 
 // grad_weight's partial sums (plan.splits x weight values) from x (T; NCHW, or NHWC: transposed into x_copy
@@ -354,7 +316,7 @@ void launch_grad_weight_wgmma(const ConvTransposeParams& p, const WgmmaWeightPla
   }
   alignas(64) CUtensorMap x_map{};
   alignas(64) WgmmaGMaps g_maps{};
-  if (!encode_wgmma_maps<kBytes>(p, plan, x_nchw, g_layout, g_split, &x_map, &g_maps))
+  if (!encode_wgmma_maps<kBytes>(p, x_nchw, g_layout, g_split, &x_map, &g_maps))
     throw std::runtime_error("fused_convt: cuTensorMapEncodeTiled failed for grad_weight's operands");
   const WgmmaWeightArgs args{p, plan};
   const dim3 grid(unsigned(plan.splits * plan.phases), unsigned(plan.ic_tiles * plan.oc_blocks));

@@ -11,18 +11,13 @@
 
 #include <cuda_runtime.h>
 
-#include <cstdlib>
-#include <cstring>
 #include <map>
 
 #include "cuda_common.cuh"
 
 namespace fused_convt {
 
-inline bool serial_backward() {
-  const char* value = std::getenv("FUSED_CONVT_SERIAL_BACKWARD");
-  return value && *value && std::strcmp(value, "0") != 0;
-}
+inline bool serial_backward() { return env_switch_on("FUSED_CONVT_SERIAL_BACKWARD"); }
 
 class ForkJoin {
  public:

@@ -12,8 +12,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
+
+#include "cuda_common.cuh"
 
 namespace fused_convt {
 
@@ -127,10 +127,7 @@ __device__ __forceinline__ void tma_load_3d(uint32_t dst, const CUtensorMap* map
 // FUSED_CONVT_NO_TMA set (and not "0"): every launch takes the cp.async variants instead, which otherwise run
 // only before sm_90, so that tests on a Hopper machine cover them too (and can compare the two bitwise: both
 // stage the same values). Read at each launch.
-inline bool tma_disabled() {
-  const char* value = std::getenv("FUSED_CONVT_NO_TMA");
-  return value && *value && std::strcmp(value, "0") != 0;
-}
+inline bool tma_disabled() { return env_switch_on("FUSED_CONVT_NO_TMA"); }
 
 // cuTensorMapEncodeTiled (its declaration's type; the symbol itself is never linked), looked up once; null
 // where the driver lacks it.

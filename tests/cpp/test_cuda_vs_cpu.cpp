@@ -399,6 +399,12 @@ std::vector<std::pair<std::string, ConvTransposeParams>> tiled_cases() {
   p = square(make(2, 64, 256, 5, 64, 1), 4, 2, 1);
   p.out_pad_h = 1;
   cases.push_back({"grad_weight wgmma, uneven row phases", p});
+  // grad_input on wgmma (where the g pass ran; one group, input channels of whole 64s, output channels of whole
+  // 128-byte chunks, four taps per phase, input rows of whole 64s): the cases above of 64-pixel rows, and two
+  // column tiles with a ragged row tile (17 rows: tiles of 8) and 96 output channels (float only; the GEMM on
+  // mma.sync); one phase of four taps (k2 s1).
+  cases.push_back({"grad_input wgmma, column tiles, ragged row tile", square(make(1, 64, 96, 17, 128, 1), 4, 2, 1)});
+  cases.push_back({"grad_input wgmma, one phase (k2 s1)", square(make(1, 64, 64, 9, 64, 1), 2, 1)});
   p = make(0, 4, 6, 5, 5, 2);
   p.kernel_h = p.kernel_w = 3, p.stride_h = 2;
   cases.push_back({"empty batch", p});
@@ -429,15 +435,18 @@ void device_matches_cpu(test::Rng& rng, cudaStream_t stream, int random_cases) {
     if (is_float) run_case<T>(p, epi, CaseOptions{true, stream, true}, rng, name);
   }
   // The cp.async forward, which the launcher otherwise takes only before sm_90 (FUSED_CONVT_NO_TMA, tma.cuh), and
-  // TF32 grad_weight on mma.sync where the wgmma GEMM would run (grad_weight_wgmma.cuh).
+  // grad_weight and grad_input on mma.sync where the wgmma kernels would run (grad_weight_wgmma.cuh,
+  // grad_input_wgmma.cuh).
   setenv("FUSED_CONVT_NO_TMA", "1", 1);
   setenv("FUSED_CONVT_NO_WGMMA_GRAD_WEIGHT", "1", 1);
+  setenv("FUSED_CONVT_NO_WGMMA_GRAD_INPUT", "1", 1);
   for (const auto& [name, p] : tiled_cases()) {
     run_case<T>(p, epi, CaseOptions{true, stream, false}, rng, name + " (cp.async)");
     if (is_float) run_case<T>(p, epi, CaseOptions{true, stream, true}, rng, name + " (cp.async)");
   }
   unsetenv("FUSED_CONVT_NO_TMA");
   unsetenv("FUSED_CONVT_NO_WGMMA_GRAD_WEIGHT");
+  unsetenv("FUSED_CONVT_NO_WGMMA_GRAD_INPUT");
   for (int i = 0; i < random_cases; ++i) {
     Epilogue random_epi;
     random_epi.enabled = i % 5 != 4;

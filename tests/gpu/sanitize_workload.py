@@ -24,8 +24,8 @@ CASES = [
     (Problem(2, 8, 16, (6, 5), (4, 4), (2, 3), (1, 3), (1, 0)), None),
     # the grad_weight GEMM's patch steps (64 x 64 tiles), ragged tile grids
     (Problem(2, 64, 64, (5, 6), (4, 4), (2, 2)), None),
-    # grad_weight on wgmma (sm_90a): 128 output channels (two warpgroups), input rows of two float chunks and one
-    # 16-bit chunk
+    # grad_weight and grad_input on wgmma (sm_90a): 128 output channels (two warpgroups), input rows of two float
+    # chunks and one 16-bit chunk; one ragged row tile of grad_input (3 rows of 8)
     (Problem(1, 64, 128, (3, 64), (4, 4), (2, 2), add_value=-0.5), None),
 ]
 DTYPES = [(torch.float32, True, 5e-3), (torch.float32, False, 1e-5), (torch.bfloat16, None, 3e-2),

@@ -1,0 +1,281 @@
+// grad_input on wgmma (sm_90a), TF32, bfloat16 and float16, from the g pass's phase-split G, which the backward
+// makes where grad_weight is wanted. For input pixel (n, i, j) and input channel ic,
+//   grad_input[n, ic, i, j] = sum over phases, their four taps t and output channels oc of
+//                             G[phase, n, i - off_h[t], j - off_w[t], oc] * W[ic, oc, tap[t]]
+// (wgmma_phases.cuh), which is D = A x B with M = input pixels (A = G at the tap's shift, loaded into registers:
+// the shift is an address offset, as in grad_weight_wgmma.cuh), N = 64 input channels (B = the weights, packed
+// [phase x tap][ic][oc] so that K is contiguous, as wgmma reads TF32 from shared memory) and K = phases x taps x
+// output channels. Every tap adds into the same accumulators, so no partial sums leave the block.
+//
+// A block owns 64 input channels and a tile of kRows input rows x 64 columns of one image; each of its two
+// consumer warpgroups owns kMTiles of those rows, one 64-pixel m tile (32 accumulators per thread) per row. A
+// pipeline stage holds one phase's chunk of output channels (one 128-byte row: 32 TF32 or 64 16-bit values),
+// brought by one producer thread with the Tensor Memory Accelerator in the 128-byte swizzle: G as one box of
+// kRows + 1 phase rows x 65 columns (the four taps' windows overlap in it), and the four taps' weights as one
+// box of 4 x 64 channels. Per tap and k step of 32 bytes, a warpgroup loads its A fragments with ldmatrix (the
+// TF32 fragment is the 16-bit one's words) and issues one m64n64 wgmma per m tile; those groups alternate
+// between two register sets, as in grad_weight_wgmma.cuh. The sums are stored straight from the accumulators:
+// for each channel, eight lanes hold eight neighbouring pixels (32-byte pieces for float).
+//
+// What bounds it (docs/optimizations.md 9e): reading G once from DRAM (kb_v1: 1.1 GB TF32, Nsight Compute 69% of
+// DRAM's peak, L2 72%). A stage reads 74 KB of G and 32 KB of weights from L2 for 8.4 MFLOP (TF32).
+#pragma once
+
+#include <cuda.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <stdexcept>
+#include <type_traits>
+
+#include "cuda_common.cuh"
+#include "fused_convt/api.h"
+#include "mma.cuh"
+#include "tma.cuh"
+#include "wgmma.cuh"
+#include "wgmma_phases.cuh"
+
+namespace fused_convt {
+
+constexpr int kInputWgmmaChannels = 64;   // input channels per block: N of the wgmma
+constexpr int kInputWgmmaCols = 64;       // input columns per block: M of a wgmma
+constexpr int kInputWgmmaGroups = 2;      // consumer warpgroups
+constexpr int kSm90SmemBytes = 232448;    // the opt-in shared memory of a compute capability 9.0 block
+
+// A block's geometry for operands of kBytes (4: TF32, 2: bfloat16 / float16) and kMTiles rows per warpgroup.
+template <int kBytes, int kMTiles>
+struct InputWgmmaGeometry {
+  static constexpr int kRows = kInputWgmmaGroups * kMTiles;  // input rows per block
+  static constexpr int kOcChunk = 128 / kBytes;              // output channels per stage
+  static constexpr int kGCols = kInputWgmmaCols + 1, kGRows = kRows + 1;
+  static constexpr int kGBytes = kGRows * kGCols * 128;
+  static constexpr int kGBox = (kGBytes + 1023) / 1024 * 1024;  // the weights' box starts 1024-byte aligned
+  static constexpr int kWBox = kWgmmaTaps * kInputWgmmaChannels * 128;
+  static constexpr int kStageBytes = kGBox + kWBox;
+  // As many stages as fit (at most 4), after the 1024-byte alignment and the barriers.
+  static constexpr int kStages = std::min(4, (kSm90SmemBytes - 1024 - 64) / kStageBytes);
+  static constexpr int kSmemBytes = 1024 + kStages * kStageBytes + 2 * kStages * 8;
+  static_assert(kStages >= 2, "grad_input_wgmma: a stage too large for two");
+};
+
+// Whether to take this path (FUSED_CONVT_NO_WGMMA_GRAD_INPUT on: grad_input on mma.sync everywhere, so that tests
+// and timings on a Hopper machine can compare the two).
+inline bool wgmma_grad_input_disabled() { return env_switch_on("FUSED_CONVT_NO_WGMMA_GRAD_INPUT"); }
+
+struct InputWgmmaPlan {
+  int phases, oc_chunks, row_tiles, col_tiles, ic_tiles;
+  WgmmaPhaseTaps taps[kWgmmaMaxPhases];
+};
+
+// Rows per warpgroup: 4, in two stages of 106 KB (kb_v1 alone on the H100: 0.461 / 0.250 ms TF32 / bf16), not 2 in
+// three of 73 KB (0.482 / 0.270 ms), which read more L2 bytes per FLOP.
+constexpr int kInputWgmmaMTiles = 4;
+
+// The plan where the problem has this path's shape, whatever the device: one group; input channels a multiple of
+// 64; output channels a multiple of a stage's chunk (32 float, 64 16-bit); input rows a multiple of 64 columns;
+// phases as wgmma_phase_tables takes them; a nonempty batch (the driver refuses a map of zero extent); G's pixel
+// rows within 32-bit TMA coordinates.
+inline bool plan_input_wgmma_shape(const ConvTransposeParams& p, int elem_bytes, InputWgmmaPlan* plan) {
+  const int64_t chunk = 128 / elem_bytes;
+  if (p.groups != 1 || p.in_channels % kInputWgmmaChannels != 0 || p.out_channels % chunk != 0 ||
+      p.in_w % kInputWgmmaCols != 0 || p.batch == 0 || p.output_numel() / p.out_channels > INT32_MAX ||
+      !wgmma_phase_tables(p, plan->taps))
+    return false;
+  plan->phases = int(p.stride_h * p.stride_w);
+  plan->oc_chunks = int(p.out_channels / chunk);
+  plan->row_tiles = ceil_div_int(p.in_h, int64_t(kInputWgmmaGroups) * kInputWgmmaMTiles);
+  plan->col_tiles = int(p.in_w / kInputWgmmaCols);
+  plan->ic_tiles = int(p.in_channels / kInputWgmmaChannels);
+  return p.batch * plan->row_tiles * plan->col_tiles <= INT32_MAX;  // grid x
+}
+
+// The plan for this call on this device, or false (then grad_input runs on mma.sync): the shape above, an sm_90a
+// build on a compute capability 9.0 device, the driver's TMA encoder, and the switch.
+inline bool plan_input_wgmma(const ConvTransposeParams& p, int elem_bytes, InputWgmmaPlan* plan) {
+#ifndef FUSED_CONVT_SM90A
+  (void)p, (void)elem_bytes, (void)plan;
+  return false;
+#else
+  return !wgmma_grad_input_disabled() && plan_input_wgmma_shape(p, elem_bytes, plan) && tensor_map_encoder() &&
+         sm90a_kernels_run_here();
+#endif
+}
+
+// Bytes of the packed weights (the workspace's grad_input weight region must hold them).
+inline size_t input_wgmma_weight_bytes(const ConvTransposeParams& p, int elem_bytes) {
+  return size_t(p.weight_numel()) * size_t(elem_bytes);
+}
+
+struct InputWgmmaArgs {
+  ConvTransposeParams p;
+  InputWgmmaPlan plan;
+};
+
+// The weights [ic][oc][kh][kw] as the B operand reads them: [phase x 4 + t][ic][oc], at tap t of the phase (float:
+// rounded to TF32, as every TF32 operand of the library is). (static: a kernel defined in a header.)
+template <typename T, typename Bits>
+static __global__ void pack_input_wgmma_weight(const __grid_constant__ InputWgmmaArgs args, const T* __restrict__ w,
+                                               Bits* __restrict__ packed) {
+  const ConvTransposeParams& p = args.p;
+  const int64_t cout = p.out_channels, cin = p.in_channels, total = p.weight_numel();
+  for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t oc = e % cout, ic = e / cout % cin, phase_tap = e / (cout * cin);
+    const int tap = args.plan.taps[phase_tap / kWgmmaTaps].tap[phase_tap % kWgmmaTaps];
+    const T v = w[(ic * cout + oc) * (p.kernel_h * p.kernel_w) + tap];
+    if constexpr (std::is_same<T, float>::value) packed[e] = round_to_tf32(v);
+    else packed[e] = v;
+  }
+}
+
+// Registers per thread of the consumer and producer warpgroups (setmaxnreg, as in grad_weight_wgmma.cuh).
+constexpr int kInputWgmmaConsumerRegisters = 232;
+constexpr int kInputWgmmaProducerRegisters = 40;
+
+// Grid: x = column tile + col_tiles x (row tile + row_tiles x image), y = input channel tile. Threads: the two
+// consumer warpgroups, then the producer warpgroup (one thread of it issues the copies). T: float (TF32
+// operands), __nv_bfloat16 or __half.
+template <typename T, int kMTiles>
+__global__ void __launch_bounds__((kInputWgmmaGroups + 1) * 128, 1)
+    grad_input_wgmma_kernel(const __grid_constant__ WgmmaGMaps g_maps, const __grid_constant__ CUtensorMap w_map,
+                            const __grid_constant__ InputWgmmaArgs args, T* __restrict__ grad_input) {
+#ifdef FCT_WGMMA_ENABLED
+  using Geo = InputWgmmaGeometry<int(sizeof(T)), kMTiles>;
+  constexpr int kStages = Geo::kStages, kSteps = 128 / 32;  // k steps of 32 bytes per stage and tap
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  const ConvTransposeParams& p = args.p;
+  const InputWgmmaPlan& plan = args.plan;
+  const uint32_t smem = (smem_address(smem_raw) + 1023) & ~1023u;
+  const uint32_t full_bar = smem + kStages * Geo::kStageBytes, empty_bar = full_bar + 8 * kStages;
+
+  int tile = int(blockIdx.x);
+  const int j0 = tile % plan.col_tiles * kInputWgmmaCols;
+  tile /= plan.col_tiles;
+  const int i0 = tile % plan.row_tiles * Geo::kRows, n = tile / plan.row_tiles;
+  const int ic0 = int(blockIdx.y) * kInputWgmmaChannels;
+  const int stages = plan.phases * plan.oc_chunks;  // phase-major
+
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbarrier_init(full_bar + 8 * s, 1);
+      mbarrier_init(empty_bar + 8 * s, kInputWgmmaGroups * 4);  // one arrival per consumer warp
+    }
+    mbarrier_init_fence();
+  }
+  __syncthreads();
+
+  if (threadIdx.x >= kInputWgmmaGroups * 128) {  // the producer warpgroup: one thread issues every copy
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kInputWgmmaProducerRegisters));
+    if (threadIdx.x != kInputWgmmaGroups * 128) return;
+    for (int i = 0; i < stages; ++i) {
+      const int s = i % kStages;
+      if (i >= kStages) mbarrier_wait(empty_bar + 8 * s, (i / kStages - 1) & 1);
+      const int phase = i / plan.oc_chunks, oc = i % plan.oc_chunks * Geo::kOcChunk;
+      const uint32_t stage = smem + s * Geo::kStageBytes, bar = full_bar + 8 * s;
+      mbarrier_arrive_expect_tx(bar, Geo::kGBytes + Geo::kWBox);
+      tma_load_4d(stage, &g_maps.phase[phase], oc, j0 - plan.taps[phase].max_w, i0 - plan.taps[phase].max_h, n, bar);
+      tma_load_3d(stage + Geo::kGBox, &w_map, oc, ic0, phase * kWgmmaTaps, bar);
+    }
+    return;
+  }
+
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kInputWgmmaConsumerRegisters));
+  // Consumer warpgroup wg: rows i0 + kMTiles wg ... of the tile. (The warpgroup index through a shuffle: uniform
+  // registers for the addresses, as in pair_forward_kernel.)
+  const int wg = __shfl_sync(0xffffffffu, int(threadIdx.x / 128), 0), warp = int(threadIdx.x / 32) % 4;
+  const int lane = int(threadIdx.x % 32);
+  // This lane's ldmatrix address: pixel column 16 warp + 8 ((lane >> 3) & 1) + (lane & 7) (the matrix rows of
+  // fragment words 0/1 and 2/3), 16-byte piece lane >> 4 of a k step's 32 bytes (words 0/1, then 2/3). Tap t of
+  // m tile mt reads G's box row (mt + kMTiles wg + max_h - off_h) x 65 + column + max_w - off_w; the swizzle XORs
+  // the piece with the row's low three bits, and k step kk adds 2 kk to the piece, which XOR adds as kk x 32
+  // bytes (the piece's bit 0 is lane >> 4, the step's bits are above it).
+  const int column = 16 * warp + 8 * ((lane >> 3) & 1) + (lane & 7), piece = lane >> 4;
+  uint32_t a_offset[kWgmmaTaps][kMTiles];
+  auto set_phase = [&](int phase) {
+    const WgmmaPhaseTaps& taps = plan.taps[phase];
+#pragma unroll
+    for (int t = 0; t < kWgmmaTaps; ++t)
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        const uint32_t row = uint32_t((mt + kMTiles * wg + taps.max_h - taps.off_h[t]) * Geo::kGCols + column +
+                                      taps.max_w - taps.off_w[t]);
+        a_offset[t][mt] = row * 128 + ((uint32_t(piece) ^ (row & 7)) << 4);
+      }
+  };
+  float acc[kMTiles][32];
+  // Tap t, k step kk of stage i: A fragments into `a` (registers that must not change until the group's wgmmas are
+  // done: two sets used in turn, and the wait after each group retires the one before), one wgmma per m tile,
+  // then the wait; the first group of a stage also releases the stage before it, whose last group that wait retired.
+  auto group = [&](int i, int t, int kk, uint32_t (&a)[kMTiles][4]) {
+    const uint32_t stage = smem + (i % kStages) * Geo::kStageBytes;
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) ldmatrix_x4(a[mt], stage + (a_offset[t][mt] ^ uint32_t(kk * 32)));
+    wgmma_fence();
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt)
+      wgmma_m64n64_rs<T>(acc[mt], a[mt], wgmma_sw128_descriptor(stage + Geo::kGBox + t * kInputWgmmaChannels * 128 + kk * 32),
+                         (i | t | kk) != 0);
+    wgmma_commit();
+    wgmma_wait<1>();  // (unconditional: a wait skipped on the first group made ptxas serialize every wgmma)
+    if (t == 0 && kk == 0 && i > 0 && lane == 0) mbarrier_arrive(empty_bar + 8 * ((i - 1) % kStages));
+  };
+  uint32_t a_even[kMTiles][4], a_odd[kMTiles][4];
+#pragma unroll 1
+  for (int i = 0; i < stages; ++i) {
+    if (i % plan.oc_chunks == 0) set_phase(i / plan.oc_chunks);
+    mbarrier_wait(full_bar + 8 * (i % kStages), (i / kStages) & 1);
+#pragma unroll
+    for (int t = 0; t < kWgmmaTaps; ++t)
+#pragma unroll
+      for (int kk = 0; kk < kSteps; kk += 2) {
+        group(i, t, kk, a_even);
+        group(i, t, kk + 1, a_odd);
+      }
+  }
+  wgmma_wait_all();
+
+  // acc[mt][4 e4 + q]: pixel column 16 warp + g + 8 (q / 2) of row i0 + kMTiles wg + mt, input channel
+  // ic0 + 8 e4 + 2 t4 + q % 2.
+  const int g = lane / 4, t4 = lane % 4;
+  const int64_t plane = p.in_h * p.in_w;
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+    const int row = i0 + kMTiles * wg + mt;
+    if (row >= p.in_h) continue;
+    T* out = grad_input + ((n * p.in_channels + ic0 + 2 * t4) * p.in_h + row) * p.in_w + j0 + 16 * warp + g;
+#pragma unroll
+    for (int e = 0; e < 32; ++e) out[(8 * (e / 4) + e % 2) * plane + 8 * ((e % 4) / 2)] = from_acc<T>(acc[mt][e]);
+  }
+#endif
+}
+
+// grad_input (NCHW) from G (g_split, laid out as g_layout) and the weights, which are packed into packed_weight
+// (input_wgmma_weight_bytes) first.
+template <typename T>
+void launch_grad_input_wgmma(const ConvTransposeParams& p, const InputWgmmaPlan& plan, const PhaseSplitLayout& g_layout,
+                             const void* g_split, const T* weight, void* packed_weight, T* grad_input,
+                             cudaStream_t stream) {
+  constexpr int kBytes = int(sizeof(T));
+  using Bits = typename std::conditional<kBytes == 4, uint32_t, T>::type;
+  const InputWgmmaArgs args{p, plan};
+  const int threads = 256;
+  pack_input_wgmma_weight<T, Bits><<<int(std::min<int64_t>((p.weight_numel() + threads - 1) / threads, 1024)), threads,
+                                     0, stream>>>(args, weight, static_cast<Bits*>(packed_weight));
+  check_launch("pack_input_wgmma_weight");
+  alignas(64) CUtensorMap w_map{};
+  alignas(64) WgmmaGMaps g_maps{};
+  const int64_t w_dims[3] = {p.out_channels, p.in_channels, int64_t(plan.phases) * kWgmmaTaps};
+  using Geo = InputWgmmaGeometry<kBytes, kInputWgmmaMTiles>;
+  const uint32_t w_box[3] = {uint32_t(Geo::kOcChunk), uint32_t(kInputWgmmaChannels), uint32_t(kWgmmaTaps)};
+  const uint32_t g_box[4] = {uint32_t(Geo::kOcChunk), uint32_t(Geo::kGCols), uint32_t(Geo::kGRows), 1};
+  if (!encode_dense_map(&w_map, packed_weight, kBytes, 3, w_dims, w_box, CU_TENSOR_MAP_SWIZZLE_128B) ||
+      !encode_g_phase_maps(p, kBytes, g_layout, g_split, g_box, &g_maps))
+    throw std::runtime_error("fused_convt: cuTensorMapEncodeTiled failed for grad_input's operands");
+  const auto kernel = grad_input_wgmma_kernel<T, kInputWgmmaMTiles>;
+  allow_dynamic_smem(reinterpret_cast<const void*>(kernel), Geo::kSmemBytes, "cudaFuncSetAttribute(grad_input_wgmma_kernel)");
+  const dim3 grid(unsigned(p.batch * plan.row_tiles * plan.col_tiles), unsigned(plan.ic_tiles));
+  kernel<<<grid, (kInputWgmmaGroups + 1) * 128, Geo::kSmemBytes, stream>>>(g_maps, w_map, args, grad_input);
+  check_launch("grad_input_wgmma_kernel");
+}
+
+}  // namespace fused_convt
