@@ -19,9 +19,10 @@
 // once they are done. Each split writes its partial sums in grad_weight_gemm.cuh's layout; sum_splits
 // adds them in order.
 //
-// Float X is rounded to TF32 first (round_to_tf32_copy, NCHW into the workspace), as every other TF32 operand of the
-// library is: the tensor cores would otherwise truncate it, a bias of -2^-11 on average. 16-bit X is read in place
-// (NCHW) or transposed into the workspace (NHWC).
+// X is read in place (NCHW) or transposed into the workspace first (NHWC). Float X is rounded to TF32 in shared
+// memory, by the producer warpgroup's idle warps as each stage lands, as every other TF32 operand of the library is
+// rounded: the tensor cores would otherwise truncate it, a bias of -2^-11 on average. (A separate rounding pass
+// over x cost 0.1 ms at kb_v1.)
 #pragma once
 
 #include <cuda.h>
@@ -60,7 +61,7 @@ struct WgmmaGeometry {
   // 1024-byte aligned, as the 128-byte swizzle's pattern repeats every 1024 bytes, then the barriers).
   static constexpr int stage_bytes(int warpgroups) { return kWgmmaXBox + warpgroups * kBoxesPerGroup * kGBox; }
   static constexpr int smem_bytes(int warpgroups) {
-    return 1024 + kWgmmaStages * stage_bytes(warpgroups) + 2 * kWgmmaStages * 8;
+    return 1024 + kWgmmaStages * stage_bytes(warpgroups) + 3 * kWgmmaStages * 8;
   }
 };
 
@@ -112,22 +113,13 @@ inline bool plan_weight_wgmma(const ConvTransposeParams& p, int elem_bytes, Wgmm
 #endif
 }
 
-// x as this path reads it: 16-byte aligned (round_to_tf32_copy's vectors, the TMA's base address).
+// x as this path reads it: 16-byte aligned (the TMA's base address).
 inline bool wgmma_weight_input_ok(const void* x) { return reinterpret_cast<uintptr_t>(x) % 16 == 0; }
 
   struct WgmmaWeightArgs {
   ConvTransposeParams p;
   WgmmaWeightPlan plan;
 };
-// x (NCHW float) with its values rounded to TF32, into out (which may be x itself). (static: a kernel defined in a
-// header, one per translation unit.)
-static __global__ void round_to_tf32_copy(const float4* x, uint4* out, int64_t vectors) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < vectors; i += int64_t(gridDim.x) * blockDim.x) {
-    const float4 v = x[i];
-    out[i] = make_uint4(round_to_tf32(v.x), round_to_tf32(v.y), round_to_tf32(v.z), round_to_tf32(v.w));
-  }
-}
-
 // Registers per thread of the consumer and producer warpgroups (setmaxnreg; the launch bound alone gives every
 // thread of three warpgroups 168, and the consumers' 128 accumulators and two A fragment sets need more: ptxas
 // serialized the wgmmas).
@@ -151,6 +143,11 @@ __global__ void __launch_bounds__((kWgs + 1) * 128, 1)
   const WgmmaWeightPlan& plan = args.plan;
   const uint32_t smem = (smem_address(smem_raw) + 1023) & ~1023u;
   const uint32_t full_bar = smem + kWgmmaStages * kStageBytes, empty_bar = full_bar + 8 * kWgmmaStages;
+  // Float: a stage's X is rounded in place before the consumers read it; they wait on `ready` (the rounding warps'
+  // arrivals) instead of `full`.
+  constexpr bool kRoundX = sizeof(T) == 4;
+  constexpr int kRoundWarps = 3;  // the producer warpgroup's warps 1-3
+  const uint32_t ready_bar = kRoundX ? empty_bar + 8 * kWgmmaStages : full_bar;
 
   const int phase = int(blockIdx.x % plan.phases);
   const int64_t split = blockIdx.x / plan.phases;
@@ -167,13 +164,33 @@ __global__ void __launch_bounds__((kWgs + 1) * 128, 1)
     for (int s = 0; s < kWgmmaStages; ++s) {
       mbarrier_init(full_bar + 8 * s, 1);
       mbarrier_init(empty_bar + 8 * s, kWgs * 4);  // one arrival per consumer warp
+      if (kRoundX) mbarrier_init(ready_bar + 8 * s, kRoundWarps);
     }
     mbarrier_init_fence();
   }
   __syncthreads();
 
-  if (threadIdx.x >= kWgs * 128) {  // the producer warpgroup: one thread issues every copy
+  if (threadIdx.x >= kWgs * 128) {  // the producer warpgroup: one thread issues every copy, warps 1-3 round X
     asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kWgmmaProducerRegisters));
+    const int rounder = int(threadIdx.x) - kWgs * 128 - 32;
+    if (kRoundX && rounder >= 0) {
+      // Each stage's X box to TF32 (round to nearest, as every TF32 operand of the library: the tensor cores would
+      // truncate it, a bias of -2^-11 on average), in place: the swizzle moves whole 16-byte pieces.
+      for (int i = 0; i < count; ++i) {
+        const int s = i % kWgmmaStages;
+        const uint32_t stage = smem + s * kStageBytes;
+        mbarrier_wait(full_bar + 8 * s, (i / kWgmmaStages) & 1);
+        for (int v = rounder; v < kWgmmaXBox / 16; v += kRoundWarps * 32) {
+          const uint4 q = lds128(stage + 16 * v);
+          sts128(stage + 16 * v, make_uint4(round_to_tf32(__uint_as_float(q.x)), round_to_tf32(__uint_as_float(q.y)),
+                                            round_to_tf32(__uint_as_float(q.z)), round_to_tf32(__uint_as_float(q.w))));
+        }
+        fence_proxy_async_shared();  // the rounded values visible to wgmma
+        __syncwarp();
+        if (threadIdx.x % 32 == 0) mbarrier_arrive(ready_bar + 8 * s);
+      }
+      return;
+    }
     if (threadIdx.x != kWgs * 128) return;
     const CUtensorMap* g_map = &g_maps.phase[phase];
     for (int i = 0; i < count; ++i) {
@@ -223,7 +240,7 @@ __global__ void __launch_bounds__((kWgs + 1) * 128, 1)
   auto half = [&](int i, int h, uint32_t (&a)[kHalfSteps][kWgmmaTaps][4]) {
     const int s = i % kWgmmaStages;
     const uint32_t stage = smem + s * kStageBytes;
-    if (h == 0) mbarrier_wait(full_bar + 8 * s, (i / kWgmmaStages) & 1);
+    if (h == 0) mbarrier_wait(ready_bar + 8 * s, (i / kWgmmaStages) & 1);
 #pragma unroll
     for (int kk = 0; kk < kHalfSteps; ++kk) {
       const uint32_t step = stage + (h * kHalfSteps + kk) * Geo::kStepPixels * 128;
@@ -292,7 +309,7 @@ inline bool encode_wgmma_maps(const ConvTransposeParams& p, const void* x_nchw,
 }
 
 // grad_weight's partial sums (plan.splits x weight values) from x (T; NCHW, or NHWC: transposed into x_copy
-// first, so that both layouts give the same bits; float: rounded to TF32 into x_copy) and G (g_split, laid out as
+// first, so that both layouts give the same bits) and G (g_split, laid out as
 // g_layout).
 template <typename T>
 void launch_grad_weight_wgmma(const ConvTransposeParams& p, const WgmmaWeightPlan& plan,
@@ -304,14 +321,6 @@ void launch_grad_weight_wgmma(const ConvTransposeParams& p, const WgmmaWeightPla
     int device = 0;
     check_cuda(cudaGetDevice(&device), "cudaGetDevice");
     transpose_cuda(x, x_copy, p.batch, p.in_h * p.in_w, p.in_channels, kBytes, CudaContext{device, stream});
-    x_nchw = x_copy;
-  }
-  if constexpr (kBytes == 4) {  // rounded into x_copy (in place after the transpose)
-    const int threads = 256;
-    const int64_t vectors = p.input_numel() / 4;  // in_w % 32 == 0 (plan)
-    round_to_tf32_copy<<<int(std::min<int64_t>((vectors + threads - 1) / threads, 4096)), threads, 0, stream>>>(
-        static_cast<const float4*>(x_nchw), static_cast<uint4*>(x_copy), vectors);
-    check_launch("round_to_tf32_copy");
     x_nchw = x_copy;
   }
   alignas(64) CUtensorMap x_map{};

@@ -315,7 +315,7 @@ __global__ void __launch_bounds__(kMinBlocks == 2 ? 3 * 128 : kPairMaxWarpgroups
                                           ((1 + 2 * wgs) * 8 + 15) / 16 * 16);
   float* bias_add = reinterpret_cast<float*>(zeros + kPairZeroBytes / 16);  // this set's bias + add_value
   for (int i = threadIdx.x; i < kPairZeroBytes / 16; i += blockDim.x) zeros[i] = make_uint4(0, 0, 0, 0);
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");  // visible to wgmma (the async proxy)
+  fence_proxy_async_shared();  // visible to wgmma (the async proxy)
   const uint32_t weight_bar = smem_address(&bars[0]), full_bar = smem_address(&bars[1 + 2 * wg]);
   if (threadIdx.x == 0) {
     mbarrier_init(weight_bar, 1);
@@ -519,7 +519,7 @@ __global__ void __launch_bounds__(kMinBlocks == 2 ? 3 * 128 : kPairMaxWarpgroups
       // before the stores. The buffer's next copy (the asynchronous proxy) may only start after these generic
       // reads.
       auto release_buffer = [&] {
-        asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+        fence_proxy_async_shared();
         named_barrier_sync(1 + wg, 128);
         if (tid == 0) issue_ahead(chunks + 1, buffer);
       };

@@ -33,6 +33,14 @@ __device__ __forceinline__ void mbarrier_init_fence() {
 #endif
 }
 
+// Makes this thread's shared-memory writes visible to the asynchronous proxy: to wgmma's operand reads and the TMA's
+// copies that follow (through a barrier) in other threads.
+__device__ __forceinline__ void fence_proxy_async_shared() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
 // A barrier of the thread block cluster (every thread of every block arrives). `publish`: with release /
 // acquire semantics, so that shared-memory writes into partner blocks before it are visible after it;
 // otherwise relaxed, ordering execution only, for hazards whose earlier accesses have all completed (reads
