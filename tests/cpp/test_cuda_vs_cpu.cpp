@@ -402,9 +402,12 @@ std::vector<std::pair<std::string, ConvTransposeParams>> tiled_cases() {
   // grad_input on wgmma (where the g pass ran; one group, input channels of whole 64s, output channels of whole
   // 128-byte chunks, four taps per phase, input rows of whole 64s): the cases above of 64-pixel rows, and two
   // column tiles with a ragged row tile (17 rows: tiles of 8) and 96 output channels (float only; the GEMM on
-  // mma.sync); one phase of four taps (k2 s1).
+  // mma.sync); one phase of four taps (k2 s1); two phases of a 4 x 2 kernel at stride 2 x 1 (both kernels).
   cases.push_back({"grad_input wgmma, column tiles, ragged row tile", square(make(1, 64, 96, 17, 128, 1), 4, 2, 1)});
   cases.push_back({"grad_input wgmma, one phase (k2 s1)", square(make(1, 64, 64, 9, 64, 1), 2, 1)});
+  p = make(1, 64, 128, 7, 64, 1);
+  p.kernel_h = 4, p.kernel_w = 2, p.stride_h = 2, p.stride_w = 1, p.pad_h = 1;
+  cases.push_back({"wgmma backward, two phases (k4x2 s2x1)", p});
   p = make(0, 4, 6, 5, 5, 2);
   p.kernel_h = p.kernel_w = 3, p.stride_h = 2;
   cases.push_back({"empty batch", p});

@@ -26,6 +26,8 @@ PROBLEMS = [
     # grad_input: two column tiles, three row tiles (17 rows), 96 output channels (float only; the GEMM on
     # mma.sync)
     Problem(2, 64, 96, (17, 128), (4, 4), (2, 2), padding=(1, 1), add_value=-0.5),
+    # two phases (stride 2 x 1, kernel 4 x 2: 2 x 2 taps each), non-square, padding on one axis
+    Problem(1, 64, 128, (7, 64), (4, 2), (2, 1), padding=(1, 0), add_value=-0.5),
 ]
 ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 # dtype -> (relative difference allowed between the two kernels, error allowed against float64)
