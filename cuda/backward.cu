@@ -7,7 +7,9 @@
 // channels-last, in the operand type into the workspace (channels_last_pack.cuh), x gets a channels-last copy,
 // and grad_weight_gemm.cuh multiplies them. That pass runs first, and grad_input copies its tiles from the g
 // it wrote (as the forward copies its input's channels-last copy); without grad_weight there is no copy and
-// grad_input forms g in registers as it loads its tiles. float64 keeps a direct FFMA kernel for both (below).
+// grad_input forms g in registers as it loads its tiles. On sm_90a, shapes of 2 x 2 taps per phase take wgmma
+// kernels for both (grad_weight_wgmma.cuh, grad_input_wgmma.cuh; TF32 and 16-bit), reading the same g copy.
+// float64 keeps a direct FFMA kernel for both (below).
 //
 // float64: grad_weight[ic, oc_local, kh, kw] = sum over (n, ih, iw) of x[n, ic, ih, iw] * g[n, oc, oh, ow]
 // with oh = ih*s - p + kh*d. Grouped by output phase (shared/DESIGN.md, as in the forward): the phase pixel
