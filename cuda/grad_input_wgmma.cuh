@@ -128,10 +128,6 @@ static __global__ void pack_input_wgmma_weight(const __grid_constant__ InputWgmm
   }
 }
 
-// Registers per thread of the consumer and producer warpgroups (setmaxnreg, as in grad_weight_wgmma.cuh).
-constexpr int kInputWgmmaConsumerRegisters = 232;
-constexpr int kInputWgmmaProducerRegisters = 40;
-
 // Grid: x = column tile + col_tiles x (row tile + row_tiles x image), y = input channel tile. Threads: the two
 // consumer warpgroups, then the producer warpgroup (one thread of it issues the copies). T: float (TF32
 // operands), __nv_bfloat16 or __half.
@@ -165,7 +161,7 @@ __global__ void __launch_bounds__((kInputWgmmaGroups + 1) * 128, 1)
   __syncthreads();
 
   if (threadIdx.x >= kInputWgmmaGroups * 128) {  // the producer warpgroup: one thread issues every copy
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kInputWgmmaProducerRegisters));
+    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kWgmmaProducerRegisters));
     if (threadIdx.x != kInputWgmmaGroups * 128) return;
     for (int i = 0; i < stages; ++i) {
       const int s = i % kStages;
@@ -179,7 +175,7 @@ __global__ void __launch_bounds__((kInputWgmmaGroups + 1) * 128, 1)
     return;
   }
 
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kInputWgmmaConsumerRegisters));
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kWgmmaConsumerRegisters<kInputWgmmaGroups>));
   // Consumer warpgroup wg: rows i0 + kMTiles wg ... of the tile. (The warpgroup index through a shuffle: uniform
   // registers for the addresses, as in pair_forward_kernel.)
   const int wg = __shfl_sync(0xffffffffu, int(threadIdx.x / 128), 0), warp = int(threadIdx.x / 32) % 4;

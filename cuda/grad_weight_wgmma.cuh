@@ -116,16 +116,10 @@ inline bool plan_weight_wgmma(const ConvTransposeParams& p, int elem_bytes, Wgmm
 // x as this path reads it: 16-byte aligned (the TMA's base address).
 inline bool wgmma_weight_input_ok(const void* x) { return reinterpret_cast<uintptr_t>(x) % 16 == 0; }
 
-  struct WgmmaWeightArgs {
+struct WgmmaWeightArgs {
   ConvTransposeParams p;
   WgmmaWeightPlan plan;
 };
-// Registers per thread of the consumer and producer warpgroups (setmaxnreg; the launch bound alone gives every
-// thread of three warpgroups 168, and the consumers' 128 accumulators and two A fragment sets need more: ptxas
-// serialized the wgmmas).
-template <int kWgs>
-constexpr int kWgmmaConsumerRegisters = kWgs == 2 ? 232 : 248;
-constexpr int kWgmmaProducerRegisters = 40;
 
 // Grid: x = phase + phases x split, y = input channel tile + ic_tiles x output channel block. Threads: the
 // consumer warpgroups, then the producer warpgroup (one thread of it issues the copies). T: float (TF32 operands),

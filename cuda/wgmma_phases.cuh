@@ -1,5 +1,6 @@
 // What the wgmma backward kernels (grad_weight_wgmma.cuh, grad_input_wgmma.cuh) share about the output phases:
-// the tap table of phases of 2 x 2 taps and the tensor maps of the g pass's phase-split G. Both kernels read G at
+// the tap table of phases of 2 x 2 taps and the tensor maps of the g pass's phase-split G (and their warpgroups'
+// register split). Both kernels read G at
 // the input's pixel grid: for tap t of phase (r_h, r_w), input pixel (n, i, j) pairs with
 // G[phase, n, i - off_h[t], j - off_w[t], :] (zero outside the phase grid, as TMA fills it), so one G box of a
 // tile's pixels plus one row and one column serves all four taps, each at an address offset.
@@ -45,6 +46,13 @@ inline bool wgmma_phase_tables(const ConvTransposeParams& p, WgmmaPhaseTaps (&ta
     }
   return true;
 }
+
+// Registers per thread of the consumer warpgroups (kWgs of them) and the producer warpgroup (setmaxnreg; the launch
+// bound alone gives every thread of three warpgroups 168, and grad_weight's 128 accumulators and two A fragment sets
+// need more: ptxas serialized the wgmmas).
+template <int kWgs>
+constexpr int kWgmmaConsumerRegisters = kWgs == 2 ? 232 : 248;
+constexpr int kWgmmaProducerRegisters = 40;
 
 // G of each phase as a 4-D tensor [image][phase row][phase column][row of channels].
 struct WgmmaGMaps {
