@@ -93,13 +93,7 @@ inline bool plan_input_wgmma_shape(const ConvTransposeParams& p, int elem_bytes,
 // The plan for this call on this device, or false (then grad_input runs on mma.sync): the shape above, an sm_90a
 // build on a compute capability 9.0 device, the driver's TMA encoder, and the switch.
 inline bool plan_input_wgmma(const ConvTransposeParams& p, int elem_bytes, InputWgmmaPlan* plan) {
-#ifndef FUSED_CONVT_SM90A
-  (void)p, (void)elem_bytes, (void)plan;
-  return false;
-#else
-  return !wgmma_grad_input_disabled() && plan_input_wgmma_shape(p, elem_bytes, plan) && tensor_map_encoder() &&
-         sm90a_kernels_run_here();
-#endif
+  return !wgmma_grad_input_disabled() && plan_input_wgmma_shape(p, elem_bytes, plan) && wgmma_backward_runs_here();
 }
 
 // Bytes of the packed weights (the workspace's grad_input weight region must hold them).

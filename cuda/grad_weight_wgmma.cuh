@@ -104,13 +104,7 @@ inline bool plan_weight_wgmma_shape(const ConvTransposeParams& p, int elem_bytes
 // The plan for this call on this device, or false (then the mma.sync GEMM runs): the shape above, an sm_90a
 // build on a compute capability 9.0 device, the driver's TMA encoder, and the switch.
 inline bool plan_weight_wgmma(const ConvTransposeParams& p, int elem_bytes, WgmmaWeightPlan* plan) {
-#ifndef FUSED_CONVT_SM90A
-  (void)p, (void)elem_bytes, (void)plan;
-  return false;
-#else
-  return !wgmma_grad_weight_disabled() && plan_weight_wgmma_shape(p, elem_bytes, plan) && tensor_map_encoder() &&
-         sm90a_kernels_run_here();
-#endif
+  return !wgmma_grad_weight_disabled() && plan_weight_wgmma_shape(p, elem_bytes, plan) && wgmma_backward_runs_here();
 }
 
 // x as this path reads it: 16-byte aligned (the TMA's base address).

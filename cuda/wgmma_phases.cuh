@@ -10,6 +10,7 @@
 
 #include <cstdint>
 
+#include "cuda_common.cuh"
 #include "fused_convt/api.h"
 #include "grad_weight_gemm.cuh"
 #include "tma.cuh"
@@ -18,6 +19,16 @@ namespace fused_convt {
 
 constexpr int kWgmmaTaps = 4;       // every phase has 2 x 2 taps (wgmma_phase_tables)
 constexpr int kWgmmaMaxPhases = 4;  // a G tensor map per phase
+
+// Whether this build and device run the wgmma backward kernels: an sm_90a build (FUSED_CONVT_SM90A) on a compute
+// capability 9.0 device, with the driver's TMA encoder.
+inline bool wgmma_backward_runs_here() {
+#ifdef FUSED_CONVT_SM90A
+  return tensor_map_encoder() && sm90a_kernels_run_here();
+#else
+  return false;
+#endif
+}
 
 // A phase's four taps: input offsets, the largest of each axis (G's box origin), and the weight tap (kh kernel_w + kw).
 struct WgmmaPhaseTaps {
