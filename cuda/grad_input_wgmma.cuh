@@ -8,8 +8,8 @@
 // output channels. Every tap adds into the same accumulators, so no partial sums leave the block.
 //
 // A block owns 64 input channels and a tile of kRows input rows x 64 columns of one image; each of its two
-// consumer warpgroups owns kMTiles of those rows, one 64-pixel m tile (32 accumulators per thread) per row. A
-// pipeline stage holds one phase's chunk of output channels (one 128-byte row: 32 TF32 or 64 16-bit values),
+// consumer warpgroups owns kInputWgmmaMTiles (4) of those rows, one 64-pixel m tile (32 accumulators per thread)
+// per row. A pipeline stage holds one phase's chunk of output channels (one 128-byte row: 32 TF32 or 64 16-bit values),
 // brought by one producer thread with the Tensor Memory Accelerator in the 128-byte swizzle: G as one box of
 // kRows + 1 phase rows x 65 columns (the four taps' windows overlap in it), and the four taps' weights as one
 // box of 4 x 64 channels. Per tap and k step of 32 bytes, a warpgroup loads its A fragments with ldmatrix (the
@@ -32,6 +32,7 @@
 #include "cuda_common.cuh"
 #include "fused_convt/api.h"
 #include "mma.cuh"
+#include "pair_problem.h"
 #include "tma.cuh"
 #include "wgmma.cuh"
 #include "wgmma_phases.cuh"
@@ -41,12 +42,14 @@ namespace fused_convt {
 constexpr int kInputWgmmaChannels = 64;   // input channels per block: N of the wgmma
 constexpr int kInputWgmmaCols = 64;       // input columns per block: M of a wgmma
 constexpr int kInputWgmmaGroups = 2;      // consumer warpgroups
-constexpr int kSm90SmemBytes = 232448;    // the opt-in shared memory of a compute capability 9.0 block
+// Rows per warpgroup (m tiles): 4, in two stages of 106 KB (kb_v1 alone on the H100: 0.461 / 0.250 ms TF32 / bf16),
+// not 2 in three of 73 KB (0.482 / 0.270 ms), which read more L2 bytes per FLOP.
+constexpr int kInputWgmmaMTiles = 4;
 
-// A block's geometry for operands of kBytes (4: TF32, 2: bfloat16 / float16) and kMTiles rows per warpgroup.
-template <int kBytes, int kMTiles>
+// A block's geometry for operands of kBytes (4: TF32, 2: bfloat16 / float16).
+template <int kBytes>
 struct InputWgmmaGeometry {
-  static constexpr int kRows = kInputWgmmaGroups * kMTiles;  // input rows per block
+  static constexpr int kRows = kInputWgmmaGroups * kInputWgmmaMTiles;  // input rows per block
   static constexpr int kOcChunk = 128 / kBytes;              // output channels per stage
   static constexpr int kGCols = kInputWgmmaCols + 1, kGRows = kRows + 1;
   static constexpr int kGBytes = kGRows * kGCols * 128;
@@ -54,7 +57,7 @@ struct InputWgmmaGeometry {
   static constexpr int kWBox = kWgmmaTaps * kInputWgmmaChannels * 128;
   static constexpr int kStageBytes = kGBox + kWBox;
   // As many stages as fit (at most 4), after the 1024-byte alignment and the barriers.
-  static constexpr int kStages = std::min(4, (kSm90SmemBytes - 1024 - 64) / kStageBytes);
+  static constexpr int kStages = std::min(4, (kSm90BlockSmem - 1024 - 64) / kStageBytes);
   static constexpr int kSmemBytes = 1024 + kStages * kStageBytes + 2 * kStages * 8;
   static_assert(kStages >= 2, "grad_input_wgmma: a stage too large for two");
 };
@@ -67,10 +70,6 @@ struct InputWgmmaPlan {
   int phases, oc_chunks, row_tiles, col_tiles, ic_tiles;
   WgmmaPhaseTaps taps[kWgmmaMaxPhases];
 };
-
-// Rows per warpgroup: 4, in two stages of 106 KB (kb_v1 alone on the H100: 0.461 / 0.250 ms TF32 / bf16), not 2 in
-// three of 73 KB (0.482 / 0.270 ms), which read more L2 bytes per FLOP.
-constexpr int kInputWgmmaMTiles = 4;
 
 // The plan where the problem has this path's shape, whatever the device: one group; input channels a multiple of
 // 64; output channels a multiple of a stage's chunk (32 float, 64 16-bit); input rows a multiple of 64 columns;
@@ -125,12 +124,13 @@ static __global__ void pack_input_wgmma_weight(const __grid_constant__ InputWgmm
 // Grid: x = column tile + col_tiles x (row tile + row_tiles x image), y = input channel tile. Threads: the two
 // consumer warpgroups, then the producer warpgroup (one thread of it issues the copies). T: float (TF32
 // operands), __nv_bfloat16 or __half.
-template <typename T, int kMTiles>
+template <typename T>
 __global__ void __launch_bounds__((kInputWgmmaGroups + 1) * 128, 1)
     grad_input_wgmma_kernel(const __grid_constant__ WgmmaGMaps g_maps, const __grid_constant__ CUtensorMap w_map,
                             const __grid_constant__ InputWgmmaArgs args, T* __restrict__ grad_input) {
 #ifdef FCT_WGMMA_ENABLED
-  using Geo = InputWgmmaGeometry<int(sizeof(T)), kMTiles>;
+  using Geo = InputWgmmaGeometry<int(sizeof(T))>;
+  constexpr int kMTiles = kInputWgmmaMTiles;
   constexpr int kStages = Geo::kStages, kSteps = 128 / 32;  // k steps of 32 bytes per stage and tap
   extern __shared__ __align__(16) unsigned char smem_raw[];
   const ConvTransposeParams& p = args.p;
@@ -255,13 +255,13 @@ void launch_grad_input_wgmma(const ConvTransposeParams& p, const InputWgmmaPlan&
   alignas(64) CUtensorMap w_map{};
   alignas(64) WgmmaGMaps g_maps{};
   const int64_t w_dims[3] = {p.out_channels, p.in_channels, int64_t(plan.phases) * kWgmmaTaps};
-  using Geo = InputWgmmaGeometry<kBytes, kInputWgmmaMTiles>;
+  using Geo = InputWgmmaGeometry<kBytes>;
   const uint32_t w_box[3] = {uint32_t(Geo::kOcChunk), uint32_t(kInputWgmmaChannels), uint32_t(kWgmmaTaps)};
   const uint32_t g_box[4] = {uint32_t(Geo::kOcChunk), uint32_t(Geo::kGCols), uint32_t(Geo::kGRows), 1};
   if (!encode_dense_map(&w_map, packed_weight, kBytes, 3, w_dims, w_box, CU_TENSOR_MAP_SWIZZLE_128B) ||
       !encode_g_phase_maps(p, kBytes, g_layout, g_split, g_box, &g_maps))
     throw std::runtime_error("fused_convt: cuTensorMapEncodeTiled failed for grad_input's operands");
-  const auto kernel = grad_input_wgmma_kernel<T, kInputWgmmaMTiles>;
+  const auto kernel = grad_input_wgmma_kernel<T>;
   allow_dynamic_smem(reinterpret_cast<const void*>(kernel), Geo::kSmemBytes, "cudaFuncSetAttribute(grad_input_wgmma_kernel)");
   const dim3 grid(unsigned(p.batch * plan.row_tiles * plan.col_tiles), unsigned(plan.ic_tiles));
   kernel<<<grid, (kInputWgmmaGroups + 1) * 128, Geo::kSmemBytes, stream>>>(g_maps, w_map, args, grad_input);

@@ -40,7 +40,9 @@ FCT_HD constexpr int pair_stage_stride(int elem_bytes) { return elem_bytes == 2 
 // Zeros that a tap a set lacks multiplies, both operands: B of 128 rows (two column phases of 64 channels) and
 // two planes.
 constexpr int kPairZeroBytes = 4096;
-constexpr int kPairSmemLimit = 227 * 1024;
+// The opt-in shared memory of one compute capability 9.0 block: the budget of the sm_90a kernels (the pair forward,
+// grad_input_wgmma.cuh's stages).
+constexpr int kSm90BlockSmem = 227 * 1024;
 
 // Taps of one phase along one axis: kernel index k0 + stride t and input offset q - t, t < count.
 struct PairAxisTaps {
@@ -214,7 +216,7 @@ inline bool plan_pair_forward(const ConvTransposeParams& p, int elem_bytes, int 
   pr.warpgroups = 0;
   for (int wgs = kPairMaxWarpgroups; wgs >= 1 && !pr.warpgroups; --wgs)
     for (pr.chunks = 1; pr.planes() % (2 * pr.chunks) == 0 && (pr.chunks == 1 || elem_bytes == 4); pr.chunks *= 2)
-      if (pr.smem_bytes(wgs) <= kPairSmemLimit) {
+      if (pr.smem_bytes(wgs) <= kSm90BlockSmem) {
         pr.warpgroups = wgs;
         break;
       }

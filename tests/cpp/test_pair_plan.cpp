@@ -24,7 +24,7 @@ using fused_convt::PairProblem;
 // Checks one planned problem exhaustively; returns the number of (output pixel, tap) pairs checked.
 int64_t check_plan(const PairProblem& pr, const std::string& what) {
   int64_t checked = 0;
-  CHECK_MSG(pr.smem_bytes(pr.warpgroups) <= fused_convt::kPairSmemLimit, what + ": shared memory over the limit");
+  CHECK_MSG(pr.smem_bytes(pr.warpgroups) <= fused_convt::kSm90BlockSmem, what + ": shared memory over the limit");
   CHECK_MSG(pr.plane_len >= (pr.tiles - 1) * kPairTileM + pr.shift_min + pr.patch, what + ": last patch past the plane");
   CHECK_MSG(pr.shift_min >= 0, what + ": a patch starts before its plane");
   CHECK_MSG(pr.chunks >= 1 && pr.chunk_planes() * pr.chunks == pr.planes() && pr.chunk_planes() % 2 == 0,
