@@ -10,7 +10,11 @@ All in one process, on one GPU. For every (shape, mode) case it
      w.r.t. input, weight and bias for a fixed random output gradient), as medians of
      triton.testing.do_bench (CUDA events without triton, time.perf_counter on the CPU); and the forward on
      the randn data too (``fwd_randn_ms``: fused_convt skips the GELU's erfc where a whole warp's outputs
-     are 0, which is nearly everywhere on the KernelBench data and on 22% of the randn data's outputs);
+     are 0, which is nearly everywhere on the KernelBench data and on 22% of the randn data's outputs); and,
+     on CUDA, the forward + backward step's GPU time alone (``fwdbwd_gpu_ms``: one step captured in a CUDA
+     graph, its replays timed; not for the compiled implementations, and the eager model's step copies a CPU
+     scalar, which capture refuses): at small shapes the host's time per step (Python, autograd, launches)
+     bounds ``fwdbwd_ms``;
   3. measures the bytes a training forward leaves allocated for the backward, output excluded;
   4. sets each time against a floor from ceilings measured at start: (input + output bytes) / device copy
      bandwidth, and flops / the matching matmul rate.
@@ -340,6 +344,25 @@ def forward_error(out: torch.Tensor, ref: torch.Tensor, ref_norm: float) -> dict
             "max_abs_err": torch.linalg.vector_norm(diff, ord=math.inf).item()}
 
 
+def graph_replay_ms(step: Callable[[], object], timer: "Timer") -> float:
+    """GPU time of step() alone: one call captured in a CUDA graph and its replays timed, which leaves out the
+    host's time per call (Python, autograd, launches) that bounds small shapes' eager timings. Warm-up runs on a
+    side stream first, as capture requires."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    try:
+        return timer(graph.replay)
+    finally:
+        del graph
+
+
 def saved_bytes(forward: Callable[[], torch.Tensor], device: torch.device) -> Optional[int]:
     """Bytes a training forward leaves allocated (kept for backward), the output itself excluded.
     CUDA only: the CPU allocator keeps no count."""
@@ -367,7 +390,7 @@ class Case:
         problem = {**dataclasses.asdict(p), "output_shape": list(output_shape(p)), "flops": self.floors["flops"],
                    "fwd_bytes": self.floors["fwd_bytes"], "randn_add_value": RANDN_ADD_VALUE}
         self.records = {name: {"shape": shape, "mode": mode, "impl": name, "fwd_ms": None, "fwd_randn_ms": None,
-                               "fwdbwd_ms": None, "saved_bytes": None, "max_rel_err": None, "errors": {}, "data": {},
+                               "fwdbwd_ms": None, "fwdbwd_gpu_ms": None, "saved_bytes": None, "max_rel_err": None, "errors": {}, "data": {},
                                "floor_ms": self.floors["floor_ms"], "floor_bytes_ms": self.floors["floor_bytes_ms"],
                                "floor_flops_ms": self.floors["floor_flops_ms"],
                                "floor_fwdbwd_ms": self.floors["floor_fwdbwd_ms"], "pct_of_floor": None,
@@ -480,6 +503,27 @@ class Case:
         measured = self.guarded(impl.name, "forward+backward", fwdbwd_ms_and_saved_bytes, device)
         if measured is not None:
             record["fwdbwd_ms"], record["saved_bytes"] = measured
+        if measured is not None and device.type == "cuda" and impl.name not in COMPILED_IMPLS:
+            record["fwdbwd_gpu_ms"] = self._fwdbwd_gpu_ms(impl, x, device, timer)
+
+    def _fwdbwd_gpu_ms(self, impl: Impl, x: torch.Tensor, device, timer: Timer) -> Optional[float]:
+        """The forward+backward step's GPU time (graph_replay_ms; compiled implementations are not captured). A
+        capture that fails leaves it None and the implementation's other results standing: the eager model's
+        step does (KernelBench's torch.min(x, torch.tensor(0.0, device=...)) copies a CPU scalar every call, which
+        capture refuses)."""
+        x_grad = x.detach().clone().requires_grad_()
+        leaves = [x_grad, *impl.base.parameters()]
+        grad_out = impl.prepare(torch.randn(output_shape(self.problem), device=device,
+                                            generator=torch.Generator(device).manual_seed(SEED_GRAD)).to(self.dtype))
+        try:
+            with impl.context():
+                return graph_replay_ms(lambda: torch.autograd.grad(impl.model(x_grad), leaves, grad_out), timer)
+        except Exception as exc:  # noqa: BLE001 -- a step that cannot be captured has no GPU-only time
+            print(f"  note: {self.shape} {self.mode} {impl.name}: no CUDA graph of the step: {type(exc).__name__}: "
+                  f"{str(exc).strip().splitlines()[0][:200]}", file=sys.stderr)
+            return None
+        finally:
+            free_memory(device)
 
 
 def ratio(base: Optional[float], ours: Optional[float]) -> str:
@@ -508,7 +552,7 @@ def print_case(records: List[dict]) -> None:
     by_impl = {r["impl"]: r for r in records}
     baselines = {label: by_impl.get(name, {}) for label, name in
                  (("eager", "eager"), ("compile", "compile"), ("best", "best_tuned"))}
-    header = (f"   {'impl':<25} {'fwd_ms':>9} {'fwd_randn':>10} {'fwdbwd_ms':>10} {'eager/x fwd|fb':>16} "
+    header = (f"   {'impl':<25} {'fwd_ms':>9} {'fwd_randn':>10} {'fwdbwd_ms':>10} {'fb_gpu_ms':>10} {'eager/x fwd|fb':>16} "
               f"{'compile/x fwd|fb':>17} "
               f"{'best/x fwd|fb':>15} {'%floor':>7} {'rel_randn':>10} {'rel_kb':>10} {'abs_randn':>10} "
               f"{'saved_MB':>9}")
@@ -519,7 +563,7 @@ def print_case(records: List[dict]) -> None:
         errors = r["errors"]
         saved_mb = r["saved_bytes"] / 1e6 if r["saved_bytes"] is not None else None
         print(f"   {r['impl']:<25} {fmt(r['fwd_ms'], '.4f'):>9} {fmt(r['fwd_randn_ms'], '.4f'):>10} "
-              f"{fmt(r['fwdbwd_ms'], '.4f'):>10} {cols[0]:>16} "
+              f"{fmt(r['fwdbwd_ms'], '.4f'):>10} {fmt(r['fwdbwd_gpu_ms'], '.4f'):>10} {cols[0]:>16} "
               f"{cols[1]:>17} {cols[2]:>15} {fmt(r['pct_of_floor'], '.1f'):>7} "
               f"{fmt(errors.get('randn', {}).get('rel_err'), '.2e'):>10} "
               f"{fmt(errors.get('kernelbench', {}).get('rel_err'), '.2e'):>10} "
@@ -541,6 +585,8 @@ def print_summary(records: List[dict]) -> None:
         parts = [f"{name}/ours = {ratio(by_impl[name]['fwd_ms'], ours['fwd_ms'])}, "
                  f"{ratio(by_impl[name]['fwdbwd_ms'], ours['fwdbwd_ms'])}"
                  for name in ("eager", "compile", "best_tuned") if name in by_impl]
+        if ours["fwdbwd_gpu_ms"] is not None:
+            parts.append(f"ours fwd+bwd {fmt(ours['fwdbwd_ms'], '.4f')} ms, GPU alone {ours['fwdbwd_gpu_ms']:.4f}")
         print(f"   {shape:<{width}} {mode:<5} ours {ours['fwd_ms']:.4f} ms "
               f"({fmt(ours['pct_of_floor'], '.0f')}% of floor; "
               f"randn data {fmt(ours['fwd_randn_ms'], '.4f')} ms) | "

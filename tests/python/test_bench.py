@@ -22,6 +22,7 @@ def test_bench_cpu_run_writes_comparable_records(tmp_path):
         assert r["error"] is None, where
         for key in ("fwd_ms", "fwd_randn_ms", "fwdbwd_ms"):
             assert r[key] is not None and math.isfinite(r[key]) and r[key] > 0, f"{where}: {key} = {r[key]}"
+        assert r["fwdbwd_gpu_ms"] is None, where  # (a CUDA graph's replay time: CUDA devices only)
         # Ours on the CPU: exact float32 (no TF32 there), bfloat16 with fp32 accumulation and one rounding.
         # PyTorch's eager errors are only recorded (its bf16 composite rounds between the five ops).
         bound = (1e-5 if r["mode"] == "tf32" else 3e-2) if r["impl"].startswith("fused_convt") else 1.0
