@@ -1,11 +1,12 @@
 """perf/bench.py's own code paths on the CPU (--device cpu --quick): it runs to the end, and the JSON it writes
-holds the fields results are compared by (issue 4's schema) with real, checked values."""
+holds the fields results are compared by (issue 4's schema) with real, checked values; on a GPU, the training
+step's CUDA-graph time too."""
 import json
 import math
 
 import torch
 
-from conftest import load_perf_script
+from conftest import load_perf_script, requires_cuda
 
 
 def test_bench_cpu_run_writes_comparable_records(tmp_path):
@@ -52,3 +53,19 @@ def test_bench_cpu_sweep_covers_every_point_in_every_mode(tmp_path):
         assert r["error"] is None and r["fwd_ms"] > 0 and r["fwdbwd_ms"] > 0, where
         if r["impl"] == "fused_convt":
             assert 0 <= r["max_rel_err"] < (1e-5 if r["mode"] == "tf32" else 3e-2), where
+
+
+@requires_cuda
+def test_bench_cuda_records_the_training_steps_gpu_time(tmp_path):
+    """On CUDA the step's GPU time alone (fwdbwd_gpu_ms, CUDA-graph replay) is recorded for our implementations
+    and stays below the host-bound wall time; the eager KernelBench model's step cannot be captured (it copies a
+    CPU scalar every call), so it has none."""
+    bench = load_perf_script("bench")
+    assert bench.main(["--shapes", "kb_v0", "--modes", "bf16", "--quick", "--no-compile", "--out", str(tmp_path)]) == 0
+    (path,) = tmp_path.glob("*.json")
+    records = {r["impl"]: r for r in json.loads(path.read_text())["records"]}
+    for name in ("fused_convt", "fused_convt_recompute", "fused_convt_channels_last"):
+        r = records[name]
+        assert r["error"] is None, name
+        assert 0 < r["fwdbwd_gpu_ms"] < 1.5 * r["fwdbwd_ms"], (name, r["fwdbwd_gpu_ms"], r["fwdbwd_ms"])
+    assert records["eager"]["error"] is None and records["eager"]["fwdbwd_gpu_ms"] is None
