@@ -1,9 +1,8 @@
 // What the wgmma backward kernels (grad_weight_wgmma.cuh, grad_input_wgmma.cuh) share about the output phases:
 // the tap table of phases of 2 x 2 taps and the tensor maps of the g pass's phase-split G (and their warpgroups'
-// register split). Both kernels read G at
-// the input's pixel grid: for tap t of phase (r_h, r_w), input pixel (n, i, j) pairs with
-// G[phase, n, i - off_h[t], j - off_w[t], :] (zero outside the phase grid, as TMA fills it), so one G box of a
-// tile's pixels plus one row and one column serves all four taps, each at an address offset.
+// register split). Both kernels read G at the input's pixel grid: for tap t of phase (r_h, r_w), input pixel
+// (n, i, j) pairs with G[phase, n, i - off_h[t], j - off_w[t], :] (zero outside the phase grid, as TMA fills it),
+// so one G box of a tile's pixels plus one row and one column serves all four taps, each at an address offset.
 #pragma once
 
 #include <cuda.h>

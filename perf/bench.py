@@ -357,10 +357,7 @@ def graph_replay_ms(step: Callable[[], object], timer: "Timer") -> float:
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         step()
-    try:
-        return timer(graph.replay)
-    finally:
-        del graph
+    return timer(graph.replay)
 
 
 def saved_bytes(forward: Callable[[], torch.Tensor], device: torch.device) -> Optional[int]:
@@ -390,7 +387,8 @@ class Case:
         problem = {**dataclasses.asdict(p), "output_shape": list(output_shape(p)), "flops": self.floors["flops"],
                    "fwd_bytes": self.floors["fwd_bytes"], "randn_add_value": RANDN_ADD_VALUE}
         self.records = {name: {"shape": shape, "mode": mode, "impl": name, "fwd_ms": None, "fwd_randn_ms": None,
-                               "fwdbwd_ms": None, "fwdbwd_gpu_ms": None, "saved_bytes": None, "max_rel_err": None, "errors": {}, "data": {},
+                               "fwdbwd_ms": None, "fwdbwd_gpu_ms": None, "saved_bytes": None, "max_rel_err": None,
+                               "errors": {}, "data": {},
                                "floor_ms": self.floors["floor_ms"], "floor_bytes_ms": self.floors["floor_bytes_ms"],
                                "floor_flops_ms": self.floors["floor_flops_ms"],
                                "floor_fwdbwd_ms": self.floors["floor_fwdbwd_ms"], "pct_of_floor": None,
@@ -491,14 +489,9 @@ class Case:
             return
 
         def fwdbwd_ms_and_saved_bytes():
-            x_grad = x.detach().clone().requires_grad_()
-            leaves = [x_grad, *impl.base.parameters()]
-            grad_out = torch.randn(output_shape(self.problem), device=device,
-                                   generator=torch.Generator(device).manual_seed(SEED_GRAD)).to(self.dtype)
-            grad_out = impl.prepare(grad_out)
+            step, forward = self._training_step(impl, x, device)
             with impl.context():
-                fwdbwd_ms = timer(lambda: torch.autograd.grad(impl.model(x_grad), leaves, grad_out))
-                return fwdbwd_ms, saved_bytes(lambda: impl.model(x_grad), device)
+                return timer(step), saved_bytes(forward, device)
 
         measured = self.guarded(impl.name, "forward+backward", fwdbwd_ms_and_saved_bytes, device)
         if measured is not None:
@@ -506,18 +499,24 @@ class Case:
         if measured is not None and device.type == "cuda" and impl.name not in COMPILED_IMPLS:
             record["fwdbwd_gpu_ms"] = self._fwdbwd_gpu_ms(impl, x, device, timer)
 
+    def _training_step(self, impl: Impl, x: torch.Tensor, device):
+        """(step, forward): the gradients of x (prepared for impl) and of impl's parameters for a fixed random
+        output gradient, and the training forward alone."""
+        x_grad = x.detach().clone().requires_grad_()
+        leaves = [x_grad, *impl.base.parameters()]
+        grad_out = impl.prepare(torch.randn(output_shape(self.problem), device=device,
+                                            generator=torch.Generator(device).manual_seed(SEED_GRAD)).to(self.dtype))
+        return (lambda: torch.autograd.grad(impl.model(x_grad), leaves, grad_out)), (lambda: impl.model(x_grad))
+
     def _fwdbwd_gpu_ms(self, impl: Impl, x: torch.Tensor, device, timer: Timer) -> Optional[float]:
         """The forward+backward step's GPU time (graph_replay_ms; compiled implementations are not captured). A
         capture that fails leaves it None and the implementation's other results standing: the eager model's
         step does (KernelBench's torch.min(x, torch.tensor(0.0, device=...)) copies a CPU scalar every call, which
         capture refuses)."""
-        x_grad = x.detach().clone().requires_grad_()
-        leaves = [x_grad, *impl.base.parameters()]
-        grad_out = impl.prepare(torch.randn(output_shape(self.problem), device=device,
-                                            generator=torch.Generator(device).manual_seed(SEED_GRAD)).to(self.dtype))
+        step, _ = self._training_step(impl, x, device)
         try:
             with impl.context():
-                return graph_replay_ms(lambda: torch.autograd.grad(impl.model(x_grad), leaves, grad_out), timer)
+                return graph_replay_ms(step, timer)
         except Exception as exc:  # noqa: BLE001 -- a step that cannot be captured has no GPU-only time
             print(f"  note: {self.shape} {self.mode} {impl.name}: no CUDA graph of the step: {type(exc).__name__}: "
                   f"{str(exc).strip().splitlines()[0][:200]}", file=sys.stderr)
@@ -552,8 +551,8 @@ def print_case(records: List[dict]) -> None:
     by_impl = {r["impl"]: r for r in records}
     baselines = {label: by_impl.get(name, {}) for label, name in
                  (("eager", "eager"), ("compile", "compile"), ("best", "best_tuned"))}
-    header = (f"   {'impl':<25} {'fwd_ms':>9} {'fwd_randn':>10} {'fwdbwd_ms':>10} {'fb_gpu_ms':>10} {'eager/x fwd|fb':>16} "
-              f"{'compile/x fwd|fb':>17} "
+    header = (f"   {'impl':<25} {'fwd_ms':>9} {'fwd_randn':>10} {'fwdbwd_ms':>10} {'fb_gpu_ms':>10} "
+              f"{'eager/x fwd|fb':>16} {'compile/x fwd|fb':>17} "
               f"{'best/x fwd|fb':>15} {'%floor':>7} {'rel_randn':>10} {'rel_kb':>10} {'abs_randn':>10} "
               f"{'saved_MB':>9}")
     print(header)
