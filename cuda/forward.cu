@@ -46,7 +46,8 @@ size_t forward_workspace_bytes(const ConvTransposeParams& params, DType dtype) {
                                                   : channels_last_source_bytes<Half16Math<__half>>(problem);
     bytes = forward_packed_bytes(problem, dtype) + source;
   }
-  // (Float: TF32's plan, or exact float's, three parts per input channel: whichever the call takes.)
+  // (Float: TF32's plan, or exact float's, three parts per input channel: whichever the call takes. Both row phases
+  // per tile, where the plan takes them, need the most: their weight slots span both phases' row offsets.)
   for (int k_parts : {1, 3}) {
     PairProblem pair;
     if (pair_operand_bytes(dtype) && plan_pair_forward(params, pair_operand_bytes(dtype), 1, false, &pair, k_parts))
@@ -66,7 +67,7 @@ static bool runs_pair_forward(const ConvTransposeParams& params, DType dtype, co
   const bool exact = dtype == DType::Float32 && !args.allow_tf32;
   if (!pair_operand_bytes(dtype) || (exact && args.grad_factor) || (!args.output && !args.grad_factor)) return false;
   return pair_forward_plan_for_device(params, pair_operand_bytes(dtype), args.output_channels_last, pair,
-                                      exact ? 3 : 1);
+                                      exact ? 3 : 1, args.output != nullptr, args.grad_factor != nullptr);
 }
 
 bool forward_reads_channels_last(const ConvTransposeParams& params, DType dtype, int device,

@@ -90,9 +90,10 @@ __device__ void pack_pair_input(const PairProblem& pr, const T* __restrict__ inp
   }
 }
 
-// The weights of each set as the kernel's resident slots, [set][slot][plane][column phase][n_tile][16 bytes]:
-// slot a * col_taps + u holds row tap a at input column offset dw = col_hi - u, for each column phase the tap
-// that reads that offset, or zeros where the phase has none. weight: PyTorch's [C_in][C_out / groups][kh][kw].
+// The weights of each set as the kernel's resident slots, [set][slot][plane][column phase][row phase][channel]
+// [16 bytes] (n_tile rows per column phase): slot a * col_taps + u holds input row offset dh = q - a (the set's
+// row_offsets) and column offset dw = col_hi - u, for each phase the tap that reads those offsets, or zeros where
+// the phase has none. weight: PyTorch's [C_in][C_out / groups][kh][kw].
 // Also zeroes the pair kernel's progress counter (this launch runs first, on the same stream). Blocks `block` of
 // `blocks`, as pack_pair_input.
 template <typename T>
@@ -106,15 +107,18 @@ __device__ void pack_pair_weight(const PairProblem& pr, const T* __restrict__ we
     const int row = int(idx % rows), plane = int(idx / rows % planes), slot = int(idx / rows / planes % pr.max_taps);
     const int set = int(idx / rows / planes / pr.max_taps);
     const PairSet at = pr.set_at(set);
-    const int g = at.group, ph = at.row_phase, ct = at.channel_tile, pw = row / pr.n_tile, co = row % pr.n_tile;
-    const PairAxisTaps th = pair_axis_taps(ph, pr.kernel_h, pr.stride_h, pr.pad_h);
+    const int g = at.group, ct = at.channel_tile, pw = row / pr.n_tile;
+    const int rp = row % pr.n_tile / pr.channel_tile(), co = row % pr.channel_tile();
+    const PairAxisTaps th = pair_axis_taps(at.row_phase * pr.row_phases + rp, pr.kernel_h, pr.stride_h, pr.pad_h);
     const PairAxisTaps tw = pair_axis_taps(pw, pr.kernel_w, 2, pr.pad_w);
-    const int a = slot / pr.col_taps, t = tw.q - (pr.col_hi - slot % pr.col_taps);  // row tap, column tap
+    const PairAxisTaps slot_rows = pr.row_offsets(at.row_phase);
+    const int a = slot / pr.col_taps;
+    const int s = th.q - (slot_rows.q - a), t = tw.q - (pr.col_hi - slot % pr.col_taps);  // row tap, column tap
     T v[kPlane];
     for (int q = 0; q < kPlane; ++q) v[q] = T(0.0f);
-    if (a < th.count && t >= 0 && t < tw.count) {
-      const int kh = th.k0 + pr.stride_h * a, kw = tw.k0 + 2 * t;
-      const int co_g = ct * pr.n_tile + co;
+    if (a < slot_rows.count && s >= 0 && s < th.count && t >= 0 && t < tw.count) {
+      const int kh = th.k0 + pr.stride_h * s, kw = tw.k0 + 2 * t;
+      const int co_g = ct * pr.channel_tile() + co;
       for (int q = 0; q < kPlane; ++q) {
         const int64_t ci = int64_t(g) * pr.cin_g + plane % pr.channel_planes() * kPlane + q;
         v[q] = weight[((ci * pr.cout_g + co_g) * pr.kernel_h + kh) * pr.kernel_w + kw];
@@ -174,26 +178,30 @@ __device__ __forceinline__ void store_pair_apart(T* out, PairWord<T> word, bool 
   }
 }
 
-// NCHW stores of a staged tile ([channel][pixel] output pairs): warp w writes channels w, w + 4, ..., lane the
-// pairs of grid pixels lane and 32 + lane, so consecutive lanes write consecutive pairs: one store per pair
-// where every pair is aligned (an even row length and output pointer), else the two values apart.
+// NCHW stores of a staged tile ([row phase x channel][pixel] output pairs, row phases ph, ph + 1, ... from the
+// tile's first): warp w writes staged rows w, w + 4, ..., lane the pairs of grid pixels lane and 32 + lane, so
+// consecutive lanes write consecutive pairs: one store per pair where every pair is aligned (an even row length
+// and output pointer), else the two values apart. kRowPhases: pr.row_phases. A warp's rows are the same channels
+// in each row phase, stored channel by channel, so that output rows 2i and 2i + 1 of a channel leave together.
 // kPreload: every staged value is read into registers and the buffer released (release_buffer) before the first
 // store; else each is read as it is stored, and the buffer released after the last (no registers held: the
 // training forward's first store pass, while grad_factor's words wait in registers).
-template <typename T, int N, bool kPreload, typename Release>
+template <typename T, int N, int kRowPhases, bool kPreload, typename Release>
 __device__ __forceinline__ void store_tile_nchw(const PairProblem& pr, const PairWord<T>* stage, int l0, int ph,
                                                 int warp, int lane, T* out_image, Release release_buffer) {
-  constexpr int kStride = pair_stage_stride(sizeof(T));
+  constexpr int kStride = pair_stage_stride(sizeof(T)), kPerPhase = N / 4 / kRowPhases;  // staged rows per row phase
   const int64_t channel_step = 4 * int64_t(pr.out_h) * pr.out_w;  // to this warp's next channel
-  T* out[2];
-  bool first_ok[2], second_ok[2];
+  T* out[kRowPhases][2];
+  bool first_ok[kRowPhases][2], second_ok[kRowPhases][2];
 #pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    const PairPixel first = pair_pixel(pr, l0 + 32 * h + lane, ph, 0);
-    first_ok[h] = first.ok;
-    second_ok[h] = first.ok && first.ow + 1 < pr.out_w;
-    out[h] = out_image + warp * (channel_step / 4) + first.oh * pr.out_w + first.ow;
-  }
+  for (int r = 0; r < kRowPhases; ++r)
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const PairPixel first = pair_pixel(pr, l0 + 32 * h + lane, ph + r, 0);
+      first_ok[r][h] = first.ok;
+      second_ok[r][h] = first.ok && first.ow + 1 < pr.out_w;
+      out[r][h] = out_image + warp * (channel_step / 4) + first.oh * pr.out_w + first.ow;
+    }
   PairWord<T> staged[kPreload ? N / 4 : 1][2];
   auto word = [&](int c, int h) {
     if constexpr (kPreload) return staged[c][h];
@@ -210,23 +218,29 @@ __device__ __forceinline__ void store_tile_nchw(const PairProblem& pr, const Pai
   // (with the branch inside the loop, each store took ~13 instructions).
   if (pr.aligned_stores) {
 #pragma unroll
-    for (int c = 0; c < N / 4; ++c)
+    for (int c = 0; c < kPerPhase; ++c)
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
-        if (first_ok[h]) *reinterpret_cast<PairWord<T>*>(out[h] + c * channel_step) = word(c, h);
+      for (int r = 0; r < kRowPhases; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          if (first_ok[r][h])
+            *reinterpret_cast<PairWord<T>*>(out[r][h] + c * channel_step) = word(r * kPerPhase + c, h);
   } else {
 #pragma unroll
-    for (int c = 0; c < N / 4; ++c)
+    for (int c = 0; c < kPerPhase; ++c)
 #pragma unroll
-      for (int h = 0; h < 2; ++h)
-        store_pair_apart<T>(out[h] + c * channel_step, word(c, h), first_ok[h], second_ok[h]);
+      for (int r = 0; r < kRowPhases; ++r)
+#pragma unroll
+        for (int h = 0; h < 2; ++h)
+          store_pair_apart<T>(out[r][h] + c * channel_step, word(r * kPerPhase + c, h), first_ok[r][h],
+                              second_ok[r][h]);
   }
   if constexpr (!kPreload) release_buffer();
 }
 
 // NHWC stores of a staged tile ([output pixel][channel], rows of kPairNhwcRow<T, N> values): 16-byte pieces
 // (8 channels of a 16-bit type, 4 of float), consecutive threads the consecutive pieces of a pixel's N channels
-// and then of the next pixel. kPreload as for store_tile_nchw.
+// and then of the next pixel. kPreload as for store_tile_nchw. (One row phase per tile: plan_pair_forward.)
 template <typename T, int N>
 constexpr int kPairNhwcRow = N + kPairPlaneBytes / int(sizeof(T));
 template <typename T, int N, bool kPreload, typename Release>
@@ -287,9 +301,9 @@ __device__ __forceinline__ bool wait_for_progress(const unsigned int* progress, 
 // kNhwc: the output's layout (pr.channels_last_out), a template parameter so that each kernel carries one
 // store path (with both, the NCHW forward measured 0.70 -> 0.77 ms at kb_v1 bf16). kFactor: grad_factor is
 // stored too (the training forward), and output may be null (only grad_factor wanted).
-// kMinBlocks: 2 for the two blocks of three warpgroups per SM of PairProblem::two_blocks_per_sm (at most 80
-// registers a thread), else 1.
-template <typename T, int N, int kTaps, bool kNhwc, bool kFactor, int kMinBlocks>
+// kRowPhases: pr.row_phases (2: both row phases per tile, NCHW outputs only). kMinBlocks: 2 for the two blocks of
+// three warpgroups per SM of PairProblem::two_blocks_per_sm (at most 80 registers a thread), else 1.
+template <typename T, int N, int kTaps, int kRowPhases, bool kNhwc, bool kFactor, int kMinBlocks>
 __global__ void __launch_bounds__(kMinBlocks == 2 ? 3 * 128 : kPairMaxWarpgroups * 128, kMinBlocks)
     pair_forward_kernel(PairProblem pr, Epilogue epilogue, const uint4* __restrict__ padded,
                         const uint4* __restrict__ packed, const T* __restrict__ bias, T* __restrict__ output,
@@ -333,10 +347,12 @@ __global__ void __launch_bounds__(kMinBlocks == 2 ? 3 * 128 : kPairMaxWarpgroups
   for (int set = blockIdx.x / pr.blocks_per_set, round = 0; set < pr.sets; set += sets_stride, ++round) {
     __syncthreads();  // every warpgroup is done with the previous set's weights and bias
     const PairSet at = pr.set_at(set);
-    const int g = at.group, ph = at.row_phase, ct = at.channel_tile;
+    // ph: the tile's first row phase; channel0: its first output channel (both row phases have the same).
+    const int g = at.group, ph = at.row_phase * kRowPhases, ct = at.channel_tile;
+    const int channel0 = g * pr.cout_g + ct * pr.channel_tile();
     // In shared memory rather than registers (the epilogue is at the 128-register bound).
     if (threadIdx.x < N) {
-      const int co = g * pr.cout_g + ct * N + threadIdx.x;
+      const int co = channel0 + threadIdx.x % pr.channel_tile();
       bias_add[threadIdx.x] = (bias ? to_acc(bias[co]) : 0.0f) + (epi.enabled ? epi.add_value : 0.0f);
     }
     __syncthreads();
@@ -381,12 +397,12 @@ __global__ void __launch_bounds__(kMinBlocks == 2 ? 3 * 128 : kPairMaxWarpgroups
       issue_ahead(0, item & 1);
       issue_ahead(1, (item + 1) & 1);
     }
-    const PairAxisTaps th = pair_axis_taps(ph, pr.kernel_h, pr.stride_h, pr.pad_h);
+    const PairAxisTaps th = pr.row_offsets(at.row_phase);
     mbarrier_wait(weight_bar, round & 1);
     const uint32_t weight_base = smem_address(weights);
     // Descriptor words: the high word (the row stride) is the same for every operand; the low word holds the
-    // address and the K stride. B has 2N rows: both column phases' N channels. The zeros as a 64-row A operand
-    // and a 2N-row B operand (real strides: every byte read is zero).
+    // address and the K stride. B has 2N rows: both column phases' N (row phase, channel) columns. The zeros as a
+    // 64-row A operand and a 2N-row B operand (real strides: every byte read is zero).
     const uint32_t a_hi = uint32_t(wgmma_descriptor(0, 0, 128) >> 32), b_hi = a_hi;
     const uint32_t zero_a_lo = uint32_t(wgmma_descriptor(smem_address(zeros), kPairTileM * 16, 128));
     const uint32_t zero_b_lo = uint32_t(wgmma_descriptor(smem_address(zeros), 2 * N * 16, 128));
@@ -395,7 +411,7 @@ __global__ void __launch_bounds__(kMinBlocks == 2 ? 3 * 128 : kPairMaxWarpgroups
     // and u pixels before it, its weights in slot a * col_taps + u (16-byte units).
     const int slot_units = planes * 2 * N;
     const int a_base = pr.shift(th.q, pr.col_hi) - pr.shift_min;
-    const int64_t set_offset = (int64_t(g) * pr.cout_g + ct * N) * pr.out_h * int64_t(pr.out_w);
+    const int64_t set_offset = int64_t(channel0) * pr.out_h * int64_t(pr.out_w);
     for (; tile < total; tile += tile_stride, ++k) {
       if (waiting && k >= kPairSlack) waiting = wait_for_progress(progress, (k - kPairSlack) * grid_wgs);
       // The first wgmma overwrites the accumulators (scale-d 0): zeroing them with ordinary moves instead made
@@ -441,7 +457,7 @@ __global__ void __launch_bounds__(kMinBlocks == 2 ? 3 * 128 : kPairMaxWarpgroups
         }
       }
       wgmma_wait_all();
-      // The accumulator of (row 16 warp + row8 + 8 r, column phase pw, channel 8 c + 2 quad + e) is
+      // The accumulator of (row 16 warp + row8 + 8 r, column phase pw, column 8 c + 2 quad + e) is
       // acc[pw][4 c + 2 r + e].
       // Epilogue into the consumed patch buffer: NCHW as [channel][pixel] output pairs (2j, 2j + 1), NHWC as
       // [output pixel][channel]. With kFactor, grad_factor (NCHW) follows through the same buffer once the
@@ -477,7 +493,7 @@ __global__ void __launch_bounds__(kMinBlocks == 2 ? 3 * 128 : kPairMaxWarpgroups
       for (int r = 0; r < 2; ++r)
 #pragma unroll
         for (int c = 0; c < N / 8; ++c) {
-          float v[2][2], f[2][2];  // [column phase][channel 8 c + 2 quad + e]: the value and its factor
+          float v[2][2], f[2][2];  // [column phase][column 8 c + 2 quad + e]: the value and its factor
 #pragma unroll
           for (int e = 0; e < 2; ++e) {
             const float shift = bias_add[8 * c + 2 * quad + e];
@@ -525,11 +541,11 @@ __global__ void __launch_bounds__(kMinBlocks == 2 ? 3 * 128 : kPairMaxWarpgroups
       };
       auto store_output = [&](auto release) {
         if constexpr (kNhwc)
-          store_tile_nhwc<T, N, !kFactor>(pr, reinterpret_cast<const T*>(stage), n, l0, ph, g * pr.cout_g + ct * N,
+          store_tile_nhwc<T, N, !kFactor>(pr, reinterpret_cast<const T*>(stage), n, l0, ph, channel0,
                                           tid, output, release);
         else
-          store_tile_nchw<T, N, !kFactor>(pr, reinterpret_cast<const PairWord<T>*>(stage), l0, ph, warp, lane,
-                                          output + set_offset + image_offset, release);
+          store_tile_nchw<T, N, kRowPhases, !kFactor>(pr, reinterpret_cast<const PairWord<T>*>(stage), l0, ph, warp,
+                                                      lane, output + set_offset + image_offset, release);
       };
       if constexpr (kFactor) {
         // The output streamed from the buffer (kb_v1 bf16, add -0.5 data: 1.52 -> 1.37 ms against reading it all
@@ -540,8 +556,8 @@ __global__ void __launch_bounds__(kMinBlocks == 2 ? 3 * 128 : kPairMaxWarpgroups
 #pragma unroll
           for (int c = 0; c < N / 8; ++c) stage_nchw(F(), r, c, factor_words[r][c]);
         named_barrier_sync(1 + wg, 128);
-        store_tile_nchw<F, N, true>(pr, reinterpret_cast<const PairWord<F>*>(stage), l0, ph, warp, lane,
-                                    grad_factor + set_offset + image_offset, release_buffer);
+        store_tile_nchw<F, N, kRowPhases, true>(pr, reinterpret_cast<const PairWord<F>*>(stage), l0, ph, warp, lane,
+                                                grad_factor + set_offset + image_offset, release_buffer);
       } else {
         store_output(release_buffer);
       }
@@ -564,12 +580,19 @@ inline size_t pair_workspace_bytes(const PairProblem& pr) {
 }
 
 // Plans the pair path for this device, or false where it does not apply (no sm_90a code in this build, not
-// compute capability 9.0, or a problem outside plan_pair_forward).
+// compute capability 9.0, or a problem outside plan_pair_forward). stores_output / stores_factor: what the launch
+// will store (pair_both_row_phases' rule; FUSED_CONVT_PAIR_BOTH_ROW_PHASES set and not "0" takes both row phases
+// per tile wherever the plan can, so that tests reach that layout at small sizes).
 inline bool pair_forward_plan_for_device(const ConvTransposeParams& params, int elem_bytes, bool output_channels_last,
-                                         PairProblem* pr, int k_parts = 1) {
-  return sm90a_kernels_run_here() &&
-         plan_pair_forward(params, elem_bytes, current_device_attribute(cudaDevAttrMultiProcessorCount),
-                           output_channels_last, pr, k_parts);
+                                         PairProblem* pr, int k_parts, bool stores_output, bool stores_factor) {
+  if (!sm90a_kernels_run_here()) return false;
+  const int64_t stored =  // a factor is 16 bits (FactorType)
+      params.output_numel() * ((stores_output ? elem_bytes : 0) + (stores_factor ? 2 : 0));
+  const bool both_row_phases =
+      env_switch_on("FUSED_CONVT_PAIR_BOTH_ROW_PHASES") ||
+      pair_both_row_phases(elem_bytes, stores_factor, stored, current_device_attribute(cudaDevAttrL2CacheSize));
+  return plan_pair_forward(params, elem_bytes, current_device_attribute(cudaDevAttrMultiProcessorCount),
+                           output_channels_last, pr, k_parts, both_row_phases);
 }
 
 // Runs the pair forward (pr from pair_forward_plan_for_device) into an NCHW or NHWC output and, where given, an
@@ -609,12 +632,20 @@ void launch_pair_forward(PairProblem pr, const Epilogue& epilogue, const T* inpu
                                                            progress);
     check_launch("pair_forward_kernel");
   };
-  auto with_blocks = [&](auto n_tile, auto nhwc, auto factor, auto min_blocks) {
+  auto with_row_phases = [&](auto n_tile, auto nhwc, auto factor, auto min_blocks, auto row_phases) {
     constexpr int N = decltype(n_tile)::value, kMinBlocks = decltype(min_blocks)::value;
+    constexpr int kRowPhases = decltype(row_phases)::value;
     constexpr bool kNhwc = decltype(nhwc)::value, kFactor = decltype(factor)::value;
-    if (pr.max_axis_taps == 1) run(pair_forward_kernel<T, N, 1, kNhwc, kFactor, kMinBlocks>);
-    else if (pr.max_axis_taps == 2) run(pair_forward_kernel<T, N, 2, kNhwc, kFactor, kMinBlocks>);
-    else run(pair_forward_kernel<T, N, 3, kNhwc, kFactor, kMinBlocks>);
+    if (pr.max_axis_taps == 1) run(pair_forward_kernel<T, N, 1, kRowPhases, kNhwc, kFactor, kMinBlocks>);
+    else if (pr.max_axis_taps == 2) run(pair_forward_kernel<T, N, 2, kRowPhases, kNhwc, kFactor, kMinBlocks>);
+    else run(pair_forward_kernel<T, N, 3, kRowPhases, kNhwc, kFactor, kMinBlocks>);
+  };
+  auto with_blocks = [&](auto n_tile, auto nhwc, auto factor, auto min_blocks) {
+    if constexpr (!decltype(nhwc)::value) {  // NHWC tiles hold one row phase (plan_pair_forward)
+      if (pr.row_phases == 2)
+        return with_row_phases(n_tile, nhwc, factor, min_blocks, std::integral_constant<int, 2>{});
+    }
+    with_row_phases(n_tile, nhwc, factor, min_blocks, std::integral_constant<int, 1>{});
   };
   auto with_taps = [&](auto n_tile, auto nhwc, auto factor) {
     if constexpr (decltype(n_tile)::value == 16 && !decltype(factor)::value) {

@@ -19,6 +19,13 @@
 // reads one contiguous run of `patch` padded pixels per plane. Both column phases read the same shifts where
 // their column offsets dw coincide (kb_v1: both dw in {-1, 0}), so a wgmma computes the pair at once, its N
 // the two phases' channels side by side.
+//
+// At stride_h 2 the row phases share their input rows the same way (kb_v1: both dh in {-1, 0}), and a tile holds
+// both (row_phases 2): its N is [column phase][row phase][channel], so that one warp stores output rows 2i and
+// 2i + 1 of a channel one after the other. With the row phases in different blocks, each wrote every other row
+// of an NCHW plane, and the H100 writes every other row of kb_v1's output (520-byte rows) at 1.35 TB/s against
+// 3.27 for the whole tensor (a fill_, torch 2.11): half the bytes in 1.2x the time, as if DRAM paid for the
+// rows between.
 #pragma once
 
 #include <algorithm>
@@ -54,7 +61,8 @@ FCT_HD PairAxisTaps pair_axis_taps(int phase, int kernel, int stride, int pad) {
   return {k0, (phase + pad) / stride, k0 < kernel ? (kernel - k0 + stride - 1) / stride : 0};
 }
 
-// A weight set's coordinates: sets are numbered (group, row phase, channel tile), the channel tile fastest.
+// A weight set's coordinates: sets are numbered (group, row phase, channel tile), the channel tile fastest. With
+// row_phases 2 every set holds both row phases (row_phase 0).
 struct PairSet {
   int group, row_phase, channel_tile;
 };
@@ -63,7 +71,9 @@ struct PairProblem {
   int elem_bytes;        // 2 (float16, bfloat16) or 4 (float as TF32)
   int batch, groups, cin_g, cout_g, in_h, in_w, out_h, out_w;
   int kernel_h, kernel_w, stride_h, pad_h, pad_w;
-  int n_tile;            // output channels per warpgroup tile: 16, 32 or 64 (a wgmma's N is twice that)
+  int n_tile;            // a tile's (row phase, channel) columns per column phase: 16, 32 or 64 (a wgmma's N is
+                         // twice that), row_phases x channel_tile() of them
+  int row_phases;        // row phases per tile: 2 (both, at stride_h 2) or 1 (one per set)
   // Parts of K per input channel: 1, or 3 for exact float (TF32 off) as 3xTF32: each channel's plane comes three
   // times, as the input's TF32 parts lo, cross, hi against the weights' cross, lo, hi (Fp32SplitMath's split:
   // lo x cross + cross x lo + hi x hi, small products first), so the kernel is the TF32 one over 3 cin_g channels.
@@ -76,9 +86,9 @@ struct PairProblem {
   // touch or overlap, stride_w being 2). One wgmma per (row tap, column offset) multiplies the shifted patch by
   // both phases' weights at once, a phase's rows zero where it has no tap at that offset.
   int col_hi, col_taps;
-  int max_taps;          // weight slots per set: the most row taps of any row phase x col_taps
+  int max_taps;          // weight slots per set: the most row offsets of any set (row_offsets) x col_taps
   int max_axis_taps;     // max(row taps, col_taps): 1 to 3, the kernel's unrolled loops
-  int sets;              // groups x stride_h x channel tiles: the weights a block keeps resident
+  int sets;              // groups x stride_h / row_phases x channel tiles: the weights a block keeps resident
   int warpgroups;        // per block (the smem budget), and blocks per set (the grid)
   int blocks_per_sm;     // 1, or 2 blocks of three warpgroups (two_blocks_per_sm)
   int chunks;            // a tile's planes arrive in this many copies (K chunks), each filling one buffer
@@ -92,11 +102,23 @@ struct PairProblem {
   FCT_HD int channel_planes() const { return cin_g / plane_channels(); }  // of one part
   FCT_HD int planes() const { return k_parts * channel_planes(); }          // K planes: every part's
   FCT_HD int chunk_planes() const { return planes() / chunks; }
-  FCT_HD int channel_tiles() const { return cout_g / n_tile; }
+  FCT_HD int channel_tile() const { return n_tile / row_phases; }  // output channels per tile
+  FCT_HD int channel_tiles() const { return cout_g / channel_tile(); }
+  FCT_HD int row_groups() const { return stride_h / row_phases; }  // sets per group and channel tile
   FCT_HD int64_t outputs() const { return int64_t(batch) * groups * cout_g * out_h * out_w; }  // per stored tensor
   FCT_HD PairSet set_at(int set) const {
-    const int channel_tile = set % channel_tiles(), row_phase = set / channel_tiles() % stride_h;
-    return {set / channel_tiles() / stride_h, row_phase, channel_tile};
+    const int channel_tile = set % channel_tiles(), row_phase = set / channel_tiles() % row_groups();
+    return {set / channel_tiles() / row_groups(), row_phase, channel_tile};
+  }
+  // The input row offsets a set's weight slots read: dh = q - a for slot row a < count (k0 unused). One row phase:
+  // its taps (slot row a is tap a); both: every offset either reads, a phase's weights zero where it has no tap.
+  FCT_HD PairAxisTaps row_offsets(int set_row_phase) const {
+    int hi = -(1 << 30), lo = 1 << 30;
+    for (int r = 0; r < row_phases; ++r) {
+      const PairAxisTaps t = pair_axis_taps(set_row_phase * row_phases + r, kernel_h, stride_h, pad_h);
+      if (t.count) hi = hi > t.q ? hi : t.q, lo = lo < t.q - t.count + 1 ? lo : t.q - t.count + 1;
+    }
+    return {0, hi, hi >= lo ? hi - lo + 1 : 0};
   }
   FCT_HD int shift(int dh, int dw) const { return (dh + pad_top) * plane_w + dw + pad_left; }
   // Bytes of one resident weight set, and of one patch buffer (also the epilogue's staging).
@@ -152,9 +174,11 @@ struct PairProblem {
 
 // Plans the column-pair forward; false where it does not apply (then the phase kernel runs). elem_bytes: 2 for
 // float16 / bfloat16, 4 for float multiplied as TF32; sms: the device's multiprocessor count (the grid is one
-// wave: a block per SM, two_blocks_per_sm two); channels_last_out: an NHWC output; k_parts: 3 for exact float (TF32 off), else 1.
+// wave: a block per SM, two_blocks_per_sm two); channels_last_out: an NHWC output; k_parts: 3 for exact float (TF32
+// off), else 1; both_row_phases: whether a tile may hold both row phases at stride_h 2 (the caller's rule,
+// pair_both_row_phases).
 inline bool plan_pair_forward(const ConvTransposeParams& p, int elem_bytes, int sms, bool channels_last_out,
-                              PairProblem* out, int k_parts = 1) {
+                              PairProblem* out, int k_parts = 1, bool both_row_phases = true) {
   if (p.stride_w != 2 || p.dil_h != 1 || p.dil_w != 1 || (elem_bytes != 2 && elem_bytes != 4)) return false;
   if (k_parts != 1 && (k_parts != 3 || elem_bytes != 4)) return false;
   const int64_t cin_g = p.in_channels_per_group(), cout_g = p.out_channels_per_group();
@@ -171,12 +195,23 @@ inline bool plan_pair_forward(const ConvTransposeParams& p, int elem_bytes, int 
   pr.n_tile = cout_g % 64 == 0 && elem_bytes == 2 ? 64 : cout_g % 32 == 0 ? 32 : 16;
   pr.k_parts = k_parts;
   const int sh = int(p.stride_h);
-  int dh_min = 1 << 30, dh_max = -(1 << 30), dw_min = 1 << 30, dw_max = -(1 << 30), th_max = 0;
+  // Both row phases in a tile at stride_h 2 (its channel tile halved, the same N), for NCHW outputs (in NHWC a
+  // pixel's channels would split over two rows: kb_v1 bf16 0.52 -> 0.84 ms) but not exact float (its 16-channel
+  // tiles are tuned as they are).
+  pr.row_phases = both_row_phases && sh == 2 && k_parts == 1 && !channels_last_out ? 2 : 1;
+  pr.stride_h = sh, pr.kernel_h = int(p.kernel_h), pr.pad_h = int(p.pad_h);
+  int dh_min = 1 << 30, dh_max = -(1 << 30), dw_min = 1 << 30, dw_max = -(1 << 30);
   for (int ph = 0; ph < sh; ++ph) {
     const PairAxisTaps t = pair_axis_taps(ph, int(p.kernel_h), sh, int(p.pad_h));
-    th_max = std::max(th_max, t.count);
     if (t.count) dh_min = std::min(dh_min, t.q - t.count + 1), dh_max = std::max(dh_max, t.q);
   }
+  auto most_row_offsets = [&] {
+    int most = 0;
+    for (int r = 0; r < pr.row_groups(); ++r) most = std::max(most, pr.row_offsets(r).count);
+    return most;
+  };
+  int th_max = most_row_offsets();
+  if (th_max > 3 && pr.row_phases == 2) pr.row_phases = 1, th_max = most_row_offsets();  // one phase's may fit
   for (int pw = 0; pw < 2; ++pw) {
     const PairAxisTaps t = pair_axis_taps(pw, int(p.kernel_w), 2, int(p.pad_w));
     if (t.count) dw_min = std::min(dw_min, t.q - t.count + 1), dw_max = std::max(dw_max, t.q);
@@ -200,8 +235,7 @@ inline bool plan_pair_forward(const ConvTransposeParams& p, int elem_bytes, int 
   if (plane_len > (int64_t(1) << 30) || patch > 4096 || p.batch * tiles > INT32_MAX) return false;
   pr.batch = int(p.batch), pr.groups = int(p.groups), pr.cin_g = int(cin_g), pr.cout_g = int(cout_g);
   pr.in_h = int(p.in_h), pr.in_w = int(p.in_w), pr.out_h = int(out_h), pr.out_w = int(out_w);
-  pr.kernel_h = int(p.kernel_h), pr.kernel_w = int(p.kernel_w), pr.stride_h = sh;
-  pr.pad_h = int(p.pad_h), pr.pad_w = int(p.pad_w);
+  pr.kernel_w = int(p.kernel_w), pr.pad_w = int(p.pad_w);
   pr.plane_w = int(plane_w), pr.plane_len = int(plane_len), pr.tiles = int(tiles);
   pr.shift_min = int(shift_min), pr.patch = int(patch);
   pr.by_tiles = Divider(uint32_t(tiles)), pr.by_plane_w = Divider(uint32_t(plane_w));
@@ -209,7 +243,7 @@ inline bool plan_pair_forward(const ConvTransposeParams& p, int elem_bytes, int 
   pr.col_hi = dw_max, pr.col_taps = col_taps;
   pr.max_taps = th_max * col_taps;
   pr.max_axis_taps = std::max(th_max, col_taps);
-  pr.sets = int(p.groups) * sh * pr.channel_tiles();
+  pr.sets = int(p.groups) * pr.row_groups() * pr.channel_tiles();
   // The most warpgroups that fit (bf16 at kb_v1: four 0.70 ms, three 0.78, two 1.01), a float tile's patch in
   // as few K chunks as lets them (every chunk an even number of planes). 16-bit patches stay whole (kb_v1 fits
   // four warpgroups so; chunks are not measured there), and their kernels compile without the chunk loop.
@@ -238,6 +272,16 @@ inline bool plan_pair_forward(const ConvTransposeParams& p, int elem_bytes, int 
 inline bool pair_lockstep(const PairProblem& pr, int output_bytes, int factor_bytes, int64_t l2_bytes) {
   if (pr.elem_bytes == 4 && factor_bytes == 0) return false;
   return pr.outputs() * (output_bytes + factor_bytes) > l2_bytes;
+}
+
+// Whether a pair tile may hold both row phases (plan_pair_forward's both_row_phases, which NCHW outputs take): where
+// the stores outgrow L2 (`stored_bytes`: every tensor the launch stores), so that the rows the two phases interleave
+// would otherwise reach DRAM from different blocks at different times; not for the float inference forward. H100,
+// kb_v1, KernelBench data (perf/NOTES.md forward row 57): bf16 inference 0.539 -> 0.48 ms, training forwards (output
+// and factor) bf16 1.11 -> 0.86 and TF32 1.26 -> 1.15; but TF32 inference 0.846 -> 0.880 and kb_v0 (18-36 MB
+// stored, in L2) 0.0346 -> 0.0360.
+inline bool pair_both_row_phases(int elem_bytes, bool stores_factor, int64_t stored_bytes, int64_t l2_bytes) {
+  return (elem_bytes == 2 || stores_factor) && stored_bytes > l2_bytes;
 }
 
 }  // namespace fused_convt

@@ -437,12 +437,14 @@ void device_matches_cpu(test::Rng& rng, cudaStream_t stream, int random_cases) {
     run_case<T>(p, epi, CaseOptions{true, stream, false}, rng, name);
     if (is_float) run_case<T>(p, epi, CaseOptions{true, stream, true}, rng, name);
   }
-  // The cp.async forward, which the launcher otherwise takes only before sm_90 (FUSED_CONVT_NO_TMA, tma.cuh), and
+  // The cp.async forward, which the launcher otherwise takes only before sm_90 (FUSED_CONVT_NO_TMA, tma.cuh),
   // grad_weight and grad_input on mma.sync where the wgmma kernels would run (grad_weight_wgmma.cuh,
-  // grad_input_wgmma.cuh).
+  // grad_input_wgmma.cuh), and the pair forward's tiles of both row phases, which these sizes would not take
+  // (pair_both_row_phases).
   setenv("FUSED_CONVT_NO_TMA", "1", 1);
   setenv("FUSED_CONVT_NO_WGMMA_GRAD_WEIGHT", "1", 1);
   setenv("FUSED_CONVT_NO_WGMMA_GRAD_INPUT", "1", 1);
+  setenv("FUSED_CONVT_PAIR_BOTH_ROW_PHASES", "1", 1);  // pair tiles of both row phases at stride_h 2, whatever the size
   for (const auto& [name, p] : tiled_cases()) {
     run_case<T>(p, epi, CaseOptions{true, stream, false}, rng, name + " (cp.async)");
     if (is_float) run_case<T>(p, epi, CaseOptions{true, stream, true}, rng, name + " (cp.async)");
@@ -450,6 +452,7 @@ void device_matches_cpu(test::Rng& rng, cudaStream_t stream, int random_cases) {
   unsetenv("FUSED_CONVT_NO_TMA");
   unsetenv("FUSED_CONVT_NO_WGMMA_GRAD_WEIGHT");
   unsetenv("FUSED_CONVT_NO_WGMMA_GRAD_INPUT");
+  unsetenv("FUSED_CONVT_PAIR_BOTH_ROW_PHASES");
   for (int i = 0; i < random_cases; ++i) {
     Epilogue random_epi;
     random_epi.enabled = i % 5 != 4;

@@ -2,7 +2,8 @@
 // index math, on random problems: for every output pixel of every phase and every tap, the padded pixel that
 // the kernel reads (grid pixel + the tap's shift) must be the tap's input pixel, inside its tile's patch and
 // its padded row (a shift that wrapped into the next row would read a real pixel where PyTorch reads
-// nothing), and every tap that reaches the pixel must be one of the phase's taps. Also the kb_v1 plan's
+// nothing), every tap that reaches the pixel must be one of the phase's taps, and its input row offset one of
+// its set's weight slots (row_offsets: both row phases of a tile at stride_h 2). Also the kb_v1 plan's
 // numbers and the problems the plan must refuse. And the kernel's division by a launch constant (divider.h)
 // against the division.
 #include <algorithm>
@@ -34,8 +35,16 @@ int64_t check_plan(const PairProblem& pr, const std::string& what) {
   CHECK_MSG(pr.buffer_bytes() >= pr.nchw_stage_bytes(), what + ": a buffer holds grad_factor's NCHW staging");
   for (int t = 0; t < pr.batch * pr.tiles; ++t)
     CHECK_MSG(pr.by_tiles.quotient(t) == t / pr.tiles, what + ": the tile divider");
+  const bool both_allowed = pr.stride_h == 2 && pr.k_parts == 1 && !pr.channels_last_out;
+  CHECK_MSG((pr.row_phases == 1 || (pr.row_phases == 2 && both_allowed)) &&
+                pr.channel_tile() * pr.row_phases == pr.n_tile && pr.channel_tile() % 8 == 0 &&
+                pr.sets == pr.groups * pr.row_groups() * pr.channel_tiles(),
+            what + ": row phases per tile and sets");
   for (int ph = 0; ph < pr.stride_h; ++ph) {
     const PairAxisTaps th = pair_axis_taps(ph, pr.kernel_h, pr.stride_h, pr.pad_h);
+    const PairAxisTaps slot_rows = pr.row_offsets(ph / pr.row_phases);
+    CHECK_MSG(slot_rows.count * pr.col_taps <= pr.max_taps && slot_rows.count <= pr.max_axis_taps,
+              what + ": the set's weight slots");
     // Every kh that reaches rows of this phase is one of its taps.
     int reaching = 0;
     for (int kh = 0; kh < pr.kernel_h; ++kh) reaching += (ph + pr.pad_h - kh) % pr.stride_h == 0;
@@ -58,6 +67,8 @@ int64_t check_plan(const PairProblem& pr, const std::string& what) {
             CHECK_MSG(row >= 0 && col >= 0 && col < pr.plane_w, what + ": tap outside its padded row");
             CHECK_MSG(tw.q - b <= pr.col_hi && tw.q - b > pr.col_hi - pr.col_taps,
                       what + ": column offset outside the slots");
+            CHECK_MSG(th.q - a <= slot_rows.q && th.q - a > slot_rows.q - slot_rows.count,
+                      what + ": row offset outside the slots");
             const int padded = l + pr.shift(th.q - a, tw.q - b);
             CHECK_MSG(padded == row * pr.plane_w + col, what + ": shift is not the tap's padded pixel");
             CHECK_MSG(padded - (l0 + pr.shift_min) >= 0 && padded - (l0 + pr.shift_min) < pr.patch,
@@ -96,7 +107,7 @@ int main() {
   test::Rng rng(20261126);
   check_divider(rng);
   int64_t pairs = 0;
-  int planned = 0, planned_exact = 0, planned_two = 0;
+  int planned = 0, planned_exact = 0, planned_two = 0, planned_rows = 0;
   auto describe_two = [](const ConvTransposeParams& p) { return test::describe(p) + ": two blocks per SM"; };
   for (int it = 0; it < 400; ++it) {
     ConvTransposeParams p;
@@ -111,7 +122,7 @@ int main() {
     p.out_pad_h = rng.integer(0, p.stride_h - 1), p.out_pad_w = rng.integer(0, 1);
     if (p.out_h() <= 0 || p.out_w() <= 0) continue;
     PairProblem pr;
-    if (!fused_convt::plan_pair_forward(p, it % 3 == 2 ? 4 : 2, 132, it % 2 == 1, &pr)) {
+    if (!fused_convt::plan_pair_forward(p, it % 3 == 2 ? 4 : 2, 132, it % 2 == 1, &pr, 1, it % 5 != 0)) {
       // Refused only for more than the kernel's unrolled three row taps or input column offsets (those of
       // both column phases: kw reaches phase pw at offset (pw + pad_w - kw) / 2 where that divides).
       int dw_lo = 1 << 20, dw_hi = -(1 << 20);
@@ -126,6 +137,8 @@ int main() {
       continue;
     }
     ++planned;
+    planned_rows += pr.row_phases == 2;
+    CHECK_MSG(it % 5 != 0 || pr.row_phases == 1, test::describe(p) + ": both row phases where not asked for");
     pairs += check_plan(pr, test::describe(p));
     // Two blocks of three warpgroups per SM (16-channel tiles, inference), where both blocks' shared memory fits.
     PairProblem two = pr;
@@ -145,6 +158,8 @@ int main() {
     }
   }
   CHECK_MSG(planned > 100, "too few random problems planned: " + std::to_string(planned));
+  CHECK_MSG(planned_rows > 25,
+            "too few random problems with both row phases per tile: " + std::to_string(planned_rows));
   CHECK_MSG(planned_two > 10, "too few random problems with two blocks per SM: " + std::to_string(planned_two));
   CHECK_MSG(planned_exact > 10, "too few random exact float problems planned: " + std::to_string(planned_exact));
 
@@ -156,14 +171,16 @@ int main() {
   CHECK_MSG(pr.plane_w == 66 && pr.pad_top == 1 && pr.pad_left == 1 && pr.rows == 65 && pr.out_cols == 65,
             "kb_v1 padded geometry");
   CHECK_MSG(pr.patch == 131 && pr.shift_min == 0 && pr.tiles == 68, "kb_v1 patch and tiles");
-  CHECK_MSG(pr.n_tile == 64 && pr.sets == 4 && pr.warpgroups == 4, "kb_v1 sets and warpgroups");
-  // Both column phases read input column offsets -1 and 0: 2 row taps x 2 column offsets per set.
+  // Both row phases in each tile: 2 x 32 channels per column phase, 4 channel tiles.
+  CHECK_MSG(pr.n_tile == 64 && pr.row_phases == 2 && pr.channel_tile() == 32 && pr.sets == 4 && pr.warpgroups == 4,
+            "kb_v1 sets and warpgroups");
+  // Both column phases read input column offsets -1 and 0, both row phases row offsets -1 and 0: 2 x 2 slots.
   CHECK_MSG(pr.col_hi == 0 && pr.col_taps == 2 && pr.max_taps == 4 && pr.weight_bytes() == 64 * 1024, "kb_v1 slots");
   CHECK_MSG(pr.blocks_per_set == 33 && pr.grid == 132, "kb_v1 grid");
   CHECK_MSG(!pr.two_blocks_per_sm(132) && pr.warpgroups == 4 && pr.grid == 132, "kb_v1: 64-channel tiles, one block");
   pairs += check_plan(pr, "kb_v1");
   CHECK_MSG(pr.elem_bytes == 2 && pr.planes() == 8 && pr.chunks == 1, "kb_v1 16-bit planes and chunks");
-  // kb_v1 in float (TF32): 32-channel tiles (a 64 KB weight set), so sets = 2 row phases x 4 channel tiles, and
+  // kb_v1 in float (TF32): 2 x 16-channel tiles (a 64 KB weight set), so sets = 8 channel tiles, and
   // four warpgroups with each patch in two K chunks (whole patches of 16 planes, 33.5 KB, would fit two).
   CHECK_MSG(fused_convt::plan_pair_forward(kb, 4, 132, false, &pr), "kb_v1 float not planned");
   CHECK_MSG(pr.n_tile == 32 && pr.planes() == 16 && pr.weight_bytes() == 64 * 1024 && pr.sets == 8, "kb_v1 float sets");
@@ -177,6 +194,18 @@ int main() {
   // training forward, not for float inference; kb_v0 (N128 Cin32 Cout16 32x32: 17.8 MB of bf16 outputs) only for
   // the float training forward (outputs and float16 factor, 53.5 MB).
   const int64_t l2 = 50 << 20;
+  // Both row phases per tile (pair_both_row_phases): kb_v1's NCHW bf16 inference (0.55 GB stored) and training
+  // forwards; not float inference, NHWC outputs, or kb_v0's 18 MB.
+  const int64_t kb_outputs = 128LL * 128 * 130 * 130;
+  CHECK_MSG(fused_convt::pair_both_row_phases(2, false, kb_outputs * 2, l2) &&
+                fused_convt::pair_both_row_phases(4, true, kb_outputs * 6, l2) &&
+                !fused_convt::pair_both_row_phases(4, false, kb_outputs * 4, l2) &&
+                !fused_convt::pair_both_row_phases(2, false, 128LL * 16 * 66 * 66 * 2, l2),
+            "the rule for both row phases per tile");
+  CHECK_MSG(fused_convt::plan_pair_forward(kb, 2, 132, true, &pr) && pr.row_phases == 1, "kb_v1 NHWC: one row phase");
+  CHECK_MSG(fused_convt::plan_pair_forward(kb, 2, 132, false, &pr, 1, false) && pr.row_phases == 1 &&
+                pr.n_tile == 64 && pr.channel_tile() == 64 && pr.sets == 4,
+            "kb_v1 with one row phase per tile");
   CHECK_MSG(fused_convt::plan_pair_forward(kb, 2, 132, false, &pr) && fused_convt::pair_lockstep(pr, 2, 0, l2) &&
                 fused_convt::pair_lockstep(pr, 2, 2, l2) && fused_convt::pair_lockstep(pr, 0, 2, l2),
             "kb_v1 bf16 lockstep");
