@@ -61,6 +61,18 @@ FCT_HD PairAxisTaps pair_axis_taps(int phase, int kernel, int stride, int pad) {
   return {k0, (phase + pad) / stride, k0 < kernel ? (kernel - k0 + stride - 1) / stride : 0};
 }
 
+// The input offsets that phases first .. first + phases - 1 of an axis read together: q - t for t < count (k0
+// unused; count 0 where none has a tap). The column phases' (col_hi, col_taps), a set's row slots (row_offsets)
+// and the padding all come from these ranges.
+FCT_HD PairAxisTaps pair_offset_range(int first, int phases, int kernel, int stride, int pad) {
+  int hi = -(1 << 30), lo = 1 << 30;
+  for (int phase = first; phase < first + phases; ++phase) {
+    const PairAxisTaps t = pair_axis_taps(phase, kernel, stride, pad);
+    if (t.count) hi = hi > t.q ? hi : t.q, lo = lo < t.q - t.count + 1 ? lo : t.q - t.count + 1;
+  }
+  return {0, hi, hi >= lo ? hi - lo + 1 : 0};
+}
+
 // A weight set's coordinates: sets are numbered (group, row phase, channel tile), the channel tile fastest. With
 // row_phases 2 every set holds both row phases (row_phase 0).
 struct PairSet {
@@ -113,12 +125,7 @@ struct PairProblem {
   // The input row offsets a set's weight slots read: dh = q - a for slot row a < count (k0 unused). One row phase:
   // its taps (slot row a is tap a); both: every offset either reads, a phase's weights zero where it has no tap.
   FCT_HD PairAxisTaps row_offsets(int set_row_phase) const {
-    int hi = -(1 << 30), lo = 1 << 30;
-    for (int r = 0; r < row_phases; ++r) {
-      const PairAxisTaps t = pair_axis_taps(set_row_phase * row_phases + r, kernel_h, stride_h, pad_h);
-      if (t.count) hi = hi > t.q ? hi : t.q, lo = lo < t.q - t.count + 1 ? lo : t.q - t.count + 1;
-    }
-    return {0, hi, hi >= lo ? hi - lo + 1 : 0};
+    return pair_offset_range(set_row_phase * row_phases, row_phases, kernel_h, stride_h, pad_h);
   }
   FCT_HD int shift(int dh, int dw) const { return (dh + pad_top) * plane_w + dw + pad_left; }
   // Bytes of one resident weight set, and of one patch buffer (also the epilogue's staging).
@@ -200,11 +207,10 @@ inline bool plan_pair_forward(const ConvTransposeParams& p, int elem_bytes, int 
   // tiles are tuned as they are).
   pr.row_phases = both_row_phases && sh == 2 && k_parts == 1 && !channels_last_out ? 2 : 1;
   pr.stride_h = sh, pr.kernel_h = int(p.kernel_h), pr.pad_h = int(p.pad_h);
-  int dh_min = 1 << 30, dh_max = -(1 << 30), dw_min = 1 << 30, dw_max = -(1 << 30);
-  for (int ph = 0; ph < sh; ++ph) {
-    const PairAxisTaps t = pair_axis_taps(ph, int(p.kernel_h), sh, int(p.pad_h));
-    if (t.count) dh_min = std::min(dh_min, t.q - t.count + 1), dh_max = std::max(dh_max, t.q);
-  }
+  const PairAxisTaps rows_read = pair_offset_range(0, sh, pr.kernel_h, sh, pr.pad_h);
+  const PairAxisTaps cols_read = pair_offset_range(0, 2, int(p.kernel_w), 2, int(p.pad_w));
+  const int dh_max = rows_read.q, dh_min = rows_read.q - rows_read.count + 1;
+  const int dw_max = cols_read.q, dw_min = cols_read.q - cols_read.count + 1, col_taps = cols_read.count;
   auto most_row_offsets = [&] {
     int most = 0;
     for (int r = 0; r < pr.row_groups(); ++r) most = std::max(most, pr.row_offsets(r).count);
@@ -212,12 +218,7 @@ inline bool plan_pair_forward(const ConvTransposeParams& p, int elem_bytes, int 
   };
   int th_max = most_row_offsets();
   if (th_max > 3 && pr.row_phases == 2) pr.row_phases = 1, th_max = most_row_offsets();  // one phase's may fit
-  for (int pw = 0; pw < 2; ++pw) {
-    const PairAxisTaps t = pair_axis_taps(pw, int(p.kernel_w), 2, int(p.pad_w));
-    if (t.count) dw_min = std::min(dw_min, t.q - t.count + 1), dw_max = std::max(dw_max, t.q);
-  }
-  if (th_max == 0 || dw_max < dw_min) return false;  // every output is the bias: not worth a path
-  const int col_taps = dw_max - dw_min + 1;
+  if (th_max == 0 || col_taps == 0) return false;  // every output is the bias: not worth a path
   if (th_max > 3 || col_taps > 3) return false;
   const int64_t out_h = p.out_h(), out_w = p.out_w();
   pr.pad_top = std::max(0, -dh_min);
