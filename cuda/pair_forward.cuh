@@ -11,7 +11,8 @@
 // output pairs (2j, 2j + 1): whole sectors, one store per pair, where the phase kernel's two column phases
 // each wrote half of every sector from different blocks (kb_v1 bf16, H100 prototype: 1.07 -> 0.56 ms on
 // random data). The training forward also stores grad_factor (NCHW; float16 for float, which runs here only
-// with TF32: FactorType), staged through the same buffer after the output.
+// with TF32: FactorType), staged through the same buffer after the output. Where a tile's wgmmas are long
+// (64-channel 16-bit tiles) a block's warpgroups issue them in turn (pair_mma_turns).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -296,6 +297,18 @@ __device__ __forceinline__ bool wait_for_progress(const unsigned int* progress, 
   }
 }
 
+// Waits until *turns reaches target (pair_mma_turns), lane 0 polling for its warp. The counter is read atomically,
+// as it is written, so that racecheck sees no hazard. Warpgroup w's n-th issue (from 0) waits for n * wgs + w
+// counts: n issues of every warpgroup and one more of each before w. No wait lasts forever: the first waiter in
+// (n, w) order has them, since the warpgroups before it have issued n + 1 times, those after it n times (or, done
+// with their tiles, counted the issues they skip).
+__device__ __forceinline__ void wait_for_turn(unsigned int* turns, unsigned int target, int lane) {
+  if (lane == 0)
+    while (atomicAdd(turns, 0u) < target) {
+    }
+  __syncwarp();
+}
+
 // One launch runs every set: block b serves set b / blocks_per_set (and every gridDim / blocks_per_set-th set
 // after it when there are more sets than blocks); its warpgroups take that set's tiles in turn.
 // kNhwc: the output's layout (pr.channels_last_out), a template parameter so that each kernel carries one
@@ -326,8 +339,11 @@ __global__ void __launch_bounds__(kMinBlocks == 2 ? 3 * 128 : kPairMaxWarpgroups
   unsigned char* buffers = smem + pr.weight_bytes() + wg * 2 * buffer_bytes;
   uint64_t* bars = reinterpret_cast<uint64_t*>(smem + pr.weight_bytes() + wgs * 2 * buffer_bytes);
   uint4* zeros = reinterpret_cast<uint4*>(smem + pr.weight_bytes() + wgs * 2 * buffer_bytes +
-                                          ((1 + 2 * wgs) * 8 + 15) / 16 * 16);
+                                          PairProblem::sync_bytes(wgs));
   float* bias_add = reinterpret_cast<float*>(zeros + kPairZeroBytes / 16);  // this set's bias + add_value
+  // MMA turns (pair_mma_turns): the wgmma issues of the set so far, every warpgroup's.
+  constexpr bool kTurns = pair_mma_turns(int(sizeof(T)), N);
+  unsigned int* turns = reinterpret_cast<unsigned int*>(&bars[1 + 2 * wgs]);
   for (int i = threadIdx.x; i < kPairZeroBytes / 16; i += blockDim.x) zeros[i] = make_uint4(0, 0, 0, 0);
   fence_proxy_async_shared();  // visible to wgmma (the async proxy)
   const uint32_t weight_bar = smem_address(&bars[0]), full_bar = smem_address(&bars[1 + 2 * wg]);
@@ -350,6 +366,8 @@ __global__ void __launch_bounds__(kMinBlocks == 2 ? 3 * 128 : kPairMaxWarpgroups
     // ph: the tile's first row phase; channel0: its first output channel (both row phases have the same).
     const int g = at.group, ph = at.row_phase * kRowPhases, ct = at.channel_tile;
     const int channel0 = g * pr.cout_g + ct * pr.channel_tile();
+    if (kTurns && threadIdx.x == 0) *turns = 0;  // between this set's two __syncthreads
+    int issues = 0;                              // this warpgroup's wgmma issues in this set (kTurns)
     // In shared memory rather than registers (the epilogue is at the 128-register bound).
     if (threadIdx.x < N) {
       const int co = channel0 + threadIdx.x % pr.channel_tile();
@@ -427,6 +445,7 @@ __global__ void __launch_bounds__(kMinBlocks == 2 ? 3 * 128 : kPairMaxWarpgroups
       for (int chunk = 0; chunk < chunks; ++chunk, ++item) {
         buffer = __shfl_sync(0xffffffffu, item & 1, 0);
         mbarrier_wait(full_bar + 8 * buffer, (item >> 1) & 1);
+        if constexpr (kTurns) wait_for_turn(turns, unsigned(issues) * wgs + wg, lane);
         wgmma_fence();
         // Descriptors advance by adding to their address field (16-byte units, in the low word; shared memory
         // stays below the field's 256 KB).
@@ -448,6 +467,8 @@ __global__ void __launch_bounds__(kMinBlocks == 2 ? 3 * 128 : kPairMaxWarpgroups
             }
         }
         wgmma_commit();
+        if (kTurns && tid == 0) atomicAdd(turns, 1u);
+        ++issues;
         // The previous chunk's wgmmas done (this chunk's may still run), every warp's: the copy two items after
         // that chunk refills its buffer (the last chunk's buffer stages the outputs first, release_buffer below).
         if (chunk > 0) {
@@ -562,6 +583,12 @@ __global__ void __launch_bounds__(kMinBlocks == 2 ? 3 * 128 : kPairMaxWarpgroups
         store_output(release_buffer);
       }
       if (lockstep && tid == 0) atomicAdd(progress, 1u);
+    }
+    // A warpgroup with fewer tiles than warpgroup 0 (the most) counts the turns it does not take, so that every
+    // wait for a turn ends.
+    if (kTurns && tid == 0) {
+      const int first = slot * wgs, most = first < total ? (total - first + tile_stride - 1) / tile_stride * chunks : 0;
+      if (issues < most) atomicAdd(turns, unsigned(most - issues));
     }
     // A warpgroup with fewer tiles than the most counts the rounds it does not run, so that every round's
     // count completes.

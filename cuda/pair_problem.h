@@ -146,10 +146,11 @@ struct PairProblem {
     const int patch_bytes = chunk_planes() * plane_bytes(), stage_bytes = this->stage_bytes();
     return (std::max(patch_bytes, stage_bytes) + 127) / 128 * 128;
   }
-  // Weights, two buffers per warpgroup, the mbarriers (weights, one per buffer) padded to 16 bytes, the zeros,
-  // the set's bias per channel.
+  // The mbarriers (weights, one per buffer) and the MMA turn counter (pair_mma_turns), 8 bytes each.
+  FCT_HD static constexpr int sync_bytes(int wgs) { return (2 + 2 * wgs) * 8; }
+  // Weights, two buffers per warpgroup, sync_bytes, the zeros, the set's bias per channel.
   FCT_HD int smem_bytes(int wgs) const {
-    return weight_bytes() + wgs * 2 * buffer_bytes() + ((1 + 2 * wgs) * 8 + 15) / 16 * 16 + kPairZeroBytes + n_tile * 4;
+    return weight_bytes() + wgs * 2 * buffer_bytes() + sync_bytes(wgs) + kPairZeroBytes + n_tile * 4;
   }
   // 16-byte rows (kPairPlaneBytes) of the padded input and of the packed weights.
   FCT_HD int64_t padded_input_rows() const { return int64_t(batch) * groups * planes() * plane_len; }
@@ -274,6 +275,17 @@ inline bool pair_lockstep(const PairProblem& pr, int output_bytes, int factor_by
   if (pr.elem_bytes == 4 && factor_bytes == 0) return false;
   return pr.outputs() * (output_bytes + factor_bytes) > l2_bytes;
 }
+
+// Whether a block's warpgroups issue their wgmmas in turn (pair_forward_kernel): warpgroup w's n-th issue waits
+// for the n-th of every warpgroup before it. The four warps of a warpgroup each run on their own sub-partition's
+// tensor core, one warp of every warpgroup on each; warpgroups that issue at once interleave there and each waits
+// for all of them (Nsight Compute at kb_v1 bf16: 39% of the warps' stall samples in arriving at, issuing and waiting
+// for wgmmas, whose work is a quarter of that), while in turn each one's run back to back. It pays where a tile's
+// wgmmas are long, 64-channel 16-bit tiles (N 128): H100, KernelBench data, kb_v1 bf16 inference 0.478 -> 0.413 ms,
+// training forward 0.866 -> 0.806; not for float (TF32 kb_v1 0.842 -> 0.985: its tiles come in two K chunks, and
+// a turn waits on another warpgroup's copy) nor 16-channel tiles (kb_v0 bf16 0.0349 -> 0.0363). perf/NOTES.md
+// forward row 58.
+FCT_HD constexpr bool pair_mma_turns(int elem_bytes, int n_tile) { return elem_bytes == 2 && n_tile == 64; }
 
 // Whether a pair tile may hold both row phases (plan_pair_forward's both_row_phases, which NCHW outputs take): where
 // the stores outgrow L2 (`stored_bytes`: every tensor the launch stores), so that the rows the two phases interleave
