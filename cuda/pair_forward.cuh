@@ -12,7 +12,7 @@
 // each wrote half of every sector from different blocks (kb_v1 bf16, H100 prototype: 1.07 -> 0.56 ms on
 // random data). The training forward also stores grad_factor (NCHW; float16 for float, which runs here only
 // with TF32: FactorType), staged through the same buffer after the output. Where a tile's wgmmas are long
-// (64-channel 16-bit tiles) a block's warpgroups issue them in turn (pair_mma_turns).
+// (16-bit tiles of 32 or 64 channels) a block's warpgroups issue them in turn (pair_mma_turns).
 #pragma once
 
 #include <cuda_runtime.h>

@@ -280,12 +280,13 @@ inline bool pair_lockstep(const PairProblem& pr, int output_bytes, int factor_by
 // for the n-th of every warpgroup before it. The four warps of a warpgroup each run on their own sub-partition's
 // tensor core, one warp of every warpgroup on each; warpgroups that issue at once interleave there and each waits
 // for all of them (Nsight Compute at kb_v1 bf16: 39% of the warps' stall samples in arriving at, issuing and waiting
-// for wgmmas, whose work is a quarter of that), while in turn each one's run back to back. It pays where a tile's
-// wgmmas are long, 64-channel 16-bit tiles (N 128): H100, KernelBench data, kb_v1 bf16 inference 0.478 -> 0.413 ms,
-// training forward 0.866 -> 0.806; not for float (TF32 kb_v1 0.842 -> 0.985: its tiles come in two K chunks, and
-// a turn waits on another warpgroup's copy) nor 16-channel tiles (kb_v0 bf16 0.0349 -> 0.0363). perf/NOTES.md
-// forward row 58.
-FCT_HD constexpr bool pair_mma_turns(int elem_bytes, int n_tile) { return elem_bytes == 2 && n_tile == 64; }
+// for wgmmas, whose work is a quarter of that), while in turn each one's run back to back. It pays for 16-bit tiles
+// of 64 and 32 channels (N 128, 64): H100, CUDA graph replay, kb_v1 bf16 inference 0.478 -> 0.413-0.422 ms
+// (KernelBench data), training forward 0.866 -> 0.806; 32-channel tiles on randn data -1% to -6% at three shapes,
+// +1.5% at a fourth (128 -> 96 channels at 32 x 32). Not for float (TF32 kb_v1 0.842 -> 0.985: its tiles come in
+// two K chunks, and a turn waits on another warpgroup's copy; a turn per tile, 0.864) nor 16-channel tiles (kb_v0
+// bf16 0.0349 -> 0.0363). perf/NOTES.md forward rows 58, 61, 62.
+FCT_HD constexpr bool pair_mma_turns(int elem_bytes, int n_tile) { return elem_bytes == 2 && n_tile >= 32; }
 
 // Whether a pair tile may hold both row phases (plan_pair_forward's both_row_phases, which NCHW outputs take): where
 // the stores outgrow L2 (`stored_bytes`: every tensor the launch stores), so that the rows the two phases interleave
