@@ -367,7 +367,7 @@ __global__ void __launch_bounds__(kMinBlocks == 2 ? 3 * 128 : kPairMaxWarpgroups
     const int g = at.group, ph = at.row_phase * kRowPhases, ct = at.channel_tile;
     const int channel0 = g * pr.cout_g + ct * pr.channel_tile();
     if (kTurns && threadIdx.x == 0) *turns = 0;  // between this set's two __syncthreads
-    int issues = 0;                              // this warpgroup's wgmma issues in this set (kTurns)
+    const int set_item = item;  // item - set_item: this warpgroup's wgmma issues in this set (one per K chunk)
     // In shared memory rather than registers (the epilogue is at the 128-register bound).
     if (threadIdx.x < N) {
       const int co = channel0 + threadIdx.x % pr.channel_tile();
@@ -445,7 +445,7 @@ __global__ void __launch_bounds__(kMinBlocks == 2 ? 3 * 128 : kPairMaxWarpgroups
       for (int chunk = 0; chunk < chunks; ++chunk, ++item) {
         buffer = __shfl_sync(0xffffffffu, item & 1, 0);
         mbarrier_wait(full_bar + 8 * buffer, (item >> 1) & 1);
-        if constexpr (kTurns) wait_for_turn(turns, unsigned(issues) * wgs + wg, lane);
+        if constexpr (kTurns) wait_for_turn(turns, unsigned(item - set_item) * wgs + wg, lane);
         wgmma_fence();
         // Descriptors advance by adding to their address field (16-byte units, in the low word; shared memory
         // stays below the field's 256 KB).
@@ -468,7 +468,6 @@ __global__ void __launch_bounds__(kMinBlocks == 2 ? 3 * 128 : kPairMaxWarpgroups
         }
         wgmma_commit();
         if (kTurns && tid == 0) atomicAdd(turns, 1u);
-        ++issues;
         // The previous chunk's wgmmas done (this chunk's may still run), every warp's: the copy two items after
         // that chunk refills its buffer (the last chunk's buffer stages the outputs first, release_buffer below).
         if (chunk > 0) {
@@ -588,7 +587,7 @@ __global__ void __launch_bounds__(kMinBlocks == 2 ? 3 * 128 : kPairMaxWarpgroups
     // wait for a turn ends.
     if (kTurns && tid == 0) {
       const int first = slot * wgs, most = first < total ? (total - first + tile_stride - 1) / tile_stride * chunks : 0;
-      if (issues < most) atomicAdd(turns, unsigned(most - issues));
+      if (item - set_item < most) atomicAdd(turns, unsigned(most - (item - set_item)));
     }
     // A warpgroup with fewer tiles than the most counts the rounds it does not run, so that every round's
     // count completes.
