@@ -203,7 +203,7 @@ __device__ __forceinline__ void store_tile_nchw(const PairProblem& pr, const Pai
       second_ok[r][h] = first.ok && first.ow + 1 < pr.out_w;
       out[r][h] = out_image + warp * (channel_step / 4) + first.oh * pr.out_w + first.ow;
     }
-  PairWord<T> staged[kPreload ? N / 4 : 1][2];
+  PairWord<T> staged[kPreload ? N / 4 : 1][2] = {};  // (initialized: unread without kPreload, which nvcc warned of)
   auto word = [&](int c, int h) {
     if constexpr (kPreload) return staged[c][h];
     else return stage[(warp + 4 * c) * kStride + 32 * h + lane];
