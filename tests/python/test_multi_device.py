@@ -2,7 +2,9 @@
 device's current stream), refuses mixed devices, and trains under DistributedDataParallel.
 
 The DDP test runs two processes over gloo on the CPU everywhere, and over NCCL with one GPU per process where
-two GPUs exist; the cuda:1 tests need two GPUs and skip otherwise."""
+two GPUs exist; the cuda:1 tests need two GPUs and skip otherwise. On two Hopper GPUs the second cuda:1 test also
+runs the sm_90a kernels (the column-pair forward, grad_input and grad_weight on wgmma: shared memory opted in per
+device, tensor maps, the side stream) and checks that they ran."""
 import os
 import socket
 
@@ -12,6 +14,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import fused_convt
+from torch.profiler import ProfilerActivity, profile
+
 from conftest import HAS_CUDA
 from reference import Problem
 
@@ -20,26 +24,49 @@ PROBLEM = Problem(batch=4, in_channels=12, out_channels=10, in_hw=(7, 9), kernel
                   padding=(1, 0), groups=2, add_value=-0.5, multiply_value=2.0)
 
 
-def forward_backward(x, w, b, grad):
+# Of the sm_90a kernels' shapes (test_backward_wgmma.py): stride 2, 64 channels in and out, rows of 64 pixels.
+HOPPER_PROBLEM = Problem(batch=2, in_channels=64, out_channels=64, in_hw=(5, 64), kernel=(4, 4), stride=(2, 2),
+                         padding=(1, 1), add_value=-0.5, multiply_value=2.0)
+HOPPER_KERNELS = ("pair_forward_kernel", "grad_input_wgmma_kernel", "grad_weight_wgmma_kernel")
+
+
+def forward_backward(problem, x, w, b, grad, allow_tf32=False):
     x, w, b = (t.detach().clone().requires_grad_() for t in (x, w, b))
-    y = fused_convt.conv_transpose2d_fused(x, w, b, **PROBLEM.conv_kwargs(), **PROBLEM.epilogue_kwargs(),
-                                           allow_tf32=False)
+    y = fused_convt.conv_transpose2d_fused(x, w, b, **problem.conv_kwargs(), **problem.epilogue_kwargs(),
+                                           allow_tf32=allow_tf32)
     y.backward(grad)
     return y.detach(), x.grad, w.grad, b.grad
 
 
-@two_gpus
-def test_cuda1_with_cuda0_current_equals_cuda0_bitwise():
-    x, w, b = PROBLEM.tensors(torch.float32, "cuda:0")
-    shape = fused_convt.conv_transpose2d_fused(x, w, b, **PROBLEM.conv_kwargs()).shape
-    grad = torch.randn(shape, device="cuda:0")
-    on_zero = forward_backward(x, w, b, grad)
-    with torch.cuda.device(0):
-        on_one = forward_backward(*(t.to("cuda:1") for t in (x, w, b, grad)))
+def on_cuda1_with_cuda0_current(problem, dtype, allow_tf32=False):
+    """The forward and backward on cuda:0, then on cuda:1 while cuda:0 is current, and the CUDA kernels of the
+    second."""
+    x, w, b = problem.tensors(dtype, "cuda:0")
+    shape = fused_convt.conv_transpose2d_fused(x, w, b, **problem.conv_kwargs()).shape
+    grad = torch.randn(shape, device="cuda:0").to(dtype)
+    on_zero = forward_backward(problem, x, w, b, grad, allow_tf32)
+    with torch.cuda.device(0), profile(activities=[ProfilerActivity.CUDA]) as prof:
+        on_one = forward_backward(problem, *(t.to("cuda:1") for t in (x, w, b, grad)), allow_tf32=allow_tf32)
+        torch.cuda.synchronize(1)
         assert torch.cuda.current_device() == 0
     for a, c in zip(on_zero, on_one):
         assert c.device == torch.device("cuda:1")
         assert torch.equal(a, c.to("cuda:0"))
+    return {event.key for event in prof.key_averages() if event.device_time_total > 0}
+
+
+@two_gpus
+def test_cuda1_with_cuda0_current_equals_cuda0_bitwise():
+    on_cuda1_with_cuda0_current(PROBLEM, torch.float32)
+
+
+@two_gpus
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sm90a_kernels_on_cuda1_equal_cuda0_bitwise(dtype):
+    kernels = on_cuda1_with_cuda0_current(HOPPER_PROBLEM, dtype, allow_tf32=True)
+    if all(torch.cuda.get_device_capability(i) == (9, 0) for i in range(2)):
+        for name in HOPPER_KERNELS:
+            assert any(name in kernel for kernel in kernels), (name, sorted(kernels))
 
 
 @two_gpus
