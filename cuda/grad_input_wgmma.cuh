@@ -253,8 +253,8 @@ void launch_grad_input_wgmma(const ConvTransposeParams& p, const InputWgmmaPlan&
   using Bits = typename std::conditional<kBytes == 4, uint32_t, T>::type;
   const InputWgmmaArgs args{p, plan};
   const int threads = 128;
-  const dim3 pack_grid(unsigned((p.out_channels + threads - 1) / threads), unsigned(std::min<int64_t>(p.in_channels, 65535)),
-                       unsigned(plan.phases * kWgmmaTaps));
+  const dim3 pack_grid(unsigned((p.out_channels + threads - 1) / threads),
+                       unsigned(std::min<int64_t>(p.in_channels, 65535)), unsigned(plan.phases * kWgmmaTaps));
   pack_input_wgmma_weight<T, Bits><<<pack_grid, threads, 0, stream>>>(args, weight, static_cast<Bits*>(packed_weight));
   check_launch("pack_input_wgmma_weight");
   alignas(64) CUtensorMap w_map{};

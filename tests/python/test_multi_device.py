@@ -12,10 +12,9 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-
-import fused_convt
 from torch.profiler import ProfilerActivity, profile
 
+import fused_convt
 from conftest import HAS_CUDA
 from reference import Problem
 
