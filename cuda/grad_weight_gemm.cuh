@@ -131,7 +131,10 @@ inline bool gemm_patch_steps(const ConvTransposeParams& p) {
 // warps of group q multiplying rows q * kGroupPixels ... of each stage and their sums added at the end. A
 // narrow tile (a group's 32 input x 16 output channels at kb_v0, where the 64 x 64 tile was an eighth used and
 // 7 of 8 warps multiplied zeros) copies only its channels, and its stage holds kGroups times the pixels in
-// about the bytes of the wide tile's: fewer steps, each a copy round trip and a barrier. Rows are padded by 16
+// about the bytes of the wide tile's: fewer steps, each a copy round trip and a barrier. The warps left over
+// after the warp tiles and pixel groups split the block's taps between them (kTapWarps sets of kWarpTaps taps),
+// so that every warp multiplies: with two of eight warps multiplying all four taps, a step of kb_v0's GEMM took
+// as long as those two warps' ~330 instructions at ~9 cycles each (Nsight Compute). Rows are padded by 16
 // bytes (16-bit: ldmatrix's eight rows in distinct bank groups) or 8 words (32-bit loads: row stride 8 or 24
 // mod 32 words).
 template <typename Math, int kTM, int kTN>
@@ -155,10 +158,17 @@ struct GemmShape {
     return groups;
   }
   static constexpr int kGroups = groups();
+  static constexpr int kTapWarps = std::min(kGemmTaps, kGemmThreads / 32 / (kGroups * kWarpTiles));
+  static constexpr int kWarpTaps = kGemmTaps / kTapWarps;         // taps a warp multiplies
   static constexpr int kRows = kGroups * kGroupPixels;            // pixel rows per stage
   static constexpr int kThreadsPerRow = kGemmThreads / kRows;     // a thread copies one piece of one row
   static constexpr int kStageBytes = kRows * kPixelBytes;
+  // Whether patch steps (gemm_patch_steps) may serve this shape. Not float tiles of several pixel groups: at kb_v0
+  // (32 x 16, TF32) their small patches (8 x 4 pixels) over a ragged 33-pixel plane measured slower than per-tap
+  // steps (GEMM 69 -> 75 us), while the 16-bit ones (8 x 8) cut their L2 requests and went 57 -> 44 us (H100).
+  static constexpr bool kPatchable = kGroups == 1 || kValueBytes == 2;
   static_assert(kTM % kWarpM == 0 && kTN % kWarpN == 0 && kWarpTiles <= kGemmThreads / 32, "whole warp tiles");
+  static_assert(kGemmTaps % kTapWarps == 0, "whole tap sets");
   static_assert(kThreadsPerRow >= kXPieces && kThreadsPerRow >= kGPieces, "at most one piece per thread and row");
 };
 
@@ -189,9 +199,7 @@ inline WeightGemmPlan plan_weight_gemm(const ConvTransposeParams& p, DType dtype
   };
   const int pixel_step = of_shape([](auto shape) { return decltype(shape)::kRows; });
   plan.phases = int(p.stride_h * p.stride_w);
-  // (Not for the narrow tiles' pixel groups: their group sums and a patch's state spilled; kb_v0's GEMM, which
-  // uses them, had L2 54% busy in Nsight Compute.)
-  plan.patch = of_shape([](auto shape) { return decltype(shape)::kGroups; }) == 1 && gemm_patch_steps(p);
+  plan.patch = of_shape([](auto shape) { return decltype(shape)::kPatchable; }) && gemm_patch_steps(p);
   const int tile_rows = pixel_step / kGemmPatchCols;
   int max_taps = 0;
   int64_t max_phase_pixels = 0, max_phase_tiles = 0;
@@ -299,13 +307,17 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
   const int64_t pixel_end = min(p.batch * phase_plane, pixel_begin + plan.pixels_per_split);
   if (taps == 0) return;  // this phase has fewer taps; an empty split still writes its (zero) partials
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  // Warp -> (pixel group, 32 x 16 warp tile); warps past the last group only copy. (Where every warp
-  // multiplies, as in the 64 x 64 tile, these fold to constants.)
-  constexpr bool kAllMultiply = Shape::kGroups * Shape::kWarpTiles == kGemmThreads / 32;
-  const int warp_group = Shape::kGroups == 1 ? 0 : warp / Shape::kWarpTiles, warp_tile = warp % Shape::kWarpTiles;
+  // Warp -> (tap set, pixel group, warp tile); warps past the last tap set only copy. (Where one warp tile
+  // and group hold all taps, as in the 64 x 64 tile, these fold to constants.)
+  constexpr int kWarpTaps = Shape::kWarpTaps, kGroupWarps = Shape::kGroups * Shape::kWarpTiles;
+  constexpr bool kAllMultiply = kGroupWarps * Shape::kTapWarps == kGemmThreads / 32;
+  const int warp_tile = warp % Shape::kWarpTiles;
+  const int warp_group = Shape::kGroups == 1 ? 0 : warp / Shape::kWarpTiles % Shape::kGroups;
+  const int tap_set = Shape::kTapWarps == 1 ? 0 : warp / kGroupWarps;
   const int warp_m = warp_tile / Shape::kWarpsN, warp_n = warp_tile % Shape::kWarpsN;
-  const bool multiplies = kAllMultiply || warp_group < Shape::kGroups;
+  const bool multiplies = kAllMultiply || tap_set < Shape::kTapWarps;
   const int group_row = warp_group * Shape::kGroupPixels;
+  const int first_tap = tap_set * kWarpTaps;  // the warp's taps: first_tap ... + kWarpTaps - 1
 
   int tap_kh[kGemmTaps], tap_off_h[kGemmTaps], tap_kw[kGemmTaps], tap_off_w[kGemmTaps];
 #pragma unroll
@@ -313,6 +325,14 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
     const GemmTap tap = gemm_tap(p, rh, rw, taps_w, min(tap_group * kGemmTaps + t, taps_h * taps_w - 1));
     tap_kh[t] = tap.kh, tap_kw[t] = tap.kw, tap_off_h[t] = tap.off_h, tap_off_w[t] = tap.off_w;
   }
+  // Entry first_tap + u of a tap table, by selects (a register array indexed at run time would live in local
+  // memory).
+  auto warp_tap = [&](const int (&table)[kGemmTaps], int u) {
+    int value = table[u];
+#pragma unroll
+    for (int t = u + 1; t < kGemmTaps; ++t) value = first_tap + u == t ? table[t] : value;
+    return value;
+  };
 
   // Copy assignment: thread -> (row row0 of each step, 16-byte piece of its X rows and of its G row, where the
   // tile's rows have that piece). Channel limits are per group.
@@ -464,19 +484,20 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
   // rows in its own tile; patch steps stage one patch, whose row for pixel (r, c) of the tile and tap t is
   // (r + dh) x kPatchCols + c + dw, (dh, dw) the tap's offset from the patch origin.
   const int lane_pixel = Frags::a_pixel(lane);
-  int lane_patch_row[kGemmTaps];  // at k = 0
+  int lane_patch_row[kWarpTaps];  // at k = 0, for the warp's taps
 #pragma unroll
-  for (int t = 0; t < kGemmTaps; ++t)
-    lane_patch_row[t] = (lane_pixel / kGemmPatchCols + tap_off_h[t] - patch_h) * kPatchCols +
-                        lane_pixel % kGemmPatchCols + tap_off_w[t] - patch_w;
-  auto a_row = [&](int t, int k) {
-    return kPatch ? lane_patch_row[t] + k / kGemmPatchCols * kPatchCols : t * kRows + k + lane_pixel;
+  for (int u = 0; u < kWarpTaps; ++u)
+    lane_patch_row[u] = (lane_pixel / kGemmPatchCols + warp_tap(tap_off_h, u) - patch_h) * kPatchCols +
+                        lane_pixel % kGemmPatchCols + warp_tap(tap_off_w, u) - patch_w;
+  // (u: the warp's u-th tap, tap first_tap + u of the block)
+  auto a_row = [&](int u, int k) {
+    return kPatch ? lane_patch_row[u] + k / kGemmPatchCols * kPatchCols : (first_tap + u) * kRows + k + lane_pixel;
   };
 
   constexpr int kMTiles = Shape::kMTiles, kNTiles = Shape::kNTiles;
-  float acc[kGemmTaps][kMTiles][kNTiles][4];
+  float acc[kWarpTaps][kMTiles][kNTiles][4];
 #pragma unroll
-  for (int k = 0; k < kGemmTaps * kMTiles * kNTiles * 4; ++k) (&acc[0][0][0][0])[k] = 0.0f;
+  for (int k = 0; k < kWarpTaps * kMTiles * kNTiles * 4; ++k) (&acc[0][0][0][0])[k] = 0.0f;
 
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
@@ -509,27 +530,27 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
         }
         // A block with all taps loads every tap's A fragments of the k step before its MMAs: one register set
         // reused per tap made each ldmatrix wait for the previous tap's MMAs and each MMA for its ldmatrix.
-        constexpr int kAhead = decltype(all_taps)::value ? kGemmTaps : 1;
+        constexpr int kAhead = decltype(all_taps)::value ? kWarpTaps : 1;
         uint32_t raw_a[kAhead][kMTiles][4];
-        auto load_a = [&](int t, uint32_t (&raw)[kMTiles][4]) {
+        auto load_a = [&](int u, uint32_t (&raw)[kMTiles][4]) {
 #pragma unroll
           for (int i = 0; i < kMTiles; ++i)
-            Frags::a_at(raw[i], g_tile + kGTileBytes, kXRowBytes, warp_m * Shape::kWarpM + i * 16, a_row(t, k), lane);
+            Frags::a_at(raw[i], g_tile + kGTileBytes, kXRowBytes, warp_m * Shape::kWarpM + i * 16, a_row(u, k), lane);
         };
         if constexpr (kAhead > 1) {
 #pragma unroll
-          for (int t = 0; t < kGemmTaps; ++t) load_a(t, raw_a[t]);
+          for (int u = 0; u < kWarpTaps; ++u) load_a(u, raw_a[u]);
         }
 #pragma unroll
-        for (int t = 0; t < kGemmTaps; ++t) {
-          if (!decltype(all_taps)::value && t >= taps) break;
-          if constexpr (kAhead == 1) load_a(t, raw_a[0]);
+        for (int u = 0; u < kWarpTaps; ++u) {
+          if (!decltype(all_taps)::value && first_tap + u >= taps) break;
+          if constexpr (kAhead == 1) load_a(u, raw_a[0]);
 #pragma unroll
           for (int i = 0; i < kMTiles; ++i) {
             typename Math::AFrag a;
-            Math::make_a(a, raw_a[kAhead > 1 ? t : 0][i]);
+            Math::make_a(a, raw_a[kAhead > 1 ? u : 0][i]);
 #pragma unroll
-            for (int j = 0; j < kNTiles; ++j) Math::mma(acc[t][i][j], a, b[j]);
+            for (int j = 0; j < kNTiles; ++j) Math::mma(acc[u][i][j], a, b[j]);
           }
         }
       }
@@ -542,24 +563,25 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
   }
   cp_async_wait<0>();
 
-  // The pixel groups' sums, added in group order by group 0 (through the stages' shared memory).
+  // The pixel groups' sums, added in group order by group 0 of each tap set (through the stages' shared memory).
   if constexpr (Shape::kGroups > 1) {
-    constexpr int kAccValues = kGemmTaps * kMTiles * kNTiles * 4;
-    static_assert((Shape::kGroups - 1) * Shape::kWarpTiles * kAccValues * 32 * 4 <= kStages * kStageBytes,
+    constexpr int kAccValues = kWarpTaps * kMTiles * kNTiles * 4;
+    static_assert((Shape::kGroups - 1) * Shape::kWarpTiles * Shape::kTapWarps * kAccValues * 32 * 4 <=
+                      kStages * kStageBytes,
                   "the group sums fit in the stages");
     float* sums = reinterpret_cast<float*>(smem);
+    // (The sums slot of tap set `tap_set`, group q > 0 and this warp tile.)
+    auto slot = [&](int q) { return ((tap_set * (Shape::kGroups - 1) + q - 1) * Shape::kWarpTiles + warp_tile) * kAccValues; };
     __syncthreads();  // every warp is done with the stages
     if (multiplies && warp_group > 0) {
 #pragma unroll
-      for (int k = 0; k < kAccValues; ++k)
-        sums[(((warp_group - 1) * Shape::kWarpTiles + warp_tile) * kAccValues + k) * 32 + lane] = (&acc[0][0][0][0])[k];
+      for (int k = 0; k < kAccValues; ++k) sums[(slot(warp_group) + k) * 32 + lane] = (&acc[0][0][0][0])[k];
     }
     __syncthreads();
-    if (warp_group != 0) return;
+    if (!multiplies || warp_group != 0) return;
     for (int q = 1; q < Shape::kGroups; ++q) {
 #pragma unroll
-      for (int k = 0; k < kAccValues; ++k)
-        (&acc[0][0][0][0])[k] += sums[(((q - 1) * Shape::kWarpTiles + warp_tile) * kAccValues + k) * 32 + lane];
+      for (int k = 0; k < kAccValues; ++k) (&acc[0][0][0][0])[k] += sums[(slot(q) + k) * 32 + lane];
     }
   } else if (!multiplies) {
     return;
@@ -570,9 +592,9 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
   const int64_t weight_numel = p.in_channels * out_per_group * kernel_taps;
   const int g = lane >> 2, t4 = lane & 3;
 #pragma unroll
-  for (int t = 0; t < kGemmTaps; ++t) {
-    if (t >= taps) break;
-    const int64_t tap = int64_t(tap_kh[t]) * p.kernel_w + tap_kw[t];
+  for (int u = 0; u < kWarpTaps; ++u) {
+    if (first_tap + u >= taps) break;
+    const int64_t tap = int64_t(warp_tap(tap_kh, u)) * p.kernel_w + warp_tap(tap_kw, u);
 #pragma unroll
     for (int i = 0; i < kMTiles; ++i)
 #pragma unroll
@@ -583,7 +605,7 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
           const int oc_local = oc0 + warp_n * Shape::kWarpN + j * 8 + 2 * t4 + (q & 1);
           if (ic_local < in_per_group && oc_local < out_per_group) {
             const int64_t ic = int64_t(group) * in_per_group + ic_local;
-            weight_partial[split * weight_numel + (ic * out_per_group + oc_local) * kernel_taps + tap] = acc[t][i][j][q];
+            weight_partial[split * weight_numel + (ic * out_per_group + oc_local) * kernel_taps + tap] = acc[u][i][j][q];
           }
         }
   }
@@ -604,7 +626,7 @@ void launch_grad_weight_gemm(const ConvTransposeParams& p, const WeightGemmPlan&
       constexpr int kStages = decltype(stages)::value;
       constexpr int kSmem = kStages * Shape::kStageBytes;
       auto kernel = grad_weight_gemm_kernel<Math, Shape, kStages, false>;
-      if constexpr (Shape::kGroups == 1) {
+      if constexpr (Shape::kPatchable) {
         if (plan.patch) kernel = grad_weight_gemm_kernel<Math, Shape, kStages, true>;
       }
       allow_dynamic_smem(reinterpret_cast<const void*>(kernel), kSmem, "cudaFuncSetAttribute(grad_weight_gemm_kernel)");

@@ -65,14 +65,18 @@ struct PhaseSpan {
   int first, extent, j0;
 };
 
+// (Divisions in 32 bits, as in TapMap: validate() bounds every value here below 2^31. grad_weight's GEMM blocks
+// evaluated ~60 of these functions' 64-bit divisions before their first copy: a quarter of kb_v0's GEMM time.)
 FCT_HD PhaseSpan phase_span(int64_t out, int64_t stride, int64_t pad, int64_t r) {
-  const int64_t j0 = -floor_div(r - pad, stride);  // ceil((pad - r) / stride)
-  const int64_t j_last = floor_div(out - 1 + pad - r, stride);
-  return PhaseSpan{static_cast<int>(stride * j0 + r - pad), static_cast<int>(j_last >= j0 ? j_last - j0 + 1 : 0),
-                   static_cast<int>(j0)};
+  const int s = static_cast<int>(stride);
+  const int j0 = -floor_div(static_cast<int>(r - pad), s);  // ceil((pad - r) / stride)
+  const int j_last = floor_div(static_cast<int>(out - 1 + pad - r), s);
+  return PhaseSpan{s * j0 + static_cast<int>(r - pad), j_last >= j0 ? j_last - j0 + 1 : 0, j0};
 }
 
-FCT_HD int64_t phase_of_tap(int64_t k, int64_t stride, int64_t dilation) { return k * dilation % stride; }
+FCT_HD int64_t phase_of_tap(int64_t k, int64_t stride, int64_t dilation) {
+  return static_cast<int>(k * dilation) % static_cast<int>(stride);
+}
 
 // Number of taps of phase r, and the t-th of them in increasing k (-1 past the last).
 FCT_HD int phase_taps(int64_t kernel, int64_t stride, int64_t dilation, int64_t r) {
@@ -87,7 +91,7 @@ FCT_HD int phase_tap(int64_t kernel, int64_t stride, int64_t dilation, int64_t r
 }
 
 FCT_HD int phase_tap_offset(const PhaseSpan& span, int64_t k, int64_t stride, int64_t dilation, int64_t r) {
-  return span.j0 - static_cast<int>((k * dilation - r) / stride);
+  return span.j0 - static_cast<int>(k * dilation - r) / static_cast<int>(stride);
 }
 
 // One axis of a phase-split buffer (grad_weight's channels-last copy of g): pixel o of an axis of `size`
