@@ -288,14 +288,16 @@ inline bool pair_lockstep(const PairProblem& pr, int output_bytes, int factor_by
 // bf16 0.0349 -> 0.0363). perf/NOTES.md forward rows 58, 61, 62.
 FCT_HD constexpr bool pair_mma_turns(int elem_bytes, int n_tile) { return elem_bytes == 2 && n_tile >= 32; }
 
-// Whether a pair tile may hold both row phases (plan_pair_forward's both_row_phases, which NCHW outputs take): where
-// the stores outgrow L2 (`stored_bytes`: every tensor the launch stores), so that the rows the two phases interleave
-// would otherwise reach DRAM from different blocks at different times; not for the float inference forward. H100,
-// kb_v1, KernelBench data (perf/NOTES.md forward row 57): bf16 inference 0.539 -> 0.48 ms, training forwards (output
-// and factor) bf16 1.11 -> 0.86 and TF32 1.26 -> 1.15; but TF32 inference 0.846 -> 0.880 and kb_v0 (18-36 MB
-// stored, in L2) 0.0346 -> 0.0360.
+// Whether a pair tile may hold both row phases (plan_pair_forward's both_row_phases, which NCHW outputs take), so
+// that the rows the two phases interleave reach memory from one block at once rather than from different blocks at
+// different times: 16-bit forwards always; float ones only with the factor, where the stores (`stored_bytes`: every
+// tensor the launch stores) outgrow L2; not the float inference forward. H100, KernelBench data (perf/NOTES.md
+// forward rows 57 and 70): kb_v1 bf16 inference 0.539 -> 0.48 ms, training forwards (output and factor) bf16 1.11 ->
+// 0.86 and TF32 1.26 -> 1.15, but TF32 inference 0.846 -> 0.880; at kb_v0's shape in bf16 (graph replay, batch 64 /
+// 128 / 256) inference 23.0 / 34.8 / 61 -> 23.0 / 34.3 / 57.5 us and training forwards 31.5 / 56 / 87.5 -> 31 / 46 /
+// 87.5 us: stores that fit L2 gain too (the twenty-third session's kernel had lost 0.0346 -> 0.0360 ms at kb_v0).
 inline bool pair_both_row_phases(int elem_bytes, bool stores_factor, int64_t stored_bytes, int64_t l2_bytes) {
-  return (elem_bytes == 2 || stores_factor) && stored_bytes > l2_bytes;
+  return elem_bytes == 2 || (stores_factor && stored_bytes > l2_bytes);
 }
 
 }  // namespace fused_convt

@@ -445,8 +445,8 @@ void device_matches_cpu(test::Rng& rng, cudaStream_t stream, int random_cases) {
   }
   // The cp.async forward, which the launcher otherwise takes only before sm_90 (FUSED_CONVT_NO_TMA, tma.cuh),
   // grad_weight and grad_input on mma.sync where the wgmma kernels would run (grad_weight_wgmma.cuh,
-  // grad_input_wgmma.cuh), and the pair forward's tiles of both row phases, which these sizes would not take
-  // (pair_both_row_phases).
+  // grad_input_wgmma.cuh), and the pair forward's tiles of both row phases, which float forwards of these sizes
+  // would not take (pair_both_row_phases).
   setenv("FUSED_CONVT_NO_TMA", "1", 1);
   setenv("FUSED_CONVT_NO_WGMMA_GRAD_WEIGHT", "1", 1);
   setenv("FUSED_CONVT_NO_WGMMA_GRAD_INPUT", "1", 1);

@@ -194,13 +194,16 @@ int main() {
   // training forward, not for float inference; kb_v0 (N128 Cin32 Cout16 32x32: 17.8 MB of bf16 outputs) only for
   // the float training forward (outputs and float16 factor, 53.5 MB).
   const int64_t l2 = 50 << 20;
-  // Both row phases per tile (pair_both_row_phases): kb_v1's NCHW bf16 inference (0.55 GB stored) and training
-  // forwards; not float inference, NHWC outputs, or kb_v0's 18 MB.
-  const int64_t kb_outputs = 128LL * 128 * 130 * 130;
+  // Both row phases per tile (pair_both_row_phases): every 16-bit forward (kb_v1's 0.55 GB, kb_v0's 18 MB) and the
+  // float training forward whose stores outgrow L2 (kb_v1 and kb_v0: 53.5 MB); not float inference, nor a float
+  // training forward that fits L2 (kb_v0 at batch 64); NHWC outputs never (plan_pair_forward, below).
+  const int64_t kb_outputs = 128LL * 128 * 130 * 130, kb_v0_outputs = 128LL * 16 * 66 * 66;
   CHECK_MSG(fused_convt::pair_both_row_phases(2, false, kb_outputs * 2, l2) &&
+                fused_convt::pair_both_row_phases(2, false, kb_v0_outputs * 2, l2) &&
                 fused_convt::pair_both_row_phases(4, true, kb_outputs * 6, l2) &&
-                !fused_convt::pair_both_row_phases(4, false, kb_outputs * 4, l2) &&
-                !fused_convt::pair_both_row_phases(2, false, 128LL * 16 * 66 * 66 * 2, l2),
+                fused_convt::pair_both_row_phases(4, true, kb_v0_outputs * 6, l2) &&
+                !fused_convt::pair_both_row_phases(4, true, kb_v0_outputs / 2 * 6, l2) &&
+                !fused_convt::pair_both_row_phases(4, false, kb_outputs * 4, l2),
             "the rule for both row phases per tile");
   CHECK_MSG(fused_convt::plan_pair_forward(kb, 2, 132, true, &pr) && pr.row_phases == 1, "kb_v1 NHWC: one row phase");
   CHECK_MSG(fused_convt::plan_pair_forward(kb, 2, 132, false, &pr, 1, false) && pr.row_phases == 1 &&
