@@ -133,8 +133,8 @@ inline bool gemm_patch_steps(const ConvTransposeParams& p) {
 // 7 of 8 warps multiplied zeros) copies only its channels, and its stage holds kGroups times the pixels in
 // about the bytes of the wide tile's: fewer steps, each a copy round trip and a barrier. The warps left over
 // after the warp tiles and pixel groups split the block's taps between them (kTapWarps sets of kWarpTaps taps),
-// so that every warp multiplies: with two of eight warps multiplying all four taps, a step of kb_v0's GEMM took
-// as long as those two warps' ~330 instructions at ~9 cycles each (Nsight Compute). Rows are padded by 16
+// so that every warp multiplies, not two of eight: with per-tap steps that measured the same (kb_v0's GEMM is
+// bound by its L2 requests), with the 16-bit patch steps (kPatchable) 42.5 -> 39.6 us (H100). Rows are padded by 16
 // bytes (16-bit: ldmatrix's eight rows in distinct bank groups) or 8 words (32-bit loads: row stride 8 or 24
 // mod 32 words).
 template <typename Math, int kTM, int kTN>
@@ -165,7 +165,7 @@ struct GemmShape {
   static constexpr int kStageBytes = kRows * kPixelBytes;
   // Whether patch steps (gemm_patch_steps) may serve this shape. Not float tiles of several pixel groups: at kb_v0
   // (32 x 16, TF32) their small patches (8 x 4 pixels) over a ragged 33-pixel plane measured slower than per-tap
-  // steps (GEMM 69 -> 75 us), while the 16-bit ones (8 x 8) cut their L2 requests and went 57 -> 44 us (H100).
+  // steps (GEMM 69 -> 75 us), while the 16-bit ones (8 x 8) cut their L2 requests: 56 -> 40 us (H100).
   static constexpr bool kPatchable = kGroups == 1 || kValueBytes == 2;
   static_assert(kTM % kWarpM == 0 && kTN % kWarpN == 0 && kWarpTiles <= kGemmThreads / 32, "whole warp tiles");
   static_assert(kGemmTaps % kTapWarps == 0, "whole tap sets");
@@ -571,7 +571,9 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
                   "the group sums fit in the stages");
     float* sums = reinterpret_cast<float*>(smem);
     // (The sums slot of tap set `tap_set`, group q > 0 and this warp tile.)
-    auto slot = [&](int q) { return ((tap_set * (Shape::kGroups - 1) + q - 1) * Shape::kWarpTiles + warp_tile) * kAccValues; };
+    auto slot = [&](int q) {
+      return ((tap_set * (Shape::kGroups - 1) + q - 1) * Shape::kWarpTiles + warp_tile) * kAccValues;
+    };
     __syncthreads();  // every warp is done with the stages
     if (multiplies && warp_group > 0) {
 #pragma unroll

@@ -66,7 +66,7 @@ struct PhaseSpan {
 };
 
 // (Divisions in 32 bits, as in TapMap: validate() bounds every value here below 2^31. grad_weight's GEMM blocks
-// evaluated ~60 of these functions' 64-bit divisions before their first copy: a quarter of kb_v0's GEMM time.)
+// evaluate these functions before their first copy; in 64 bits kb_v0's GEMM took 69 us, in 32 bits 66.5 (H100).)
 FCT_HD PhaseSpan phase_span(int64_t out, int64_t stride, int64_t pad, int64_t r) {
   const int s = static_cast<int>(stride);
   const int j0 = -floor_div(static_cast<int>(r - pad), s);  // ceil((pad - r) / stride)
