@@ -137,6 +137,7 @@ __global__ void __launch_bounds__(kWeightThreads, Engine::kMinBlocks)
 grad_weight_bias_partial_kernel(ConvTransposeParams p, BackwardPlan plan, const T* __restrict__ x, GradLoader<T> g,
                                 typename DeviceAcc<T>::type* __restrict__ weight_partial,
                                 typename DeviceAcc<T>::type* __restrict__ bias_partial) {
+  follow_previous_grid();
   using Acc = typename DeviceAcc<T>::type;
   constexpr int kTaps = Engine::kTaps;
   __shared__ typename Engine::Storage tiles;
@@ -283,6 +284,7 @@ template <typename T, int kResults>
 __global__ void __launch_bounds__(kSumThreads)
 sum_splits_kernel(const typename DeviceAcc<T>::type* __restrict__ partial, int64_t splits, int64_t count,
                   T* __restrict__ result) {
+  follow_previous_grid();
   using Acc = typename DeviceAcc<T>::type;
   constexpr int kLanes = kSumThreads / kResults;
   __shared__ Acc lane_sums[kSumThreads];  // [lane][result]
@@ -316,12 +318,9 @@ void launch_sum_splits(const typename DeviceAcc<T>::type* partial, int64_t split
   const int64_t per_block = wide ? kWide : 1;
   const int blocks = int(std::min<int64_t>((count + per_block - 1) / per_block, 65535));
   if (blocks == 0) return;
-  if (wide) {
-    sum_splits_kernel<T, kWide><<<blocks, kSumThreads, 0, stream>>>(partial, splits, count, result);
-  } else {
-    sum_splits_kernel<T, 1><<<blocks, kSumThreads, 0, stream>>>(partial, splits, count, result);
-  }
-  check_launch("sum_splits_kernel");
+  launch_kernel(wide ? sum_splits_kernel<T, kWide> : sum_splits_kernel<T, 1>,
+                {dim3(unsigned(blocks)), dim3(kSumThreads), 0, stream}, "sum_splits_kernel", partial, splits, count,
+                result);
 }
 
 static size_t round_up_256(size_t bytes) { return (bytes + 255) / 256 * 256; }
@@ -543,6 +542,7 @@ void backward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, 
 
   dispatch_device_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
+    const ProgrammaticLaunches overlap(launches_may_overlap(params.output_numel() * int64_t(sizeof(T))));
     unsigned char* workspace = static_cast<unsigned char*>(args.workspace);
     if constexpr (std::is_same_v<T, double>) {
       const GradLoader<T> g{static_cast<const T*>(args.grad_output), static_cast<const T*>(args.grad_factor),
@@ -560,11 +560,10 @@ void backward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, 
                                     "or groups > 65535)");
       double* weight_partial = reinterpret_cast<double*>(workspace + layout.weight_partial);
       double* bias_partial = reinterpret_cast<double*>(workspace + layout.bias_partial);
-      grad_weight_bias_partial_kernel<T, FfmaWeightEngine<T>>
-          <<<dim3(unsigned(grid_x), unsigned(grid_y), unsigned(params.groups)), kWeightThreads, 0, stream>>>(
-              params, launch_plan, static_cast<const T*>(args.input), g, args.grad_weight ? weight_partial : nullptr,
-              args.grad_bias ? bias_partial : nullptr);
-      check_launch("grad_weight_bias_partial_kernel");
+      launch_kernel(grad_weight_bias_partial_kernel<T, FfmaWeightEngine<T>>,
+                    {dim3(unsigned(grid_x), unsigned(grid_y), unsigned(params.groups)), dim3(kWeightThreads), 0, stream},
+                    "grad_weight_bias_partial_kernel", params, launch_plan, static_cast<const T*>(args.input), g,
+                    args.grad_weight ? weight_partial : nullptr, args.grad_bias ? bias_partial : nullptr);
       if (args.grad_weight)
         launch_sum_splits<T>(weight_partial, plan.splits, params.weight_numel(), static_cast<T*>(args.grad_weight),
                              stream);

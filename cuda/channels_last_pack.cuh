@@ -137,6 +137,7 @@ pack_channels_last_kernel(const T* __restrict__ src, const typename Math::Factor
                           typename DeviceAcc<T>::type scale, int channels, int groups, int padded, int pixel_blocks,
                           PhaseSplitLayout layout, typename Math::Smem* __restrict__ dst,
                           typename DeviceAcc<T>::type* __restrict__ bias_partial) {
+  follow_previous_grid();
   using Acc = typename DeviceAcc<T>::type;
   using Factor = typename Math::Factor;
   using Smem = typename Math::Smem;
@@ -356,9 +357,9 @@ void launch_pack_channels_last(const T* src, const typename Math::Factor* factor
     if (src_nhwc)
       kernel = pairs ? pack_channels_last_kernel<T, Math, kFactor, kChannels, true, true>
                      : pack_channels_last_kernel<T, Math, kFactor, kChannels, false, true>;
-    kernel<<<dim3(unsigned(blocks_x), unsigned(blocks_y)), kPackThreads, 0, stream>>>(
-        src, factor, typename DeviceAcc<T>::type(scale), channels, groups, padded, pixel_blocks, layout, dst,
-        bias_partial);
+    launch_kernel(kernel, {dim3(unsigned(blocks_x), unsigned(blocks_y)), dim3(kPackThreads), 0, stream},
+                  "pack_channels_last_kernel", src, factor, typename DeviceAcc<T>::type(scale), channels, groups, padded,
+                  pixel_blocks, layout, dst, bias_partial);
   };
   auto with_tile = [&](auto with_factor) {
     if (tile_channels == 16) return launch(with_factor, std::integral_constant<int, 16>{});
@@ -370,7 +371,6 @@ void launch_pack_channels_last(const T* src, const typename Math::Factor* factor
   } else {
     with_tile(std::false_type{});
   }
-  check_launch("pack_channels_last_kernel");
 }
 
 }  // namespace fused_convt

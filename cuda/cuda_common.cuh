@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -26,9 +27,6 @@ inline void check_cuda(cudaError_t status, const char* what) {
                              cudaGetErrorString(status));
   }
 }
-
-// Checks the launch that was just queued (configuration errors surface here, not at the next call).
-inline void check_launch(const char* kernel_name) { check_cuda(cudaGetLastError(), kernel_name); }
 
 // Makes ctx.device current for the scope of a call and restores the caller's device afterwards.
 class DeviceGuard {
@@ -141,6 +139,106 @@ inline void allow_dynamic_smem(const void* kernel, int bytes, const char* what) 
   if (bytes <= done) return;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), what);
   done = bytes;
+}
+
+// Programmatic dependent launch (compute capability 9.0 and later). Every kernel of the library starts with
+// follow_previous_grid() and is launched by launch_kernel(), which marks the launch
+// cudaLaunchAttributeProgrammaticStreamSerialization inside a ProgrammaticLaunches scope that allows it (the calls
+// whose tensors fit in L2: launches_may_overlap) on a device that has it. A marked kernel may be launched once every
+// block of the kernel before it in the stream has started (griddepcontrol.launch_dependents, each block's first
+// instruction after the wait): its blocks take the SMs that the previous kernel's last wave leaves free and wait at
+// follow_previous_grid() until that kernel has finished and its writes are visible. That hides the gaps between
+// kernels (the launch, the first blocks' start-up), which count where kernels are short. The wait comes before a
+// block's first memory access and before any return, so no grid ends without having waited, and the grid after it
+// may rely on everything before it having finished. A kernel that is not marked (outside such a scope, or PyTorch's)
+// starts only after the previous one has finished, as always. FUSED_CONVT_SERIAL_LAUNCHES set (and not "0")
+// launches unmarked everywhere, for comparison.
+__device__ __forceinline__ void follow_previous_grid() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+
+// Whether a call's kernels may overlap (programmatic dependent launch): where its output-sized tensors
+// (`output_bytes`: one of them) fit in L2. There each kernel is short, a wave or less (kb_v0's training step: nine
+// kernels of 3 to 45 us), and the gaps between them count: H100, CUDA graph replay, kb_v0 steps TF32 206 -> 201 us,
+// bf16 147 -> 140.5. Larger calls' kernels run for many waves, and the next kernel's blocks, let in early, sit on the
+// SMs beside them: kb_v1 steps measured 3.20 -> 3.35 ms TF32 and 2.02 -> 2.17 bf16 so (the backward's g pass slower
+// behind the training forward, grad_input taking the SMs before grad_weight's GEMM on the side stream could;
+// perf/NOTES.md backward row 49).
+inline bool launches_may_overlap(int64_t output_bytes) {
+  return output_bytes <= current_device_attribute(cudaDevAttrL2CacheSize);
+}
+
+// Marks this thread's launches for programmatic dependent launch, or not, for its lifetime (one call's launches;
+// the previous setting comes back after it). Outside any scope they are not marked.
+class ProgrammaticLaunches {
+ public:
+  explicit ProgrammaticLaunches(bool on) : saved_(on_here()) { on_here() = on; }
+  ~ProgrammaticLaunches() { on_here() = saved_; }
+  ProgrammaticLaunches(const ProgrammaticLaunches&) = delete;
+  ProgrammaticLaunches& operator=(const ProgrammaticLaunches&) = delete;
+  static bool& on_here() {
+    thread_local bool on = false;
+    return on;
+  }
+
+ private:
+  bool saved_;
+};
+
+// Whether this launch is marked: a ProgrammaticLaunches scope allows it, the switch does not forbid it, and the
+// current device is of compute capability 9.0 or later (read once per device: this runs at every launch).
+inline bool programmatic_launch_here() {
+  if (!ProgrammaticLaunches::on_here() || env_switch_on("FUSED_CONVT_SERIAL_LAUNCHES")) return false;
+  constexpr int kDevices = 64;
+  static std::atomic<int> major[kDevices];  // 0 (static storage): not read yet
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  if (device < 0 || device >= kDevices) return false;
+  int known = major[device].load(std::memory_order_relaxed);
+  if (known == 0) {
+    check_cuda(cudaDeviceGetAttribute(&known, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
+    major[device].store(known, std::memory_order_relaxed);
+  }
+  return known >= 9;
+}
+
+// A kernel's launch configuration: its grid, block, dynamic shared memory, stream, and clusters of cluster_x
+// blocks along x (1: none).
+struct LaunchShape {
+  dim3 grid, block;
+  size_t smem;
+  cudaStream_t stream;
+  unsigned cluster_x = 1;
+};
+
+// Launches `kernel` (which starts with follow_previous_grid()) as programmatic_launch_here() allows; a launch
+// error throws, naming `what`.
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), const LaunchShape& shape, const char* what, Args&&... args) {
+  cudaLaunchConfig_t config{};
+  config.gridDim = shape.grid;
+  config.blockDim = shape.block;
+  config.dynamicSmemBytes = shape.smem;
+  config.stream = shape.stream;
+  cudaLaunchAttribute attributes[2]{};
+  unsigned count = 0;
+  if (shape.cluster_x > 1) {
+    attributes[count].id = cudaLaunchAttributeClusterDimension;
+    attributes[count].val.clusterDim.x = shape.cluster_x;
+    attributes[count].val.clusterDim.y = attributes[count].val.clusterDim.z = 1;
+    ++count;
+  }
+  if (programmatic_launch_here()) {
+    attributes[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attributes[count].val.programmaticStreamSerializationAllowed = 1;
+    ++count;
+  }
+  config.attrs = attributes;
+  config.numAttrs = count;
+  check_cuda(cudaLaunchKernelEx(&config, kernel, std::forward<Args>(args)...), what);
 }
 
 }  // namespace fused_convt

@@ -103,6 +103,7 @@ void forward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, D
   const auto stream = static_cast<cudaStream_t>(ctx.stream);
   dispatch_device_dtype(dtype, [&](auto tag) {
     using T = decltype(tag);
+    const ProgrammaticLaunches overlap(launches_may_overlap(params.output_numel() * int64_t(sizeof(T))));
     const T* input = static_cast<const T*>(args.input);
     const T* weight = static_cast<const T*>(args.weight);
     const T* bias = static_cast<const T*>(args.bias);

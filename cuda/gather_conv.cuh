@@ -74,6 +74,7 @@ __global__ void __launch_bounds__(kGatherThreads)
 gather_conv_kernel(GatherProblem pr, Epilogue epi, const T* __restrict__ src, const F* __restrict__ src_factor,
                    const T* __restrict__ weight, const T* __restrict__ bias, T* __restrict__ dst,
                    F* __restrict__ dst_factor) {
+  follow_previous_grid();
   using Acc = typename DeviceAcc<T>::type;
   const int taps = pr.kernel_h * pr.kernel_w;
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -225,9 +226,8 @@ void launch_gather_conv(GatherProblem pr, const Epilogue& epi, const T* src, con
     if (smem > 48 * 1024) {
       allow_dynamic_smem(reinterpret_cast<const void*>(kernel), int(smem), "cudaFuncSetAttribute(gather_conv_kernel)");
     }
-    kernel<<<dim3(unsigned(blocks)), kGatherThreads, smem, stream>>>(pr, epi, src, src_factor, weight, bias,
-                                                                        dst, dst_factor);
-    check_launch("gather_conv_kernel");
+    launch_kernel(kernel, {dim3(unsigned(blocks)), dim3(kGatherThreads), smem, stream}, "gather_conv_kernel", pr, epi,
+                  src, src_factor, weight, bias, dst, dst_factor);
   };
   // Narrow destination groups (depthwise-like) get a narrow channel tile so lanes are not wasted.
   if (pr.dst_per_group <= 4) {

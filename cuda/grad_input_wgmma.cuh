@@ -113,6 +113,7 @@ struct InputWgmmaArgs {
 template <typename T, typename Bits>
 static __global__ void pack_input_wgmma_weight(const __grid_constant__ InputWgmmaArgs args, const T* __restrict__ w,
                                                Bits* __restrict__ packed) {
+  follow_previous_grid();
   const ConvTransposeParams& p = args.p;
   const int64_t cout = p.out_channels, cin = p.in_channels, oc = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   const int phase_tap = int(blockIdx.z), tap = args.plan.taps[phase_tap / kWgmmaTaps].tap[phase_tap % kWgmmaTaps];
@@ -132,6 +133,7 @@ template <typename T>
 __global__ void __launch_bounds__((kInputWgmmaGroups + 1) * 128, 1)
     grad_input_wgmma_kernel(const __grid_constant__ WgmmaGMaps g_maps, const __grid_constant__ CUtensorMap w_map,
                             const __grid_constant__ InputWgmmaArgs args, T* __restrict__ grad_input) {
+  follow_previous_grid();
 #ifdef FCT_WGMMA_ENABLED
   using Geo = InputWgmmaGeometry<int(sizeof(T))>;
   constexpr int kMTiles = kInputWgmmaMTiles;
@@ -255,8 +257,8 @@ void launch_grad_input_wgmma(const ConvTransposeParams& p, const InputWgmmaPlan&
   const int threads = 128;
   const dim3 pack_grid(unsigned((p.out_channels + threads - 1) / threads),
                        unsigned(std::min<int64_t>(p.in_channels, 65535)), unsigned(plan.phases * kWgmmaTaps));
-  pack_input_wgmma_weight<T, Bits><<<pack_grid, threads, 0, stream>>>(args, weight, static_cast<Bits*>(packed_weight));
-  check_launch("pack_input_wgmma_weight");
+  launch_kernel(pack_input_wgmma_weight<T, Bits>, {pack_grid, dim3(threads), 0, stream}, "pack_input_wgmma_weight",
+                args, weight, static_cast<Bits*>(packed_weight));
   alignas(64) CUtensorMap w_map{};
   alignas(64) WgmmaGMaps g_maps{};
   const int64_t w_dims[3] = {p.out_channels, p.in_channels, int64_t(plan.phases) * kWgmmaTaps};
@@ -269,8 +271,8 @@ void launch_grad_input_wgmma(const ConvTransposeParams& p, const InputWgmmaPlan&
   const auto kernel = grad_input_wgmma_kernel<T>;
   allow_dynamic_smem(reinterpret_cast<const void*>(kernel), Geo::kSmemBytes, "cudaFuncSetAttribute(grad_input_wgmma_kernel)");
   const dim3 grid(unsigned(p.batch * plan.row_tiles * plan.col_tiles), unsigned(plan.ic_tiles));
-  kernel<<<grid, (kInputWgmmaGroups + 1) * 128, Geo::kSmemBytes, stream>>>(g_maps, w_map, args, grad_input);
-  check_launch("grad_input_wgmma_kernel");
+  launch_kernel(kernel, {grid, dim3((kInputWgmmaGroups + 1) * 128), Geo::kSmemBytes, stream}, "grad_input_wgmma_kernel",
+                g_maps, w_map, args, grad_input);
 }
 
 }  // namespace fused_convt

@@ -284,6 +284,7 @@ template <typename Math, typename Shape, int kStages, bool kPatch>
 __global__ void __launch_bounds__(kGemmThreads, gemm_min_blocks<Math>())
 grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typename Math::Smem* __restrict__ x_cl,
                         const typename Math::Smem* __restrict__ g_split, float* __restrict__ weight_partial) {
+  follow_previous_grid();
   using Smem = typename Math::Smem;
   using Frags = KMajorFragments<int(sizeof(Smem))>;
   constexpr int kXRowBytes = Shape::kXRowBytes, kGRowBytes = Shape::kGRowBytes;
@@ -632,9 +633,9 @@ void launch_grad_weight_gemm(const ConvTransposeParams& p, const WeightGemmPlan&
         if (plan.patch) kernel = grad_weight_gemm_kernel<Math, Shape, kStages, true>;
       }
       allow_dynamic_smem(reinterpret_cast<const void*>(kernel), kSmem, "cudaFuncSetAttribute(grad_weight_gemm_kernel)");
-      kernel<<<dim3(unsigned(grid_x), unsigned(grid_y), unsigned(p.groups)), kGemmThreads, kSmem, stream>>>(
-          p, plan, x_cl, g_split, weight_partial);
-      check_launch("grad_weight_gemm_kernel");
+      launch_kernel(kernel, {dim3(unsigned(grid_x), unsigned(grid_y), unsigned(p.groups)), dim3(kGemmThreads), kSmem,
+                             stream},
+                    "grad_weight_gemm_kernel", p, plan, x_cl, g_split, weight_partial);
     };
     const size_t available = max_dynamic_smem_bytes();
     if (available >= size_t(kGemmMaxStages) * Shape::kStageBytes) {

@@ -122,6 +122,7 @@ template <typename T, int kWgs>
 __global__ void __launch_bounds__((kWgs + 1) * 128, 1)
     grad_weight_wgmma_kernel(const __grid_constant__ WgmmaGMaps g_maps, const __grid_constant__ CUtensorMap x_map,
                              const __grid_constant__ WgmmaWeightArgs args, float* __restrict__ weight_partial) {
+  follow_previous_grid();
 #ifdef FCT_WGMMA_ENABLED
   using Geo = WgmmaGeometry<int(sizeof(T))>;
   constexpr int kStageBytes = Geo::stage_bytes(kWgs), kBoxes = kWgs * Geo::kBoxesPerGroup;
@@ -320,8 +321,8 @@ void launch_grad_weight_wgmma(const ConvTransposeParams& p, const WgmmaWeightPla
   auto launch = [&](auto kernel, int warpgroups) {
     const int smem = WgmmaGeometry<kBytes>::smem_bytes(warpgroups);
     allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem, "cudaFuncSetAttribute(grad_weight_wgmma_kernel)");
-    kernel<<<grid, (warpgroups + 1) * 128, smem, stream>>>(g_maps, x_map, args, weight_partial);
-    check_launch("grad_weight_wgmma_kernel");
+    launch_kernel(kernel, {grid, dim3((warpgroups + 1) * 128), size_t(smem), stream}, "grad_weight_wgmma_kernel", g_maps,
+                  x_map, args, weight_partial);
   };
   if (plan.warpgroups == 2) launch(grad_weight_wgmma_kernel<T, 2>, 2);
   else launch(grad_weight_wgmma_kernel<T, 1>, 1);

@@ -126,6 +126,7 @@ template <typename T, typename Math>
 __global__ void pack_weight_kernel(const T* __restrict__ weight, typename Math::Smem* __restrict__ packed,
                                    int groups, int taps, int dst_per_group, int src_per_group, int src_padded,
                                    int64_t weight_group_stride, int weight_src_stride, int weight_dst_stride) {
+  follow_previous_grid();
   const int64_t total = int64_t(groups) * taps * dst_per_group * src_padded;
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < total; i += int64_t(gridDim.x) * blockDim.x) {
     const int s = int(i % src_padded);
@@ -167,6 +168,7 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
                           T* __restrict__ dst, typename Math::Factor* __restrict__ dst_factor,
                           const __grid_constant__ CUtensorMap patch_map,
                           const __grid_constant__ CUtensorMap weight_map) {
+  follow_previous_grid();
   using Traits = Math;
   using Smem = typename Traits::Smem;
   using Factor = typename Math::Factor;
@@ -969,11 +971,9 @@ bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src,
       Smem* packed = static_cast<Smem*>(workspace);
       const int64_t packed_count = int64_t(pr.groups) * pr.kernel_taps * pr.dst_per_group * pr.src_padded;
       const int pack_blocks = int(std::min<int64_t>((packed_count + 255) / 256, 4096));
-      pack_weight_kernel<T, Math><<<pack_blocks, 256, 0, stream>>>(weight, packed, pr.groups, pr.kernel_taps,
-                                                             pr.dst_per_group, pr.src_per_group, pr.src_padded,
-                                                             weight_group_stride, weight_src_stride,
-                                                             weight_dst_stride);
-      check_launch("pack_weight_kernel");
+      launch_kernel(pack_weight_kernel<T, Math>, {dim3(unsigned(pack_blocks)), dim3(256), 0, stream},
+                    "pack_weight_kernel", weight, packed, pr.groups, pr.kernel_taps, pr.dst_per_group, pr.src_per_group,
+                    pr.src_padded, weight_group_stride, weight_src_stride, weight_dst_stride);
       if (src_cl && !src_cl_ready) {
         if (pr.src_padded != pr.src_per_group)
           check_cuda(cudaMemsetAsync(src_cl, 0, channels_last_source_bytes<Math>(pr), stream), "cudaMemsetAsync");
@@ -985,22 +985,11 @@ bool launch_implicit_gemm_conv(TcProblem pr, const Epilogue& epi, const T* src,
       auto kernel = implicit_gemm_conv_kernel<T, Math, Dir, BN, Variant>;
       allow_dynamic_smem(reinterpret_cast<const void*>(kernel), int(smem),
                          "cudaFuncSetAttribute(implicit_gemm_conv_kernel)");
-      cudaLaunchConfig_t config{};
-      config.gridDim = dim3(unsigned(grid_x), unsigned(grid_y));
-      config.blockDim = dim3(kTcThreads);
-      config.dynamicSmemBytes = smem;
-      config.stream = stream;
-      cudaLaunchAttribute cluster{};
-      if (tc_cluster(Variant)) {  // grid_x is a multiple: phases are row-major, s_w per row phase
-        cluster.id = cudaLaunchAttributeClusterDimension;
-        cluster.val.clusterDim.x = unsigned(pr.epilogue_cluster);
-        cluster.val.clusterDim.y = cluster.val.clusterDim.z = 1;
-        config.attrs = &cluster;
-        config.numAttrs = 1;
-      }
-      check_cuda(cudaLaunchKernelEx(&config, kernel, pr, epi, src, src_factor, src_cl, packed, bias, dst, dst_factor,
-                                    patch_map, weight_map),
-                 "implicit_gemm_conv_kernel");
+      // (Clusters along x: grid_x is a multiple, phases being row-major, s_w per row phase.)
+      launch_kernel(kernel, {dim3(unsigned(grid_x), unsigned(grid_y)), dim3(kTcThreads), size_t(smem), stream,
+                             tc_cluster(Variant) ? unsigned(pr.epilogue_cluster) : 1u},
+                    "implicit_gemm_conv_kernel", pr, epi, src, src_factor, src_cl, packed, bias, dst, dst_factor,
+                    patch_map, weight_map);
       return true;
     };
     using Plain = std::integral_constant<TcVariant, TcVariant::Plain>;

@@ -139,6 +139,7 @@ template <typename T>
 __global__ void pack_pair_operands(PairProblem pr, const T* __restrict__ weight, const T* __restrict__ input,
                                    bool channels_last, int weight_blocks, uint4* __restrict__ packed,
                                    unsigned int* __restrict__ progress, uint4* __restrict__ padded) {
+  follow_previous_grid();
   const int block = int(blockIdx.x);
   if (block < weight_blocks) pack_pair_weight<T>(pr, weight, packed, progress, block, weight_blocks);
   else pack_pair_input<T>(pr, input, channels_last, padded, block - weight_blocks, int(gridDim.x) - weight_blocks);
@@ -321,6 +322,7 @@ __global__ void __launch_bounds__(kMinBlocks == 2 ? 3 * 128 : kPairMaxWarpgroups
     pair_forward_kernel(PairProblem pr, Epilogue epilogue, const uint4* __restrict__ padded,
                         const uint4* __restrict__ packed, const T* __restrict__ bias, T* __restrict__ output,
                         FactorType<T, true>* __restrict__ grad_factor, unsigned int* __restrict__ progress) {
+  follow_previous_grid();
 #ifdef FCT_WGMMA_ENABLED
   extern __shared__ __align__(128) unsigned char smem[];
   // The warpgroup index through a shuffle from lane 0: the compiler then knows it is the same on every lane, and
@@ -648,15 +650,14 @@ void launch_pair_forward(PairProblem pr, const Epilogue& epilogue, const T* inpu
   const int threads = 256;
   auto blocks = [&](int64_t rows) { return int(std::min<int64_t>((rows + threads - 1) / threads, 65536)); };
   const int weight_blocks = blocks(pr.packed_weight_rows());
-  pack_pair_operands<T><<<weight_blocks + blocks(pr.padded_input_rows()), threads, 0, stream>>>(
-      pr, weight, input, input_channels_last, weight_blocks, packed, progress, padded);
-  check_launch("pack_pair_operands");
+  launch_kernel(pack_pair_operands<T>, {dim3(unsigned(weight_blocks + blocks(pr.padded_input_rows()))), dim3(threads), 0,
+                                        stream},
+                "pack_pair_operands", pr, weight, input, input_channels_last, weight_blocks, packed, progress, padded);
   auto run = [&](auto kernel) {
     const int smem = pr.smem_bytes(pr.warpgroups);
     allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem, "cudaFuncSetAttribute(pair_forward_kernel)");
-    kernel<<<pr.grid, pr.warpgroups * 128, smem, stream>>>(pr, epilogue, padded, packed, bias, output, grad_factor,
-                                                           progress);
-    check_launch("pair_forward_kernel");
+    launch_kernel(kernel, {dim3(unsigned(pr.grid)), dim3(unsigned(pr.warpgroups * 128)), size_t(smem), stream},
+                  "pair_forward_kernel", pr, epilogue, padded, packed, bias, output, grad_factor, progress);
   };
   auto with_row_phases = [&](auto n_tile, auto nhwc, auto factor, auto min_blocks, auto row_phases) {
     constexpr int N = decltype(n_tile)::value, kMinBlocks = decltype(min_blocks)::value;

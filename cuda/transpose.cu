@@ -24,6 +24,7 @@ template <typename Value, int kVec>
 __global__ void __launch_bounds__(kTransposeLanes * kTransposeRows)
     transpose_kernel(const Value* __restrict__ src, Value* __restrict__ dst, int64_t rows, int64_t cols,
                      int64_t row_tiles, bool vector) {
+  follow_previous_grid();
   constexpr int kTile = kTransposeLanes * kVec;
   using Vector = std::conditional_t<kVec == 1, Value, std::conditional_t<sizeof(Value) == 2, uint32_t, uint2>>;
   __shared__ __align__(16) Value tile[kTile][kTile + (sizeof(Value) == 2 ? 2 : 1)];
@@ -79,14 +80,15 @@ void transpose_cuda(const void* src, void* dst, int64_t batch, int64_t rows, int
     constexpr uintptr_t kWord = kVec * sizeof(Value);
     const bool vector = kVec == 1 || (rows % 2 == 0 && cols % 2 == 0 && reinterpret_cast<uintptr_t>(src) % kWord == 0 &&
                                       reinterpret_cast<uintptr_t>(dst) % kWord == 0);
-    transpose_kernel<Value, kVec><<<dim3(unsigned(batch * row_tiles), unsigned(col_tiles)),
-                                    dim3(kTransposeLanes, kTransposeRows), 0, stream>>>(
-        static_cast<const Value*>(src), static_cast<Value*>(dst), rows, cols, row_tiles, vector);
+    launch_kernel(transpose_kernel<Value, kVec>,
+                  {dim3(unsigned(batch * row_tiles), unsigned(col_tiles)), dim3(kTransposeLanes, kTransposeRows), 0,
+                   stream},
+                  "transpose_kernel", static_cast<const Value*>(src), static_cast<Value*>(dst), rows, cols, row_tiles,
+                  vector);
   };
   if (elem_bytes == 2) launch(uint16_t{}, std::integral_constant<int, 2>{});
   else if (elem_bytes == 4) launch(uint32_t{}, std::integral_constant<int, 2>{});
   else launch(uint64_t{}, std::integral_constant<int, 1>{});
-  check_launch("transpose_kernel");
 }
 
 }  // namespace fused_convt

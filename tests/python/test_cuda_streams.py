@@ -2,6 +2,7 @@
 the host, and forward / forward+backward can be captured in a CUDA graph whose replay equals eager bitwise."""
 import pytest
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 import fused_convt
 from conftest import requires_cuda
@@ -182,3 +183,70 @@ def test_first_backward_of_a_thread_inside_a_graph_capture():
     for result in (outcome["captured"], outcome["forked"]):
         for ours, ref in zip(result, eager):
             assert torch.equal(ours, ref)
+
+
+def _chain_and_gradients(layers, x, grad):
+    """Calls of `layers` one after another, each reading the last one's output; the output and the gradients of x
+    and of every parameter."""
+    x = x.detach().clone().requires_grad_()
+    y = x
+    for layer in layers:
+        y = layer(y)
+    params = [p for layer in layers for p in layer.parameters()]
+    return [y.detach(), *torch.autograd.grad(y, [x, *params], grad)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_programmatic_launches_equal_serial_launches_bitwise(dtype, monkeypatch):
+    """On compute capability 9.0 the kernels of calls whose tensors fit in L2 are launched for programmatic
+    dependent launch (cuda/cuda_common.cuh: a kernel's blocks may start while the previous kernel's last ones run,
+    and wait for its writes inside); FUSED_CONVT_SERIAL_LAUNCHES launches without. A chain of calls on one stream, each reading the last
+    one's output, its backward, PROBLEM's (the phase kernels) and a CUDA graph of the chain all give the same bits
+    either way. At 64 channels and stride 2 the chain takes the sm_90a kernels on an H100 (the pair forward,
+    grad_input and grad_weight on wgmma; float as TF32)."""
+    torch.manual_seed(0)
+    layers = [fused_convt.FusedConvTranspose2d(64, 64, 4, stride=2, padding=1, add_value=-0.5, multiply_value=2.0,
+                                               allow_tf32=True, device="cuda", dtype=dtype) for _ in range(3)]
+    x = torch.randn(2, 64, 3, 64, device="cuda", dtype=dtype)  # rows of 64 pixels: grad_input's wgmma tiles
+    grad = torch.randn(2, 64, 24, 512, device="cuda", dtype=dtype)
+    px, pw, pb = PROBLEM.tensors(dtype, "cuda")
+    pgrad = torch.randn(fused(px, pw, pb).shape, device="cuda", dtype=dtype)
+
+    def run():
+        results = _chain_and_gradients(layers, x, grad) + _gradients(px, pw, pb, pgrad)
+
+        def chain():
+            y = x
+            for layer in layers:
+                y = layer(y)
+            return y
+
+        graph = torch.cuda.CUDAGraph()
+        with torch.no_grad():
+            side = torch.cuda.Stream()  # a warm-up outside the capture, on a side stream (graph capture's rule)
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                chain()
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(graph):
+                captured = chain()
+            eager = chain()
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(captured, eager)
+        return results + [eager]
+
+    monkeypatch.setenv("FUSED_CONVT_SERIAL_LAUNCHES", "1")
+    serial = run()
+    monkeypatch.delenv("FUSED_CONVT_SERIAL_LAUNCHES")
+    programmatic = run()
+    for ours, ref in zip(programmatic, serial):
+        assert torch.equal(ours, ref)
+    assert all(t.abs().max() > 0 for t in programmatic)
+    if torch.cuda.get_device_capability() == (9, 0):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            _chain_and_gradients(layers, x, grad)
+            torch.cuda.synchronize()
+        kernels = {event.key for event in prof.key_averages() if event.device_time_total > 0}
+        for name in ("pair_forward_kernel", "grad_input_wgmma_kernel", "grad_weight_wgmma_kernel"):
+            assert any(name in kernel for kernel in kernels), (name, sorted(kernels))
