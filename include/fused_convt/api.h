@@ -58,7 +58,11 @@ struct BackwardArgs {
 };
 
 // Where a call runs. The stream is a cudaStream_t (null: the legacy default stream); the device index is
-// made current for the duration of the call and restored afterwards.
+// made current for the duration of the call and restored afterwards. The call's work is ordered on that stream
+// after everything queued before it and before everything queued after it. (On compute capability 9.0 and later, in
+// calls whose tensors fit in L2, a kernel of the library may start while the one before it in the stream finishes,
+// waiting for its writes before touching memory: programmatic dependent launch, cuda/cuda_common.cuh. A kernel of
+// other code starts early after ours only where it was itself launched for that, and then must wait the same way.)
 struct CudaContext {
   int device = 0;
   void* stream = nullptr;
