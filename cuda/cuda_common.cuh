@@ -162,10 +162,10 @@ __device__ __forceinline__ void follow_previous_grid() {
 
 // Whether a call's kernels may overlap (programmatic dependent launch): where its output-sized tensors
 // (`output_bytes`: one of them) fit in L2. There each kernel is short, a wave or less (kb_v0's training step: nine
-// kernels of 3 to 45 us), and the gaps between them count: H100, CUDA graph replay, kb_v0 steps TF32 206 -> 201 us,
-// bf16 147 -> 140.5. Larger calls' kernels run for many waves, and the next kernel's blocks, let in early, sit on the
-// SMs beside them: kb_v1 steps measured 3.20 -> 3.35 ms TF32 and 2.02 -> 2.17 bf16 so (the backward's g pass slower
-// behind the training forward, grad_input taking the SMs before grad_weight's GEMM on the side stream could;
+// kernels of 3 to 45 us), and the gaps between them count: H100, CUDA graph replay, kb_v0 steps TF32 205.5 -> 201
+// us, bf16 146.5 -> 141. Larger calls' kernels run for many waves, and the next kernel's blocks, let in early, sit
+// on the SMs beside them: kb_v1 steps measured 3.20 -> 3.35 ms TF32 and 2.02 -> 2.17 bf16 so (the backward's g pass
+// slower behind the training forward, grad_input taking the SMs before grad_weight's GEMM on the side stream could;
 // perf/NOTES.md backward row 49).
 inline bool launches_may_overlap(int64_t output_bytes) {
   return output_bytes <= current_device_attribute(cudaDevAttrL2CacheSize);
