@@ -6,7 +6,6 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdlib>
 #include <cstring>
 #include <map>
@@ -144,15 +143,15 @@ inline void allow_dynamic_smem(const void* kernel, int bytes, const char* what) 
 // Programmatic dependent launch (compute capability 9.0 and later). Every kernel of the library starts with
 // follow_previous_grid() and is launched by launch_kernel(), which marks the launch
 // cudaLaunchAttributeProgrammaticStreamSerialization inside a ProgrammaticLaunches scope that allows it (the calls
-// whose tensors fit in L2: launches_may_overlap) on a device that has it. A marked kernel may be launched once every
-// block of the kernel before it in the stream has started (griddepcontrol.launch_dependents, each block's first
-// instruction after the wait): its blocks take the SMs that the previous kernel's last wave leaves free and wait at
-// follow_previous_grid() until that kernel has finished and its writes are visible. That hides the gaps between
-// kernels (the launch, the first blocks' start-up), which count where kernels are short. The wait comes before a
-// block's first memory access and before any return, so no grid ends without having waited, and the grid after it
-// may rely on everything before it having finished. A kernel that is not marked (outside such a scope, or PyTorch's)
-// starts only after the previous one has finished, as always. FUSED_CONVT_SERIAL_LAUNCHES set (and not "0")
-// launches unmarked everywhere, for comparison.
+// whose tensors fit in L2: launches_may_overlap) where the kernel's code on the device waits
+// (kernel_follows_previous_grid). A marked kernel may be launched once every block of the kernel before it in the
+// stream has started (griddepcontrol.launch_dependents, each block's first instruction after the wait): its blocks take
+// the SMs that the previous kernel's last wave leaves free and wait at follow_previous_grid() until that kernel has
+// finished and its writes are visible. That hides the gaps between kernels (the launch, the first blocks' start-up),
+// which count where kernels are short. The wait comes before a block's first memory access and before any return, so no
+// grid ends without having waited, and the grid after it may rely on everything before it having finished. A kernel
+// that is not marked (outside such a scope, or PyTorch's) starts only after the previous one has finished, as always.
+// FUSED_CONVT_SERIAL_LAUNCHES set (and not "0") launches unmarked everywhere, for comparison.
 __device__ __forceinline__ void follow_previous_grid() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
@@ -188,21 +187,29 @@ class ProgrammaticLaunches {
   bool saved_;
 };
 
-// Whether this launch is marked: a ProgrammaticLaunches scope allows it, the switch does not forbid it, and the
-// current device is of compute capability 9.0 or later (read once per device: this runs at every launch).
-inline bool programmatic_launch_here() {
-  if (!ProgrammaticLaunches::on_here() || env_switch_on("FUSED_CONVT_SERIAL_LAUNCHES")) return false;
-  constexpr int kDevices = 64;
-  static std::atomic<int> major[kDevices];  // 0 (static storage): not read yet
+// Whether `kernel`, as the current device runs it, holds follow_previous_grid()'s instructions: code generated for a
+// virtual architecture of 9.0 or later (cudaFuncAttributes::ptxVersion, the __CUDA_ARCH__ it was compiled under;
+// read once per kernel and device). Where a device runs older code (a build without a 9.0 target on an H100, or a
+// later GPU running PTX of compute_89 compiled just in time, the sm_90a code being for 9.0 alone) the wait is not
+// there, and a marked launch could overtake the kernel before it: those launches stay unmarked.
+inline bool kernel_follows_previous_grid(const void* kernel) {
+  static std::mutex lock;
+  static std::map<std::pair<const void*, int>, bool> known;  // (kernel, device) -> answer
   int device = 0;
   check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  if (device < 0 || device >= kDevices) return false;
-  int known = major[device].load(std::memory_order_relaxed);
-  if (known == 0) {
-    check_cuda(cudaDeviceGetAttribute(&known, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
-    major[device].store(known, std::memory_order_relaxed);
-  }
-  return known >= 9;
+  std::lock_guard<std::mutex> guard(lock);
+  const auto found = known.find({kernel, device});
+  if (found != known.end()) return found->second;
+  cudaFuncAttributes attributes{};
+  check_cuda(cudaFuncGetAttributes(&attributes, kernel), "cudaFuncGetAttributes");
+  return known[{kernel, device}] = attributes.ptxVersion >= 90;
+}
+
+// Whether this launch of `kernel` is marked: a ProgrammaticLaunches scope allows it, the switch does not forbid it,
+// and the kernel's code on this device waits (kernel_follows_previous_grid: compute capability 9.0 and later).
+inline bool programmatic_launch_here(const void* kernel) {
+  return ProgrammaticLaunches::on_here() && !env_switch_on("FUSED_CONVT_SERIAL_LAUNCHES") &&
+         kernel_follows_previous_grid(kernel);
 }
 
 // A kernel's launch configuration: its grid, block, dynamic shared memory, stream, and clusters of cluster_x
@@ -214,8 +221,8 @@ struct LaunchShape {
   unsigned cluster_x = 1;
 };
 
-// Launches `kernel` (which starts with follow_previous_grid()) as programmatic_launch_here() allows; a launch
-// error throws, naming `what`.
+// Launches `kernel` (which starts with follow_previous_grid()), marked where programmatic_launch_here() allows; a
+// launch error throws, naming `what`.
 template <typename... Params, typename... Args>
 void launch_kernel(void (*kernel)(Params...), const LaunchShape& shape, const char* what, Args&&... args) {
   cudaLaunchConfig_t config{};
@@ -231,7 +238,7 @@ void launch_kernel(void (*kernel)(Params...), const LaunchShape& shape, const ch
     attributes[count].val.clusterDim.y = attributes[count].val.clusterDim.z = 1;
     ++count;
   }
-  if (programmatic_launch_here()) {
+  if (programmatic_launch_here(reinterpret_cast<const void*>(kernel))) {
     attributes[count].id = cudaLaunchAttributeProgrammaticStreamSerialization;
     attributes[count].val.programmaticStreamSerializationAllowed = 1;
     ++count;
