@@ -18,15 +18,12 @@ FCT_HD int64_t transposed_output_size(int64_t in, int64_t kernel, int64_t stride
   return (in - 1) * stride - 2 * pad + dilation * (kernel - 1) + output_pad + 1;
 }
 
-// Floor division for a possibly negative numerator and a positive divisor. The 32-bit form serves the tap maps
-// (tap_map.h), whose values validate() keeps below 2^31: on the GPU a 64-bit division is a called subroutine of
-// ~70 instructions, a 32-bit one a dozen inline.
-FCT_HD int64_t floor_div(int64_t num, int64_t den) {
-  int64_t q = num / den;
-  return (num % den != 0 && num < 0) ? q - 1 : q;
-}
-FCT_HD int floor_div(int num, int den) {
-  int q = num / den;
+// Floor division for a possibly negative numerator and a positive divisor, in the arguments' integer type. The tap
+// maps (tap_map.h), whose values validate() keeps below 2^31, divide in 32 bits: on the GPU a 64-bit division is a
+// called subroutine of ~70 instructions, a 32-bit one a dozen inline.
+template <typename Int>
+FCT_HD Int floor_div(Int num, Int den) {
+  const Int q = num / den;
   return (num % den != 0 && num < 0) ? q - 1 : q;
 }
 

@@ -32,7 +32,7 @@ struct TapMap {
       *src = numer;
       return true;
     }
-    const int q = static_cast<int>(floor_div(numer, divisor));
+    const int q = floor_div(numer, divisor);
     *src = q;
     return q * divisor == numer;
   }
@@ -41,11 +41,11 @@ struct TapMap {
   // dst_scale > 0, so numer grows with dst; the tap term decides by its sign.
   FCT_HD int source_first(int dst_first, int taps) const {
     const int tap_term = tap_scale < 0 ? tap_scale * (taps - 1) : 0;
-    return static_cast<int>(floor_div(dst_first * dst_scale + tap_term + offset, divisor));
+    return floor_div(dst_first * dst_scale + tap_term + offset, divisor);
   }
   FCT_HD int source_last(int dst_last, int taps) const {
     const int tap_term = tap_scale > 0 ? tap_scale * (taps - 1) : 0;
-    return static_cast<int>(floor_div(dst_last * dst_scale + tap_term + offset, divisor));
+    return floor_div(dst_last * dst_scale + tap_term + offset, divisor);
   }
 };
 
