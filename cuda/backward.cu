@@ -280,21 +280,27 @@ grad_weight_bias_partial_kernel(ConvTransposeParams p, BackwardPlan plan, const 
 // each. (kResults is a template parameter: with a run-time lane count the split loop's loads no longer
 // overlapped, and kb_v1's weight sums went from 25 to 38 us.)
 constexpr int kSumThreads = 256;
+// One sum over split partials: result[i] = the sum over s < splits of partial[s * count + i], i < count.
+template <typename T>
+struct SplitSum {
+  const typename DeviceAcc<T>::type* partial;
+  int64_t splits, count;
+  T* result;
+};
+
+// Blocks block, block + blocks, ... of `blocks` take rounds of kResults results each.
 template <typename T, int kResults>
-__global__ void __launch_bounds__(kSumThreads)
-sum_splits_kernel(const typename DeviceAcc<T>::type* __restrict__ partial, int64_t splits, int64_t count,
-                  T* __restrict__ result) {
-  follow_previous_grid();
+__device__ __forceinline__ void sum_splits(const SplitSum<T>& sum, int64_t block, int64_t blocks,
+                                           typename DeviceAcc<T>::type* lane_sums) {
   using Acc = typename DeviceAcc<T>::type;
-  constexpr int kLanes = kSumThreads / kResults;
-  __shared__ Acc lane_sums[kSumThreads];  // [lane][result]
+  constexpr int kLanes = kSumThreads / kResults;  // lane_sums: [lane][result]
   const int r = int(threadIdx.x) % kResults, k = int(threadIdx.x) / kResults;
-  for (int64_t first = blockIdx.x * int64_t(kResults); first < count; first += int64_t(gridDim.x) * kResults) {
+  for (int64_t first = block * kResults; first < sum.count; first += blocks * kResults) {
     const int64_t i = first + r;
     Acc acc = Acc(0);
-    if (i < count) {
+    if (i < sum.count) {
 #pragma unroll 4
-      for (int64_t s = k; s < splits; s += kLanes) acc += partial[s * count + i];
+      for (int64_t s = k; s < sum.splits; s += kLanes) acc += sum.partial[s * sum.count + i];
     }
     lane_sums[threadIdx.x] = acc;
     __syncthreads();
@@ -303,24 +309,39 @@ sum_splits_kernel(const typename DeviceAcc<T>::type* __restrict__ partial, int64
       if (k < half) lane_sums[threadIdx.x] += lane_sums[threadIdx.x + half * kResults];
       __syncthreads();
     }
-    if (k == 0 && i < count) result[i] = from_acc<T>(lane_sums[r]);
+    if (k == 0 && i < sum.count) sum.result[i] = from_acc<T>(lane_sums[r]);
     __syncthreads();  // before the next round's lane sums overwrite these
   }
 }
 
-// 32 results per block where that makes 256 blocks or more, else one result per block (256 lanes): a choice
-// by count alone, so the order of the additions, and the bits, are the same on every device.
+// Two sums in one launch (grad_weight's and grad_bias's: a launch less per backward, whose host time and gap count
+// at small shapes): the first first_blocks blocks take the first, the others the second.
+template <typename T, int kResults0, int kResults1>
+__global__ void __launch_bounds__(kSumThreads)
+sum_splits_kernel(SplitSum<T> first, int first_blocks, SplitSum<T> second) {
+  follow_previous_grid();
+  __shared__ typename DeviceAcc<T>::type lane_sums[kSumThreads];
+  const int block = int(blockIdx.x);
+  if (block < first_blocks) sum_splits<T, kResults0>(first, block, first_blocks, lane_sums);
+  else sum_splits<T, kResults1>(second, block - first_blocks, int(gridDim.x) - first_blocks, lane_sums);
+}
+
+// Runs `first` and `second` (either may be empty: count 0); each takes 32 results per block where that makes 256
+// blocks or more, else one result per block (256 lanes): a choice by count alone, and a result's additions are one
+// block's whatever the grid, so the order of the additions, and the bits, are the same on every device.
 template <typename T>
-void launch_sum_splits(const typename DeviceAcc<T>::type* partial, int64_t splits, int64_t count, T* result,
-                       cudaStream_t stream) {
+void launch_sum_splits(const SplitSum<T>& first, const SplitSum<T>& second, cudaStream_t stream) {
   constexpr int kWide = 32;
-  const bool wide = count >= 256 * kWide;
-  const int64_t per_block = wide ? kWide : 1;
-  const int blocks = int(std::min<int64_t>((count + per_block - 1) / per_block, 65535));
-  if (blocks == 0) return;
-  launch_kernel(wide ? sum_splits_kernel<T, kWide> : sum_splits_kernel<T, 1>,
-                {dim3(unsigned(blocks)), dim3(kSumThreads), 0, stream}, "sum_splits_kernel", partial, splits, count,
-                result);
+  auto wide = [](const SplitSum<T>& sum) { return sum.count >= 256 * kWide; };
+  auto blocks = [&](const SplitSum<T>& sum) {
+    return int(std::min<int64_t>((sum.count + (wide(sum) ? kWide : 1) - 1) / (wide(sum) ? kWide : 1), 65535));
+  };
+  const int first_blocks = blocks(first), total = first_blocks + blocks(second);
+  if (total == 0) return;
+  auto kernel = wide(first) ? (wide(second) ? sum_splits_kernel<T, kWide, kWide> : sum_splits_kernel<T, kWide, 1>)
+                            : (wide(second) ? sum_splits_kernel<T, 1, kWide> : sum_splits_kernel<T, 1, 1>);
+  launch_kernel(kernel, {dim3(unsigned(total)), dim3(kSumThreads), 0, stream}, "sum_splits_kernel", first,
+                first_blocks, second);
 }
 
 static size_t round_up_256(size_t bytes) { return (bytes + 255) / 256 * 256; }
@@ -446,6 +467,10 @@ void launch_backward_tensor_cores(const ConvTransposeParams& p, const Epilogue& 
   // chain runs on a side stream beside grad_input (side_stream.h).
   const bool grad_input = args.grad_input && p.input_numel() > 0;
   ForkJoin fork(stream, grad_input && args.grad_weight && !serial_backward());
+  // grad_bias from the g pass's partials: with grad_weight's sum where that runs (on the side stream, beside
+  // grad_input), else alone at the end.
+  const SplitSum<T> bias_sum{bias_partial, bias_partial_count(p), args.grad_bias ? p.out_channels : 0,
+                             static_cast<T*>(args.grad_bias)};
   // grad_weight on wgmma where its shape and the device allow (grad_weight_wgmma.cuh; not exact float), else on
   // mma.sync.
   WgmmaWeightPlan wgmma_plan{};
@@ -457,7 +482,8 @@ void launch_backward_tensor_cores(const ConvTransposeParams& p, const Epilogue& 
     const cudaStream_t side = fork.side();
     launch_grad_weight_wgmma<T>(p, wgmma_plan, plan.g_layout, static_cast<const T*>(args.input),
                                 args.input_channels_last, x_cl, g_split, weight_partial, side);
-    launch_sum_splits<T>(weight_partial, wgmma_plan.splits, p.weight_numel(), static_cast<T*>(args.grad_weight), side);
+    launch_sum_splits<T>({weight_partial, wgmma_plan.splits, p.weight_numel(), static_cast<T*>(args.grad_weight)},
+                         bias_sum, side);
   } else if (args.grad_weight) {
     const cudaStream_t side = fork.side();
     const PhaseSplitLayout x_layout{p.batch, PhaseAxis{int(p.in_h), 1, 0}, PhaseAxis{int(p.in_w), 1, 0}, plan.x_row};
@@ -465,7 +491,8 @@ void launch_backward_tensor_cores(const ConvTransposeParams& p, const Epilogue& 
                                        int(p.groups), int(padded_channels(p.in_channels_per_group())), x_layout, x_cl,
                                        nullptr, side, args.input_channels_last);
     launch_grad_weight_gemm<Math>(p, plan, x_cl, g_split, weight_partial, side);
-    launch_sum_splits<T>(weight_partial, plan.splits, p.weight_numel(), static_cast<T*>(args.grad_weight), side);
+    launch_sum_splits<T>({weight_partial, plan.splits, p.weight_numel(), static_cast<T*>(args.grad_weight)}, bias_sum,
+                         side);
   }
   // grad_input on wgmma from the g pass's G where grad_weight made it and the shape and device allow (not exact
   // float), else on mma.sync, else the gather kernel.
@@ -485,9 +512,7 @@ void launch_backward_tensor_cores(const ConvTransposeParams& p, const Epilogue& 
     if (!tensor_cores) launch_grad_input_gather<T, typename Math::Factor>(p, epilogue, args, stream);
   }
   fork.join();
-  if (args.grad_bias) {
-    launch_sum_splits<T>(bias_partial, bias_partial_count(p), p.out_channels, static_cast<T*>(args.grad_bias), stream);
-  }
+  if (!args.grad_weight) launch_sum_splits<T>(bias_sum, {}, stream);
 }
 
 // grad_input's copy path (the g pass's G in place of grad_output) fits this device for Math, as
@@ -564,12 +589,11 @@ void backward_cuda(const ConvTransposeParams& params, const Epilogue& epilogue, 
                     {dim3(unsigned(grid_x), unsigned(grid_y), unsigned(params.groups)), dim3(kWeightThreads), 0, stream},
                     "grad_weight_bias_partial_kernel", params, launch_plan, static_cast<const T*>(args.input), g,
                     args.grad_weight ? weight_partial : nullptr, args.grad_bias ? bias_partial : nullptr);
-      if (args.grad_weight)
-        launch_sum_splits<T>(weight_partial, plan.splits, params.weight_numel(), static_cast<T*>(args.grad_weight),
-                             stream);
-      if (args.grad_bias)
-        launch_sum_splits<T>(bias_partial, plan.splits * plan.phases, params.out_channels,
-                             static_cast<T*>(args.grad_bias), stream);
+      launch_sum_splits<T>({weight_partial, plan.splits, args.grad_weight ? params.weight_numel() : 0,
+                            static_cast<T*>(args.grad_weight)},
+                           {bias_partial, plan.splits * plan.phases, args.grad_bias ? params.out_channels : 0,
+                            static_cast<T*>(args.grad_bias)},
+                           stream);
     } else if constexpr (std::is_same_v<T, float>) {
       if (args.allow_tf32) {
         launch_backward_tensor_cores<T, Tf32Math>(params, epilogue, dtype, args, workspace, layout, stream);
