@@ -121,12 +121,12 @@ inline bool gemm_patch_steps(const ConvTransposeParams& p) {
   return true;
 }
 
-// A block's tile and stage geometry. The 8 warps each own kWarpM (ic) x kWarpN (oc) results per tap: 16 x 32
-// where the tile has 32 or more output channels, else 32 x 16. Per k step a warp loads one B fragment pair
-// (G) per 16 output channels and one A fragment (X) per tap and 16 input channels: at 16 x 32, 6 ldmatrix for
-// 16 MMAs, against 9 at 32 x 16 (a 64 x 64 bf16 block step read ~74 KB of fragments, ~49 KB at 16 x 32: at
-// kb_v1 grad_weight + grad_bias 1.64 -> 1.62 ms bf16, 2.87 -> 2.72 TF32, H100; shared memory was not the
-// bound, L2 was: gemm_patch_steps).
+// A block's tile and stage geometry, for patch steps (kPatchSteps: gemm_patch_steps) or per-tap steps. The 8 warps
+// each own kWarpM (ic) x kWarpN (oc) results per tap: 16 x 32 where the tile has 32 or more output channels, else
+// 32 x 16. Per k step a warp loads one B fragment pair (G) per 16 output channels and one A fragment (X) per tap and
+// 16 input channels: at 16 x 32, 6 ldmatrix for 16 MMAs, against 9 at 32 x 16 (a 64 x 64 bf16 block step read ~74
+// KB of fragments, ~49 KB at 16 x 32: at kb_v1 grad_weight + grad_bias 1.64 -> 1.62 ms bf16, 2.87 -> 2.72 TF32,
+// H100; shared memory was not the bound, L2 was: gemm_patch_steps).
 // The tile's kWarpTiles warp tiles, times kGroups pixel groups where the tile needs fewer than 8 warps, the
 // warps of group q multiplying rows q * kGroupPixels ... of each stage and their sums added at the end. A
 // narrow tile (a group's 32 input x 16 output channels at kb_v0, where the 64 x 64 tile was an eighth used and
@@ -134,56 +134,86 @@ inline bool gemm_patch_steps(const ConvTransposeParams& p) {
 // about the bytes of the wide tile's: fewer steps, each a copy round trip and a barrier. The warps left over
 // after the warp tiles and pixel groups split the block's taps between them (kTapWarps sets of kWarpTaps taps),
 // so that every warp multiplies, not two of eight: with per-tap steps that measured the same (kb_v0's GEMM is
-// bound by its L2 requests), with the 16-bit patch steps (kPatchable) 42.5 -> 39.6 us (H100). Rows are padded by 16
-// bytes (16-bit: ldmatrix's eight rows in distinct bank groups) or 8 words (32-bit loads: row stride 8 or 24
-// mod 32 words).
-template <typename Math, int kTM, int kTN>
+// bound by its L2 requests), with the 16-bit patch steps 42.5 -> 39.6 us (H100). Rows are padded by 16 bytes
+// (16-bit: ldmatrix's eight rows in distinct bank groups) or 8 words (32-bit loads: row stride 8 or 24 mod 32
+// words).
+// Patch steps take tiles of several pixel groups only as whole 8 x 8 squares (kPatchable): float's 8 x 4 tiles
+// over kb_v0's 33-pixel planes were ragged and measured slower than per-tap steps (GEMM 69 -> 75 us), while 8 x 8
+// cut the 16-bit GEMM 56 -> 40 us (H100). A patch stage holds only the patch, so the float 32 x 16 tile fits 8 x 8
+// pixels (four groups) in fewer bytes than its per-tap stage of 32 pixels: kb_v0's TF32 training step 205 -> 197
+// us. Only where warps are left to split the taps (kTapWarps > 1): the float 32 x 32 square, whose four groups of
+// two warp tiles take all eight warps (four taps each), measured from 4% faster to 9% slower than per-tap steps
+// over perf/bench.py's sweep (H100), so it keeps them.
+template <typename Math, int kTM, int kTN, bool kPatchSteps>
 struct GemmShape {
   static constexpr int kTileM = kTM, kTileN = kTN;  // the plan's tile_m / tile_n, which picked this shape
+  static constexpr bool kPatch = kPatchSteps;
   static constexpr int kValueBytes = int(sizeof(typename Math::Smem));
   static constexpr int kGroupPixels = gemm_pixels<Math>();
   static constexpr int kXRowBytes = kTM * kValueBytes + (kValueBytes == 2 ? 16 : 32);
   static constexpr int kGRowBytes = kTN * kValueBytes + (kValueBytes == 2 ? 16 : 32);
-  static constexpr int kPixelBytes = kGRowBytes + kGemmTaps * kXRowBytes;  // one pixel row of G and its X rows
   static constexpr int kXPieces = kTM * kValueBytes / 16, kGPieces = kTN * kValueBytes / 16;  // per row
   static constexpr int kWarpN = kTN >= 32 ? 32 : 16, kWarpM = 512 / kWarpN;
   static constexpr int kWarpsN = kTN / kWarpN, kWarpTiles = kTM / kWarpM * kWarpsN;
   static constexpr int kMTiles = kWarpM / 16, kNTiles = kWarpN / 8;  // m16 and n8 MMA tiles per warp and tap
-  static constexpr int groups() {
+  // X rows a stage of `rows` pixels holds: the patch under its tile (one more row and column), or a row per tap.
+  static constexpr int x_rows(int rows, bool patch) {
+    return patch ? (rows / kGemmPatchCols + 1) * (kGemmPatchCols + 1) : kGemmTaps * rows;
+  }
+  static constexpr int stage_bytes(int rows, bool patch) { return rows * kGRowBytes + x_rows(rows, patch) * kXRowBytes; }
+  // Per-tap steps: a thread copies one piece of one pixel's G row and X rows (kThreadsPerRow threads per row).
+  static constexpr int tap_groups() {
     int groups = 1;
     while (groups * 2 * kWarpTiles <= kGemmThreads / 32 &&
-           groups * 2 * kGroupPixels * kPixelBytes <= kGemmStageBudget &&
+           stage_bytes(groups * 2 * kGroupPixels, false) <= kGemmStageBudget &&
            kGemmThreads / (groups * 2 * kGroupPixels) >= (kXPieces > kGPieces ? kXPieces : kGPieces))
       groups *= 2;
     return groups;
+  }
+  static constexpr int groups() {
+    constexpr int kSquare = kGemmPatchCols * kGemmPatchCols / kGroupPixels;  // groups of an 8 x 8 tile
+    return kPatchSteps && tap_groups() > 1 && kSquare * kWarpTiles < kGemmThreads / 32 &&
+                   stage_bytes(kSquare * kGroupPixels, true) <= kGemmStageBudget
+               ? kSquare
+               : tap_groups();
   }
   static constexpr int kGroups = groups();
   static constexpr int kTapWarps = std::min(kGemmTaps, kGemmThreads / 32 / (kGroups * kWarpTiles));
   static constexpr int kWarpTaps = kGemmTaps / kTapWarps;         // taps a warp multiplies
   static constexpr int kRows = kGroups * kGroupPixels;            // pixel rows per stage
-  static constexpr int kThreadsPerRow = kGemmThreads / kRows;     // a thread copies one piece of one row
-  static constexpr int kStageBytes = kRows * kPixelBytes;
-  // Whether patch steps (gemm_patch_steps) may serve this shape. Not float tiles of several pixel groups: at kb_v0
-  // (32 x 16, TF32) their small patches (8 x 4 pixels) over a ragged 33-pixel plane measured slower than per-tap
-  // steps (GEMM 69 -> 75 us), while the 16-bit ones (8 x 8) cut their L2 requests: 56 -> 40 us (H100).
-  static constexpr bool kPatchable = kGroups == 1 || kValueBytes == 2;
+  static constexpr int kXRows = x_rows(kRows, kPatchSteps);
+  static constexpr int kStageBytes = stage_bytes(kRows, kPatchSteps);
+  static constexpr int kThreadsPerRow = kGemmThreads / kRows;     // (per-tap steps)
+  // The pixel groups' sums pass through the stages' shared memory at the end (groups 1 ... kGroups - 1).
+  static constexpr int kSumBytes = (kGroups - 1) * kWarpTiles * kTapWarps * kWarpTaps * kMTiles * kNTiles * 4 * 32 * 4;
+  static constexpr int smem_bytes(int stages) { return std::max(stages * kStageBytes, kSumBytes); }
+  static constexpr bool kPatchable = kPatchSteps && (kGroups == 1 || kRows == kGemmPatchCols * kGemmPatchCols);
   static_assert(kTM % kWarpM == 0 && kTN % kWarpN == 0 && kWarpTiles <= kGemmThreads / 32, "whole warp tiles");
   static_assert(kGemmTaps % kTapWarps == 0, "whole tap sets");
-  static_assert(kThreadsPerRow >= kXPieces && kThreadsPerRow >= kGPieces, "at most one piece per thread and row");
+  static_assert(kPatchSteps ? kRows % kGemmPatchCols == 0 : kThreadsPerRow >= kXPieces && kThreadsPerRow >= kGPieces,
+                "patch tiles of whole rows; per-tap steps: at most one piece per thread and row");
 };
 
 // The tile for a group's channel counts: 32 or 64 input channels, 16, 32 or 64 output channels.
 inline int gemm_tile_m(int64_t in_per_group) { return in_per_group <= 32 ? 32 : 64; }
 inline int gemm_tile_n(int64_t out_per_group) { return out_per_group <= 16 ? 16 : out_per_group <= 32 ? 32 : 64; }
 
-// Calls f(GemmShape<Math, TM, TN>{}) for a plan's tile.
+// Calls f(GemmShape<Math, TM, TN, patch>{}) for a plan's tile; per-tap steps where patch steps do not fit the tile
+// (kPatchable), so no patch kernel is built for it.
 template <typename Math, typename F>
-decltype(auto) with_gemm_shape(int tile_m, int tile_n, F&& f) {
+decltype(auto) with_gemm_shape(int tile_m, int tile_n, bool patch, F&& f) {
+  auto with_steps = [&](auto tm, auto tn) -> decltype(auto) {
+    constexpr int kTM = decltype(tm)::value, kTN = decltype(tn)::value;
+    using PatchShape = GemmShape<Math, kTM, kTN, true>;
+    if constexpr (PatchShape::kPatchable) {
+      if (patch) return f(PatchShape{});
+    }
+    return f(GemmShape<Math, kTM, kTN, false>{});
+  };
   auto with_n = [&](auto tm) -> decltype(auto) {
-    constexpr int kTM = decltype(tm)::value;
-    if (tile_n == 16) return f(GemmShape<Math, kTM, 16>{});
-    if (tile_n == 32) return f(GemmShape<Math, kTM, 32>{});
-    return f(GemmShape<Math, kTM, 64>{});
+    if (tile_n == 16) return with_steps(tm, std::integral_constant<int, 16>{});
+    if (tile_n == 32) return with_steps(tm, std::integral_constant<int, 32>{});
+    return with_steps(tm, std::integral_constant<int, 64>{});
   };
   return tile_m == 32 ? with_n(std::integral_constant<int, 32>{}) : with_n(std::integral_constant<int, 64>{});
 }
@@ -193,13 +223,13 @@ inline WeightGemmPlan plan_weight_gemm(const ConvTransposeParams& p, DType dtype
   plan.tile_m = gemm_tile_m(p.in_channels_per_group());
   plan.tile_n = gemm_tile_n(p.out_channels_per_group());
   // The shape's constants for the dtype's operand width (float: Tf32Math and Fp32SplitMath alike).
-  auto of_shape = [&](auto constant) {
-    return dtype == DType::Float32 ? with_gemm_shape<Tf32Math>(plan.tile_m, plan.tile_n, constant)
-                                   : with_gemm_shape<Half16Math<__half>>(plan.tile_m, plan.tile_n, constant);
+  auto of_shape = [&](bool patch, auto constant) {
+    return dtype == DType::Float32 ? with_gemm_shape<Tf32Math>(plan.tile_m, plan.tile_n, patch, constant)
+                                   : with_gemm_shape<Half16Math<__half>>(plan.tile_m, plan.tile_n, patch, constant);
   };
-  const int pixel_step = of_shape([](auto shape) { return decltype(shape)::kRows; });
   plan.phases = int(p.stride_h * p.stride_w);
-  plan.patch = of_shape([](auto shape) { return decltype(shape)::kPatchable; }) && gemm_patch_steps(p);
+  plan.patch = of_shape(true, [](auto shape) { return decltype(shape)::kPatch; }) && gemm_patch_steps(p);
+  const int pixel_step = of_shape(plan.patch, [](auto shape) { return decltype(shape)::kRows; });
   const int tile_rows = pixel_step / kGemmPatchCols;
   int max_taps = 0;
   int64_t max_phase_pixels = 0, max_phase_tiles = 0;
@@ -279,8 +309,8 @@ template <> struct KMajorFragments<4> {
 template <typename Math>
 constexpr int gemm_min_blocks() { return std::is_same<Math, Fp32SplitMath>::value ? 1 : 2; }
 
-// Grid as WeightBlock says; Shape: GemmShape<Math, TM, TN>; kPatch: patch steps (gemm_patch_steps), else per-tap.
-template <typename Math, typename Shape, int kStages, bool kPatch>
+// Grid as WeightBlock says; Shape: GemmShape<Math, TM, TN, patch steps (gemm_patch_steps) or per-tap>.
+template <typename Math, typename Shape, int kStages>
 __global__ void __launch_bounds__(kGemmThreads, gemm_min_blocks<Math>())
 grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typename Math::Smem* __restrict__ x_cl,
                         const typename Math::Smem* __restrict__ g_split, float* __restrict__ weight_partial) {
@@ -289,6 +319,7 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
   using Frags = KMajorFragments<int(sizeof(Smem))>;
   constexpr int kXRowBytes = Shape::kXRowBytes, kGRowBytes = Shape::kGRowBytes;
   constexpr int kRows = Shape::kRows;
+  constexpr bool kPatch = Shape::kPatch;
   constexpr int kGTileBytes = kRows * kGRowBytes, kXTileBytes = kRows * kXRowBytes;
   constexpr int kStageBytes = Shape::kStageBytes;
   constexpr int kValuesPerPiece = 16 / int(sizeof(Smem));
@@ -335,24 +366,30 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
     return value;
   };
 
-  // Copy assignment: thread -> (row row0 of each step, 16-byte piece of its X rows and of its G row, where the
-  // tile's rows have that piece). Channel limits are per group.
-  const int piece = tid % Shape::kThreadsPerRow, row0 = tid / Shape::kThreadsPerRow;
-  const bool x_copies = Shape::kThreadsPerRow == Shape::kXPieces || piece < Shape::kXPieces;
-  const bool g_copies = Shape::kThreadsPerRow == Shape::kGPieces || piece < Shape::kGPieces;
+  // Copy assignment: thread -> 16-byte piece of the G rows and of the X rows it copies, where the tile's rows have
+  // that piece, and its first rows of each step: per-tap steps one pixel's G row and X rows (row0), patch steps
+  // G rows g_row0 + pass x kGRowStep and X rows x_row0 + pass x kXRowStep, each of its pieces assigned apart, so
+  // that a stage may hold more pieces than there are threads. Channel limits are per group.
+  constexpr int kGThreads = kPatch ? Shape::kGPieces : Shape::kThreadsPerRow;  // threads per G row
+  constexpr int kXThreads = kPatch ? Shape::kXPieces : Shape::kThreadsPerRow;  // threads per X row
+  constexpr int kGRowStep = kGemmThreads / kGThreads, kXRowStep = kGemmThreads / kXThreads;
+  const int g_piece = tid % kGThreads, x_piece = tid % kXThreads;
+  const int g_row0 = tid / kGThreads, x_row0 = tid / kXThreads;
+  const int row0 = g_row0;  // (per-tap steps: x_row0 too)
+  const bool x_copies = kXThreads == Shape::kXPieces || x_piece < Shape::kXPieces;
+  const bool g_copies = kGThreads == Shape::kGPieces || g_piece < Shape::kGPieces;
   const int in_padded = int(padded_channels(p.in_channels_per_group()));
   const int out_padded = int(padded_channels(p.out_channels_per_group()));
-  const bool x_piece_ok = ic0 + piece * kValuesPerPiece < in_padded;
-  const bool g_piece_ok = oc0 + piece * kValuesPerPiece < out_padded;
-  const Smem* g_phase = g_split + (gl.phase_first_row(rh, rw)) * gl.row + group * out_padded + oc0 + piece * kValuesPerPiece;
-  const Smem* x_group = x_cl + group * in_padded + ic0 + piece * kValuesPerPiece;
+  const bool x_piece_ok = ic0 + x_piece * kValuesPerPiece < in_padded;
+  const bool g_piece_ok = oc0 + g_piece * kValuesPerPiece < out_padded;
+  const Smem* g_phase = g_split + (gl.phase_first_row(rh, rw)) * gl.row + group * out_padded + oc0 + g_piece * kValuesPerPiece;
+  const Smem* x_group = x_cl + group * in_padded + ic0 + x_piece * kValuesPerPiece;
   const int in_h = int(p.in_h), in_w = int(p.in_w);
 
   // Patch steps: the tile grid of the phase plane, a thread's G pixel in the tile and its X patch rows.
   constexpr int kTileRows = kRows / kGemmPatchCols, kPatchCols = kGemmPatchCols + 1;
-  constexpr int kPatchRows = (kTileRows + 1) * kPatchCols;
-  constexpr int kPatchPasses = (kPatchRows + kRows - 1) / kRows;  // a thread's X rows: row0 + pass x kRows
-  static_assert(kRows % kGemmPatchCols == 0 && kPatchPasses <= kGemmTaps, "the patch fits the X rows of a stage");
+  constexpr int kPatchRows = Shape::kXRows;
+  constexpr int kGPasses = (kRows + kGRowStep - 1) / kGRowStep, kXPasses = (kPatchRows + kXRowStep - 1) / kXRowStep;
   const int tiles_w = (extent_w + kGemmPatchCols - 1) / kGemmPatchCols, tiles_h = (extent_h + kTileRows - 1) / kTileRows;
   const int64_t tile_begin = split * plan.tiles_per_split;
   const int64_t tile_end = min(p.batch * tiles_h * tiles_w, tile_begin + plan.tiles_per_split);
@@ -379,7 +416,7 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
   int tile_r = 0, tile_c = 0;
   int tiles_left = int(steps);  // (a split's tiles are far below 2^31: each is 8 x kTileRows pixels of G in memory)
   const Smem* g_image = g_phase;
-  const int g_r = row0 / kGemmPatchCols, g_c = row0 % kGemmPatchCols;
+  const int g_c = g_row0 % kGemmPatchCols;  // (kGRowStep is a multiple of the tile's width)
   int patch_h = tap_off_h[0], patch_w = tap_off_w[0];
 #pragma unroll
   for (int t = 1; t < kGemmTaps; ++t) {
@@ -410,23 +447,28 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
   auto load_patch_stage = [&](uint32_t base) {
     const int a0 = tile_r * kTileRows, b0 = tile_c * kGemmPatchCols;
     if (g_copies) {
-      const int ga = a0 + g_r, gb = b0 + g_c;
-      const bool ok = tiles_left > 0 && g_piece_ok && ga < extent_h && gb < extent_w;
-      const uint32_t at = ok ? uint32_t(ga * extent_w + gb) : 0u;
-      cp_async_16(base + row0 * kGRowBytes,
-                  reinterpret_cast<const unsigned char*>(ok ? g_image : g_split) + uint64_t(at) * g_row_bytes,
-                  ok ? 16 : 0);
+#pragma unroll
+      for (int pass = 0; pass < kGPasses; ++pass) {
+        const int j = g_row0 + pass * kGRowStep;  // the tile's pixel
+        if (kRows % kGRowStep != 0 && j >= kRows) break;
+        const int ga = a0 + j / kGemmPatchCols, gb = b0 + g_c;
+        const bool ok = tiles_left > 0 && g_piece_ok && ga < extent_h && gb < extent_w;
+        const uint32_t at = ok ? uint32_t(ga * extent_w + gb) : 0u;
+        cp_async_16(base + g_piece * 16 + j * kGRowBytes,
+                    reinterpret_cast<const unsigned char*>(ok ? g_image : g_split) + uint64_t(at) * g_row_bytes,
+                    ok ? 16 : 0);
+      }
     }
     if (x_copies) {
 #pragma unroll
-      for (int pass = 0; pass < kPatchPasses; ++pass) {
-        const int q = row0 + pass * kRows;  // patch row (rows past the patch are never read: not copied)
-        if ((pass + 1) * kRows > kPatchRows && q >= kPatchRows) break;
+      for (int pass = 0; pass < kXPasses; ++pass) {
+        const int q = x_row0 + pass * kXRowStep;  // patch row
+        if (kPatchRows % kXRowStep != 0 && q >= kPatchRows) break;
         const int pr = q / kPatchCols, pc = q - pr * kPatchCols;
         const int ih = a0 + patch_h + pr, iw = b0 + patch_w + pc;
         const bool ok = tiles_left > 0 && x_piece_ok && unsigned(ih) < unsigned(in_h) && unsigned(iw) < unsigned(in_w);
         const uint32_t at = ok ? uint32_t(ih * in_w + iw) : 0u;
-        cp_async_16(base + kGTileBytes + q * kXRowBytes,
+        cp_async_16(base + x_piece * 16 + kGTileBytes + q * kXRowBytes,
                     reinterpret_cast<const unsigned char*>(ok ? x_image : x_cl) + uint64_t(at) * x_row_bytes,
                     ok ? 16 : 0);
       }
@@ -446,7 +488,7 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
     const bool pixel_ok = pixel < pixel_end;
     if (g_copies) {
       const bool g_ok = pixel_ok && g_piece_ok;
-      cp_async_16(base + row0 * kGRowBytes, g_ok ? g_row : g_split, g_ok ? 16 : 0);
+      cp_async_16(base + g_piece * 16 + row0 * kGRowBytes, g_ok ? g_row : g_split, g_ok ? 16 : 0);
     }
     if (x_copies) {
 #pragma unroll
@@ -455,7 +497,7 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
         const int ih = a + tap_off_h[t], iw = b + tap_off_w[t];
         const bool ok = pixel_ok && x_piece_ok && unsigned(ih) < unsigned(in_h) && unsigned(iw) < unsigned(in_w);
         const uint32_t at = ok ? uint32_t(ih * in_w + iw) : 0u;
-        cp_async_16(base + kGTileBytes + t * kXTileBytes + row0 * kXRowBytes,
+        cp_async_16(base + x_piece * 16 + kGTileBytes + t * kXTileBytes + row0 * kXRowBytes,
                     reinterpret_cast<const unsigned char*>(ok ? x_image : x_cl) + uint64_t(at) * x_row_bytes,
                     ok ? 16 : 0);
       }
@@ -474,7 +516,7 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
     }
   };
   auto load_stage = [&](int stage) {
-    const uint32_t base = smem_address(smem + stage * kStageBytes) + piece * 16;
+    const uint32_t base = smem_address(smem + stage * kStageBytes);
     if constexpr (kPatch) {
       load_patch_stage(base);
     } else {
@@ -567,9 +609,8 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
   // The pixel groups' sums, added in group order by group 0 of each tap set (through the stages' shared memory).
   if constexpr (Shape::kGroups > 1) {
     constexpr int kAccValues = kWarpTaps * kMTiles * kNTiles * 4;
-    static_assert((Shape::kGroups - 1) * Shape::kWarpTiles * Shape::kTapWarps * kAccValues * 32 * 4 <=
-                      kStages * kStageBytes,
-                  "the group sums fit in the stages");
+    static_assert(Shape::kSumBytes == (Shape::kGroups - 1) * Shape::kWarpTiles * Shape::kTapWarps * kAccValues * 32 * 4,
+                  "the launch's shared memory holds the group sums");
     float* sums = reinterpret_cast<float*>(smem);
     // (The sums slot of tap set `tap_set`, group q > 0 and this warp tile.)
     auto slot = [&](int q) {
@@ -623,27 +664,24 @@ void launch_grad_weight_gemm(const ConvTransposeParams& p, const WeightGemmPlan&
   if (grid_x > 0x7fffffff || grid_y > 65535 || p.groups > 65535)
     throw std::invalid_argument("fused_convt: grad_weight grid too large (kernel taps x channel tiles > 65535 "
                                 "or groups > 65535)");
-  with_gemm_shape<Math>(plan.tile_m, plan.tile_n, [&](auto shape) {
+  with_gemm_shape<Math>(plan.tile_m, plan.tile_n, plan.patch, [&](auto shape) {
     using Shape = decltype(shape);
     auto launch = [&](auto stages) {
       constexpr int kStages = decltype(stages)::value;
-      constexpr int kSmem = kStages * Shape::kStageBytes;
-      auto kernel = grad_weight_gemm_kernel<Math, Shape, kStages, false>;
-      if constexpr (Shape::kPatchable) {
-        if (plan.patch) kernel = grad_weight_gemm_kernel<Math, Shape, kStages, true>;
-      }
+      constexpr int kSmem = Shape::smem_bytes(kStages);
+      auto kernel = grad_weight_gemm_kernel<Math, Shape, kStages>;
       allow_dynamic_smem(reinterpret_cast<const void*>(kernel), kSmem, "cudaFuncSetAttribute(grad_weight_gemm_kernel)");
       launch_kernel(kernel, {dim3(unsigned(grid_x), unsigned(grid_y), unsigned(p.groups)), dim3(kGemmThreads), kSmem,
                              stream},
                     "grad_weight_gemm_kernel", p, plan, x_cl, g_split, weight_partial);
     };
     const size_t available = max_dynamic_smem_bytes();
-    if (available >= size_t(kGemmMaxStages) * Shape::kStageBytes) {
+    if (available >= size_t(Shape::smem_bytes(kGemmMaxStages))) {
       launch(std::integral_constant<int, kGemmMaxStages>{});
-    } else if (available >= 2 * size_t(Shape::kStageBytes)) {
+    } else if (available >= size_t(Shape::smem_bytes(2))) {
       launch(std::integral_constant<int, 2>{});
     } else {
-      throw std::runtime_error("fused_convt: grad_weight needs " + std::to_string(2 * Shape::kStageBytes) +
+      throw std::runtime_error("fused_convt: grad_weight needs " + std::to_string(Shape::smem_bytes(2)) +
                                " bytes of shared memory per block; this device offers " + std::to_string(available));
     }
   });

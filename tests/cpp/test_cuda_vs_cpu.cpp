@@ -367,9 +367,10 @@ std::vector<std::pair<std::string, ConvTransposeParams>> tiled_cases() {
   // tiles, one pixel group); 32 x 16 and 32 x 32 (pixel groups) come with the cases above.
   cases.push_back({"grad_weight tile 64 x 32", square(make(2, 48, 24, 10, 9, 1), 3, 2, 1)});
   cases.push_back({"grad_weight tile 64 x 16", square(make(2, 40, 12, 9, 10, 1), 4, 2)});
-  // Narrow tiles whose warps split the taps between them (32 x 16: four tap sets of one tap; 32 x 32: two of two),
-  // with patch steps in 16-bit: four taps per phase over ragged 8 x 8 patch tiles, phases of two and one taps
-  // (tap sets without taps), one tap per phase.
+  // Narrow tiles whose warps split the taps between them (32 x 16: four tap sets of one tap, two of two with float
+  // patch steps; 32 x 32: two of two), with patch steps in 16-bit and in float at 32 x 16 (8 x 8 tiles of four
+  // pixel groups, more copies than threads): four taps per phase over ragged 8 x 8 patch tiles, phases of two and
+  // one taps (tap sets without taps), one tap per phase.
   cases.push_back({"grad_weight tile 32 x 16, tap sets, k4 s2", square(make(3, 32, 16, 11, 13, 1), 4, 2)});
   cases.push_back({"grad_weight tile 32 x 32, tap sets, k3 s2 p1", square(make(2, 24, 20, 10, 9, 1), 3, 2, 1)});
   cases.push_back({"grad_weight tile 32 x 16, one tap per phase", square(make(2, 32, 12, 9, 7, 1), 2, 2)});
