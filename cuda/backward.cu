@@ -334,7 +334,8 @@ void launch_sum_splits(const SplitSum<T>& first, const SplitSum<T>& second, cuda
   constexpr int kWide = 32;
   auto wide = [](const SplitSum<T>& sum) { return sum.count >= 256 * kWide; };
   auto blocks = [&](const SplitSum<T>& sum) {
-    return int(std::min<int64_t>((sum.count + (wide(sum) ? kWide : 1) - 1) / (wide(sum) ? kWide : 1), 65535));
+    const int64_t per_block = wide(sum) ? kWide : 1;
+    return int(std::min<int64_t>((sum.count + per_block - 1) / per_block, 65535));
   };
   const int first_blocks = blocks(first), total = first_blocks + blocks(second);
   if (total == 0) return;
