@@ -491,7 +491,10 @@ void launch_backward_tensor_cores(const ConvTransposeParams& p, const Epilogue& 
     launch_pack_channels_last<T, Math>(static_cast<const T*>(args.input), nullptr, 1.0f, int(p.in_channels),
                                        int(p.groups), int(padded_channels(p.in_channels_per_group())), x_layout, x_cl,
                                        nullptr, side, args.input_channels_last);
-    launch_grad_weight_gemm<Math>(p, plan, x_cl, g_split, weight_partial, side);
+    // (The GEMM's X by TMA boxes from the copy where it can.)
+    alignas(64) CUtensorMap x_map{};
+    const bool x_box = encode_gemm_x_box<Math>(p, plan, x_cl, &x_map);
+    launch_grad_weight_gemm<Math>(p, plan, x_cl, x_box ? &x_map : nullptr, g_split, weight_partial, side);
     launch_sum_splits<T>({weight_partial, plan.splits, p.weight_numel(), static_cast<T*>(args.grad_weight)}, bias_sum,
                          side);
   }

@@ -21,6 +21,7 @@
 #include "channels_last_pack.cuh"
 #include "cuda_common.cuh"
 #include "mma.cuh"
+#include "tma.cuh"
 
 namespace fused_convt {
 
@@ -186,8 +187,18 @@ struct GemmShape {
   static constexpr int kThreadsPerRow = kGemmThreads / kRows;     // (per-tap steps)
   // The pixel groups' sums pass through the stages' shared memory at the end (groups 1 ... kGroups - 1).
   static constexpr int kSumBytes = (kGroups - 1) * kWarpTiles * kTapWarps * kWarpTaps * kMTiles * kNTiles * 4 * 32 * 4;
-  static constexpr int smem_bytes(int stages) { return std::max(stages * kStageBytes, kSumBytes); }
   static constexpr bool kPatchable = kPatchSteps && (kGroups == 1 || kRows == kGemmPatchCols * kGemmPatchCols);
+  // Patch steps may take each stage's X patch from the channels-last copy by one TMA box (kXBox:
+  // encode_gemm_x_box): [patch row][patch column][kXRowBytes of channels], the copies' layout, row padding
+  // included (the box reads the next channels into it, which no fragment reads), so the fragments are the
+  // copies'. Its stages then start at multiples of 128 bytes, as the box's destination must.
+  static constexpr int kXBoxChannels = kXRowBytes / kValueBytes;
+  static constexpr bool kXBoxable = kPatchable && kXBoxChannels <= 256;
+  static constexpr int stage_size(bool x_box) { return x_box ? (kStageBytes + 127) / 128 * 128 : kStageBytes; }
+  // Dynamic shared memory: the stages (or the group sums, where more), then with X boxes a barrier per stage.
+  static constexpr int smem_bytes(int stages, bool x_box) {
+    return std::max(stages * stage_size(x_box), kSumBytes) + (x_box ? stages * 8 : 0);
+  }
   static_assert(kTM % kWarpM == 0 && kTN % kWarpN == 0 && kWarpTiles <= kGemmThreads / 32, "whole warp tiles");
   static_assert(kGemmTaps % kTapWarps == 0, "whole tap sets");
   static_assert(kPatchSteps ? kRows % kGemmPatchCols == 0 : kThreadsPerRow >= kXPieces && kThreadsPerRow >= kGPieces,
@@ -309,11 +320,15 @@ template <> struct KMajorFragments<4> {
 template <typename Math>
 constexpr int gemm_min_blocks() { return std::is_same<Math, Fp32SplitMath>::value ? 1 : 2; }
 
-// Grid as WeightBlock says; Shape: GemmShape<Math, TM, TN, patch steps (gemm_patch_steps) or per-tap>.
-template <typename Math, typename Shape, int kStages>
+// Grid as WeightBlock says; Shape: GemmShape<Math, TM, TN, patch steps (gemm_patch_steps) or per-tap>. kXBox: the
+// patch steps' X by x_map's boxes (encode_gemm_x_box), else by 16-byte copies, from x_cl either way.
+template <typename Math, typename Shape, int kStages, bool kXBox>
 __global__ void __launch_bounds__(kGemmThreads, gemm_min_blocks<Math>())
 grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typename Math::Smem* __restrict__ x_cl,
-                        const typename Math::Smem* __restrict__ g_split, float* __restrict__ weight_partial) {
+                        const __grid_constant__ CUtensorMap x_map, const typename Math::Smem* __restrict__ g_split,
+                        float* __restrict__ weight_partial) {
+  static_assert(!kXBox || (Shape::kXBoxable && Shape::kRows * Shape::kGRowBytes % 128 == 0),
+                "X boxes serve patch steps, at 128-byte offsets in every stage");
   follow_previous_grid();
   using Smem = typename Math::Smem;
   using Frags = KMajorFragments<int(sizeof(Smem))>;
@@ -321,9 +336,10 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
   constexpr int kRows = Shape::kRows;
   constexpr bool kPatch = Shape::kPatch;
   constexpr int kGTileBytes = kRows * kGRowBytes, kXTileBytes = kRows * kXRowBytes;
-  constexpr int kStageBytes = Shape::kStageBytes;
+  constexpr int kStageBytes = Shape::stage_size(kXBox);
   constexpr int kValuesPerPiece = 16 / int(sizeof(Smem));
   extern __shared__ __align__(128) unsigned char smem[];
+  const uint32_t x_bars = smem_address(smem) + Shape::smem_bytes(kStages, kXBox) - kStages * 8;  // (kXBox)
 
   const WeightBlock block(plan.phases, plan.tap_groups, plan.ic_tiles, int(p.stride_w));
   const int rh = block.rh, rw = block.rw, tap_group = block.tap_group, group = block.group;
@@ -413,7 +429,7 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
   const Smem* g_row = g_phase;
   // Patch steps: the next tile to load (its row and column in the image's tile grid), the image's G plane, the
   // thread's G pixel in a tile, and the patch's origin relative to a tile's first pixel (the taps' least offsets).
-  int tile_r = 0, tile_c = 0;
+  int tile_r = 0, tile_c = 0, tile_image = 0;
   int tiles_left = int(steps);  // (a split's tiles are far below 2^31: each is 8 x kTileRows pixels of G in memory)
   const Smem* g_image = g_phase;
   const int g_c = g_row0 % kGemmPatchCols;  // (kGRowStep is a multiple of the tile's width)
@@ -429,6 +445,7 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
       const int rc = int(tile_begin - n * image_tiles);
       tile_r = rc / tiles_w;
       tile_c = rc - tile_r * tiles_w;
+      tile_image = int(n);
       x_image = x_group + n * x_image_step;
       g_image = g_phase + n * phase_plane * gl.row;
     } else {
@@ -444,7 +461,7 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
   }
   // A copy that is skipped (zero-filled) names the operand's first element, which always exists: past the
   // batch's last pixel the running pointers may lie past the copy.
-  auto load_patch_stage = [&](uint32_t base) {
+  auto load_patch_stage = [&](uint32_t base, int stage) {
     const int a0 = tile_r * kTileRows, b0 = tile_c * kGemmPatchCols;
     if (g_copies) {
 #pragma unroll
@@ -459,7 +476,13 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
                     ok ? 16 : 0);
       }
     }
-    if (x_copies) {
+    if constexpr (kXBox) {
+      if (tid == 0 && tiles_left > 0) {  // zeros outside the image, as the copies'
+        const uint32_t bar = x_bars + 8 * stage;
+        mbarrier_arrive_expect_tx(bar, kPatchRows * kXRowBytes);
+        tma_load_4d(base + kGTileBytes, &x_map, group * in_padded + ic0, b0 + patch_w, a0 + patch_h, tile_image, bar);
+      }
+    } else if (x_copies) {
 #pragma unroll
       for (int pass = 0; pass < kXPasses; ++pass) {
         const int q = x_row0 + pass * kXRowStep;  // patch row
@@ -481,6 +504,7 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
         // (The image steps are recomputed from the parameters here, rarely, rather than kept in registers.)
         x_image += int64_t(p.in_h) * p.in_w * plan.x_row;
         g_image += phase_plane * gl.row;
+        ++tile_image;
       }
     }
   };
@@ -518,7 +542,7 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
   auto load_stage = [&](int stage) {
     const uint32_t base = smem_address(smem + stage * kStageBytes);
     if constexpr (kPatch) {
-      load_patch_stage(base);
+      load_patch_stage(base, stage);
     } else {
       load_tap_stage(base);
     }
@@ -537,6 +561,13 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
     return kPatch ? lane_patch_row[u] + k / kGemmPatchCols * kPatchCols : (first_tap + u) * kRows + k + lane_pixel;
   };
 
+  if constexpr (kXBox) {
+    if (tid == 0) {
+      for (int s = 0; s < kStages; ++s) mbarrier_init(x_bars + 8 * s, 1);
+      mbarrier_init_fence();
+    }
+    __syncthreads();
+  }
   constexpr int kMTiles = Shape::kMTiles, kNTiles = Shape::kNTiles;
   float acc[kWarpTaps][kMTiles][kNTiles][4];
 #pragma unroll
@@ -554,6 +585,7 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
     if (next < steps) load_stage(int(next % kStages));
     cp_async_commit();
     if (!multiplies) continue;
+    if constexpr (kXBox) mbarrier_wait(x_bars + 8 * int(step % kStages), uint32_t(step / kStages) & 1u);
 
     const uint32_t g_tile = smem_address(smem + int(step % kStages) * kStageBytes);
     // A block with all kGemmTaps taps (every phase of k4 s2) multiplies them straight through; the tap loop's
@@ -655,10 +687,33 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
   }
 }
 
+// The map of x_cl's X boxes for patch steps (sm_90 code on the device), or false where the shape, the device or
+// FUSED_CONVT_NO_TMA rule them out (then the kernel copies X by cp.async).
+template <typename Math>
+bool encode_gemm_x_box(const ConvTransposeParams& p, const WeightGemmPlan& plan, const typename Math::Smem* x_cl,
+                       CUtensorMap* map) {
+  if (!plan.patch || tma_disabled() || current_device_attribute(cudaDevAttrComputeCapabilityMajor) < 9) return false;
+  return with_gemm_shape<Math>(plan.tile_m, plan.tile_n, true, [&](auto shape) {
+    using Shape = decltype(shape);
+    if constexpr (Shape::kXBoxable) {
+      // (Code of a 9.0 virtual architecture holds the TMA instructions, as it holds the launch wait.)
+      const void* kernel = reinterpret_cast<const void*>(grad_weight_gemm_kernel<Math, Shape, kGemmMaxStages, true>);
+      const int64_t dims[4] = {plan.x_row, p.in_w, p.in_h, p.batch};
+      const uint32_t box[4] = {uint32_t(Shape::kXBoxChannels), uint32_t(kGemmPatchCols + 1),
+                               uint32_t(Shape::kRows / kGemmPatchCols + 1), 1};
+      return kernel_follows_previous_grid(kernel) &&
+             encode_dense_map(map, x_cl, Shape::kValueBytes, 4, dims, box, CU_TENSOR_MAP_SWIZZLE_NONE);
+    } else {
+      return false;
+    }
+  });
+}
+
+// grad_weight's partial sums from X (x_cl; by x_map's boxes where given: encode_gemm_x_box) and G (g_split).
 template <typename Math>
 void launch_grad_weight_gemm(const ConvTransposeParams& p, const WeightGemmPlan& plan,
-                             const typename Math::Smem* x_cl, const typename Math::Smem* g_split,
-                             float* weight_partial, cudaStream_t stream) {
+                             const typename Math::Smem* x_cl, const CUtensorMap* x_map,
+                             const typename Math::Smem* g_split, float* weight_partial, cudaStream_t stream) {
   const int64_t grid_x = plan.splits * plan.phases;
   const int64_t grid_y = int64_t(plan.tap_groups) * plan.ic_tiles * plan.oc_tiles;
   if (grid_x > 0x7fffffff || grid_y > 65535 || p.groups > 65535)
@@ -666,22 +721,32 @@ void launch_grad_weight_gemm(const ConvTransposeParams& p, const WeightGemmPlan&
                                 "or groups > 65535)");
   with_gemm_shape<Math>(plan.tile_m, plan.tile_n, plan.patch, [&](auto shape) {
     using Shape = decltype(shape);
-    auto launch = [&](auto stages) {
+    auto launch = [&](auto stages, auto x_box) {
       constexpr int kStages = decltype(stages)::value;
-      constexpr int kSmem = Shape::smem_bytes(kStages);
-      auto kernel = grad_weight_gemm_kernel<Math, Shape, kStages>;
+      constexpr bool kXBox = decltype(x_box)::value;
+      constexpr int kSmem = Shape::smem_bytes(kStages, kXBox);
+      auto kernel = grad_weight_gemm_kernel<Math, Shape, kStages, kXBox>;
       allow_dynamic_smem(reinterpret_cast<const void*>(kernel), kSmem, "cudaFuncSetAttribute(grad_weight_gemm_kernel)");
+      alignas(64) static const CUtensorMap no_map{};  // (a parameter the copying kernel does not read)
       launch_kernel(kernel, {dim3(unsigned(grid_x), unsigned(grid_y), unsigned(p.groups)), dim3(kGemmThreads), kSmem,
                              stream},
-                    "grad_weight_gemm_kernel", p, plan, x_cl, g_split, weight_partial);
+                    "grad_weight_gemm_kernel", p, plan, x_cl, kXBox ? *x_map : no_map, g_split, weight_partial);
     };
+    auto launch_staged = [&](auto stages) {
+      if constexpr (Shape::kXBoxable) {
+        if (x_map) return launch(stages, std::true_type{});
+      }
+      if (x_map) throw std::logic_error("fused_convt: grad_weight's X boxes given for a shape that takes none");
+      launch(stages, std::false_type{});
+    };
+    const bool x_box = x_map != nullptr;
     const size_t available = max_dynamic_smem_bytes();
-    if (available >= size_t(Shape::smem_bytes(kGemmMaxStages))) {
-      launch(std::integral_constant<int, kGemmMaxStages>{});
-    } else if (available >= size_t(Shape::smem_bytes(2))) {
-      launch(std::integral_constant<int, 2>{});
+    if (available >= size_t(Shape::smem_bytes(kGemmMaxStages, x_box))) {
+      launch_staged(std::integral_constant<int, kGemmMaxStages>{});
+    } else if (available >= size_t(Shape::smem_bytes(2, x_box))) {
+      launch_staged(std::integral_constant<int, 2>{});
     } else {
-      throw std::runtime_error("fused_convt: grad_weight needs " + std::to_string(Shape::smem_bytes(2)) +
+      throw std::runtime_error("fused_convt: grad_weight needs " + std::to_string(Shape::smem_bytes(2, x_box)) +
                                " bytes of shared memory per block; this device offers " + std::to_string(available));
     }
   });

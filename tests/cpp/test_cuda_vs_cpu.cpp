@@ -374,6 +374,11 @@ std::vector<std::pair<std::string, ConvTransposeParams>> tiled_cases() {
   cases.push_back({"grad_weight tile 32 x 16, tap sets, k4 s2", square(make(3, 32, 16, 11, 13, 1), 4, 2)});
   cases.push_back({"grad_weight tile 32 x 32, tap sets, k3 s2 p1", square(make(2, 24, 20, 10, 9, 1), 3, 2, 1)});
   cases.push_back({"grad_weight tile 32 x 16, one tap per phase", square(make(2, 32, 12, 9, 7, 1), 2, 2)});
+  // X by TMA boxes from the channels-last copy (sm_90): the 32 x 16 tile, groups of 24 input channels (a box reads
+  // into the next group's), the 64 x 64 tile.
+  cases.push_back({"grad_weight X boxes, 32 x 16", square(make(2, 32, 16, 10, 16, 1), 4, 2)});
+  cases.push_back({"grad_weight X boxes, groups of 24, p1", square(make(2, 48, 32, 8, 8, 2), 4, 2, 1)});
+  cases.push_back({"grad_weight X boxes, 64 x 64", square(make(1, 64, 64, 6, 8, 1), 4, 2)});
   // Patch steps of the grad_weight GEMM (64 x 64 tiles, taps within one row and column of each other): ragged
   // tile grids (phase planes 12 x 14, and 11 x 13 with padding, where the rows past the grid's edge read inside
   // the image), several images per split; one tap per phase with channel tiles cut short; groups with phases

@@ -26,6 +26,8 @@ CASES = [
     (Problem(2, 64, 64, (5, 6), (4, 4), (2, 2)), None),
     # the narrow 32 x 16 tile: tap sets of one tap per warp, patch steps in 16-bit
     (Problem(2, 32, 16, (5, 6), (4, 4), (2, 2)), None),
+    # X by TMA boxes from the channels-last copy in the 32 x 16 tile's patch steps
+    (Problem(2, 32, 16, (5, 8), (4, 4), (2, 2), add_value=-0.5), None),
     # grad_weight and grad_input on wgmma (sm_90a): 128 output channels (two warpgroups), input rows of two float
     # chunks and one 16-bit chunk; one ragged row tile of grad_input (3 rows of 8)
     (Problem(1, 64, 128, (3, 64), (4, 4), (2, 2), add_value=-0.5), None),

@@ -67,3 +67,57 @@ def test_tma_and_cp_async_gradients_agree_bitwise(index, dtype, allow_tf32, monk
     for ours, theirs in zip(*grads):
         assert torch.equal(ours, theirs)
     assert grads[0][0].abs().max() > 0
+
+
+# Problems whose grad_weight GEMM takes patch steps, on sm_90 with X boxes from the channels-last copy: the kb_v0
+# tile (32 x 16), a group of 24 input channels (its box also reads the next group's, whose rows are dropped) with
+# padding, the 64 x 64 tile (three-row patches in float, five-row in 16-bit), an input of 7 columns.
+X_BOX_PROBLEMS = [
+    Problem(2, 32, 16, (10, 16), (4, 4), (2, 2), add_value=-0.5, multiply_value=2.0),
+    Problem(2, 48, 32, (8, 8), (4, 4), (2, 2), padding=(1, 1), groups=2, add_value=-0.5),
+    Problem(1, 64, 64, (6, 8), (4, 4), (2, 2), add_value=-0.5, multiply_value=-1.5),
+    Problem(2, 32, 16, (9, 7), (4, 4), (2, 2), add_value=-0.5),
+]
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype,allow_tf32", [(torch.float32, True), (torch.float32, False), (torch.bfloat16, None)])
+@pytest.mark.parametrize("index", range(len(X_BOX_PROBLEMS)))
+def test_grad_weight_x_boxes_and_channels_last_copy_agree_bitwise(index, dtype, allow_tf32, monkeypatch):
+    """grad_weight's GEMM takes its X patches from the channels-last copy by TMA boxes on sm_90
+    (encode_gemm_x_box), by cp.async otherwise or with FUSED_CONVT_NO_TMA: the same staged values, the same bits."""
+    from torch.profiler import ProfilerActivity, profile
+    p = X_BOX_PROBLEMS[index]
+    x, w, b = p.tensors(dtype, "cuda", seed=index)
+    grad = torch.randn(forward(p, x, w, b, allow_tf32, False)[0].shape, device="cuda", dtype=dtype)
+    grads, kernels = [], set()
+    for no_tma in ("0", "1"):
+        monkeypatch.setenv("FUSED_CONVT_NO_TMA", no_tma)
+        w_leaf = w.clone().requires_grad_()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            y = forward(p, x, w_leaf, b, allow_tf32, True)[0]
+            y.backward(grad)
+            torch.cuda.synchronize()
+        if no_tma == "0":
+            kernels = {event.key for event in prof.key_averages() if event.device_time_total > 0}
+        grads.append(w_leaf.grad)
+    assert torch.equal(grads[0], grads[1])
+    assert grads[0].abs().max() > 0
+    if torch.cuda.get_device_capability()[0] >= 9:
+        gemm = [last_template_argument(k, "grad_weight_gemm_kernel") for k in kernels if "grad_weight_gemm_kernel<" in k]
+        assert gemm == ["true"], sorted(kernels)  # kXBox
+
+
+def last_template_argument(name: str, template: str) -> str:
+    """The last top-level template argument of `template<...>` in a demangled kernel name."""
+    depth, args, current = 1, [], ""
+    for char in name[name.index(template + "<") + len(template) + 1:]:
+        depth += (char == "<") - (char == ">")
+        if depth == 0:
+            break
+        if depth == 1 and char == ",":
+            args.append(current)
+            current = ""
+        else:
+            current += char
+    return (args + [current])[-1].strip()
