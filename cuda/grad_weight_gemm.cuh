@@ -191,9 +191,10 @@ struct GemmShape {
   // Patch steps may take each stage's X patch from the channels-last copy by one TMA box (kXBox:
   // encode_gemm_x_box): [patch row][patch column][kXRowBytes of channels], the copies' layout, row padding
   // included (the box reads the next channels into it, which no fragment reads), so the fragments are the
-  // copies'. Its stages then start at multiples of 128 bytes, as the box's destination must.
+  // copies'. The box's destination must be 128-byte aligned (H100: one 16 bytes off faulted, "misaligned
+  // address"), so the G tile before it must fill whole 128 bytes and the stages start at multiples of 128.
   static constexpr int kXBoxChannels = kXRowBytes / kValueBytes;
-  static constexpr bool kXBoxable = kPatchable && kXBoxChannels <= 256;
+  static constexpr bool kXBoxable = kPatchable && kXBoxChannels <= 256 && kRows * kGRowBytes % 128 == 0;
   static constexpr int stage_size(bool x_box) { return x_box ? (kStageBytes + 127) / 128 * 128 : kStageBytes; }
   // Dynamic shared memory: the stages (or the group sums, where more), then with X boxes a barrier per stage.
   static constexpr int smem_bytes(int stages, bool x_box) {
@@ -327,8 +328,7 @@ __global__ void __launch_bounds__(kGemmThreads, gemm_min_blocks<Math>())
 grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typename Math::Smem* __restrict__ x_cl,
                         const __grid_constant__ CUtensorMap x_map, const typename Math::Smem* __restrict__ g_split,
                         float* __restrict__ weight_partial) {
-  static_assert(!kXBox || (Shape::kXBoxable && Shape::kRows * Shape::kGRowBytes % 128 == 0),
-                "X boxes serve patch steps, at 128-byte offsets in every stage");
+  static_assert(!kXBox || Shape::kXBoxable, "X boxes serve patch steps");
   follow_previous_grid();
   using Smem = typename Math::Smem;
   using Frags = KMajorFragments<int(sizeof(Smem))>;
