@@ -280,12 +280,15 @@ grad_weight_bias_partial_kernel(ConvTransposeParams p, BackwardPlan plan, const 
 // each. (kResults is a template parameter: with a run-time lane count the split loop's loads no longer
 // overlapped, and kb_v1's weight sums went from 25 to 38 us.)
 constexpr int kSumThreads = 256;
-// One sum over split partials: result[i] = the sum over s < splits of partial[s * count + i], i < count.
+// One sum over split partials: the sum over s < splits of partial[s * count + i], i < count, into result[i], or,
+// where taps > 1, into result[row * taps + tap] for i = tap * (count / taps) + row (partials laid out tap-major, as
+// grad_weight_gemm_kernel writes them, and results in PyTorch's weight layout, taps innermost).
 template <typename T>
 struct SplitSum {
   const typename DeviceAcc<T>::type* partial;
   int64_t splits, count;
   T* result;
+  int64_t taps = 1;
 };
 
 // Blocks block, block + blocks, ... of `blocks` take rounds of kResults results each.
@@ -309,7 +312,10 @@ __device__ __forceinline__ void sum_splits(const SplitSum<T>& sum, int64_t block
       if (k < half) lane_sums[threadIdx.x] += lane_sums[threadIdx.x + half * kResults];
       __syncthreads();
     }
-    if (k == 0 && i < sum.count) sum.result[i] = from_acc<T>(lane_sums[r]);
+    if (k == 0 && i < sum.count) {
+      const int64_t rows = sum.count / sum.taps;
+      sum.result[sum.taps == 1 ? i : i % rows * sum.taps + i / rows] = from_acc<T>(lane_sums[r]);
+    }
     __syncthreads();  // before the next round's lane sums overwrite these
   }
 }
@@ -365,7 +371,8 @@ static size_t packed_grad_input_weight_bytes(const ConvTransposeParams& params, 
 
 // Byte offsets into the workspace. float64: [grad_weight partials: split x weight][grad_bias partials:
 // split x phase x out_channels]. Tensor-core dtypes: [packed weight for grad_input][grad_weight partials:
-// split x weight][grad_bias partials: image x pixel block x out_channels][x channels-last][g phase-split];
+// split x weight (the mma.sync GEMM's tap-major: SplitSum)][grad_bias partials: image x pixel block x
+// out_channels][x channels-last][g phase-split];
 // the grad_weight parts only when grad_weight is asked for (the g copy is the size of the output).
 // grad_bias partial sums per output channel made by the g pass (tensor-core dtypes): one per image and block.
 static int64_t bias_partial_count(const ConvTransposeParams& p) {
@@ -495,7 +502,9 @@ void launch_backward_tensor_cores(const ConvTransposeParams& p, const Epilogue& 
     alignas(64) CUtensorMap x_map{};
     const bool x_box = encode_gemm_x_box<Math>(p, plan, x_cl, &x_map);
     launch_grad_weight_gemm<Math>(p, plan, x_cl, x_box ? &x_map : nullptr, g_split, weight_partial, side);
-    launch_sum_splits<T>({weight_partial, plan.splits, p.weight_numel(), static_cast<T*>(args.grad_weight)}, bias_sum,
+    launch_sum_splits<T>({weight_partial, plan.splits, p.weight_numel(), static_cast<T*>(args.grad_weight),
+                          p.kernel_h * p.kernel_w},
+                         bias_sum,
                          side);
   }
   // grad_input on wgmma from the g pass's G where grad_weight made it and the shape and device allow (not exact

@@ -663,25 +663,34 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
     return;
   }
 
+  // Partials tap-major, [split][tap][input channel][output channel] (SplitSum's taps puts the sums in PyTorch's
+  // layout): a lane's two output channels are adjacent, one 8-byte store where the row length is even, and a warp's
+  // stores fill whole sectors. (In PyTorch's layout, taps innermost, each 4-byte store took a sector of its own: a
+  // third of the kernel's L1-to-L2 sectors at kb_v0, Nsight Compute.)
   const int in_per_group = int(p.in_channels_per_group()), out_per_group = int(p.out_channels_per_group());
-  const int64_t kernel_taps = p.kernel_h * p.kernel_w;
-  const int64_t weight_numel = p.in_channels * out_per_group * kernel_taps;
+  const int64_t weight_numel = p.in_channels * out_per_group * p.kernel_h * p.kernel_w;
+  const bool pairs = out_per_group % 2 == 0;
   const int g = lane >> 2, t4 = lane & 3;
 #pragma unroll
   for (int u = 0; u < kWarpTaps; ++u) {
     if (first_tap + u >= taps) break;
     const int64_t tap = int64_t(warp_tap(tap_kh, u)) * p.kernel_w + warp_tap(tap_kw, u);
+    float* tap_partial = weight_partial + split * weight_numel + tap * p.in_channels * out_per_group;
 #pragma unroll
     for (int i = 0; i < kMTiles; ++i)
 #pragma unroll
       for (int j = 0; j < kNTiles; ++j)
 #pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const int ic_local = ic0 + warp_m * Shape::kWarpM + i * 16 + g + (q >> 1) * 8;
-          const int oc_local = oc0 + warp_n * Shape::kWarpN + j * 8 + 2 * t4 + (q & 1);
-          if (ic_local < in_per_group && oc_local < out_per_group) {
-            const int64_t ic = int64_t(group) * in_per_group + ic_local;
-            weight_partial[split * weight_numel + (ic * out_per_group + oc_local) * kernel_taps + tap] = acc[u][i][j][q];
+        for (int h = 0; h < 2; ++h) {  // (q = 2 h, 2 h + 1: rows g + 8 h, adjacent output channels)
+          const int ic_local = ic0 + warp_m * Shape::kWarpM + i * 16 + g + h * 8;
+          const int oc_local = oc0 + warp_n * Shape::kWarpN + j * 8 + 2 * t4;
+          if (ic_local >= in_per_group || oc_local >= out_per_group) continue;
+          float* at = tap_partial + (int64_t(group) * in_per_group + ic_local) * out_per_group + oc_local;
+          if (pairs) {
+            *reinterpret_cast<float2*>(at) = make_float2(acc[u][i][j][2 * h], acc[u][i][j][2 * h + 1]);
+          } else {
+            at[0] = acc[u][i][j][2 * h];
+            if (oc_local + 1 < out_per_group) at[1] = acc[u][i][j][2 * h + 1];
           }
         }
   }
