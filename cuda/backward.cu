@@ -504,8 +504,7 @@ void launch_backward_tensor_cores(const ConvTransposeParams& p, const Epilogue& 
     launch_grad_weight_gemm<Math>(p, plan, x_cl, x_box ? &x_map : nullptr, g_split, weight_partial, side);
     launch_sum_splits<T>({weight_partial, plan.splits, p.weight_numel(), static_cast<T*>(args.grad_weight),
                           p.kernel_h * p.kernel_w},
-                         bias_sum,
-                         side);
+                         bias_sum, side);
   }
   // grad_input on wgmma from the g pass's G where grad_weight made it and the shape and device allow (not exact
   // float), else on mma.sync, else the gather kernel.

@@ -182,6 +182,8 @@ struct GemmShape {
   static constexpr int kTapWarps = std::min(kGemmTaps, kGemmThreads / 32 / (kGroups * kWarpTiles));
   static constexpr int kWarpTaps = kGemmTaps / kTapWarps;         // taps a warp multiplies
   static constexpr int kRows = kGroups * kGroupPixels;            // pixel rows per stage
+  // Patch steps: a tile of 8 columns x kTileRows rows of phase pixels, its patch of kTileRows + 1 rows x kPatchCols.
+  static constexpr int kTileRows = kRows / kGemmPatchCols, kPatchCols = kGemmPatchCols + 1;
   static constexpr int kXRows = x_rows(kRows, kPatchSteps);
   static constexpr int kStageBytes = stage_bytes(kRows, kPatchSteps);
   static constexpr int kThreadsPerRow = kGemmThreads / kRows;     // (per-tap steps)
@@ -403,7 +405,7 @@ grad_weight_gemm_kernel(ConvTransposeParams p, WeightGemmPlan plan, const typena
   const int in_h = int(p.in_h), in_w = int(p.in_w);
 
   // Patch steps: the tile grid of the phase plane, a thread's G pixel in the tile and its X patch rows.
-  constexpr int kTileRows = kRows / kGemmPatchCols, kPatchCols = kGemmPatchCols + 1;
+  constexpr int kTileRows = Shape::kTileRows, kPatchCols = Shape::kPatchCols;
   constexpr int kPatchRows = Shape::kXRows;
   constexpr int kGPasses = (kRows + kGRowStep - 1) / kGRowStep, kXPasses = (kPatchRows + kXRowStep - 1) / kXRowStep;
   const int tiles_w = (extent_w + kGemmPatchCols - 1) / kGemmPatchCols, tiles_h = (extent_h + kTileRows - 1) / kTileRows;
@@ -708,8 +710,8 @@ bool encode_gemm_x_box(const ConvTransposeParams& p, const WeightGemmPlan& plan,
       // (Code of a 9.0 virtual architecture holds the TMA instructions, as it holds the launch wait.)
       const void* kernel = reinterpret_cast<const void*>(grad_weight_gemm_kernel<Math, Shape, kGemmMaxStages, true>);
       const int64_t dims[4] = {plan.x_row, p.in_w, p.in_h, p.batch};
-      const uint32_t box[4] = {uint32_t(Shape::kXBoxChannels), uint32_t(kGemmPatchCols + 1),
-                               uint32_t(Shape::kRows / kGemmPatchCols + 1), 1};
+      const uint32_t box[4] = {uint32_t(Shape::kXBoxChannels), uint32_t(Shape::kPatchCols),
+                               uint32_t(Shape::kTileRows + 1), 1};
       return kernel_follows_previous_grid(kernel) &&
              encode_dense_map(map, x_cl, Shape::kValueBytes, 4, dims, box, CU_TENSOR_MAP_SWIZZLE_NONE);
     } else {
