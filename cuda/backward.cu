@@ -280,15 +280,24 @@ grad_weight_bias_partial_kernel(ConvTransposeParams p, BackwardPlan plan, const 
 // each. (kResults is a template parameter: with a run-time lane count the split loop's loads no longer
 // overlapped, and kb_v1's weight sums went from 25 to 38 us.)
 constexpr int kSumThreads = 256;
-// One sum over split partials: the sum over s < splits of partial[s * count + i], i < count, into result[i], or,
-// where taps > 1, into result[row * taps + tap] for i = tap * (count / taps) + row (partials laid out tap-major, as
-// grad_weight_gemm_kernel writes them, and results in PyTorch's weight layout, taps innermost).
+// One sum over split partials: the sum over s < splits of partial[s * count + i], i < count, into
+// result[result_index(i)]. Where taps > 1 the partials are a weight's values laid out tap-major, as the grad_weight
+// GEMMs write them (whole sectors per store), and the results go to PyTorch's weight layout, taps innermost:
+// i = tap * rows + row with row = ic * out_channels + oc (grad_weight_gemm_kernel), or, where inner (the input
+// channels) > 0, row = oc * inner + ic (grad_weight_wgmma_kernel, whose lane pairs hold adjacent input channels).
 template <typename T>
 struct SplitSum {
   const typename DeviceAcc<T>::type* partial;
   int64_t splits, count;
   T* result;
-  int64_t taps = 1;
+  int64_t taps = 1, inner = 0;
+
+  FCT_HD int64_t result_index(int64_t i) const {
+    if (taps == 1) return i;
+    const int64_t rows = count / taps, row = i % rows;
+    const int64_t weight_row = inner > 0 ? row % inner * (rows / inner) + row / inner : row;
+    return weight_row * taps + i / rows;
+  }
 };
 
 // Blocks block, block + blocks, ... of `blocks` take rounds of kResults results each.
@@ -312,10 +321,7 @@ __device__ __forceinline__ void sum_splits(const SplitSum<T>& sum, int64_t block
       if (k < half) lane_sums[threadIdx.x] += lane_sums[threadIdx.x + half * kResults];
       __syncthreads();
     }
-    if (k == 0 && i < sum.count) {
-      const int64_t rows = sum.count / sum.taps;
-      sum.result[sum.taps == 1 ? i : i % rows * sum.taps + i / rows] = from_acc<T>(lane_sums[r]);
-    }
+    if (k == 0 && i < sum.count) sum.result[sum.result_index(i)] = from_acc<T>(lane_sums[r]);
     __syncthreads();  // before the next round's lane sums overwrite these
   }
 }
@@ -371,7 +377,7 @@ static size_t packed_grad_input_weight_bytes(const ConvTransposeParams& params, 
 
 // Byte offsets into the workspace. float64: [grad_weight partials: split x weight][grad_bias partials:
 // split x phase x out_channels]. Tensor-core dtypes: [packed weight for grad_input][grad_weight partials:
-// split x weight (the mma.sync GEMM's tap-major: SplitSum)][grad_bias partials: image x pixel block x
+// split x weight (tap-major: SplitSum)][grad_bias partials: image x pixel block x
 // out_channels][x channels-last][g phase-split];
 // the grad_weight parts only when grad_weight is asked for (the g copy is the size of the output).
 // grad_bias partial sums per output channel made by the g pass (tensor-core dtypes): one per image and block.
@@ -490,7 +496,8 @@ void launch_backward_tensor_cores(const ConvTransposeParams& p, const Epilogue& 
     const cudaStream_t side = fork.side();
     launch_grad_weight_wgmma<T>(p, wgmma_plan, plan.g_layout, static_cast<const T*>(args.input),
                                 args.input_channels_last, x_cl, g_split, weight_partial, side);
-    launch_sum_splits<T>({weight_partial, wgmma_plan.splits, p.weight_numel(), static_cast<T*>(args.grad_weight)},
+    launch_sum_splits<T>({weight_partial, wgmma_plan.splits, p.weight_numel(), static_cast<T*>(args.grad_weight),
+                          p.kernel_h * p.kernel_w, p.in_channels},
                          bias_sum, side);
   } else if (args.grad_weight) {
     const cudaStream_t side = fork.side();

@@ -16,8 +16,8 @@
 // bytes of channels (conflict-free loads of A: 32-bit loads for TF32, ldmatrix.trans for 16-bit values). The
 // consumer warpgroups load A fragments and issue 16 wgmmas per chunk (4 k steps of 32 bytes x 4 taps, m64n64k8 /
 // k16, in two halves whose fragments alternate between two register sets) and release the stage to the producer
-// once they are done. Each split writes its partial sums in grad_weight_gemm.cuh's layout; sum_splits
-// adds them in order.
+// once they are done. Each split writes its partial sums tap-major (SplitSum); sum_splits adds them in
+// order.
 //
 // X is read in place (NCHW) or transposed into the workspace first (NHWC). Float X is rounded to TF32 in shared
 // memory, by the producer warpgroup's idle warps as each stage lands, as every other TF32 operand of the library is
@@ -268,16 +268,19 @@ __global__ void __launch_bounds__((kWgs + 1) * 128, 1)
       for (int e = 0; e < 32; ++e) acc[t][e] = 0.0f;
   }
 
-  // acc[t][4 j + q]: output channel row m + 8 (q / 2), input channel 8 j + 2 t4 + q % 2. (A split's partials are
-  // one weight's values: 32-bit offsets, validate().)
-  const int kernel_taps = int(p.kernel_h * p.kernel_w), out_channels = int(p.out_channels);
+  // acc[t][4 j + q]: output channel row m + 8 (q / 2), input channel 8 j + 2 t4 + q % 2. The partials are
+  // tap-major, [tap][output channel][input channel] (SplitSum::inner), so that a lane's two adjacent input channels
+  // are one 8-byte store and a quad's stores one whole sector. (A split's partials are one weight's values: 32-bit
+  // offsets, validate().)
+  const int out_channels = int(p.out_channels), in_channels = int(p.in_channels);
   float* partial = weight_partial + split * p.weight_numel();
 #pragma unroll
   for (int t = 0; t < kWgmmaTaps; ++t) {
-    const int first = ((ic0 + 2 * t4) * out_channels + oc0 + m) * kernel_taps + taps.tap[t];
+    const int first = (taps.tap[t] * out_channels + oc0 + m) * in_channels + ic0 + 2 * t4;
 #pragma unroll
-    for (int e = 0; e < 32; ++e)
-      partial[first + ((8 * (e / 4) + e % 2) * out_channels + 8 * ((e % 4) / 2)) * kernel_taps] = acc[t][e];
+    for (int e = 0; e < 32; e += 2)
+      *reinterpret_cast<float2*>(partial + first + 8 * ((e % 4) / 2) * in_channels + 8 * (e / 4)) =
+          make_float2(acc[t][e], acc[t][e + 1]);
   }
 #endif
 }
