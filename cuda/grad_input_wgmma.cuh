@@ -209,8 +209,9 @@ __global__ void __launch_bounds__((kInputWgmmaGroups + 1) * 128, 1)
     wgmma_fence();
 #pragma unroll
     for (int mt = 0; mt < kMTiles; ++mt)
-      wgmma_m64n64_rs<T>(acc[mt], a[mt], wgmma_sw128_descriptor(stage + Geo::kGBox + t * kInputWgmmaChannels * 128 + kk * 32),
-                         (i | t | kk) != 0);
+      wgmma_m64n_rs<T, 64>(acc[mt], a[mt],
+                           wgmma_sw128_descriptor(stage + Geo::kGBox + t * kInputWgmmaChannels * 128 + kk * 32),
+                           (i | t | kk) != 0);
     wgmma_commit();
     wgmma_wait<1>();  // (unconditional: a wait skipped on the first group made ptxas serialize every wgmma)
     if (t == 0 && kk == 0 && i > 0 && lane == 0) mbarrier_arrive(empty_bar + 8 * ((i - 1) % kStages));

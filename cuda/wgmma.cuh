@@ -93,29 +93,36 @@ __device__ __forceinline__ uint64_t wgmma_sw128_descriptor(uint32_t smem_address
          (uint64_t(1) << 62);
 }
 
-// D (64 x 64) = A (64 x K, registers: rows g and g + 8, 32-bit words t and t + 4 of the warp's 16 rows, as
-// mma.sync's A fragment) x B (K x 64, descriptor b) + (accumulate ? D : 0), K 32 bytes: 8 TF32 or 16 16-bit values.
-#define FCT_WGMMA_RS(type, k, trans)                                                                            \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"                                                   \
-               "wgmma.mma_async.sync.aligned.m64n64" k ".f32." type "." type " "                                \
-               "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                        \
-               "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "              \
-               "{%32, %33, %34, %35}, %36, p, 1, 1" trans ";\n}\n"                                              \
-               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), \
-                 "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]),         \
-                 "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]),       \
-                 "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]),       \
-                 "+f"(d[29]), "+f"(d[30]), "+f"(d[31])                                                            \
+// D (64 x N, N 32 or 64) = A (64 x K, registers: rows g and g + 8, 32-bit words t and t + 4 of the warp's 16 rows,
+// as mma.sync's A fragment) x B (K x N, descriptor b) + (accumulate ? D : 0), K 32 bytes: 8 TF32 or 16 16-bit
+// values. (The register form takes one transpose immediate, B's, for the 16-bit types.)
+#define FCT_WGMMA_RS_ASM(shape, type, trans, regs, a_ops, b_op, dn, ...)                                       \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" #dn ", 0;\n"                                              \
+               "wgmma.mma_async.sync.aligned." shape ".f32." type "." type " {" regs "}, {" a_ops "}, %" b_op    \
+               ", p, 1, 1" trans ";\n}\n"                                                                       \
+               : __VA_ARGS__                                                                                  \
                : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate))
-template <typename T>
-__device__ __forceinline__ void wgmma_m64n64_rs(float (&d)[32], const uint32_t (&a)[4], uint64_t b, int accumulate) {
+template <typename T, int N>
+__device__ __forceinline__ void wgmma_m64n_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b, int accumulate) {
 #ifdef FCT_WGMMA_ENABLED
-  if constexpr (std::is_same<T, __nv_bfloat16>::value) FCT_WGMMA_RS("bf16", "k16", ", 0");
-  else if constexpr (std::is_same<T, __half>::value) FCT_WGMMA_RS("f16", "k16", ", 0");
-  else FCT_WGMMA_RS("tf32", "k8", "");
+  static_assert(N == 32 || N == 64, "wgmma_m64n_rs: N is 32 or 64");
+#define FCT_WGMMA_RS_TYPED(n, regs, a_ops, b_op, dn, ...)                                                     \
+  if constexpr (std::is_same<T, __nv_bfloat16>::value)                                                      \
+    FCT_WGMMA_RS_ASM("m64n" n "k16", "bf16", ", 0", regs, a_ops, b_op, dn, __VA_ARGS__);                     \
+  else if constexpr (std::is_same<T, __half>::value)                                                        \
+    FCT_WGMMA_RS_ASM("m64n" n "k16", "f16", ", 0", regs, a_ops, b_op, dn, __VA_ARGS__);                      \
+  else                                                                                                      \
+    FCT_WGMMA_RS_ASM("m64n" n "k8", "tf32", "", regs, a_ops, b_op, dn, __VA_ARGS__);
+  if constexpr (N == 32) {
+    FCT_WGMMA_RS_TYPED("32", FCT_REGS16, "%16, %17, %18, %19", "20", 21, FCT_ACC8(0), FCT_ACC8(8))
+  } else {
+    FCT_WGMMA_RS_TYPED("64", FCT_REGS32, "%32, %33, %34, %35", "36", 37, FCT_ACC8(0), FCT_ACC8(8), FCT_ACC8(16),
+                       FCT_ACC8(24))
+  }
+#undef FCT_WGMMA_RS_TYPED
 #endif
 }
-#undef FCT_WGMMA_RS
+#undef FCT_WGMMA_RS_ASM
 
 #undef FCT_REGS64
 #undef FCT_REGS32

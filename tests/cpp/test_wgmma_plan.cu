@@ -81,12 +81,13 @@ void check_input_windows(const ConvTransposeParams& p, const fused_convt::InputW
 int main() {
   test::Rng rng(20261127);
   int64_t pairs = 0;
-  int accepted = 0, input_planned = 0, weight_planned = 0;
+  int accepted = 0, input_planned = 0, weight_planned = 0, narrow_planned = 0;
   for (int it = 0; it < 600; ++it) {
     ConvTransposeParams p;
     p.batch = rng.integer(0, 3);
     p.groups = it % 7 == 6 ? 2 : 1;
     p.in_channels = 64 * rng.integer(1, 2) * p.groups, p.out_channels = (it % 5 == 4 ? 48 : 64) * rng.integer(1, 2);
+    if (it % 13 == 12) p.out_channels = 16;  // grad_weight's narrow tiles
     p.out_channels *= p.groups;
     p.in_h = rng.integer(1, 20), p.in_w = 32 * rng.integer(1, 4);
     p.stride_h = rng.integer(1, 3), p.stride_w = rng.integer(1, 3);
@@ -118,16 +119,21 @@ int main() {
       check_input_windows(p, input);
     }
     fused_convt::WgmmaWeightPlan weight{};
-    const bool weight_shape = p.groups == 1 && (p.out_channels == 64 || p.out_channels % 128 == 0) && p.batch > 0;
+    const bool narrow = p.out_channels == 16;
+    const bool weight_shape =
+        p.groups == 1 && (narrow || p.out_channels == 64 || p.out_channels % 128 == 0) && p.batch > 0;
     CHECK_MSG(fused_convt::plan_weight_wgmma_shape(p, 4, &weight) == weight_shape, "grad_weight plan " + test::describe(p));
     if (weight_shape) {
-      ++weight_planned;
+      ++weight_planned, narrow_planned += narrow;
+      CHECK_MSG(weight.narrow == narrow && weight.warpgroups == (narrow || p.out_channels == 64 ? 1 : 2) &&
+                    weight.ic_tiles == p.in_channels / (narrow ? 32 : 64),
+                "grad_weight tiles " + test::describe(p));
       CHECK_MSG(weight.splits * weight.chunks_per_split >= p.batch * p.in_h * (p.in_w / 32) &&
                     (weight.splits - 1) * weight.chunks_per_split < p.batch * p.in_h * (p.in_w / 32),
                 "grad_weight splits " + test::describe(p));
     }
   }
-  CHECK_MSG(accepted > 150 && input_planned > 40 && weight_planned > 40,
+  CHECK_MSG(accepted > 150 && input_planned > 40 && weight_planned > 40 && narrow_planned > 3,
             "too few problems planned: " + std::to_string(accepted) + " / " + std::to_string(input_planned) + " / " +
                 std::to_string(weight_planned));
 
@@ -145,12 +151,17 @@ int main() {
   fused_convt::WgmmaWeightPlan weight{};
   CHECK_MSG(fused_convt::plan_weight_wgmma_shape(kb, 4, &weight) && weight.warpgroups == 2 && weight.splits == 32,
             "kb_v1 grad_weight plan");
-  // kb_v0 (Cin32 Cout16, rows of 32) takes neither.
+  // kb_v0 (Cin32 Cout16, rows of 32): grad_weight's narrow tiles in TF32 (rows of one float chunk; 16-bit chunks are
+  // 64 pixels), 64 splits of 64 rows; grad_input refused (rows of 64s).
   ConvTransposeParams kb0 = test::make_params(128, 32, 16, 32, 32, 1);
   kb0.kernel_h = kb0.kernel_w = 4, kb0.stride_h = kb0.stride_w = 2;
-  CHECK_MSG(!fused_convt::plan_input_wgmma_shape(kb0, 4, &input) && !fused_convt::plan_weight_wgmma_shape(kb0, 4, &weight),
-            "kb_v0 planned");
-  std::printf("test_wgmma_plan: %lld (input pixel, tap) pairs on %d accepted problems (%d grad_input, %d grad_weight)\n",
-              (long long)pairs, accepted, input_planned, weight_planned);
+  CHECK_MSG(fused_convt::plan_weight_wgmma_shape(kb0, 4, &weight) && weight.narrow && weight.ic_tiles == 1 &&
+                weight.splits == 64 && weight.chunks_per_split == 64,
+            "kb_v0 grad_weight plan (TF32)");
+  CHECK_MSG(!fused_convt::plan_weight_wgmma_shape(kb0, 2, &weight), "kb_v0 grad_weight planned (16-bit)");
+  CHECK_MSG(!fused_convt::plan_input_wgmma_shape(kb0, 4, &input), "kb_v0 grad_input planned");
+  std::printf("test_wgmma_plan: %lld (input pixel, tap) pairs on %d accepted problems (%d grad_input, %d grad_weight, "
+              "%d of them narrow)\n",
+              (long long)pairs, accepted, input_planned, weight_planned, narrow_planned);
   return test::summary("test_wgmma_plan");
 }

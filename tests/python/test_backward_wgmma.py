@@ -1,7 +1,8 @@
 """grad_weight and grad_input on wgmma (cuda/grad_weight_wgmma.cuh, cuda/grad_input_wgmma.cuh; GPU only). On an sm_90
 device, problems of their shapes take them with TF32, bfloat16 and float16:
-- grad_weight: one group, input channels of whole 64s, 64 or 128k output channels, 2 x 2 taps per phase, input rows
-  of whole 128-byte chunks (32 float or 64 16-bit pixels);
+- grad_weight: one group, input channels of whole 64s and 64 or 128k output channels (or, in its narrow tiles, input
+  channels of whole 32s and 16 output channels), 2 x 2 taps per phase, input rows of whole 128-byte chunks (32 float
+  or 64 16-bit pixels);
 - grad_input (from the g pass's G, made where grad_weight is wanted): one group, input channels of whole 64s,
   output channels of whole 128-byte chunks (32 float or 64 16-bit), 2 x 2 taps per phase, input rows of whole 64s.
 FUSED_CONVT_NO_WGMMA_GRAD_WEIGHT=1 / FUSED_CONVT_NO_WGMMA_GRAD_INPUT=1 keep them on mma.sync. Both kernels of a
@@ -28,6 +29,10 @@ PROBLEMS = [
     Problem(2, 64, 96, (17, 128), (4, 4), (2, 2), padding=(1, 1), add_value=-0.5),
     # two phases (stride 2 x 1, kernel 4 x 2: 2 x 2 taps each), non-square, padding on one axis
     Problem(1, 64, 128, (7, 64), (4, 2), (2, 1), padding=(1, 0), add_value=-0.5),
+    # grad_weight's narrow tiles (16 output channels): rows of one float chunk (16-bit on mma.sync), padding 1; two
+    # input channel tiles in rows of 64 (every type)
+    Problem(2, 32, 16, (5, 32), (4, 4), (2, 2), padding=(1, 1), add_value=-0.5),
+    Problem(1, 64, 16, (3, 64), (4, 4), (2, 2), add_value=-0.5),
 ]
 ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 # dtype -> (relative difference allowed between the two kernels, error allowed against float64)
@@ -42,7 +47,8 @@ KERNELS = {
 def takes_wgmma(p: Problem, dtype, gradient) -> bool:
     chunk = 128 // torch.empty(0, dtype=dtype).element_size()
     if gradient == "grad_weight":
-        fits = p.in_hw[1] % chunk == 0 and (p.out_channels == 64 or p.out_channels % 128 == 0)
+        narrow = p.out_channels == 16 and p.in_channels % 32 == 0
+        fits = p.in_hw[1] % chunk == 0 and (narrow or p.out_channels == 64 or p.out_channels % 128 == 0)
     else:
         fits = p.in_hw[1] % 64 == 0 and p.out_channels % chunk == 0
     return ON_HOPPER and fits
