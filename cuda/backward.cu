@@ -28,6 +28,7 @@
 #include "implicit_gemm_conv.cuh"
 #include "problems.cuh"
 #include "side_stream.h"
+#include "weight_partials.h"
 
 namespace fused_convt {
 
@@ -281,10 +282,9 @@ grad_weight_bias_partial_kernel(ConvTransposeParams p, BackwardPlan plan, const 
 // overlapped, and kb_v1's weight sums went from 25 to 38 us.)
 constexpr int kSumThreads = 256;
 // One sum over split partials: the sum over s < splits of partial[s * count + i], i < count, into
-// result[result_index(i)]. Where taps > 1 the partials are a weight's values laid out tap-major, as the grad_weight
-// GEMMs write them (whole sectors per store), and the results go to PyTorch's weight layout, taps innermost:
-// i = tap * rows + row with row = ic * out_channels + oc (grad_weight_gemm_kernel), or, where inner (the input
-// channels) > 0, row = oc * inner + ic (grad_weight_wgmma_kernel, whose lane pairs hold adjacent input channels).
+// result[result_index(i)]: where taps > 1 the partials are a weight's values laid out tap-major, as the grad_weight
+// GEMMs write them, and the results go to PyTorch's weight layout (weight_partials.h; inner: the input channels for
+// grad_weight_wgmma_kernel's layout, 0 for grad_weight_gemm_kernel's).
 template <typename T>
 struct SplitSum {
   const typename DeviceAcc<T>::type* partial;
@@ -292,12 +292,7 @@ struct SplitSum {
   T* result;
   int64_t taps = 1, inner = 0;
 
-  FCT_HD int64_t result_index(int64_t i) const {
-    if (taps == 1) return i;
-    const int64_t rows = count / taps, row = i % rows;
-    const int64_t weight_row = inner > 0 ? row % inner * (rows / inner) + row / inner : row;
-    return weight_row * taps + i / rows;
-  }
+  FCT_HD int64_t result_index(int64_t i) const { return tap_major_weight_index(i, count, taps, inner); }
 };
 
 // Blocks block, block + blocks, ... of `blocks` take rounds of kResults results each.
