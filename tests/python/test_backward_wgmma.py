@@ -122,9 +122,10 @@ def test_wgmma_gradients_match_float64(index, dtype):
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_wgmma_gradients_deterministic_and_layout_blind(dtype):
+@pytest.mark.parametrize("index", [1, len(PROBLEMS) - 1])  # wide tiles; the narrow ones
+def test_wgmma_gradients_deterministic_and_layout_blind(index, dtype):
     """Bitwise the same on a second run, and with a channels_last input (transposed into the same NCHW copy)."""
-    p = PROBLEMS[1]
+    p = PROBLEMS[index]
     x, w, b = p.tensors(dtype, "cuda", seed=3)
     grad = random_grad(p, x, w, b)
     first = gradients(p, x, w, b, grad)
