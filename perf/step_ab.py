@@ -26,6 +26,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests" / "python"))
+sys.path.insert(0, str(ROOT / "perf"))  # bench.graph_replay_ms
 sys.path.append(str(ROOT / "python"))  # after PYTHONPATH: the build under test wins
 
 import fused_convt  # noqa: E402
@@ -61,16 +62,9 @@ def step_ms(step, device: str) -> float:
         return statistics.median(times) * 1e3
     import triton.testing
 
-    side = torch.cuda.Stream()  # warm-up off the capture stream, as capture requires
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    return triton.testing.do_bench(graph.replay, return_mode="median", warmup=50, rep=300)
+    from bench import graph_replay_ms
+
+    return graph_replay_ms(step, lambda fn: triton.testing.do_bench(fn, return_mode="median", warmup=50, rep=300))
 
 
 def kernel_lines(step, top: int = 10) -> List[str]:
