@@ -74,8 +74,9 @@ struct WgmmaGeometry {
   static constexpr int smem_bytes(int warpgroups) { return 1024 + kStages * stage_bytes(warpgroups) + 3 * kStages * 8; }
 };
 
-// Split count for about one block per SM of an H100 (narrow tiles: two), fixed so that the split count, and the
-// bits, do not depend on the device.
+// Split count for about one block per SM of an H100 (narrow tiles: two, though at the wide tiles' register split only
+// one fits: perf/NOTES.md, after the thirtieth session), fixed so that the split count, and the bits, do not depend
+// on the device.
 constexpr int64_t kWgmmaTargetBlocks = 128;
 constexpr int64_t kWgmmaNarrowTargetBlocks = 256;
 

@@ -60,6 +60,16 @@ __device__ __forceinline__ void wgmma_wait_all() { wgmma_wait<0>(); }
   FCT_REGS32 ", %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, " \
              "%51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"
 
+// One wgmma by the operands' type T (in scope where it expands): bfloat16 / float16 with K 16 and the 16-bit types'
+// transpose immediates `trans16`, or TF32 with K 8 and none. ASM: FCT_WGMMA_ASM or FCT_WGMMA_RS_ASM.
+#define FCT_WGMMA_BY_TYPE(ASM, n, trans16, ...)                                                              \
+  if constexpr (std::is_same<T, __nv_bfloat16>::value)                                                      \
+    ASM("m64n" n "k16", "bf16", trans16, __VA_ARGS__);                                                       \
+  else if constexpr (std::is_same<T, __half>::value)                                                        \
+    ASM("m64n" n "k16", "f16", trans16, __VA_ARGS__);                                                        \
+  else                                                                                                      \
+    ASM("m64n" n "k8", "tf32", "", __VA_ARGS__);
+
 // D (64 x N, fp32) = A (64 x K, from descriptor a) x B (K x N, descriptor b) + (accumulate ? D : 0) for one K
 // step of 32 bytes per row: K = 16 for the 16-bit types (bfloat16, float16), K = 8 for T = float (its operands
 // TF32 bits).
@@ -67,13 +77,7 @@ template <typename T, int N>
 __device__ __forceinline__ void wgmma_k32bytes(float (&d)[N / 2], uint64_t a, uint64_t b, int accumulate) {
 #ifdef FCT_WGMMA_ENABLED
   static_assert(N == 32 || N == 64 || N == 128, "wgmma_k32bytes: N is 32, 64 or 128");
-#define FCT_WGMMA_TYPED(n, regs, ops, dn, ...)                                                            \
-  if constexpr (std::is_same<T, __nv_bfloat16>::value)                                                      \
-    FCT_WGMMA_ASM("m64n" n "k16", "bf16", ", 0, 0", regs, ops, dn, __VA_ARGS__);                             \
-  else if constexpr (std::is_same<T, __half>::value)                                                        \
-    FCT_WGMMA_ASM("m64n" n "k16", "f16", ", 0, 0", regs, ops, dn, __VA_ARGS__);                              \
-  else                                                                                                      \
-    FCT_WGMMA_ASM("m64n" n "k8", "tf32", "", regs, ops, dn, __VA_ARGS__);
+#define FCT_WGMMA_TYPED(n, ...) FCT_WGMMA_BY_TYPE(FCT_WGMMA_ASM, n, ", 0, 0", __VA_ARGS__)
   // Operands: the N / 2 accumulators, then a, b and the accumulate flag.
   if constexpr (N == 32) {
     FCT_WGMMA_TYPED("32", FCT_REGS16, "16, %17", 18, FCT_ACC8(0), FCT_ACC8(8))
@@ -106,13 +110,7 @@ template <typename T, int N>
 __device__ __forceinline__ void wgmma_m64n_rs(float (&d)[N / 2], const uint32_t (&a)[4], uint64_t b, int accumulate) {
 #ifdef FCT_WGMMA_ENABLED
   static_assert(N == 32 || N == 64, "wgmma_m64n_rs: N is 32 or 64");
-#define FCT_WGMMA_RS_TYPED(n, regs, a_ops, b_op, dn, ...)                                                     \
-  if constexpr (std::is_same<T, __nv_bfloat16>::value)                                                      \
-    FCT_WGMMA_RS_ASM("m64n" n "k16", "bf16", ", 0", regs, a_ops, b_op, dn, __VA_ARGS__);                     \
-  else if constexpr (std::is_same<T, __half>::value)                                                        \
-    FCT_WGMMA_RS_ASM("m64n" n "k16", "f16", ", 0", regs, a_ops, b_op, dn, __VA_ARGS__);                      \
-  else                                                                                                      \
-    FCT_WGMMA_RS_ASM("m64n" n "k8", "tf32", "", regs, a_ops, b_op, dn, __VA_ARGS__);
+#define FCT_WGMMA_RS_TYPED(n, ...) FCT_WGMMA_BY_TYPE(FCT_WGMMA_RS_ASM, n, ", 0", __VA_ARGS__)
   if constexpr (N == 32) {
     FCT_WGMMA_RS_TYPED("32", FCT_REGS16, "%16, %17, %18, %19", "20", 21, FCT_ACC8(0), FCT_ACC8(8))
   } else {
@@ -128,6 +126,7 @@ __device__ __forceinline__ void wgmma_m64n_rs(float (&d)[N / 2], const uint32_t 
 #undef FCT_REGS32
 #undef FCT_REGS16
 #undef FCT_REGS8
+#undef FCT_WGMMA_BY_TYPE
 #undef FCT_WGMMA_ASM
 #undef FCT_ACC8
 
