@@ -128,7 +128,9 @@ inline size_t max_dynamic_smem_bytes() {
 // kernel, device and larger size, not once per launch (~3 us of host time each, three or four per training step,
 // which bound the small shapes; torch.profiler on the H100 machine). (A cudaDeviceReset between calls would drop
 // the attribute while this cache still holds it: the next launch then fails with a CUDA error, never silently.)
-inline void allow_dynamic_smem(const void* kernel, int bytes, const char* what) {
+// all_shared: also prefer the largest shared-memory carve-out of the SM's unified L1 / shared memory (for kernels
+// whose occupancy needs it; the driver may otherwise pick a smaller one).
+inline void allow_dynamic_smem(const void* kernel, int bytes, const char* what, bool all_shared = false) {
   static std::mutex lock;
   static std::map<std::pair<const void*, int>, int> allowed;  // (kernel, device) -> bytes
   int device = 0;
@@ -137,6 +139,9 @@ inline void allow_dynamic_smem(const void* kernel, int bytes, const char* what) 
   int& done = allowed[{kernel, device}];
   if (bytes <= done) return;
   check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes), what);
+  if (all_shared)
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout,
+                                    int(cudaSharedmemCarveoutMaxShared)), what);
   done = bytes;
 }
 

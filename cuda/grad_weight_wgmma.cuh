@@ -42,6 +42,7 @@
 #include "fused_convt/api.h"
 #include "grad_weight_gemm.cuh"
 #include "mma.cuh"
+#include "pair_problem.h"
 #include "tma.cuh"
 #include "wgmma.cuh"
 #include "wgmma_phases.cuh"
@@ -52,6 +53,9 @@ constexpr int kWgmmaIcTile = 64;        // N of the wgmma (narrow tiles: kWgmmaN
 constexpr int kWgmmaOcPerGroup = 64;    // M of a warpgroup
 constexpr int kWgmmaNarrowOc = 16;      // narrow tiles' output channels (M: four taps x 16)
 constexpr int kWgmmaNarrowIcTile = 32;  // narrow tiles' N
+// Narrow blocks resident per SM: their consumers hold 16 accumulators and 16 A registers, so two blocks fit the
+// register file at 128 a thread (no setmaxnreg split) and, at their stage counts, an SM's shared memory.
+constexpr int kWgmmaNarrowBlocksPerSm = 2;
 
 // A stage's geometry for operands of kBytes (4: TF32, 2: bfloat16 / float16), wide or narrow tiles.
 template <int kBytes, bool kNarrow = false>
@@ -63,20 +67,21 @@ struct WgmmaGeometry {
   static constexpr int kXBox = kIcTile * 128;        // X: kIcTile channels x one 128-byte row of pixels
   static constexpr int kBoxesPerGroup = kNarrow ? 1 : kWgmmaOcPerGroup / kBoxChannels;
   static constexpr int kWarpTaps = kNarrow ? 1 : kWgmmaTaps;  // taps (accumulator sets) per warp
-  // A narrow stage (13 KB TF32) holds a quarter of a wide warpgroup's MMAs: more of them in flight.
-  static constexpr int kStages = kNarrow ? 8 : 4;
   static constexpr int kGCols = kChunk + 1;          // G columns a chunk's taps read: two column offsets
   static constexpr int kGRows = 2 * kGCols;          // 128-byte rows of a G box: two phase rows
   static constexpr int kGBox = (kGRows * 128 + 1023) / 1024 * 1024;  // box starts 1024-byte aligned
   // Stage bytes (X's box, then the G boxes of the block's channels) and the kernel's shared memory (stages
   // 1024-byte aligned, as the 128-byte swizzle's pattern repeats every 1024 bytes, then the barriers).
   static constexpr int stage_bytes(int warpgroups) { return kXBox + warpgroups * kBoxesPerGroup * kGBox; }
+  // A narrow stage (13 KB TF32, 21 KB 16-bit) holds a quarter of a wide warpgroup's MMAs: more of them in flight,
+  // up to 8, as many as let two narrow blocks share an SM (kWgmmaNarrowBlocksPerSm).
+  static constexpr int kStages =
+      kNarrow ? std::min(8, (kSm90SmSmem / kWgmmaNarrowBlocksPerSm - 1024 - 1024 - 3 * 8 * 8) / stage_bytes(1)) : 4;
   static constexpr int smem_bytes(int warpgroups) { return 1024 + kStages * stage_bytes(warpgroups) + 3 * kStages * 8; }
 };
 
-// Split count for about one block per SM of an H100 (narrow tiles: two, though at the wide tiles' register split only
-// one fits: perf/NOTES.md, after the thirtieth session), fixed so that the split count, and the bits, do not depend
-// on the device.
+// Split count for about one wave on an H100 (wide tiles: one block per SM, narrow: kWgmmaNarrowBlocksPerSm), fixed
+// so that the split count, and the bits, do not depend on the device.
 constexpr int64_t kWgmmaTargetBlocks = 128;
 constexpr int64_t kWgmmaNarrowTargetBlocks = 256;
 
@@ -136,7 +141,7 @@ struct WgmmaWeightArgs {
 // consumer warpgroups, then the producer warpgroup (one thread of it issues the copies). T: float (TF32 operands),
 // __nv_bfloat16 or __half. kNarrow: narrow tiles (one consumer warpgroup).
 template <typename T, int kWgs, bool kNarrow>
-__global__ void __launch_bounds__((kWgs + 1) * 128, 1)
+__global__ void __launch_bounds__((kWgs + 1) * 128, kNarrow ? kWgmmaNarrowBlocksPerSm : 1)
     grad_weight_wgmma_kernel(const __grid_constant__ WgmmaGMaps g_maps, const __grid_constant__ CUtensorMap x_map,
                              const __grid_constant__ WgmmaWeightArgs args, float* __restrict__ weight_partial) {
   follow_previous_grid();
@@ -179,7 +184,9 @@ __global__ void __launch_bounds__((kWgs + 1) * 128, 1)
   __syncthreads();
 
   if (threadIdx.x >= kWgs * 128) {  // the producer warpgroup: one thread issues every copy, warps 1-3 round X
-    asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kWgmmaProducerRegisters));
+    // (Narrow blocks keep 128 registers a thread: two share the register file, and an .inc of the consumers beyond
+    // what the producers' .dec frees would wait forever.)
+    if constexpr (!kNarrow) asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(kWgmmaProducerRegisters));
     const int rounder = int(threadIdx.x) - kWgs * 128 - 32;
     if (kRoundX && rounder >= 0) {
       // Each stage's X box to TF32 (round to nearest, as every TF32 operand of the library: the tensor cores would
@@ -217,7 +224,7 @@ __global__ void __launch_bounds__((kWgs + 1) * 128, 1)
     return;
   }
 
-  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kWgmmaConsumerRegisters<kWgs>));
+  if constexpr (!kNarrow) asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(kWgmmaConsumerRegisters<kWgs>));
   // Consumer warpgroup wg. Wide tiles: output channels oc0 + 64 wg ... of every tap, warp w's rows 16 w ...;
   // narrow: warp w's rows are tap w's 16 channels. The warpgroup index through a shuffle (uniform registers for the
   // addresses, as in pair_forward_kernel).
@@ -352,7 +359,9 @@ void launch_grad_weight_wgmma(const ConvTransposeParams& p, const WgmmaWeightPla
       throw std::runtime_error("fused_convt: cuTensorMapEncodeTiled failed for grad_weight's operands");
     const int smem = WgmmaGeometry<kBytes, kNarrow>::smem_bytes(kWgs);
     auto kernel = grad_weight_wgmma_kernel<T, kWgs, kNarrow>;
-    allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem, "cudaFuncSetAttribute(grad_weight_wgmma_kernel)");
+    // Narrow: the largest shared-memory carve-out, which two blocks' stages need.
+    allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem, "cudaFuncSetAttribute(grad_weight_wgmma_kernel)",
+                       kNarrow);
     launch_kernel(kernel, {grid, dim3((kWgs + 1) * 128), size_t(smem), stream}, "grad_weight_wgmma_kernel", g_maps,
                   x_map, args, weight_partial);
   };

@@ -50,6 +50,8 @@ constexpr int kPairZeroBytes = 4096;
 // The opt-in shared memory of one compute capability 9.0 block: the budget of the sm_90a kernels (the pair forward,
 // grad_input_wgmma.cuh's stages).
 constexpr int kSm90BlockSmem = 227 * 1024;
+// An SM's shared memory (compute capability 9.0); each resident block also reserves 1 KB of it.
+constexpr int kSm90SmSmem = 228 * 1024;
 
 // Taps of one phase along one axis: kernel index k0 + stride t and input offset q - t, t < count.
 struct PairAxisTaps {
@@ -170,7 +172,7 @@ struct PairProblem {
     if (n_tile != 16 || warpgroups < 3) return false;
     const int saved = warpgroups;
     warpgroups = 3;
-    if (2 * (smem_bytes(3) + 1024) > 228 * 1024) {
+    if (2 * (smem_bytes(3) + 1024) > kSm90SmSmem) {
       warpgroups = saved;
       return false;
     }

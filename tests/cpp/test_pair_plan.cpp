@@ -145,7 +145,7 @@ int main() {
     if (two.two_blocks_per_sm(132)) {
       ++planned_two;
       CHECK_MSG(two.n_tile == 16 && two.warpgroups == 3 && two.blocks_per_sm == 2 &&
-                    2 * (two.smem_bytes(3) + 1024) <= 228 * 1024 && two.grid <= 264 &&
+                    2 * (two.smem_bytes(3) + 1024) <= fused_convt::kSm90SmSmem && two.grid <= 264 &&
                     (two.sets > 264 || two.grid == two.blocks_per_set * two.sets),
                 describe_two(p));
     } else {
