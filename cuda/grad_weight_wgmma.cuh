@@ -9,10 +9,12 @@
 // all four taps) and K = input pixels.
 //
 // A block owns one phase, its four taps, up to 128 output channels (a warpgroup per 64), 64 input channels and a
-// contiguous run ("split") of K chunks; a chunk is one 128-byte row of pixels (32 TF32, 64 16-bit) of one input row
-// (n, i, j0 ...). A producer thread brings each chunk into a pipeline stage with the Tensor Memory Accelerator, in
-// the 128-byte swizzle: X as one box of 64 channels x a chunk (the layout wgmma reads B in), and the G pixels the
-// four taps pair with it, two phase rows x (chunk + 1) columns (zeros outside the phase grid), as boxes of 128
+// contiguous run ("split") of K chunks; a chunk is 128 bytes of pixels (32 TF32, 64 16-bit) of one input row
+// (n, i, j0 ...), or (narrow tiles, rows of half a chunk: 16-bit kb_v0) two whole rows (n, i and i + 1), which NCHW
+// x holds contiguously (x's map is [image][channel][pixel]: a chunk is one box either way). A producer thread brings
+// each chunk into a pipeline stage with the Tensor Memory Accelerator, in the 128-byte swizzle: X as one box of 64
+// channels x a chunk (the layout wgmma reads B in), and the G pixels the four taps pair with it, the chunk's rows
+// plus one of phase rows x its columns plus one (zeros outside the phase grid), as boxes of 128
 // bytes of channels (conflict-free loads of A: 32-bit loads for TF32, ldmatrix.trans for 16-bit values). The
 // consumer warpgroups load A fragments and issue 16 wgmmas per chunk (4 k steps of 32 bytes x 4 taps, m64n64k8 /
 // k16, in two halves whose fragments alternate between two register sets) and release the stage to the producer
@@ -57,23 +59,26 @@ constexpr int kWgmmaNarrowIcTile = 32;  // narrow tiles' N
 // register file at 128 a thread (no setmaxnreg split) and, at their stage counts, an SM's shared memory.
 constexpr int kWgmmaNarrowBlocksPerSm = 2;
 
-// A stage's geometry for operands of kBytes (4: TF32, 2: bfloat16 / float16), wide or narrow tiles.
-template <int kBytes, bool kNarrow = false>
+// A stage's geometry for operands of kBytes (4: TF32, 2: bfloat16 / float16), wide or narrow tiles, chunks of kRows
+// input rows.
+template <int kBytes, bool kNarrow = false, int kRows = 1>
 struct WgmmaGeometry {
+  static_assert(kRows == 1 || (kRows == 2 && kNarrow), "chunks of one row, or of two (narrow tiles)");
   static constexpr int kChunk = 128 / kBytes;        // pixels (K) per stage
+  static constexpr int kRowPixels = kChunk / kRows;  // a chunk's columns (two rows: a chunk half, the input's width)
   static constexpr int kStepPixels = 32 / kBytes;    // K of one wgmma (32 bytes)
   static constexpr int kBoxChannels = 128 / kBytes;  // output channels per G box (narrow: 16, the rest zero fill)
   static constexpr int kIcTile = kNarrow ? kWgmmaNarrowIcTile : kWgmmaIcTile;  // N
   static constexpr int kXBox = kIcTile * 128;        // X: kIcTile channels x one 128-byte row of pixels
   static constexpr int kBoxesPerGroup = kNarrow ? 1 : kWgmmaOcPerGroup / kBoxChannels;
   static constexpr int kWarpTaps = kNarrow ? 1 : kWgmmaTaps;  // taps (accumulator sets) per warp
-  static constexpr int kGCols = kChunk + 1;          // G columns a chunk's taps read: two column offsets
-  static constexpr int kGRows = 2 * kGCols;          // 128-byte rows of a G box: two phase rows
+  static constexpr int kGCols = kRowPixels + 1;      // G columns a chunk's taps read: two column offsets
+  static constexpr int kGRows = (kRows + 1) * kGCols;  // 128-byte rows of a G box: two row offsets
   static constexpr int kGBox = (kGRows * 128 + 1023) / 1024 * 1024;  // box starts 1024-byte aligned
   // Stage bytes (X's box, then the G boxes of the block's channels) and the kernel's shared memory (stages
   // 1024-byte aligned, as the 128-byte swizzle's pattern repeats every 1024 bytes, then the barriers).
   static constexpr int stage_bytes(int warpgroups) { return kXBox + warpgroups * kBoxesPerGroup * kGBox; }
-  // A narrow stage (13 KB TF32, 21 KB 16-bit) holds a quarter of a wide warpgroup's MMAs: more of them in flight,
+  // A narrow stage (13 KB TF32, 21 KB 16-bit, 17 KB 16-bit of two rows) holds a quarter of a wide warpgroup's MMAs: more of them in flight,
   // up to 8, as many as let two narrow blocks share an SM (kWgmmaNarrowBlocksPerSm).
   static constexpr int kStages =
       kNarrow ? std::min(8, (kSm90SmSmem / kWgmmaNarrowBlocksPerSm - 1024 - 1024 - 3 * 8 * 8) / stage_bytes(1)) : 4;
@@ -91,6 +96,7 @@ inline bool wgmma_grad_weight_disabled() { return env_switch_on("FUSED_CONVT_NO_
 
 struct WgmmaWeightPlan {
   bool narrow;  // narrow tiles (kWgmmaNarrowOc)
+  int rows;     // input rows per chunk (WgmmaGeometry's kRows)
   int phases, warpgroups, oc_blocks, ic_tiles;
   int64_t splits, chunks_per_split;
   WgmmaPhaseTaps taps[kWgmmaMaxPhases];
@@ -99,18 +105,21 @@ struct WgmmaWeightPlan {
 // The plan where the problem has this path's shape, whatever the device: one group; wide tiles: input channels a
 // multiple of 64, output channels 64 (one warpgroup per block) or a multiple of 128 (two); narrow tiles: input
 // channels a multiple of 32, 16 output channels; phases as wgmma_phase_tables takes them; input rows of whole
-// chunks (128 bytes). (The caller also needs x 16-byte aligned: wgmma_weight_input_ok.)
+// chunks (128 bytes), or (narrow tiles) of half a chunk in images of even height. (The caller also needs x 16-byte
+// aligned: wgmma_weight_input_ok.)
 inline bool plan_weight_wgmma_shape(const ConvTransposeParams& p, int elem_bytes, WgmmaWeightPlan* plan) {
   const int64_t cin = p.in_channels, cout = p.out_channels, chunk = 128 / elem_bytes;
   const bool narrow = cout == kWgmmaNarrowOc && cin % kWgmmaNarrowIcTile == 0;
   const bool wide = cin % kWgmmaIcTile == 0 && (cout == 64 || cout % 128 == 0);
-  // (An empty batch has no tensor map: the driver refuses zero extents. G's pixel rows are 32-bit TMA
-  // coordinates.)
-  if (p.groups != 1 || !(narrow || wide) || p.in_w % chunk != 0 || p.batch == 0 ||
-      p.output_numel() / cout > INT32_MAX || !wgmma_phase_tables(p, plan->taps))
+  const int rows = p.in_w % chunk == 0 ? 1 : narrow && 2 * p.in_w == chunk && p.in_h % 2 == 0 ? 2 : 0;
+  // (An empty batch has no tensor map: the driver refuses zero extents. G's pixel rows and x's pixels are 32-bit
+  // TMA coordinates.)
+  if (p.groups != 1 || !(narrow || wide) || rows == 0 || p.batch == 0 || p.output_numel() / cout > INT32_MAX ||
+      p.in_h * p.in_w > INT32_MAX || !wgmma_phase_tables(p, plan->taps))
     return false;
-  const int64_t chunks = p.batch * p.in_h * (p.in_w / chunk);  // per phase
+  const int64_t chunks = p.batch * p.in_h * p.in_w / chunk;  // per phase
   plan->narrow = narrow;
+  plan->rows = rows;
   plan->phases = int(p.stride_h * p.stride_w);
   plan->warpgroups = narrow || cout == 64 ? 1 : 2;
   plan->oc_blocks = narrow ? 1 : int(cout / (kWgmmaOcPerGroup * plan->warpgroups));
@@ -139,14 +148,14 @@ struct WgmmaWeightArgs {
 
 // Grid: x = phase + phases x split, y = input channel tile + ic_tiles x output channel block. Threads: the
 // consumer warpgroups, then the producer warpgroup (one thread of it issues the copies). T: float (TF32 operands),
-// __nv_bfloat16 or __half. kNarrow: narrow tiles (one consumer warpgroup).
-template <typename T, int kWgs, bool kNarrow>
+// __nv_bfloat16 or __half. kNarrow: narrow tiles (one consumer warpgroup); kRows: input rows per chunk.
+template <typename T, int kWgs, bool kNarrow, int kRows>
 __global__ void __launch_bounds__((kWgs + 1) * 128, kNarrow ? kWgmmaNarrowBlocksPerSm : 1)
     grad_weight_wgmma_kernel(const __grid_constant__ WgmmaGMaps g_maps, const __grid_constant__ CUtensorMap x_map,
                              const __grid_constant__ WgmmaWeightArgs args, float* __restrict__ weight_partial) {
   follow_previous_grid();
 #ifdef FCT_WGMMA_ENABLED
-  using Geo = WgmmaGeometry<int(sizeof(T)), kNarrow>;
+  using Geo = WgmmaGeometry<int(sizeof(T)), kNarrow, kRows>;
   static_assert(!kNarrow || kWgs == 1, "narrow tiles: one consumer warpgroup");
   constexpr int kStages = Geo::kStages, kStageBytes = Geo::stage_bytes(kWgs), kBoxes = kWgs * Geo::kBoxesPerGroup;
   constexpr int kWarpTaps = Geo::kWarpTaps, kN = Geo::kIcTile;
@@ -168,8 +177,10 @@ __global__ void __launch_bounds__((kWgs + 1) * 128, kNarrow ? kWgmmaNarrowBlocks
   const int oc0 = int(blockIdx.y / plan.ic_tiles) * kWgs * kWgmmaOcPerGroup;
   const WgmmaPhaseTaps& taps = plan.taps[phase];
   const int max_h = taps.max_h, max_w = taps.max_w;  // G's box starts at the larger offsets' pixel
-  // 32-bit chunk numbers: a phase's chunks are below 2^31 (plan_weight_wgmma_shape).
-  const int row_chunks = int(p.in_w) / Geo::kChunk, chunks = int(p.batch * p.in_h) * row_chunks;
+  // 32-bit chunk numbers: a phase's chunks are below 2^31 (plan_weight_wgmma_shape). A chunk: kRows rows of a
+  // group of rows (n, i ... i + kRows - 1), kRowPixels columns of them.
+  const int row_chunks = int(p.in_w) / Geo::kRowPixels, image_groups = int(p.in_h) / kRows;
+  const int chunks = int(p.batch) * image_groups * row_chunks;
   const int begin = int(split * plan.chunks_per_split);
   const int count = max(0, min(chunks, begin + int(plan.chunks_per_split)) - begin);
 
@@ -211,11 +222,12 @@ __global__ void __launch_bounds__((kWgs + 1) * 128, kNarrow ? kWgmmaNarrowBlocks
     for (int i = 0; i < count; ++i) {
       const int s = i % kStages;
       if (i >= kStages) mbarrier_wait(empty_bar + 8 * s, (i / kStages - 1) & 1);
-      const int chunk = begin + i, row = chunk / row_chunks;  // row: n x in_h + i
-      const int j0 = (chunk - row * row_chunks) * Geo::kChunk, in_row = row % int(p.in_h), n = row / int(p.in_h);
+      const int chunk = begin + i, group = chunk / row_chunks;  // group: n x image_groups + i / kRows
+      const int j0 = (chunk - group * row_chunks) * Geo::kRowPixels, n = group / image_groups;
+      const int in_row = (group - n * image_groups) * kRows;
       const uint32_t stage = smem + s * kStageBytes, bar = full_bar + 8 * s;
       mbarrier_arrive_expect_tx(bar, Geo::kXBox + kBoxes * Geo::kGRows * 128);
-      tma_load_4d(stage, &x_map, j0, in_row, ic0, n, bar);
+      tma_load_3d(stage, &x_map, in_row * int(p.in_w) + j0, ic0, n, bar);
 #pragma unroll
       for (int b = 0; b < kBoxes; ++b)
         tma_load_4d(stage + Geo::kXBox + b * Geo::kGBox, g_map, oc0 + Geo::kBoxChannels * b, j0 - max_w,
@@ -232,45 +244,48 @@ __global__ void __launch_bounds__((kWgs + 1) * 128, kNarrow ? kWgmmaNarrowBlocks
   const int lane = int(threadIdx.x % 32), g = lane / 4, t4 = lane % 4;
   const int row0 = kNarrow ? 0 : wg * kWgmmaOcPerGroup + 16 * warp;  // the warp's first A row (output channel)
   auto tap_of = [&](int t) { return kNarrow ? warp : t; };           // accumulator set t's tap
-  // Tap t's pixel k sits in G's box row (max_h - off_h) x (chunk + 1) + max_w - off_w + k, whose 16-byte pieces
-  // the swizzle permutes by the row's low three bits; a k step moves 8 or 16 rows on, which keeps them, so one
-  // offset per load of a tap serves every k step. TF32: four 32-bit loads, of pixels t4 and t4 + 4 (q / 2) and
+  // Tap t's pixel k (of chunk row r, column c) sits in G's box row (r + max_h - off_h) x kGCols + max_w - off_w + c,
+  // whose 16-byte pieces the swizzle permutes by the row's low three bits; a k step moves 8 or 16 rows on, which
+  // keeps them, so one offset per load of a tap serves every k step of a row (of the chunk; of two rows, a half
+  // chunk's: a_offset[r]). TF32: four 32-bit loads, of pixels t4 and t4 + 4 (q / 2) and
   // rows row0 + g and + 8 (q % 2, two pieces on); 16-bit: one ldmatrix.trans of the warp's 16 rows x 16 pixels,
   // this lane giving the address of pixel (lane & 7) + 8 ((lane >> 4) & 1) and rows 8 ((lane >> 3) & 1) ... + 7.
   constexpr int kLoads = sizeof(T) == 4 ? 4 : 1;
-  uint32_t a_offset[kWarpTaps][kLoads];
+  uint32_t a_offset[kRows][kWarpTaps][kLoads];
 #pragma unroll
-  for (int t = 0; t < kWarpTaps; ++t)
+  for (int r = 0; r < kRows; ++r)
 #pragma unroll
-    for (int q = 0; q < kLoads; ++q) {
-      const int tap = tap_of(t);
-      const int tap_row = (max_h - taps.off_h[tap]) * Geo::kGCols + max_w - taps.off_w[tap];
-      const int channel = row0 + (sizeof(T) == 4 ? g + 8 * (q & 1) : 8 * ((lane >> 3) & 1));  // of the block's
-      const int box = channel / Geo::kBoxChannels, in_box = channel % Geo::kBoxChannels;
-      const int pixel = sizeof(T) == 4 ? t4 + 4 * (q >> 1) : (lane & 7) + 8 * ((lane >> 4) & 1);
-      const uint32_t row = uint32_t(tap_row + pixel);
-      const uint32_t piece = uint32_t(in_box * int(sizeof(T))) / 16;
-      a_offset[t][q] = Geo::kXBox + uint32_t(box) * Geo::kGBox + row * 128 + ((piece ^ (row & 7)) << 4) +
-                       uint32_t(in_box * int(sizeof(T))) % 16;
-    }
+    for (int t = 0; t < kWarpTaps; ++t)
+#pragma unroll
+      for (int q = 0; q < kLoads; ++q) {
+        const int tap = tap_of(t);
+        const int tap_row = (r + max_h - taps.off_h[tap]) * Geo::kGCols + max_w - taps.off_w[tap];
+        const int channel = row0 + (sizeof(T) == 4 ? g + 8 * (q & 1) : 8 * ((lane >> 3) & 1));  // of the block's
+        const int box = channel / Geo::kBoxChannels, in_box = channel % Geo::kBoxChannels;
+        const int pixel = sizeof(T) == 4 ? t4 + 4 * (q >> 1) : (lane & 7) + 8 * ((lane >> 4) & 1);
+        const uint32_t row = uint32_t(tap_row + pixel);
+        const uint32_t piece = uint32_t(in_box * int(sizeof(T))) / 16;
+        a_offset[r][t][q] = Geo::kXBox + uint32_t(box) * Geo::kGBox + row * 128 + ((piece ^ (row & 7)) << 4) +
+                            uint32_t(in_box * int(sizeof(T))) % 16;
+      }
   float acc[kWarpTaps][kN / 2];
   // Half h of chunk i: its A fragments into `a` (registers that must not change until its wgmmas are done: two
   // sets used in turn, and the wait after each half retires the one before), its wgmmas (8 wide, 2 narrow), then
-  // the wait; after the first half, the previous chunk's stage is released.
+  // the wait; after the first half, the previous chunk's stage is released. (Two-row chunks: half h is row h.)
   auto half = [&](int i, int h, uint32_t (&a)[kHalfSteps][kWarpTaps][4]) {
-    const int s = i % kStages;
+    const int s = i % kStages, r = kRows == 1 ? 0 : h;
     const uint32_t stage = smem + s * kStageBytes;
     if (h == 0) mbarrier_wait(ready_bar + 8 * s, (i / kStages) & 1);
 #pragma unroll
     for (int kk = 0; kk < kHalfSteps; ++kk) {
-      const uint32_t step = stage + (h * kHalfSteps + kk) * Geo::kStepPixels * 128;
+      const uint32_t step = stage + ((kRows == 1 ? h * kHalfSteps : 0) + kk) * Geo::kStepPixels * 128;
 #pragma unroll
       for (int t = 0; t < kWarpTaps; ++t) {
         if constexpr (sizeof(T) == 4) {
 #pragma unroll
-          for (int q = 0; q < 4; ++q) a[kk][t][q] = lds32(step + a_offset[t][q]);
+          for (int q = 0; q < 4; ++q) a[kk][t][q] = lds32(step + a_offset[r][t][q]);
         } else {
-          ldmatrix_x4_trans(a[kk][t], step + a_offset[t][0]);
+          ldmatrix_x4_trans(a[kk][t], step + a_offset[r][t][0]);
         }
       }
     }
@@ -316,20 +331,20 @@ __global__ void __launch_bounds__((kWgs + 1) * 128, kNarrow ? kWgmmaNarrowBlocks
 #endif
 }
 
-// x's and G's tensor maps: x [image][channel][row][column] (x_nchw), G of each phase [image][phase row][phase
+// x's and G's tensor maps: x [image][channel][pixel] (x_nchw), G of each phase [image][phase row][phase
 // column][row of channels] (g_split, laid out as g_layout), both in the kernel's boxes; false where the driver
 // refuses one.
 // (Narrow tiles: G's boxes are wider than its 16-channel rows; the TMA fills the rest with zeros, which no
 // fragment reads.)
-template <int kBytes, bool kNarrow>
+template <int kBytes, bool kNarrow, int kRows>
 inline bool encode_wgmma_maps(const ConvTransposeParams& p, const void* x_nchw,
                               const PhaseSplitLayout& g_layout, const void* g_split, CUtensorMap* x_map,
                               WgmmaGMaps* g_maps) {
-  using Geo = WgmmaGeometry<kBytes, kNarrow>;
-  const int64_t x_dims[4] = {p.in_w, p.in_h, p.in_channels, p.batch};
-  const uint32_t x_box[4] = {Geo::kChunk, 1, Geo::kIcTile, 1};
-  if (!encode_dense_map(x_map, x_nchw, kBytes, 4, x_dims, x_box, CU_TENSOR_MAP_SWIZZLE_128B)) return false;
-  const uint32_t g_box[4] = {Geo::kBoxChannels, Geo::kGCols, 2, 1};
+  using Geo = WgmmaGeometry<kBytes, kNarrow, kRows>;
+  const int64_t x_dims[3] = {p.in_h * p.in_w, p.in_channels, p.batch};
+  const uint32_t x_box[3] = {Geo::kChunk, Geo::kIcTile, 1};
+  if (!encode_dense_map(x_map, x_nchw, kBytes, 3, x_dims, x_box, CU_TENSOR_MAP_SWIZZLE_128B)) return false;
+  const uint32_t g_box[4] = {Geo::kBoxChannels, Geo::kGCols, kRows + 1, 1};
   return encode_g_phase_maps(p, kBytes, g_layout, g_split, g_box, g_maps);
 }
 
@@ -350,15 +365,15 @@ void launch_grad_weight_wgmma(const ConvTransposeParams& p, const WgmmaWeightPla
   }
   const WgmmaWeightArgs args{p, plan};
   const dim3 grid(unsigned(plan.splits * plan.phases), unsigned(plan.ic_tiles * plan.oc_blocks));
-  auto launch = [&](auto warpgroups, auto narrow) {
-    constexpr int kWgs = decltype(warpgroups)::value;
+  auto launch = [&](auto warpgroups, auto narrow, auto rows) {
+    constexpr int kWgs = decltype(warpgroups)::value, kRows = decltype(rows)::value;
     constexpr bool kNarrow = decltype(narrow)::value;
     alignas(64) CUtensorMap x_map{};
     alignas(64) WgmmaGMaps g_maps{};
-    if (!encode_wgmma_maps<kBytes, kNarrow>(p, x_nchw, g_layout, g_split, &x_map, &g_maps))
+    if (!encode_wgmma_maps<kBytes, kNarrow, kRows>(p, x_nchw, g_layout, g_split, &x_map, &g_maps))
       throw std::runtime_error("fused_convt: cuTensorMapEncodeTiled failed for grad_weight's operands");
-    const int smem = WgmmaGeometry<kBytes, kNarrow>::smem_bytes(kWgs);
-    auto kernel = grad_weight_wgmma_kernel<T, kWgs, kNarrow>;
+    const int smem = WgmmaGeometry<kBytes, kNarrow, kRows>::smem_bytes(kWgs);
+    auto kernel = grad_weight_wgmma_kernel<T, kWgs, kNarrow, kRows>;
     // Narrow: the largest shared-memory carve-out, which two blocks' stages need.
     allow_dynamic_smem(reinterpret_cast<const void*>(kernel), smem, "cudaFuncSetAttribute(grad_weight_wgmma_kernel)",
                        kNarrow);
@@ -366,9 +381,11 @@ void launch_grad_weight_wgmma(const ConvTransposeParams& p, const WgmmaWeightPla
                   x_map, args, weight_partial);
   };
   using One = std::integral_constant<int, 1>;
-  if (plan.narrow) launch(One{}, std::true_type{});
-  else if (plan.warpgroups == 2) launch(std::integral_constant<int, 2>{}, std::false_type{});
-  else launch(One{}, std::false_type{});
+  using Two = std::integral_constant<int, 2>;
+  if (plan.narrow && plan.rows == 2) launch(One{}, std::true_type{}, Two{});
+  else if (plan.narrow) launch(One{}, std::true_type{}, One{});
+  else if (plan.warpgroups == 2) launch(Two{}, std::false_type{}, One{});
+  else launch(One{}, std::false_type{}, One{});
 }
 
 }  // namespace fused_convt

@@ -412,8 +412,11 @@ std::vector<std::pair<std::string, ConvTransposeParams>> tiled_cases() {
   p.out_pad_h = 1;
   cases.push_back({"grad_weight wgmma, uneven row phases", p});
   // Its narrow tiles (16 output channels, input channels of whole 32s): rows of one float chunk (16-bit on
-  // mma.sync), padding 1; two input channel tiles in rows of 64 (every type).
+  // mma.sync: an odd height), padding 1; two input channel tiles in rows of 64 (every type); chunks of two rows
+  // (16-bit rows of 32, float rows of 16; padding 1 and 0).
   cases.push_back({"grad_weight wgmma, narrow tiles", square(make(2, 32, 16, 5, 32, 1), 4, 2, 1)});
+  cases.push_back({"grad_weight wgmma, narrow tiles, two-row chunks", square(make(2, 32, 16, 6, 32, 1), 4, 2, 1)});
+  cases.push_back({"grad_weight wgmma, narrow tiles, two-row float chunks", square(make(3, 32, 16, 4, 16, 1), 4, 2)});
   cases.push_back({"grad_weight wgmma, narrow tiles, two channel tiles", square(make(1, 64, 16, 3, 64, 1), 4, 2)});
   // grad_input on wgmma (where the g pass ran; one group, input channels of whole 64s, output channels of whole
   // 128-byte chunks, four taps per phase, input rows of whole 64s): the cases above of 64-pixel rows, and two

@@ -81,7 +81,7 @@ void check_input_windows(const ConvTransposeParams& p, const fused_convt::InputW
 int main() {
   test::Rng rng(20261127);
   int64_t pairs = 0;
-  int accepted = 0, input_planned = 0, weight_planned = 0, narrow_planned = 0;
+  int accepted = 0, input_planned = 0, weight_planned = 0, narrow_planned = 0, two_row_planned = 0;
   for (int it = 0; it < 600; ++it) {
     ConvTransposeParams p;
     p.batch = rng.integer(0, 3);
@@ -90,6 +90,7 @@ int main() {
     if (it % 13 == 12) p.out_channels = 16;  // grad_weight's narrow tiles
     p.out_channels *= p.groups;
     p.in_h = rng.integer(1, 20), p.in_w = 32 * rng.integer(1, 4);
+    if (it % 17 == 16) p.in_w = 16;  // rows of half a float chunk
     p.stride_h = rng.integer(1, 3), p.stride_w = rng.integer(1, 3);
     // Mostly kernel = 2 x stride (the shape the tables take), sometimes not.
     p.kernel_h = it % 9 == 8 ? rng.integer(1, 5) : 2 * p.stride_h;
@@ -120,20 +121,24 @@ int main() {
     }
     fused_convt::WgmmaWeightPlan weight{};
     const bool narrow = p.out_channels == 16;
+    // Chunks of 32 float pixels: one row where the rows are of whole chunks, two rows of 16 (narrow tiles, even
+    // heights).
+    const int rows = p.in_w % 32 == 0 ? 1 : narrow && p.in_w == 16 && p.in_h % 2 == 0 ? 2 : 0;
     const bool weight_shape =
-        p.groups == 1 && (narrow || p.out_channels == 64 || p.out_channels % 128 == 0) && p.batch > 0;
+        p.groups == 1 && (narrow || p.out_channels == 64 || p.out_channels % 128 == 0) && p.batch > 0 && rows > 0;
     CHECK_MSG(fused_convt::plan_weight_wgmma_shape(p, 4, &weight) == weight_shape, "grad_weight plan " + test::describe(p));
     if (weight_shape) {
-      ++weight_planned, narrow_planned += narrow;
-      CHECK_MSG(weight.narrow == narrow && weight.warpgroups == (narrow || p.out_channels == 64 ? 1 : 2) &&
+      ++weight_planned, narrow_planned += narrow, two_row_planned += rows == 2;
+      CHECK_MSG(weight.narrow == narrow && weight.rows == rows &&
+                    weight.warpgroups == (narrow || p.out_channels == 64 ? 1 : 2) &&
                     weight.ic_tiles == p.in_channels / (narrow ? 32 : 64),
                 "grad_weight tiles " + test::describe(p));
-      CHECK_MSG(weight.splits * weight.chunks_per_split >= p.batch * p.in_h * (p.in_w / 32) &&
-                    (weight.splits - 1) * weight.chunks_per_split < p.batch * p.in_h * (p.in_w / 32),
+      const int64_t chunks = p.batch * p.in_h * p.in_w / 32;
+      CHECK_MSG(weight.splits * weight.chunks_per_split >= chunks && (weight.splits - 1) * weight.chunks_per_split < chunks,
                 "grad_weight splits " + test::describe(p));
     }
   }
-  CHECK_MSG(accepted > 150 && input_planned > 40 && weight_planned > 40 && narrow_planned > 3,
+  CHECK_MSG(accepted > 150 && input_planned > 40 && weight_planned > 40 && narrow_planned > 3 && two_row_planned > 0,
             "too few problems planned: " + std::to_string(accepted) + " / " + std::to_string(input_planned) + " / " +
                 std::to_string(weight_planned));
 
@@ -151,17 +156,22 @@ int main() {
   fused_convt::WgmmaWeightPlan weight{};
   CHECK_MSG(fused_convt::plan_weight_wgmma_shape(kb, 4, &weight) && weight.warpgroups == 2 && weight.splits == 32,
             "kb_v1 grad_weight plan");
-  // kb_v0 (Cin32 Cout16, rows of 32): grad_weight's narrow tiles in TF32 (rows of one float chunk; 16-bit chunks are
-  // 64 pixels), 64 splits of 64 rows; grad_input refused (rows of 64s).
+  // kb_v0 (Cin32 Cout16, rows of 32): grad_weight's narrow tiles, in TF32 chunks of one row, 64 splits of 64 rows;
+  // in 16-bit chunks of two rows, 64 splits of 32 chunks; grad_input refused (rows of 64s). An odd height leaves
+  // 16-bit to the mma.sync GEMM.
   ConvTransposeParams kb0 = test::make_params(128, 32, 16, 32, 32, 1);
   kb0.kernel_h = kb0.kernel_w = 4, kb0.stride_h = kb0.stride_w = 2;
-  CHECK_MSG(fused_convt::plan_weight_wgmma_shape(kb0, 4, &weight) && weight.narrow && weight.ic_tiles == 1 &&
-                weight.splits == 64 && weight.chunks_per_split == 64,
+  CHECK_MSG(fused_convt::plan_weight_wgmma_shape(kb0, 4, &weight) && weight.narrow && weight.rows == 1 &&
+                weight.ic_tiles == 1 && weight.splits == 64 && weight.chunks_per_split == 64,
             "kb_v0 grad_weight plan (TF32)");
-  CHECK_MSG(!fused_convt::plan_weight_wgmma_shape(kb0, 2, &weight), "kb_v0 grad_weight planned (16-bit)");
+  CHECK_MSG(fused_convt::plan_weight_wgmma_shape(kb0, 2, &weight) && weight.narrow && weight.rows == 2 &&
+                weight.splits == 64 && weight.chunks_per_split == 32,
+            "kb_v0 grad_weight plan (16-bit)");
   CHECK_MSG(!fused_convt::plan_input_wgmma_shape(kb0, 4, &input), "kb_v0 grad_input planned");
+  kb0.in_h = 31;
+  CHECK_MSG(!fused_convt::plan_weight_wgmma_shape(kb0, 2, &weight), "grad_weight planned (16-bit, rows of 32, odd height)");
   std::printf("test_wgmma_plan: %lld (input pixel, tap) pairs on %d accepted problems (%d grad_input, %d grad_weight, "
-              "%d of them narrow)\n",
-              (long long)pairs, accepted, input_planned, weight_planned, narrow_planned);
+              "%d of them narrow, %d of two-row chunks)\n",
+              (long long)pairs, accepted, input_planned, weight_planned, narrow_planned, two_row_planned);
   return test::summary("test_wgmma_plan");
 }

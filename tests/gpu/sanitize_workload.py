@@ -31,8 +31,10 @@ CASES = [
     # grad_weight and grad_input on wgmma (sm_90a): 128 output channels (two warpgroups), input rows of two float
     # chunks and one 16-bit chunk; one ragged row tile of grad_input (3 rows of 8)
     (Problem(1, 64, 128, (3, 64), (4, 4), (2, 2), add_value=-0.5), None),
-    # grad_weight's narrow wgmma tiles (16 output channels): two input channel tiles, rows of 64
+    # grad_weight's narrow wgmma tiles (16 output channels): two input channel tiles, rows of 64; chunks of two rows
+    # (16-bit rows of 32)
     (Problem(1, 64, 16, (3, 64), (4, 4), (2, 2), add_value=-0.5), None),
+    (Problem(1, 32, 16, (4, 32), (4, 4), (2, 2), padding=(1, 1), add_value=-0.5), None),
 ]
 DTYPES = [(torch.float32, True, 5e-3), (torch.float32, False, 1e-5), (torch.bfloat16, None, 3e-2),
           (torch.float16, None, 5e-3), (torch.float64, None, 1e-12)]

@@ -29,9 +29,12 @@ PROBLEMS = [
     Problem(2, 64, 96, (17, 128), (4, 4), (2, 2), padding=(1, 1), add_value=-0.5),
     # two phases (stride 2 x 1, kernel 4 x 2: 2 x 2 taps each), non-square, padding on one axis
     Problem(1, 64, 128, (7, 64), (4, 2), (2, 1), padding=(1, 0), add_value=-0.5),
-    # grad_weight's narrow tiles (16 output channels): rows of one float chunk (16-bit on mma.sync), padding 1; two
-    # input channel tiles in rows of 64 (every type)
+    # grad_weight's narrow tiles (16 output channels): rows of one float chunk (16-bit on mma.sync: an odd height),
+    # padding 1; chunks of two rows (16-bit rows of 32, float rows of 16); two input channel tiles in rows of 64
+    # (every type)
     Problem(2, 32, 16, (5, 32), (4, 4), (2, 2), padding=(1, 1), add_value=-0.5),
+    Problem(2, 32, 16, (6, 32), (4, 4), (2, 2), padding=(1, 1), add_value=-0.5),
+    Problem(3, 32, 16, (4, 16), (4, 4), (2, 2), add_value=-0.5),
     Problem(1, 64, 16, (3, 64), (4, 4), (2, 2), add_value=-0.5),
 ]
 ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
@@ -48,7 +51,8 @@ def takes_wgmma(p: Problem, dtype, gradient) -> bool:
     chunk = 128 // torch.empty(0, dtype=dtype).element_size()
     if gradient == "grad_weight":
         narrow = p.out_channels == 16 and p.in_channels % 32 == 0
-        fits = p.in_hw[1] % chunk == 0 and (narrow or p.out_channels == 64 or p.out_channels % 128 == 0)
+        two_rows = narrow and 2 * p.in_hw[1] == chunk and p.in_hw[0] % 2 == 0  # chunks of two rows
+        fits = (p.in_hw[1] % chunk == 0 or two_rows) and (narrow or p.out_channels == 64 or p.out_channels % 128 == 0)
     else:
         fits = p.in_hw[1] % 64 == 0 and p.out_channels % chunk == 0
     return ON_HOPPER and fits
@@ -122,7 +126,8 @@ def test_wgmma_gradients_match_float64(index, dtype):
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("index", [1, len(PROBLEMS) - 1])  # wide tiles; the narrow ones
+# wide tiles; the narrow ones, in chunks of two rows (16-bit) and of one
+@pytest.mark.parametrize("index", [1, len(PROBLEMS) - 3, len(PROBLEMS) - 1])
 def test_wgmma_gradients_deterministic_and_layout_blind(index, dtype):
     """Bitwise the same on a second run, and with a channels_last input (transposed into the same NCHW copy)."""
     p = PROBLEMS[index]
