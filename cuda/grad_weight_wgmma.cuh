@@ -11,7 +11,8 @@
 // A block owns one phase, its four taps, up to 128 output channels (a warpgroup per 64), 64 input channels and a
 // contiguous run ("split") of K chunks; a chunk is 128 bytes of pixels (32 TF32, 64 16-bit) of one input row
 // (n, i, j0 ...), or (narrow tiles, rows of half a chunk: 16-bit kb_v0) two whole rows (n, i and i + 1), which NCHW
-// x holds contiguously (x's map is [image][channel][pixel]: a chunk is one box either way). A producer thread brings
+// x holds contiguously (x's map is [image][channel][group of kRows rows][pixel of the group]: a chunk is one box
+// either way). A producer thread brings
 // each chunk into a pipeline stage with the Tensor Memory Accelerator, in the 128-byte swizzle: X as one box of 64
 // channels x a chunk (the layout wgmma reads B in), and the G pixels the four taps pair with it, the chunk's rows
 // plus one of phase rows x its columns plus one (zeros outside the phase grid), as boxes of 128
@@ -112,10 +113,10 @@ inline bool plan_weight_wgmma_shape(const ConvTransposeParams& p, int elem_bytes
   const bool narrow = cout == kWgmmaNarrowOc && cin % kWgmmaNarrowIcTile == 0;
   const bool wide = cin % kWgmmaIcTile == 0 && (cout == 64 || cout % 128 == 0);
   const int rows = p.in_w % chunk == 0 ? 1 : narrow && 2 * p.in_w == chunk && p.in_h % 2 == 0 ? 2 : 0;
-  // (An empty batch has no tensor map: the driver refuses zero extents. G's pixel rows and x's pixels are 32-bit
-  // TMA coordinates.)
+  // (An empty batch has no tensor map: the driver refuses zero extents. G's pixel rows are 32-bit TMA
+  // coordinates.)
   if (p.groups != 1 || !(narrow || wide) || rows == 0 || p.batch == 0 || p.output_numel() / cout > INT32_MAX ||
-      p.in_h * p.in_w > INT32_MAX || !wgmma_phase_tables(p, plan->taps))
+      !wgmma_phase_tables(p, plan->taps))
     return false;
   const int64_t chunks = p.batch * p.in_h * p.in_w / chunk;  // per phase
   plan->narrow = narrow;
@@ -227,7 +228,7 @@ __global__ void __launch_bounds__((kWgs + 1) * 128, kNarrow ? kWgmmaNarrowBlocks
       const int in_row = (group - n * image_groups) * kRows;
       const uint32_t stage = smem + s * kStageBytes, bar = full_bar + 8 * s;
       mbarrier_arrive_expect_tx(bar, Geo::kXBox + kBoxes * Geo::kGRows * 128);
-      tma_load_3d(stage, &x_map, in_row * int(p.in_w) + j0, ic0, n, bar);
+      tma_load_4d(stage, &x_map, j0, in_row / kRows, ic0, n, bar);
 #pragma unroll
       for (int b = 0; b < kBoxes; ++b)
         tma_load_4d(stage + Geo::kXBox + b * Geo::kGBox, g_map, oc0 + Geo::kBoxChannels * b, j0 - max_w,
@@ -331,7 +332,7 @@ __global__ void __launch_bounds__((kWgs + 1) * 128, kNarrow ? kWgmmaNarrowBlocks
 #endif
 }
 
-// x's and G's tensor maps: x [image][channel][pixel] (x_nchw), G of each phase [image][phase row][phase
+// x's and G's tensor maps: x [image][channel][group of kRows rows][pixel of the group] (x_nchw), G of each phase [image][phase row][phase
 // column][row of channels] (g_split, laid out as g_layout), both in the kernel's boxes; false where the driver
 // refuses one.
 // (Narrow tiles: G's boxes are wider than its 16-channel rows; the TMA fills the rest with zeros, which no
@@ -341,9 +342,9 @@ inline bool encode_wgmma_maps(const ConvTransposeParams& p, const void* x_nchw,
                               const PhaseSplitLayout& g_layout, const void* g_split, CUtensorMap* x_map,
                               WgmmaGMaps* g_maps) {
   using Geo = WgmmaGeometry<kBytes, kNarrow, kRows>;
-  const int64_t x_dims[3] = {p.in_h * p.in_w, p.in_channels, p.batch};
-  const uint32_t x_box[3] = {Geo::kChunk, Geo::kIcTile, 1};
-  if (!encode_dense_map(x_map, x_nchw, kBytes, 3, x_dims, x_box, CU_TENSOR_MAP_SWIZZLE_128B)) return false;
+  const int64_t x_dims[4] = {kRows * p.in_w, p.in_h / kRows, p.in_channels, p.batch};
+  const uint32_t x_box[4] = {Geo::kChunk, 1, Geo::kIcTile, 1};
+  if (!encode_dense_map(x_map, x_nchw, kBytes, 4, x_dims, x_box, CU_TENSOR_MAP_SWIZZLE_128B)) return false;
   const uint32_t g_box[4] = {Geo::kBoxChannels, Geo::kGCols, kRows + 1, 1};
   return encode_g_phase_maps(p, kBytes, g_layout, g_split, g_box, g_maps);
 }
