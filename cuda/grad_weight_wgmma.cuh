@@ -10,12 +10,12 @@
 //
 // A block owns one phase, its four taps, up to 128 output channels (a warpgroup per 64), 64 input channels and a
 // contiguous run ("split") of K chunks; a chunk is 128 bytes of pixels (32 TF32, 64 16-bit) of one input row
-// (n, i, j0 ...), or (narrow tiles, rows of half a chunk: 16-bit kb_v0) two whole rows (n, i and i + 1), which NCHW
-// x holds contiguously (x's map is [image][channel][group of kRows rows][pixel of the group]: a chunk is one box
-// either way). A producer thread brings
-// each chunk into a pipeline stage with the Tensor Memory Accelerator, in the 128-byte swizzle: X as one box of 64
-// channels x a chunk (the layout wgmma reads B in), and the G pixels the four taps pair with it, the chunk's rows
-// plus one of phase rows x its columns plus one (zeros outside the phase grid), as boxes of 128
+// (n, i, j0 ...), or, where rows are half a chunk (16-bit kb_v0; not in wide TF32 tiles, whose registers are spent),
+// two whole rows (n, i and i + 1), which NCHW x holds contiguously (x's map is [image][channel][group of kRows
+// rows][pixel of the group]: a chunk is one box either way). A producer thread brings each chunk into a pipeline
+// stage with the Tensor Memory Accelerator, in the 128-byte swizzle: X as one box of 64 channels x a chunk (the
+// layout wgmma reads B in), and the G pixels the four taps pair with it, the chunk's rows plus one of phase rows x
+// its columns plus one (zeros outside the phase grid), as boxes of 128
 // bytes of channels (conflict-free loads of A: 32-bit loads for TF32, ldmatrix.trans for 16-bit values). The
 // consumer warpgroups load A fragments and issue 16 wgmmas per chunk (4 k steps of 32 bytes x 4 taps, m64n64k8 /
 // k16, in two halves whose fragments alternate between two register sets) and release the stage to the producer
@@ -64,7 +64,7 @@ constexpr int kWgmmaNarrowBlocksPerSm = 2;
 // input rows.
 template <int kBytes, bool kNarrow = false, int kRows = 1>
 struct WgmmaGeometry {
-  static_assert(kRows == 1 || (kRows == 2 && kNarrow), "chunks of one row, or of two (narrow tiles)");
+  static_assert(kRows == 1 || (kRows == 2 && (kNarrow || kBytes == 2)), "chunks of one row, or of two (not wide TF32)");
   static constexpr int kChunk = 128 / kBytes;        // pixels (K) per stage
   static constexpr int kRowPixels = kChunk / kRows;  // a chunk's columns (two rows: a chunk half, the input's width)
   static constexpr int kStepPixels = 32 / kBytes;    // K of one wgmma (32 bytes)
@@ -106,13 +106,15 @@ struct WgmmaWeightPlan {
 // The plan where the problem has this path's shape, whatever the device: one group; wide tiles: input channels a
 // multiple of 64, output channels 64 (one warpgroup per block) or a multiple of 128 (two); narrow tiles: input
 // channels a multiple of 32, 16 output channels; phases as wgmma_phase_tables takes them; input rows of whole
-// chunks (128 bytes), or (narrow tiles) of half a chunk in images of even height. (The caller also needs x 16-byte
+// chunks (128 bytes), or (narrow tiles, 16-bit wide ones) of half a chunk in images of even height. (The caller also needs x 16-byte
 // aligned: wgmma_weight_input_ok.)
 inline bool plan_weight_wgmma_shape(const ConvTransposeParams& p, int elem_bytes, WgmmaWeightPlan* plan) {
   const int64_t cin = p.in_channels, cout = p.out_channels, chunk = 128 / elem_bytes;
   const bool narrow = cout == kWgmmaNarrowOc && cin % kWgmmaNarrowIcTile == 0;
   const bool wide = cin % kWgmmaIcTile == 0 && (cout == 64 || cout % 128 == 0);
-  const int rows = p.in_w % chunk == 0 ? 1 : narrow && 2 * p.in_w == chunk && p.in_h % 2 == 0 ? 2 : 0;
+  const int rows = p.in_w % chunk == 0                                                       ? 1
+                   : (narrow || elem_bytes == 2) && 2 * p.in_w == chunk && p.in_h % 2 == 0 ? 2
+                                                                                            : 0;
   // (An empty batch has no tensor map: the driver refuses zero extents. G's pixel rows are 32-bit TMA
   // coordinates.)
   if (p.groups != 1 || !(narrow || wide) || rows == 0 || p.batch == 0 || p.output_numel() / cout > INT32_MAX ||
@@ -383,10 +385,14 @@ void launch_grad_weight_wgmma(const ConvTransposeParams& p, const WgmmaWeightPla
   };
   using One = std::integral_constant<int, 1>;
   using Two = std::integral_constant<int, 2>;
+  auto wide = [&](auto rows) {
+    if (plan.warpgroups == 2) launch(Two{}, std::false_type{}, rows);
+    else launch(One{}, std::false_type{}, rows);
+  };
   if (plan.narrow && plan.rows == 2) launch(One{}, std::true_type{}, Two{});
   else if (plan.narrow) launch(One{}, std::true_type{}, One{});
-  else if (plan.warpgroups == 2) launch(Two{}, std::false_type{}, One{});
-  else launch(One{}, std::false_type{}, One{});
+  else if constexpr (kBytes == 2) plan.rows == 2 ? wide(Two{}) : wide(One{});
+  else wide(One{});
 }
 
 }  // namespace fused_convt

@@ -403,10 +403,11 @@ std::vector<std::pair<std::string, ConvTransposeParams>> tiled_cases() {
   cases.push_back({"pair: more weight sets than SMs", square(make(1, 16 * 70, 16 * 70, 3, 3, 70), 2, 2)});
   cases.push_back({"pair: K chunks (float)", square(make(1, 64, 32, 3, 20, 1), 4, 2)});
   // grad_weight on wgmma (one group, input channels of whole 64s, 64 or 128k output channels, four taps per phase,
-  // input rows of whole 128-byte chunks: 32 float or 64 16-bit pixels): two warpgroups (float only: rows of 32);
-  // one warpgroup with two input channel tiles; two output channel blocks and row phases of different heights
-  // (output_padding).
+  // input rows of whole 128-byte chunks: 32 float or 64 16-bit pixels, or 16-bit rows of 32 in two-row chunks):
+  // two warpgroups (16-bit in two-row chunks), and one; one warpgroup with two input channel tiles; two output
+  // channel blocks and row phases of different heights (output_padding).
   cases.push_back({"grad_weight wgmma, two warpgroups", square(make(2, 64, 128, 6, 32, 1), 4, 2, 1)});
+  cases.push_back({"grad_weight wgmma, one warpgroup, rows of 32", square(make(2, 64, 64, 4, 32, 1), 4, 2)});
   cases.push_back({"grad_weight wgmma, one warpgroup", square(make(1, 128, 64, 3, 64, 1), 4, 2, 1)});
   p = square(make(2, 64, 256, 5, 64, 1), 4, 2, 1);
   p.out_pad_h = 1;

@@ -81,7 +81,8 @@ void check_input_windows(const ConvTransposeParams& p, const fused_convt::InputW
 int main() {
   test::Rng rng(20261127);
   int64_t pairs = 0;
-  int accepted = 0, input_planned = 0, weight_planned = 0, narrow_planned = 0, two_row_planned = 0;
+  int accepted = 0, input_planned = 0, weight_planned = 0, narrow_planned = 0, two_row_planned = 0,
+      two_row_planned16 = 0;
   for (int it = 0; it < 600; ++it) {
     ConvTransposeParams p;
     p.batch = rng.integer(0, 3);
@@ -123,9 +124,9 @@ int main() {
     const bool narrow = p.out_channels == 16;
     // Chunks of 32 float pixels: one row where the rows are of whole chunks, two rows of 16 (narrow tiles, even
     // heights).
+    const bool tiles = p.groups == 1 && (narrow || p.out_channels == 64 || p.out_channels % 128 == 0) && p.batch > 0;
     const int rows = p.in_w % 32 == 0 ? 1 : narrow && p.in_w == 16 && p.in_h % 2 == 0 ? 2 : 0;
-    const bool weight_shape =
-        p.groups == 1 && (narrow || p.out_channels == 64 || p.out_channels % 128 == 0) && p.batch > 0 && rows > 0;
+    const bool weight_shape = tiles && rows > 0;
     CHECK_MSG(fused_convt::plan_weight_wgmma_shape(p, 4, &weight) == weight_shape, "grad_weight plan " + test::describe(p));
     if (weight_shape) {
       ++weight_planned, narrow_planned += narrow, two_row_planned += rows == 2;
@@ -137,8 +138,17 @@ int main() {
       CHECK_MSG(weight.splits * weight.chunks_per_split >= chunks && (weight.splits - 1) * weight.chunks_per_split < chunks,
                 "grad_weight splits " + test::describe(p));
     }
+    // 16-bit chunks of 64 pixels: one row, or two rows of 32 (wide tiles too).
+    const int rows16 = p.in_w % 64 == 0 ? 1 : p.in_w == 32 && p.in_h % 2 == 0 ? 2 : 0;
+    CHECK_MSG(fused_convt::plan_weight_wgmma_shape(p, 2, &weight) == (tiles && rows16 > 0),
+              "grad_weight plan (16-bit) " + test::describe(p));
+    if (tiles && rows16 > 0) {
+      CHECK_MSG(weight.rows == rows16 && weight.narrow == narrow, "grad_weight rows (16-bit) " + test::describe(p));
+      two_row_planned16 += rows16 == 2 && !narrow;
+    }
   }
-  CHECK_MSG(accepted > 150 && input_planned > 40 && weight_planned > 40 && narrow_planned > 3 && two_row_planned > 0,
+  CHECK_MSG(accepted > 150 && input_planned > 40 && weight_planned > 40 && narrow_planned > 3 && two_row_planned > 0 &&
+                two_row_planned16 > 5,
             "too few problems planned: " + std::to_string(accepted) + " / " + std::to_string(input_planned) + " / " +
                 std::to_string(weight_planned));
 
@@ -171,7 +181,8 @@ int main() {
   kb0.in_h = 31;
   CHECK_MSG(!fused_convt::plan_weight_wgmma_shape(kb0, 2, &weight), "grad_weight planned (16-bit, rows of 32, odd height)");
   std::printf("test_wgmma_plan: %lld (input pixel, tap) pairs on %d accepted problems (%d grad_input, %d grad_weight, "
-              "%d of them narrow, %d of two-row chunks)\n",
-              (long long)pairs, accepted, input_planned, weight_planned, narrow_planned, two_row_planned);
+              "%d of them narrow, %d of two-row chunks; 16-bit: %d wide of two-row chunks)\n",
+              (long long)pairs, accepted, input_planned, weight_planned, narrow_planned, two_row_planned,
+              two_row_planned16);
   return test::summary("test_wgmma_plan");
 }

@@ -29,8 +29,10 @@ CASES = [
     # X by TMA boxes from the channels-last copy in the 32 x 16 tile's patch steps
     (Problem(2, 32, 16, (5, 8), (4, 4), (2, 2), add_value=-0.5), None),
     # grad_weight and grad_input on wgmma (sm_90a): 128 output channels (two warpgroups), input rows of two float
-    # chunks and one 16-bit chunk; one ragged row tile of grad_input (3 rows of 8)
+    # chunks and one 16-bit chunk; one ragged row tile of grad_input (3 rows of 8); grad_weight's 16-bit chunks of
+    # two rows (64 output channels: one warpgroup)
     (Problem(1, 64, 128, (3, 64), (4, 4), (2, 2), add_value=-0.5), None),
+    (Problem(1, 64, 64, (4, 32), (4, 4), (2, 2), padding=(1, 1), add_value=-0.5), None),
     # grad_weight's narrow wgmma tiles (16 output channels): two input channel tiles, rows of 64; chunks of two rows
     # (16-bit rows of 32)
     (Problem(1, 64, 16, (3, 64), (4, 4), (2, 2), add_value=-0.5), None),

@@ -18,7 +18,7 @@ from reference import Problem
 
 PROBLEMS = [
     # two warpgroups (128 output channels), padding 1: G's boxes start before the phase grid; rows of one float
-    # chunk (32 pixels: 16-bit values take the mma.sync GEMM, and grad_input, whose rows are 64s, mma.sync)
+    # chunk (32 pixels: 16-bit values in chunks of two rows; grad_input, whose rows are 64s, on mma.sync)
     Problem(2, 64, 128, (6, 32), (4, 4), (2, 2), padding=(1, 1), add_value=-0.5, multiply_value=2.0),
     # one warpgroup, two input channel tiles, padding 0 (phase rows of 65 pixels); a ragged row tile
     Problem(1, 128, 64, (3, 64), (4, 4), (2, 2), add_value=-0.5),
@@ -51,7 +51,8 @@ def takes_wgmma(p: Problem, dtype, gradient) -> bool:
     chunk = 128 // torch.empty(0, dtype=dtype).element_size()
     if gradient == "grad_weight":
         narrow = p.out_channels == 16 and p.in_channels % 32 == 0
-        two_rows = narrow and 2 * p.in_hw[1] == chunk and p.in_hw[0] % 2 == 0  # chunks of two rows
+        # chunks of two rows (not in wide TF32 tiles)
+        two_rows = (narrow or chunk == 64) and 2 * p.in_hw[1] == chunk and p.in_hw[0] % 2 == 0
         fits = (p.in_hw[1] % chunk == 0 or two_rows) and (narrow or p.out_channels == 64 or p.out_channels % 128 == 0)
     else:
         fits = p.in_hw[1] % 64 == 0 and p.out_channels % chunk == 0
@@ -126,8 +127,8 @@ def test_wgmma_gradients_match_float64(index, dtype):
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-# wide tiles; the narrow ones, in chunks of two rows (16-bit) and of one
-@pytest.mark.parametrize("index", [1, len(PROBLEMS) - 3, len(PROBLEMS) - 1])
+# wide tiles (16-bit: chunks of two rows, then of one); the narrow ones, in chunks of two rows (16-bit) and of one
+@pytest.mark.parametrize("index", [0, 1, len(PROBLEMS) - 3, len(PROBLEMS) - 1])
 def test_wgmma_gradients_deterministic_and_layout_blind(index, dtype):
     """Bitwise the same on a second run, and with a channels_last input (transposed into the same NCHW copy)."""
     p = PROBLEMS[index]
