@@ -341,14 +341,15 @@ ForwardExpectation expected_forward(const ReferenceSums& pre, const Epilogue& ep
     // An error of at most pre_tol in u moves the value by at most pre_tol times the largest slope within
     // pre_tol of u: |f'(u)| + pre_tol * max|f''|, max|f''| <= 0.8 |m|; the factor likewise with the third
     // derivative, bounded by 1. Within pre_tol of 0 the computed u may fall on either side of the kink,
-    // where the factor jumps between 1/2 and 0 and the slope of the value is at most |m|/2.
+    // where the factor jumps between 1/2 and 0 (the 1/2 evaluated just below 0, and stored, with rounding) and the
+    // slope of the value is at most |m|/2.
     const double eval_tol = epilogue_tolerance(double(u), m, acc_unit, acc_denorm);
     const double factor_eval_tol = epilogue_tolerance(double(u), 1.0, acc_unit, acc_denorm);
     const bool at_kink = std::fabs(double(u)) <= pre_tol;
     const double slope = at_kink ? std::fabs(m) / 2 : std::fabs(m * e.factor[i]) + 0.8 * std::fabs(m) * pre_tol;
     const double factor_slope = std::fabs(double(ref_epilogue_second_derivative(u, 1))) + pre_tol;
     e.output_tol[i] = slope * pre_tol + eval_tol + 2 * store_unit * std::fabs(e.output[i]) + store_denorm;
-    e.factor_tol[i] = at_kink ? 0.5 + store_denorm
+    e.factor_tol[i] = at_kink ? 0.5 + epilogue_tolerance(-pre_tol, 1.0, acc_unit, acc_denorm) + store_unit + store_denorm
                               : factor_slope * pre_tol + factor_eval_tol + 2 * store_unit * std::fabs(e.factor[i]) +
                                     store_denorm;
   }
