@@ -15,12 +15,11 @@
 // rows][pixel of the group]: a chunk is one box either way). A producer thread brings each chunk into a pipeline
 // stage with the Tensor Memory Accelerator, in the 128-byte swizzle: X as one box of 64 channels x a chunk (the
 // layout wgmma reads B in), and the G pixels the four taps pair with it, the chunk's rows plus one of phase rows x
-// its columns plus one (zeros outside the phase grid), as boxes of 128
-// bytes of channels (conflict-free loads of A: 32-bit loads for TF32, ldmatrix.trans for 16-bit values). The
-// consumer warpgroups load A fragments and issue 16 wgmmas per chunk (4 k steps of 32 bytes x 4 taps, m64n64k8 /
-// k16, in two halves whose fragments alternate between two register sets) and release the stage to the producer
-// once they are done. Each split writes its partial sums tap-major (SplitSum); sum_splits adds them in
-// order.
+// its columns plus one (zeros outside the phase grid), as boxes of 128 bytes of channels (conflict-free loads of A:
+// 32-bit loads for TF32, ldmatrix.trans for 16-bit values). The consumer warpgroups load A fragments and issue 16
+// wgmmas per chunk (4 k steps of 32 bytes x 4 taps, m64n64k8 / k16, in two halves whose fragments alternate between
+// two register sets) and release the stage to the producer once they are done. Each split writes its partial sums
+// tap-major (SplitSum); sum_splits adds them in order.
 //
 // Narrow tiles serve 16 output channels (kb_v0), where a warpgroup's 64 rows of M would be 3/4 empty: M is then the
 // four taps x 16 channels, each warp's 16 rows one tap's (A comes from registers, so each warp reads G at its own
@@ -79,8 +78,9 @@ struct WgmmaGeometry {
   // Stage bytes (X's box, then the G boxes of the block's channels) and the kernel's shared memory (stages
   // 1024-byte aligned, as the 128-byte swizzle's pattern repeats every 1024 bytes, then the barriers).
   static constexpr int stage_bytes(int warpgroups) { return kXBox + warpgroups * kBoxesPerGroup * kGBox; }
-  // A narrow stage (13 KB TF32, 21 KB 16-bit, 17 KB 16-bit of two rows) holds a quarter of a wide warpgroup's MMAs: more of them in flight,
-  // up to 8, as many as let two narrow blocks share an SM (kWgmmaNarrowBlocksPerSm).
+  // A narrow stage (13 KB TF32, 21 KB 16-bit, 17 KB 16-bit of two rows) holds a quarter of a wide warpgroup's MMAs:
+  // more of them in flight, up to 8, as many as let two narrow blocks share an SM (kWgmmaNarrowBlocksPerSm; each block
+  // also reserves 1 KB, and smem_bytes adds 1 KB for the alignment and the barriers of up to 8 stages).
   static constexpr int kStages =
       kNarrow ? std::min(8, (kSm90SmSmem / kWgmmaNarrowBlocksPerSm - 1024 - 1024 - 3 * 8 * 8) / stage_bytes(1)) : 4;
   static constexpr int smem_bytes(int warpgroups) { return 1024 + kStages * stage_bytes(warpgroups) + 3 * kStages * 8; }
@@ -106,8 +106,8 @@ struct WgmmaWeightPlan {
 // The plan where the problem has this path's shape, whatever the device: one group; wide tiles: input channels a
 // multiple of 64, output channels 64 (one warpgroup per block) or a multiple of 128 (two); narrow tiles: input
 // channels a multiple of 32, 16 output channels; phases as wgmma_phase_tables takes them; input rows of whole
-// chunks (128 bytes), or (narrow tiles, 16-bit wide ones) of half a chunk in images of even height. (The caller also needs x 16-byte
-// aligned: wgmma_weight_input_ok.)
+// chunks (128 bytes), or (narrow tiles, 16-bit wide ones) of half a chunk in images of even height. (The caller
+// also needs x 16-byte aligned: wgmma_weight_input_ok.)
 inline bool plan_weight_wgmma_shape(const ConvTransposeParams& p, int elem_bytes, WgmmaWeightPlan* plan) {
   const int64_t cin = p.in_channels, cout = p.out_channels, chunk = 128 / elem_bytes;
   const bool narrow = cout == kWgmmaNarrowOc && cin % kWgmmaNarrowIcTile == 0;
@@ -250,9 +250,9 @@ __global__ void __launch_bounds__((kWgs + 1) * 128, kNarrow ? kWgmmaNarrowBlocks
   // Tap t's pixel k (of chunk row r, column c) sits in G's box row (r + max_h - off_h) x kGCols + max_w - off_w + c,
   // whose 16-byte pieces the swizzle permutes by the row's low three bits; a k step moves 8 or 16 rows on, which
   // keeps them, so one offset per load of a tap serves every k step of a row (of the chunk; of two rows, a half
-  // chunk's: a_offset[r]). TF32: four 32-bit loads, of pixels t4 and t4 + 4 (q / 2) and
-  // rows row0 + g and + 8 (q % 2, two pieces on); 16-bit: one ldmatrix.trans of the warp's 16 rows x 16 pixels,
-  // this lane giving the address of pixel (lane & 7) + 8 ((lane >> 4) & 1) and rows 8 ((lane >> 3) & 1) ... + 7.
+  // chunk's: a_offset[r]). TF32: four 32-bit loads, of pixels t4 and t4 + 4 (q / 2) and rows row0 + g and + 8
+  // (q % 2, two pieces on); 16-bit: one ldmatrix.trans of the warp's 16 rows x 16 pixels, this lane giving the
+  // address of pixel (lane & 7) + 8 ((lane >> 4) & 1) and rows 8 ((lane >> 3) & 1) ... + 7.
   constexpr int kLoads = sizeof(T) == 4 ? 4 : 1;
   uint32_t a_offset[kRows][kWarpTaps][kLoads];
 #pragma unroll
@@ -334,9 +334,9 @@ __global__ void __launch_bounds__((kWgs + 1) * 128, kNarrow ? kWgmmaNarrowBlocks
 #endif
 }
 
-// x's and G's tensor maps: x [image][channel][group of kRows rows][pixel of the group] (x_nchw), G of each phase [image][phase row][phase
-// column][row of channels] (g_split, laid out as g_layout), both in the kernel's boxes; false where the driver
-// refuses one.
+// x's and G's tensor maps: x [image][channel][group of kRows rows][pixel of the group] (x_nchw), G of each phase
+// [image][phase row][phase column][row of channels] (g_split, laid out as g_layout), both in the kernel's boxes;
+// false where the driver refuses one.
 // (Narrow tiles: G's boxes are wider than its 16-channel rows; the TMA fills the rest with zeros, which no
 // fragment reads.)
 template <int kBytes, bool kNarrow, int kRows>

@@ -349,7 +349,8 @@ ForwardExpectation expected_forward(const ReferenceSums& pre, const Epilogue& ep
     const double slope = at_kink ? std::fabs(m) / 2 : std::fabs(m * e.factor[i]) + 0.8 * std::fabs(m) * pre_tol;
     const double factor_slope = std::fabs(double(ref_epilogue_second_derivative(u, 1))) + pre_tol;
     e.output_tol[i] = slope * pre_tol + eval_tol + 2 * store_unit * std::fabs(e.output[i]) + store_denorm;
-    e.factor_tol[i] = at_kink ? 0.5 + epilogue_tolerance(-pre_tol, 1.0, acc_unit, acc_denorm) + store_unit + store_denorm
+    e.factor_tol[i] = at_kink ? 0.5 + epilogue_tolerance(-pre_tol, 1.0, acc_unit, acc_denorm) + store_unit +
+                                    store_denorm
                               : factor_slope * pre_tol + factor_eval_tol + 2 * store_unit * std::fabs(e.factor[i]) +
                                     store_denorm;
   }

@@ -135,7 +135,8 @@ int main() {
                     weight.ic_tiles == p.in_channels / (narrow ? 32 : 64),
                 "grad_weight tiles " + test::describe(p));
       const int64_t chunks = p.batch * p.in_h * p.in_w / 32;
-      CHECK_MSG(weight.splits * weight.chunks_per_split >= chunks && (weight.splits - 1) * weight.chunks_per_split < chunks,
+      CHECK_MSG(weight.splits * weight.chunks_per_split >= chunks &&
+                    (weight.splits - 1) * weight.chunks_per_split < chunks,
                 "grad_weight splits " + test::describe(p));
     }
     // 16-bit chunks of 64 pixels: one row, or two rows of 32 (wide tiles too).
@@ -179,7 +180,8 @@ int main() {
             "kb_v0 grad_weight plan (16-bit)");
   CHECK_MSG(!fused_convt::plan_input_wgmma_shape(kb0, 4, &input), "kb_v0 grad_input planned");
   kb0.in_h = 31;
-  CHECK_MSG(!fused_convt::plan_weight_wgmma_shape(kb0, 2, &weight), "grad_weight planned (16-bit, rows of 32, odd height)");
+  CHECK_MSG(!fused_convt::plan_weight_wgmma_shape(kb0, 2, &weight),
+            "grad_weight planned (16-bit, rows of 32, odd height)");
   std::printf("test_wgmma_plan: %lld (input pixel, tap) pairs on %d accepted problems (%d grad_input, %d grad_weight, "
               "%d of them narrow, %d of two-row chunks; 16-bit: %d wide of two-row chunks)\n",
               (long long)pairs, accepted, input_planned, weight_planned, narrow_planned, two_row_planned,
