@@ -59,11 +59,15 @@ constexpr int kWgmmaNarrowIcTile = 32;  // narrow tiles' N
 // register file at 128 a thread (no setmaxnreg split) and, at their stage counts, an SM's shared memory.
 constexpr int kWgmmaNarrowBlocksPerSm = 2;
 
+// Whether tiles of operands of `bytes` may take chunks of two input rows: narrow tiles, and 16-bit wide ones (wide
+// TF32 tiles have no registers left for the second row's A offsets).
+constexpr bool wgmma_two_row_chunks(int bytes, bool narrow) { return narrow || bytes == 2; }
+
 // A stage's geometry for operands of kBytes (4: TF32, 2: bfloat16 / float16), wide or narrow tiles, chunks of kRows
 // input rows.
 template <int kBytes, bool kNarrow = false, int kRows = 1>
 struct WgmmaGeometry {
-  static_assert(kRows == 1 || (kRows == 2 && (kNarrow || kBytes == 2)), "chunks of one row, or of two (not wide TF32)");
+  static_assert(kRows == 1 || (kRows == 2 && wgmma_two_row_chunks(kBytes, kNarrow)), "chunks of one or two rows");
   static constexpr int kChunk = 128 / kBytes;        // pixels (K) per stage
   static constexpr int kRowPixels = kChunk / kRows;  // a chunk's columns (two rows: a chunk half, the input's width)
   static constexpr int kStepPixels = 32 / kBytes;    // K of one wgmma (32 bytes)
@@ -112,9 +116,9 @@ inline bool plan_weight_wgmma_shape(const ConvTransposeParams& p, int elem_bytes
   const int64_t cin = p.in_channels, cout = p.out_channels, chunk = 128 / elem_bytes;
   const bool narrow = cout == kWgmmaNarrowOc && cin % kWgmmaNarrowIcTile == 0;
   const bool wide = cin % kWgmmaIcTile == 0 && (cout == 64 || cout % 128 == 0);
-  const int rows = p.in_w % chunk == 0                                                       ? 1
-                   : (narrow || elem_bytes == 2) && 2 * p.in_w == chunk && p.in_h % 2 == 0 ? 2
-                                                                                            : 0;
+  // Chunks of one row, or of two where a row is half a chunk (in images of even height); 0: neither.
+  const bool two_rows = wgmma_two_row_chunks(elem_bytes, narrow) && 2 * p.in_w == chunk && p.in_h % 2 == 0;
+  const int rows = p.in_w % chunk == 0 ? 1 : two_rows ? 2 : 0;
   // (An empty batch has no tensor map: the driver refuses zero extents. G's pixel rows are 32-bit TMA
   // coordinates.)
   if (p.groups != 1 || !(narrow || wide) || rows == 0 || p.batch == 0 || p.output_numel() / cout > INT32_MAX ||
@@ -385,14 +389,20 @@ void launch_grad_weight_wgmma(const ConvTransposeParams& p, const WgmmaWeightPla
   };
   using One = std::integral_constant<int, 1>;
   using Two = std::integral_constant<int, 2>;
-  auto wide = [&](auto rows) {
-    if (plan.warpgroups == 2) launch(Two{}, std::false_type{}, rows);
-    else launch(One{}, std::false_type{}, rows);
+  auto with_tiles = [&](auto narrow, auto rows) {
+    if constexpr (!decltype(narrow)::value) {
+      if (plan.warpgroups == 2) return launch(Two{}, narrow, rows);
+    }
+    launch(One{}, narrow, rows);
   };
-  if (plan.narrow && plan.rows == 2) launch(One{}, std::true_type{}, Two{});
-  else if (plan.narrow) launch(One{}, std::true_type{}, One{});
-  else if constexpr (kBytes == 2) plan.rows == 2 ? wide(Two{}) : wide(One{});
-  else wide(One{});
+  auto with_rows = [&](auto narrow) {
+    if constexpr (wgmma_two_row_chunks(kBytes, decltype(narrow)::value)) {
+      if (plan.rows == 2) return with_tiles(narrow, Two{});
+    }
+    with_tiles(narrow, One{});
+  };
+  if (plan.narrow) with_rows(std::true_type{});
+  else with_rows(std::false_type{});
 }
 
 }  // namespace fused_convt
