@@ -181,6 +181,12 @@ inline bool encode_dense_map(CUtensorMap* map, const void* base, int element_byt
                 swizzle, CU_TENSOR_MAP_L2_PROMOTION_L2_128B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
 }
 
+// The TMA swizzle of rows of row_bytes (32, 64 or 128) bytes, the pattern tc_stage_offset reproduces.
+inline CUtensorMapSwizzle swizzle_of_rows(int row_bytes) {
+  return row_bytes == 128 ? CU_TENSOR_MAP_SWIZZLE_128B : row_bytes == 64 ? CU_TENSOR_MAP_SWIZZLE_64B
+                                                                          : CU_TENSOR_MAP_SWIZZLE_32B;
+}
+
 // The map of a dense tensor of rank 3-5 whose innermost dimension holds staged rows' values (element bytes 2
 // or 4): boxes of 16 values x box_1 x box_2 (x 1 beyond), swizzled as tc_stage_offset lays rows out (32-byte
 // rows: the 32-byte swizzle, 64-byte rows: the 64-byte one).
@@ -188,8 +194,7 @@ inline bool encode_rows_map(CUtensorMap* map, const void* base, int element_byte
                             int box_1, int box_2) {
   if (rank < 3) return false;
   const uint32_t box[5] = {16, uint32_t(box_1), uint32_t(box_2), 1, 1};
-  return encode_dense_map(map, base, element_bytes, rank, dims, box,
-                          element_bytes == 2 ? CU_TENSOR_MAP_SWIZZLE_32B : CU_TENSOR_MAP_SWIZZLE_64B);
+  return encode_dense_map(map, base, element_bytes, rank, dims, box, swizzle_of_rows(16 * element_bytes));
 }
 
 }  // namespace fused_convt

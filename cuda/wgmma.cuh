@@ -91,10 +91,17 @@ __device__ __forceinline__ void wgmma_k32bytes(float (&d)[N / 2], uint64_t a, ui
 #endif
 }
 
-// K-major operand descriptor in the 128-byte swizzle: rows of 128 bytes, 8-row atoms 1024 bytes apart.
+// K-major operand descriptor in the swizzle of kRowBytes-byte rows (128, 64 or 32: the TMA's swizzle of that span,
+// layout types 1, 2, 3), 8-row atoms 8 x kRowBytes apart.
+template <int kRowBytes>
+__device__ __forceinline__ uint64_t wgmma_swizzled_descriptor(uint32_t smem_address) {
+  static_assert(kRowBytes == 128 || kRowBytes == 64 || kRowBytes == 32, "rows of 128, 64 or 32 bytes");
+  constexpr uint64_t kLayout = kRowBytes == 128 ? 1 : kRowBytes == 64 ? 2 : 3;
+  return uint64_t((smem_address >> 4) & 0x3FFF) | (uint64_t(1) << 16) | (uint64_t(8 * kRowBytes >> 4) << 32) |
+         (kLayout << 62);
+}
 __device__ __forceinline__ uint64_t wgmma_sw128_descriptor(uint32_t smem_address) {
-  return uint64_t((smem_address >> 4) & 0x3FFF) | (uint64_t(1) << 16) | (uint64_t(1024 >> 4) << 32) |
-         (uint64_t(1) << 62);
+  return wgmma_swizzled_descriptor<128>(smem_address);
 }
 
 // D (64 x N, N 32 or 64) = A (64 x K, registers: rows g and g + 8, 32-bit words t and t + 4 of the warp's 16 rows,

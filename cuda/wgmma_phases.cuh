@@ -70,14 +70,16 @@ struct WgmmaGMaps {
 };
 
 // The maps of G (g_split, laid out as g_layout, elements of kBytes) read in boxes of box[0] channels x box[1]
-// phase columns x box[2] phase rows x 1 image, in the 128-byte swizzle; false where the driver refuses one.
+// phase columns x box[2] phase rows x 1 image, in the swizzle of box[0]'s bytes; false where the driver refuses
+// one.
 inline bool encode_g_phase_maps(const ConvTransposeParams& p, int kBytes, const PhaseSplitLayout& g_layout,
                                 const void* g_split, const uint32_t (&box)[4], WgmmaGMaps* maps) {
+  const CUtensorMapSwizzle swizzle = swizzle_of_rows(int(box[0]) * kBytes);
   for (int phase = 0; phase < int(p.stride_h * p.stride_w); ++phase) {
     const int rh = phase / int(p.stride_w), rw = phase % int(p.stride_w);
     const int64_t dims[4] = {g_layout.row, g_layout.w.extent(rw), g_layout.h.extent(rh), p.batch};
     const auto* base = static_cast<const unsigned char*>(g_split) + g_layout.phase_first_row(rh, rw) * g_layout.row * kBytes;
-    if (!encode_dense_map(&maps->phase[phase], base, kBytes, 4, dims, box, CU_TENSOR_MAP_SWIZZLE_128B)) return false;
+    if (!encode_dense_map(&maps->phase[phase], base, kBytes, 4, dims, box, swizzle)) return false;
   }
   return true;
 }

@@ -428,6 +428,11 @@ std::vector<std::pair<std::string, ConvTransposeParams>> tiled_cases() {
   p = make(1, 64, 128, 7, 64, 1);
   p.kernel_h = 4, p.kernel_w = 2, p.stride_h = 2, p.stride_w = 1, p.pad_h = 1;
   cases.push_back({"wgmma backward, two phases (k4x2 s2x1)", p});
+  // grad_input's narrow tiles (16 output channels, input channels of whole 32s, rows of whole 32s): the narrow cases
+  // above of such rows, and three row tiles (the last of one row: half an m tile) with two column tiles, stride 2 x 1.
+  p = make(2, 32, 16, 17, 64, 1);
+  p.kernel_h = 4, p.kernel_w = 2, p.stride_h = 2, p.stride_w = 1, p.pad_w = 1;
+  cases.push_back({"grad_input wgmma, narrow tiles, ragged row tile, two phases", p});
   p = make(0, 4, 6, 5, 5, 2);
   p.kernel_h = p.kernel_w = 3, p.stride_h = 2;
   cases.push_back({"empty batch", p});

@@ -60,12 +60,17 @@ int64_t check_tables(const ConvTransposeParams& p, const WgmmaPhaseTaps (&tables
 }
 
 // grad_input's windows: tile row block i0 ... i0 + rows - 1 reads G rows [i0 - max_h, i0 - max_h + rows]; every
-// tap's G row of each of its input rows lies there (and columns likewise, for 64-column tiles).
+// tap's G row of each of its input rows lies there (and columns likewise, for tiles of whole rows). Tiles: wide (8
+// rows of 64 columns) or narrow (8 rows of 32).
 void check_input_windows(const ConvTransposeParams& p, const fused_convt::InputWgmmaPlan& plan) {
   const std::string what = test::describe(p) + ": grad_input window";
-  const int rows = fused_convt::kInputWgmmaGroups * fused_convt::kInputWgmmaMTiles;
+  const int rows = plan.narrow ? fused_convt::InputWgmmaGeometry<4, true>::kRows
+                               : fused_convt::InputWgmmaGeometry<4, false>::kRows;
+  const int cols = plan.narrow ? 32 : 64;
+  CHECK_MSG(rows == 8, what + " rows per tile");
   CHECK_MSG(plan.row_tiles * rows >= p.in_h && (plan.row_tiles - 1) * rows < p.in_h, what + " row tiles");
-  CHECK_MSG(plan.col_tiles * fused_convt::kInputWgmmaCols == p.in_w, what + " column tiles");
+  CHECK_MSG(plan.col_tiles * cols == p.in_w, what + " column tiles");
+  CHECK_MSG(plan.ic_tiles * (plan.narrow ? 32 : 64) == p.in_channels, what + " channel tiles");
   for (int phase = 0; phase < plan.phases; ++phase) {
     const WgmmaPhaseTaps& taps = plan.taps[phase];
     for (int t = 0; t < kWgmmaTaps; ++t)
@@ -82,7 +87,7 @@ int main() {
   test::Rng rng(20261127);
   int64_t pairs = 0;
   int accepted = 0, input_planned = 0, weight_planned = 0, narrow_planned = 0, two_row_planned = 0,
-      two_row_planned16 = 0;
+      two_row_planned16 = 0, input_narrow_planned = 0;
   for (int it = 0; it < 600; ++it) {
     ConvTransposeParams p;
     p.batch = rng.integer(0, 3);
@@ -114,10 +119,16 @@ int main() {
     ++accepted;
     pairs += check_tables(p, tables);
     fused_convt::InputWgmmaPlan input{};
-    const bool input_shape = p.groups == 1 && p.out_channels % 32 == 0 && p.in_w % 64 == 0 && p.batch > 0;
+    // Wide tiles (output channels of whole float chunks, rows of 64s) or narrow ones (16 output channels, rows of
+    // 32s).
+    const bool input_wide = p.out_channels % 32 == 0 && p.in_w % 64 == 0;
+    const bool input_narrow = p.out_channels == 16 && p.in_w % 32 == 0;
+    const bool input_shape = p.groups == 1 && (input_wide || input_narrow) && p.batch > 0;
     CHECK_MSG(fused_convt::plan_input_wgmma_shape(p, 4, &input) == input_shape, "grad_input plan " + test::describe(p));
     if (input_shape) {
-      ++input_planned;
+      ++input_planned, input_narrow_planned += input_narrow;
+      CHECK_MSG(input.narrow == input_narrow && input.oc_chunks == (input_narrow ? 1 : p.out_channels / 32),
+                "grad_input tiles " + test::describe(p));
       check_input_windows(p, input);
     }
     fused_convt::WgmmaWeightPlan weight{};
@@ -149,7 +160,7 @@ int main() {
     }
   }
   CHECK_MSG(accepted > 150 && input_planned > 40 && weight_planned > 40 && narrow_planned > 3 && two_row_planned > 0 &&
-                two_row_planned16 > 5,
+                two_row_planned16 > 5 && input_narrow_planned > 3,
             "too few problems planned: " + std::to_string(accepted) + " / " + std::to_string(input_planned) + " / " +
                 std::to_string(weight_planned));
 
@@ -168,8 +179,9 @@ int main() {
   CHECK_MSG(fused_convt::plan_weight_wgmma_shape(kb, 4, &weight) && weight.warpgroups == 2 && weight.splits == 32,
             "kb_v1 grad_weight plan");
   // kb_v0 (Cin32 Cout16, rows of 32): grad_weight's narrow tiles, in TF32 chunks of one row, 64 splits of 64 rows;
-  // in 16-bit chunks of two rows, 64 splits of 32 chunks; grad_input refused (rows of 64s). An odd height leaves
-  // 16-bit to the mma.sync GEMM.
+  // in 16-bit chunks of two rows, 64 splits of 32 chunks; grad_input's narrow tiles (4 row tiles of 8 rows, one
+  // column tile, one channel tile, one chunk per phase). An odd height leaves 16-bit grad_weight to the mma.sync
+  // GEMM.
   ConvTransposeParams kb0 = test::make_params(128, 32, 16, 32, 32, 1);
   kb0.kernel_h = kb0.kernel_w = 4, kb0.stride_h = kb0.stride_w = 2;
   CHECK_MSG(fused_convt::plan_weight_wgmma_shape(kb0, 4, &weight) && weight.narrow && weight.rows == 1 &&
@@ -178,13 +190,24 @@ int main() {
   CHECK_MSG(fused_convt::plan_weight_wgmma_shape(kb0, 2, &weight) && weight.narrow && weight.rows == 2 &&
                 weight.splits == 64 && weight.chunks_per_split == 32,
             "kb_v0 grad_weight plan (16-bit)");
-  CHECK_MSG(!fused_convt::plan_input_wgmma_shape(kb0, 4, &input), "kb_v0 grad_input planned");
+  for (int bytes : {4, 2})
+    CHECK_MSG(fused_convt::plan_input_wgmma_shape(kb0, bytes, &input) && input.narrow && input.row_tiles == 4 &&
+                  input.col_tiles == 1 && input.ic_tiles == 1 && input.oc_chunks == 1 && input.phases == 4,
+              "kb_v0 grad_input plan (" + std::to_string(bytes) + "-byte operands)");
+  // Narrow stages (9 G rows x 33 columns and 4 taps x 32 channels, in rows of the 16 channels' bytes): one per phase,
+  // in two blocks per SM.
+  using Narrow = fused_convt::InputWgmmaGeometry<4, true>;
+  using Narrow16 = fused_convt::InputWgmmaGeometry<2, true>;
+  CHECK_MSG(Narrow::kRowBytes == 64 && Narrow::kSteps == 2 && Narrow16::kRowBytes == 32 && Narrow16::kSteps == 1 &&
+                Narrow::kStages == 4 && Narrow16::kStages == 4 &&
+                2 * (Narrow::kSmemBytes + 1024) <= fused_convt::kSm90SmSmem,
+            "narrow grad_input stages");
   kb0.in_h = 31;
   CHECK_MSG(!fused_convt::plan_weight_wgmma_shape(kb0, 2, &weight),
             "grad_weight planned (16-bit, rows of 32, odd height)");
   std::printf("test_wgmma_plan: %lld (input pixel, tap) pairs on %d accepted problems (%d grad_input, %d grad_weight, "
-              "%d of them narrow, %d of two-row chunks; 16-bit: %d wide of two-row chunks)\n",
+              "%d of them narrow, %d of two-row chunks; 16-bit: %d wide of two-row chunks; %d narrow grad_input)\n",
               (long long)pairs, accepted, input_planned, weight_planned, narrow_planned, two_row_planned,
-              two_row_planned16);
+              two_row_planned16, input_narrow_planned);
   return test::summary("test_wgmma_plan");
 }

@@ -33,10 +33,11 @@ CASES = [
     # two rows (64 output channels: one warpgroup)
     (Problem(1, 64, 128, (3, 64), (4, 4), (2, 2), add_value=-0.5), None),
     (Problem(1, 64, 64, (4, 32), (4, 4), (2, 2), padding=(1, 1), add_value=-0.5), None),
-    # grad_weight's narrow wgmma tiles (16 output channels): two input channel tiles, rows of 64; chunks of two rows
-    # (16-bit rows of 32)
+    # the narrow wgmma tiles of both gradients (16 output channels): two input channel tiles, rows of 64; chunks of
+    # two rows (grad_weight's 16-bit rows of 32); grad_input's ragged row tile (9 rows: the second tile of one)
     (Problem(1, 64, 16, (3, 64), (4, 4), (2, 2), add_value=-0.5), None),
     (Problem(1, 32, 16, (4, 32), (4, 4), (2, 2), padding=(1, 1), add_value=-0.5), None),
+    (Problem(1, 32, 16, (9, 32), (4, 4), (2, 2), add_value=-0.5), None),
 ]
 DTYPES = [(torch.float32, True, 5e-3), (torch.float32, False, 1e-5), (torch.bfloat16, None, 3e-2),
           (torch.float16, None, 5e-3), (torch.float64, None, 1e-12)]

@@ -4,7 +4,8 @@ device, problems of their shapes take them with TF32, bfloat16 and float16:
   channels of whole 32s and 16 output channels), 2 x 2 taps per phase, input rows of whole 128-byte chunks (32 float
   or 64 16-bit pixels);
 - grad_input (from the g pass's G, made where grad_weight is wanted): one group, input channels of whole 64s,
-  output channels of whole 128-byte chunks (32 float or 64 16-bit), 2 x 2 taps per phase, input rows of whole 64s.
+  output channels of whole 128-byte chunks (32 float or 64 16-bit), 2 x 2 taps per phase, input rows of whole 64s
+  (or, in its narrow tiles, input channels of whole 32s, 16 output channels and rows of whole 32s).
 FUSED_CONVT_NO_WGMMA_GRAD_WEIGHT=1 / FUSED_CONVT_NO_WGMMA_GRAD_INPUT=1 keep them on mma.sync. Both kernels of a
 gradient multiply the same operands and add in another order: their results agree to the output's rounding, and
 each is within its precision's error of a float64 reference."""
@@ -36,6 +37,8 @@ PROBLEMS = [
     Problem(2, 32, 16, (6, 32), (4, 4), (2, 2), padding=(1, 1), add_value=-0.5),
     Problem(3, 32, 16, (4, 16), (4, 4), (2, 2), add_value=-0.5),
     Problem(1, 64, 16, (3, 64), (4, 4), (2, 2), add_value=-0.5),
+    # grad_input's narrow tiles: three row tiles of 8 rows (the last of one row, half an m tile), padding 0
+    Problem(2, 32, 16, (17, 32), (4, 4), (2, 2), add_value=-0.5),
 ]
 ON_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
 # dtype -> (relative difference allowed between the two kernels, error allowed against float64)
@@ -55,7 +58,9 @@ def takes_wgmma(p: Problem, dtype, gradient) -> bool:
         two_rows = (narrow or chunk == 64) and 2 * p.in_hw[1] == chunk and p.in_hw[0] % 2 == 0
         fits = (p.in_hw[1] % chunk == 0 or two_rows) and (narrow or p.out_channels == 64 or p.out_channels % 128 == 0)
     else:
-        fits = p.in_hw[1] % 64 == 0 and p.out_channels % chunk == 0
+        wide = p.in_channels % 64 == 0 and p.in_hw[1] % 64 == 0 and p.out_channels % chunk == 0
+        narrow = p.in_channels % 32 == 0 and p.in_hw[1] % 32 == 0 and p.out_channels == 16
+        fits = wide or narrow
     return ON_HOPPER and fits
 
 
@@ -127,8 +132,9 @@ def test_wgmma_gradients_match_float64(index, dtype):
 
 @requires_cuda
 @pytest.mark.parametrize("dtype", DTYPES)
-# wide tiles (16-bit: chunks of two rows, then of one); the narrow ones, in chunks of two rows (16-bit) and of one
-@pytest.mark.parametrize("index", [0, 1, len(PROBLEMS) - 3, len(PROBLEMS) - 1])
+# wide tiles (16-bit: chunks of two rows, then of one); the narrow ones, in chunks of two rows (16-bit) and of one;
+# grad_input's narrow tiles with a ragged row tile
+@pytest.mark.parametrize("index", [0, 1, len(PROBLEMS) - 4, len(PROBLEMS) - 2, len(PROBLEMS) - 1])
 def test_wgmma_gradients_deterministic_and_layout_blind(index, dtype):
     """Bitwise the same on a second run, and with a channels_last input (transposed into the same NCHW copy)."""
     p = PROBLEMS[index]
