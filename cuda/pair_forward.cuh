@@ -675,7 +675,7 @@ void launch_pair_forward(PairProblem pr, const Epilogue& epilogue, const T* inpu
     with_row_phases(n_tile, nhwc, factor, min_blocks, std::integral_constant<int, 1>{});
   };
   auto with_taps = [&](auto n_tile, auto nhwc, auto factor) {
-    if constexpr (decltype(n_tile)::value == 16 && !decltype(factor)::value) {
+    if constexpr (decltype(n_tile)::value == 16) {
       if (pr.blocks_per_sm == 2) return with_blocks(n_tile, nhwc, factor, std::integral_constant<int, 2>{});
     }
     with_blocks(n_tile, nhwc, factor, std::integral_constant<int, 1>{});
@@ -691,11 +691,11 @@ void launch_pair_forward(PairProblem pr, const Epilogue& epilogue, const T* inpu
     if (pr.channels_last_out) with_tile(std::true_type{}, factor);
     else with_tile(std::false_type{}, factor);
   };
-  // Two blocks per SM for 16-channel inference tiles (two_blocks_per_sm): 16-bit everywhere measured (kb_v0 bf16
+  // Two blocks per SM for 16-channel tiles (two_blocks_per_sm): 16-bit everywhere measured (kb_v0 bf16 inference
   // 38.7 -> 36.0 us, at batch 512 136.6 -> 121.1), float only where its output fits in L2 (kb_v0 56.7 -> 54.4 us;
-  // at batch 512, 143 MB, it measured 221.5 -> 231.7). H100, CUDA graph replay, perf/NOTES.md forward row 54.
-  if (!grad_factor &&
-      (sizeof(T) == 2 || pr.outputs() * int64_t(sizeof(T)) <= current_device_attribute(cudaDevAttrL2CacheSize)))
+  // at batch 512, 143 MB, it measured 221.5 -> 231.7). H100, CUDA graph replay, perf/NOTES.md forward row 54. The
+  // training forward too (row 71: kb_v0's kernel 48.7 -> 47.1 us TF32, 36.8 -> 35.1 bf16).
+  if (sizeof(T) == 2 || pr.outputs() * int64_t(sizeof(T)) <= current_device_attribute(cudaDevAttrL2CacheSize))
     pr.two_blocks_per_sm(current_device_attribute(cudaDevAttrMultiProcessorCount));
   if (grad_factor) with_layout(std::true_type{});
   else with_layout(std::false_type{});

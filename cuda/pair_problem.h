@@ -163,11 +163,11 @@ struct PairProblem {
     blocks_per_set = std::max(1, slots / sets);
     grid = sets <= slots ? blocks_per_set * sets : slots;
   }
-  // 16-channel tiles (a wgmma's N of 32: 55-88 registers a thread in the inference kernels) as two blocks of three
-  // warpgroups per SM, six warpgroups instead of four, where two blocks' shared memory fits an SM (228 KB, 1 KB of
-  // it reserved per block): the kernel is latency-bound (Nsight Compute at kb_v0: 6.7 cycles per issued
-  // instruction). For inference only (the kernels that store grad_factor need up to 126 registers); the launcher
-  // also keeps float at one block where its output outgrows L2. False (the plan unchanged) where it does not fit.
+  // 16-channel tiles (a wgmma's N of 32: 55-88 registers a thread in the inference kernels, 92 in the training
+  // ones, compiled for 80 here) as two blocks of three warpgroups per SM, six warpgroups instead of four,
+  // where two blocks' shared memory fits an SM (228 KB, 1 KB of it reserved per block): the kernel is latency-bound
+  // (Nsight Compute at kb_v0: 6.7 cycles per issued instruction). The launcher keeps float at one block where its
+  // output outgrows L2. False (the plan unchanged) where it does not fit.
   bool two_blocks_per_sm(int sms) {
     if (n_tile != 16 || warpgroups < 3) return false;
     const int saved = warpgroups;
