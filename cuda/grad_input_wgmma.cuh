@@ -12,10 +12,10 @@
 // for 16 output channels: kInputWgmmaNarrowOc). A pipeline stage holds one phase's chunk of output channels (one
 // 128-byte row: 32 TF32 or 64 16-bit values), brought by one producer thread with the Tensor Memory Accelerator in
 // the 128-byte swizzle: G as one box of 9 phase rows x 65 columns (the four taps' windows overlap in it), and the
-// four taps' weights as one box of 4 x 64 channels. Per tap and k step of 32 bytes, a warpgroup loads its A fragments with ldmatrix (the
-// TF32 fragment is the 16-bit one's words) and issues one m64n64 wgmma per m tile; those groups alternate
-// between two register sets, as in grad_weight_wgmma.cuh. The sums are stored straight from the accumulators:
-// for each channel, eight lanes hold eight neighbouring pixels (32-byte pieces for float).
+// four taps' weights as one box of 4 x 64 channels. Per tap and k step of 32 bytes, a warpgroup loads its A
+// fragments with ldmatrix (the TF32 fragment is the 16-bit one's words) and issues one m64n64 wgmma per m tile;
+// those groups alternate between two register sets, as in grad_weight_wgmma.cuh. The sums are stored straight from
+// the accumulators: for each channel, eight lanes hold eight neighbouring pixels (32-byte pieces for float).
 //
 // What bounds it (docs/optimizations.md 9e): reading G once from DRAM (kb_v1: 1.1 GB TF32, Nsight Compute 69% of
 // DRAM's peak, L2 72%). A stage reads 74 KB of G and 32 KB of weights from L2 for 8.4 MFLOP (TF32).
