@@ -9,7 +9,7 @@
 //
 // A block (wide tiles) owns 64 input channels and a tile of 8 input rows x 64 columns of one image; each of its two
 // consumer warpgroups owns 4 of those rows, one 64-pixel m tile (32 accumulators per thread) per row (narrow tiles,
-// for 16 output channels: kInputWgmmaNarrowOc). A pipeline stage holds one phase's chunk of output channels (one
+// for 16 output channels: kWgmmaNarrowOc). A pipeline stage holds one phase's chunk of output channels (one
 // 128-byte row: 32 TF32 or 64 16-bit values), brought by one producer thread with the Tensor Memory Accelerator in
 // the 128-byte swizzle: G as one box of 9 phase rows x 65 columns (the four taps' windows overlap in it), and the
 // four taps' weights as one box of 4 x 64 channels. Per tap and k step of 32 bytes, a warpgroup loads its A
@@ -47,7 +47,6 @@ constexpr int kInputWgmmaGroups = 2;  // consumer warpgroups
 // K is the 16 channels, in rows of their bytes (64 TF32, 32 16-bit: two k steps or one) in the swizzle of that span.
 // Their consumers hold 2 m tiles of 16 accumulators, so two blocks share an SM (no setmaxnreg split), each with a
 // stage per phase (27 KB TF32, 14 KB 16-bit).
-constexpr int kInputWgmmaNarrowOc = 16;
 constexpr int kInputWgmmaNarrowBlocksPerSm = 2;
 
 // A block's geometry for operands of kBytes (4: TF32, 2: bfloat16 / float16), wide or narrow tiles.
@@ -60,7 +59,7 @@ struct InputWgmmaGeometry {
   // bf16), not 2 in three of 73 KB (0.482 / 0.270 ms), which read more L2 bytes per FLOP; narrow 2.
   static constexpr int kMTiles = kNarrow ? 2 : 4;
   static constexpr int kRows = kInputWgmmaGroups * kMTiles * kTileRows;  // input rows per block
-  static constexpr int kRowBytes = kNarrow ? kInputWgmmaNarrowOc * kBytes : 128;  // a box row: K of a stage
+  static constexpr int kRowBytes = kNarrow ? kWgmmaNarrowOc * kBytes : 128;  // a box row: K of a stage
   static constexpr int kOcChunk = kRowBytes / kBytes;  // output channels per stage
   static constexpr int kSteps = kRowBytes / 32;        // k steps of 32 bytes per tap
   static constexpr int kGCols = kCols + 1, kGRows = kRows + 1;
@@ -82,7 +81,7 @@ struct InputWgmmaGeometry {
 inline bool wgmma_grad_input_disabled() { return env_switch_on("FUSED_CONVT_NO_WGMMA_GRAD_INPUT"); }
 
 struct InputWgmmaPlan {
-  bool narrow;  // narrow tiles (kInputWgmmaNarrowOc output channels)
+  bool narrow;  // narrow tiles (kWgmmaNarrowOc output channels)
   int phases, oc_chunks, row_tiles, col_tiles, ic_tiles;
   WgmmaPhaseTaps taps[kWgmmaMaxPhases];
 };
@@ -94,14 +93,19 @@ struct InputWgmmaPlan {
 // 32-bit TMA coordinates.
 inline bool plan_input_wgmma_shape(const ConvTransposeParams& p, int elem_bytes, InputWgmmaPlan* plan) {
   const int64_t chunk = 128 / elem_bytes;
-  const bool wide = p.in_channels % 64 == 0 && p.out_channels % chunk == 0 && p.in_w % 64 == 0;
-  const bool narrow = !wide && p.out_channels == kInputWgmmaNarrowOc && p.in_channels % 32 == 0 && p.in_w % 32 == 0;
+  // (The tiles' sizes other than K do not depend on the operand type.)
+  using Wide = InputWgmmaGeometry<4, false>;
+  using Narrow = InputWgmmaGeometry<4, true>;
+  auto tiles_fit = [&](auto geo) {
+    return p.in_channels % decltype(geo)::kChannels == 0 && p.in_w % decltype(geo)::kCols == 0;
+  };
+  const bool wide = tiles_fit(Wide{}) && p.out_channels % chunk == 0;
+  const bool narrow = !wide && tiles_fit(Narrow{}) && p.out_channels == kWgmmaNarrowOc;
   if (p.groups != 1 || !(wide || narrow) || p.batch == 0 || p.output_numel() / p.out_channels > INT32_MAX ||
       !wgmma_phase_tables(p, plan->taps))
     return false;
-  const int rows = narrow ? InputWgmmaGeometry<4, true>::kRows : InputWgmmaGeometry<4, false>::kRows;
-  const int cols = narrow ? InputWgmmaGeometry<4, true>::kCols : InputWgmmaGeometry<4, false>::kCols;
-  const int channels = narrow ? InputWgmmaGeometry<4, true>::kChannels : InputWgmmaGeometry<4, false>::kChannels;
+  const int rows = narrow ? Narrow::kRows : Wide::kRows, cols = narrow ? Narrow::kCols : Wide::kCols;
+  const int channels = narrow ? Narrow::kChannels : Wide::kChannels;
   plan->narrow = narrow;
   plan->phases = int(p.stride_h * p.stride_w);
   plan->oc_chunks = narrow ? 1 : int(p.out_channels / chunk);

@@ -53,7 +53,6 @@ namespace fused_convt {
 
 constexpr int kWgmmaIcTile = 64;        // N of the wgmma (narrow tiles: kWgmmaNarrowIcTile)
 constexpr int kWgmmaOcPerGroup = 64;    // M of a warpgroup
-constexpr int kWgmmaNarrowOc = 16;      // narrow tiles' output channels (M: four taps x 16)
 constexpr int kWgmmaNarrowIcTile = 32;  // narrow tiles' N
 // Narrow blocks resident per SM: their consumers hold 16 accumulators and 16 A registers, so two blocks fit the
 // register file at 128 a thread (no setmaxnreg split) and, at their stage counts, an SM's shared memory.

@@ -18,6 +18,9 @@ namespace fused_convt {
 
 constexpr int kWgmmaTaps = 4;       // every phase has 2 x 2 taps (wgmma_phase_tables)
 constexpr int kWgmmaMaxPhases = 4;  // a G tensor map per phase
+// Output channels of both kernels' narrow tiles (kb_v0's 16), where their wide tiles' 64-row M (grad_weight) or
+// 128-byte K chunks (grad_input) would be mostly empty.
+constexpr int kWgmmaNarrowOc = 16;
 
 // Whether this build and device run the wgmma backward kernels: an sm_90a build (FUSED_CONVT_SM90A) on a compute
 // capability 9.0 device, with the driver's TMA encoder.
