@@ -3,7 +3,8 @@ machine (perf/NOTES.md, "Measuring a branch against main in one device call"): r
 (A B A B), each process with its own module first on PYTHONPATH, and compare the lines. A step is the op's forward
 and all three gradients by torch.autograd.grad. On CUDA its time is the GPU's, by CUDA graph replay (do_bench
 median), which leaves out the host; on the CPU the median wall time of a few calls. The fingerprints (SHA-1 of each
-gradient's bytes) tell whether two builds give the same bits. --error adds each gradient's error against float64
+gradient's bytes) tell whether two builds give the same bits; the inference forward's time and its output's
+fingerprint follow. --error adds each gradient's error against float64
 autograd on the CPU (minutes at kb_v1); --kernels prints the step's kernels by their own GPU time (torch.profiler with
 FUSED_CONVT_SERIAL_LAUNCHES and FUSED_CONVT_SERIAL_BACKWARD set: with programmatic dependent launch on, a kernel's
 profiled duration includes its wait for the one before).
@@ -105,8 +106,14 @@ def run_case(label: str, name: str, mode: str, device: str, error: bool, kernels
     grad = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device, dtype)
     step = lambda: torch.autograd.grad(forward(), (x, w, b), grad)  # noqa: E731
     grads = step()
+
+    def inference():
+        with torch.no_grad():
+            return forward()
+
     line = (f"{label:8s} {name:24s} {mode} step {step_ms(step, device) * 1e3:9.1f} us  "
-            + " ".join(f"{n} {fingerprint(g)}" for n, g in zip(("x", "w", "b"), grads)))
+            + " ".join(f"{n} {fingerprint(g)}" for n, g in zip(("x", "w", "b"), grads))
+            + f"  fwd {step_ms(inference, device) * 1e3:9.1f} us  y {fingerprint(inference())}")
     if error:
         leaves = [t.detach().cpu().double().requires_grad_() for t in (x, w, b)]
         exact = torch.autograd.grad(composite(*leaves, **conv), leaves, grad.cpu().double())

@@ -7,7 +7,7 @@ import pytest
 from conftest import load_perf_script
 
 LINE = re.compile(r"^(\S+) +(\S+) +(\S+) step +([\d.]+) us  x (\w{10}) w (\w{10}) b (\w{10})"
-                  r"(?:  err x (\S+) w (\S+) b (\S+))?$")
+                  r"  fwd +([\d.]+) us  y (\w{10})(?:  err x (\S+) w (\S+) b (\S+))?$")
 
 
 def run(capsys, *argv):
@@ -23,10 +23,11 @@ def test_lines_fingerprints_and_errors(capsys):
     assert len(first) == 2 and all(first) and len(again) == 2 and all(again)
     for m, mode, tol in zip(first, ("fp32", "bf16"), (1e-5, 3e-2)):
         assert m.group(1) == "A" and m.group(2) == shape and m.group(3) == mode and float(m.group(4)) > 0
-        errors = [float(e) for e in m.group(8, 9, 10)]
+        assert float(m.group(8)) > 0
+        errors = [float(e) for e in m.group(10, 11, 12)]
         assert all(0 <= e < tol for e in errors), errors
-    # the same build and data: the same bits
-    assert [m.group(5, 6, 7) for m in first] == [m.group(5, 6, 7) for m in again]
+    # the same build and data: the same bits, gradients and forward output
+    assert [m.group(5, 6, 7, 9) for m in first] == [m.group(5, 6, 7, 9) for m in again]
 
 
 def test_shape_names():
