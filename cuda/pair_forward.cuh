@@ -489,11 +489,14 @@ __global__ void __launch_bounds__(kMinBlocks == 2 ? 3 * 128 : kPairMaxWarpgroups
       const int n = pr.by_tiles.quotient(tile), l0 = pr.by_tiles.remainder(tile, n) * kPairTileM;
       const int64_t image_offset = int64_t(n) * pr.groups * pr.cout_g * pr.out_h * pr.out_w;
       // The epilogue of one pre-activation u (replaced by the value; f: its factor, with kFactor), its whole
-      // function or (tail false) the form where u >= 0.
+      // function or (tail false) the form where u >= 0. Phi (and phi) to ~2e-5 relative (normal_cdf_nonpositive_16bit)
+      // where the value is rounded to 16 bits, and in the training forward, whose factor is 16-bit and whose float
+      // values come from TF32 products (exact float runs inference only): perf/NOTES.md forward row 73. (The float
+      // inference kernel keeps float's Phi: a runtime choice there, exact float or TF32, cost kb_v1 1.5%.)
       auto epilogue_at = [&](auto tail, float& u, float& f) {
         constexpr bool kTail = decltype(tail)::value;
         if constexpr (kFactor) {
-          const EpilogueOutputs<float> o = kTail ? epilogue_value_and_derivative(u, epi.multiply_value)
+          const EpilogueOutputs<float> o = kTail ? epilogue_value_and_derivative<float, true>(u, epi.multiply_value)
                                                  : epilogue_at_nonnegative(u);
           u = o.value, f = o.factor;
         } else {

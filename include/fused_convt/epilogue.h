@@ -94,18 +94,22 @@ FCT_HD float normal_cdf_nonpositive(float z) {
 FCT_HD float normal_density(float z) { return 0.39894228040143267794f * exp2_of(HalfSquareLog2(z).plus(0.0f)); }
 
 // Phi(z) for z <= 0 to ~2e-5 relative, for outputs rounded to a 16-bit type (float16's half-ulp is 4.9e-4
-// relative, bfloat16's 2e-3): the same closed form with P of degree 5 instead of 9, fitted here (weighted least
-// squares to near minimax on t in [0.17, 1], i.e. x <= 9.6 and z >= -13.6, below which Phi underflows) to an
-// error of 7.6e-6 in the exponent, and -z^2/2 without the correction of z*z's rounding (at most z^2 2^-25,
-// 5e-6 at z = -13). tests/cpp/test_epilogue.cpp bounds the value it gives at 2.5e-5 relative on [-13, 0].
-// Four fused multiply-adds and two more instructions fewer per output than the float form: the 16-bit
-// forward's epilogue is bound by issue.
+// relative, bfloat16's 2e-3) or computed from TF32 products (whose own error is ~1e-3): the same closed form
+// with P of degree 5 instead of 9, fitted here (weighted least squares to near minimax on t in [0.17, 1], i.e.
+// x <= 9.6 and z >= -13.6, below which Phi underflows) to an error of 7.6e-6 in the exponent, and -z^2/2
+// without the correction of z*z's rounding (at most z^2 2^-25, 5e-6 at z = -13). tests/cpp/test_epilogue.cpp
+// bounds the value it gives at 2.5e-5 relative on [-13, 0]. Four fused multiply-adds and two more instructions
+// fewer per output than the float form: the 16-bit forward's epilogue is bound by issue.
 FCT_HD float normal_cdf_nonpositive_16bit(float z) {
   constexpr float p[6] = {float(0.22878565146046806 * kLog2e), float(-0.7091774344967959 * kLog2e),
                           float(0.4744784738228818 * kLog2e),  float(0.25445078806697896 * kLog2e),
                           float(1.0180117177744228 * kLog2e),  float(-1.2665415958477675 * kLog2e)};
   const ErfcFit fit = erfc_fit(z, p);
   return 0.5f * fit.t * exp2_of(fmaf(z * z, HalfSquareLog2::kScale, fit.poly));
+}
+// phi(z) likewise, without the correction of z*z's rounding (5e-6 relative at z = -13).
+FCT_HD float normal_density_16bit(float z) {
+  return 0.39894228040143267794f * exp2_of(z * z * HalfSquareLog2::kScale);
 }
 
 // The saved factor is d out / d u divided by multiply_value (the backward multiplies it back, factor_scale):
@@ -146,8 +150,8 @@ FCT_HD EpilogueOutputs<Acc> epilogue_at_nonnegative(Acc u) {
 // m * (Phi(u) + u * phi(u)); for u >= 0, epilogue_at_nonnegative.
 
 // Value of the epilogue at the pre-activation u (bias and add_value already included).
-// kSixteenBitOutput: the value is rounded to float16 or bfloat16 afterwards, so float's Phi may be the
-// shorter normal_cdf_nonpositive_16bit.
+// kSixteenBitOutput: the value is rounded to float16 or bfloat16 afterwards, or comes from TF32 products, so
+// float's Phi may be the shorter normal_cdf_nonpositive_16bit.
 template <typename Acc, bool kSixteenBitOutput = false>
 FCT_HD Acc epilogue_from_preactivation(Acc u, Acc multiply_value) {
   const bool tail = u < Acc(0);
@@ -160,12 +164,19 @@ FCT_HD Acc epilogue_from_preactivation(Acc u, Acc multiply_value) {
 }
 
 // The value and the saved factor at once, with Phi evaluated once: the training forward stores both.
-template <typename Acc>
+// kSixteenBitOutput: as for epilogue_from_preactivation, and the factor is stored in 16 bits (FactorType), so
+// float's Phi and phi may be their shorter forms.
+template <typename Acc, bool kSixteenBitOutput = false>
 FCT_HD EpilogueOutputs<Acc> epilogue_value_and_derivative(Acc u, Acc multiply_value) {
   const bool tail = u < Acc(0);
   const Acc z = tail ? u : Acc(0);
-  const Acc cdf = normal_cdf_nonpositive(z);
-  const EpilogueOutputs<Acc> at_tail{multiply_value * z * cdf, cdf + z * normal_density(z)};
+  Acc cdf, density;
+  if constexpr (kSixteenBitOutput && std::is_same<Acc, float>::value) {
+    cdf = normal_cdf_nonpositive_16bit(z), density = normal_density_16bit(z);
+  } else {
+    cdf = normal_cdf_nonpositive(z), density = normal_density(z);
+  }
+  const EpilogueOutputs<Acc> at_tail{multiply_value * z * cdf, cdf + z * density};
   return tail ? at_tail : epilogue_at_nonnegative(u);
 }
 

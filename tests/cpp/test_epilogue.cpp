@@ -91,6 +91,28 @@ void sixteen_bit_form() {
     CHECK_MSG(same_bits(coarse, fine) || (std::isnan(coarse) && std::isnan(fine)) || (coarse == 0 && fine == 0),
               "16-bit form at u=" + test::fmt(u) + ": " + test::fmt(coarse) + " where the float form gives " +
                   test::fmt(fine));
+    const auto both = fused_convt::epilogue_value_and_derivative<float, true>(u, 2.0f);
+    const auto fine_both = fused_convt::epilogue_value_and_derivative(u, 2.0f);
+    auto agree = [](float a, float b) {
+      return same_bits(a, b) || (std::isnan(a) && std::isnan(b)) || (a == 0 && b == 0);
+    };
+    CHECK_MSG(agree(both.value, fine_both.value) && agree(both.factor, fine_both.factor),
+              "16-bit value and factor at u=" + test::fmt(u));
+  }
+  // The training forward's value and factor in the same form (epilogue_value_and_derivative<float, true>): the
+  // value within 2.5e-5 relative, the factor Phi + u phi within 2e-5 of the larger of its two terms (it crosses
+  // zero at u = -0.7518, GELU's minimum: a relative bound would not hold there), both far below a float16 factor's
+  // half-ulp (4.9e-4).
+  for (double u = -0.005; u >= -13.0; u -= 0.005) {
+    const auto both = fused_convt::epilogue_value_and_derivative<float, true>(float(u), 1.0f);
+    const long double z = float(u), ref_value = test::ref_epilogue(z, 1.0L);
+    const long double cdf = test::ref_normal_cdf(z), density_term = -z * test::ref_normal_pdf(z);
+    const double value_error = double(std::fabs(((long double)both.value - ref_value) / ref_value));
+    const double factor_error = double(std::fabs((long double)both.factor - (cdf - density_term)) /
+                                       std::max(cdf, density_term));
+    CHECK_MSG(value_error <= 2.5e-5 && factor_error <= 2e-5,
+              "16-bit value and factor u=" + test::fmt(u) + ": relative errors " + test::fmt(value_error) + ", " +
+                  test::fmt(factor_error));
   }
 }
 
