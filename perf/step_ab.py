@@ -4,8 +4,8 @@ machine (perf/NOTES.md, "Measuring a branch against main in one device call"): r
 and all three gradients by torch.autograd.grad. On CUDA its time is the GPU's, by CUDA graph replay (do_bench
 median), which leaves out the host; on the CPU the median wall time of a few calls. The fingerprints (SHA-1 of each
 gradient's bytes) tell whether two builds give the same bits; the inference forward's time and its output's
-fingerprint follow. --error adds each gradient's error against float64
-autograd on the CPU (minutes at kb_v1); --kernels prints the step's kernels by their own GPU time (torch.profiler with
+fingerprint follow. --error adds each gradient's error against float64 autograd on the CPU (minutes at kb_v1);
+--kernels prints the step's kernels by their own GPU time (torch.profiler with
 FUSED_CONVT_SERIAL_LAUNCHES and FUSED_CONVT_SERIAL_BACKWARD set: with programmatic dependent launch on, a kernel's
 profiled duration includes its wait for the one before).
 
