@@ -317,7 +317,9 @@ __device__ __forceinline__ void wait_for_turn(unsigned int* turns, unsigned int 
 // stored too (the training forward), and output may be null (only grad_factor wanted).
 // kRowPhases: pr.row_phases (2: both row phases per tile, NCHW outputs only). kMinBlocks: 2 for the two blocks of
 // three warpgroups per SM of PairProblem::two_blocks_per_sm (at most 80 registers a thread), else 1.
-template <typename T, int N, int kTaps, int kRowPhases, bool kNhwc, bool kFactor, int kMinBlocks>
+// kParts: pr.k_parts (3: exact float, inference only), a template parameter so that the TF32 and 16-bit kernels
+// take the short Phi at compile time (a runtime choice between the two forms cost kb_v1 TF32 1.5%: forward row 73).
+template <typename T, int N, int kTaps, int kRowPhases, bool kNhwc, bool kFactor, int kMinBlocks, int kParts>
 __global__ void __launch_bounds__(kMinBlocks == 2 ? 3 * 128 : kPairMaxWarpgroups * 128, kMinBlocks)
     pair_forward_kernel(PairProblem pr, Epilogue epilogue, const uint4* __restrict__ padded,
                         const uint4* __restrict__ packed, const T* __restrict__ bias, T* __restrict__ output,
@@ -334,7 +336,7 @@ __global__ void __launch_bounds__(kMinBlocks == 2 ? 3 * 128 : kPairMaxWarpgroups
   const int warp = tid / 32, lane = tid % 32, quad = lane % 4, row8 = lane / 4;
   // Planes from a compile-time channel count (pr.planes() divides by a runtime one); 16-bit patches come whole
   // (plan_pair_forward), so their kernels compile without the chunk loop.
-  const int planes = pr.k_parts * pr.cin_g / kPairPlaneChannels<T>, chunks = kSixteenBit ? 1 : pr.chunks;
+  const int planes = kParts * pr.cin_g / kPairPlaneChannels<T>, chunks = kSixteenBit ? 1 : pr.chunks;
   const int chunk_planes = planes / chunks;
   const int buffer_bytes = pr.buffer_bytes(), plane_bytes = pr.plane_bytes();
   unsigned char* weights = smem;
@@ -490,9 +492,10 @@ __global__ void __launch_bounds__(kMinBlocks == 2 ? 3 * 128 : kPairMaxWarpgroups
       const int64_t image_offset = int64_t(n) * pr.groups * pr.cout_g * pr.out_h * pr.out_w;
       // The epilogue of one pre-activation u (replaced by the value; f: its factor, with kFactor), its whole
       // function or (tail false) the form where u >= 0. Phi (and phi) to ~2e-5 relative (normal_cdf_nonpositive_16bit)
-      // where the value is rounded to 16 bits, and in the training forward, whose factor is 16-bit and whose float
-      // values come from TF32 products (exact float runs inference only): perf/NOTES.md forward row 73. (The float
-      // inference kernel keeps float's Phi: a runtime choice there, exact float or TF32, cost kb_v1 1.5%.)
+      // wherever the value is rounded to 16 bits or comes from TF32 products (kParts 1), and the factor is 16-bit
+      // (the training forward: exact float runs inference only): perf/NOTES.md forward rows 73-74. Exact float's
+      // inference keeps float's Phi.
+      constexpr bool kShortPhi = kParts == 1;
       auto epilogue_at = [&](auto tail, float& u, float& f) {
         constexpr bool kTail = decltype(tail)::value;
         if constexpr (kFactor) {
@@ -500,7 +503,7 @@ __global__ void __launch_bounds__(kMinBlocks == 2 ? 3 * 128 : kPairMaxWarpgroups
                                                  : epilogue_at_nonnegative(u);
           u = o.value, f = o.factor;
         } else {
-          u = kTail ? epilogue_from_preactivation<float, kSixteenBit>(u, epi.multiply_value) : value_at_nonnegative(u);
+          u = kTail ? epilogue_from_preactivation<float, kShortPhi>(u, epi.multiply_value) : value_at_nonnegative(u);
         }
       };
       // Words of both column phases of channels 8 c + 2 quad + e (e = 0, 1) as NCHW pairs of type U (T, or F for
@@ -662,13 +665,24 @@ void launch_pair_forward(PairProblem pr, const Epilogue& epilogue, const T* inpu
     launch_kernel(kernel, {dim3(unsigned(pr.grid)), dim3(unsigned(pr.warpgroups * 128)), size_t(smem), stream},
                   "pair_forward_kernel", pr, epilogue, padded, packed, bias, output, grad_factor, progress);
   };
-  auto with_row_phases = [&](auto n_tile, auto nhwc, auto factor, auto min_blocks, auto row_phases) {
+  auto with_parts = [&](auto n_tile, auto nhwc, auto factor, auto min_blocks, auto row_phases, auto parts) {
     constexpr int N = decltype(n_tile)::value, kMinBlocks = decltype(min_blocks)::value;
-    constexpr int kRowPhases = decltype(row_phases)::value;
+    constexpr int kRowPhases = decltype(row_phases)::value, kParts = decltype(parts)::value;
     constexpr bool kNhwc = decltype(nhwc)::value, kFactor = decltype(factor)::value;
-    if (pr.max_axis_taps == 1) run(pair_forward_kernel<T, N, 1, kRowPhases, kNhwc, kFactor, kMinBlocks>);
-    else if (pr.max_axis_taps == 2) run(pair_forward_kernel<T, N, 2, kRowPhases, kNhwc, kFactor, kMinBlocks>);
-    else run(pair_forward_kernel<T, N, 3, kRowPhases, kNhwc, kFactor, kMinBlocks>);
+    if (pr.max_axis_taps == 1) run(pair_forward_kernel<T, N, 1, kRowPhases, kNhwc, kFactor, kMinBlocks, kParts>);
+    else if (pr.max_axis_taps == 2) run(pair_forward_kernel<T, N, 2, kRowPhases, kNhwc, kFactor, kMinBlocks, kParts>);
+    else run(pair_forward_kernel<T, N, 3, kRowPhases, kNhwc, kFactor, kMinBlocks, kParts>);
+  };
+  // Exact float's kernels only where plan_pair_forward takes it: 16-channel tiles, one row phase, no factor.
+  if (pr.k_parts != 1 && (pr.n_tile != 16 || pr.row_phases != 1))
+    throw std::logic_error("fused_convt: an exact float pair plan outside 16-channel, one-row-phase tiles");
+  auto with_row_phases = [&](auto n_tile, auto nhwc, auto factor, auto min_blocks, auto row_phases) {
+    if constexpr (std::is_same<T, float>::value && decltype(n_tile)::value == 16 &&
+                  decltype(row_phases)::value == 1 && !decltype(factor)::value) {
+      if (pr.k_parts == 3)
+        return with_parts(n_tile, nhwc, factor, min_blocks, row_phases, std::integral_constant<int, 3>{});
+    }
+    with_parts(n_tile, nhwc, factor, min_blocks, row_phases, std::integral_constant<int, 1>{});
   };
   auto with_blocks = [&](auto n_tile, auto nhwc, auto factor, auto min_blocks) {
     if constexpr (!decltype(nhwc)::value) {  // NHWC tiles hold one row phase (plan_pair_forward)
