@@ -180,12 +180,14 @@ implicit_gemm_conv_kernel(const __grid_constant__ TcProblem pr, Epilogue epi, co
   constexpr int kEpiParts = kNFrags / kEpiFrags;
   constexpr int kEpiStride = tc_epilogue_stride<BN>();
 
-  extern __shared__ __align__(128) unsigned char smem_raw[];
+  // (Named apart from the other kernels' 16-byte-aligned smem_raw: one extern name declared with two alignments in
+  // a translation unit draws nvcc's warning 1886.)
+  extern __shared__ __align__(128) unsigned char tc_smem_raw[];
   // The TMA's swizzle follows address bits up to 512 (64-byte rows): its stages start on 1024-byte boundaries
   // (the launcher adds the slack).
   constexpr bool kTma = tc_tma(Variant);
   unsigned char* smem =
-      kTma ? smem_raw + ((1024 - (smem_address(smem_raw) & 1023)) & 1023) : smem_raw;
+      kTma ? tc_smem_raw + ((1024 - (smem_address(tc_smem_raw) & 1023)) & 1023) : tc_smem_raw;
 
   // The phase varies fastest: the blocks of all phases of one tile run together, so the interleaved
   // halves of each output sector they write meet in L2 instead of reaching DRAM as partial writes.
