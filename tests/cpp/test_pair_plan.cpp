@@ -154,6 +154,9 @@ int main() {
     // Exact float takes the same geometry with three parts of K per channel, where its weights fit.
     if (it % 3 == 2 && fused_convt::plan_pair_forward(p, 4, 132, it % 2 == 1, &pr, 3)) {
       ++planned_exact;
+      // launch_pair_forward compiles exact float's kernels (kParts 3) for these tiles only.
+      CHECK_MSG(pr.n_tile == 16 && pr.row_phases == 1,
+                test::describe(p) + " exact: not a 16-channel, one-row-phase tile");
       pairs += check_plan(pr, test::describe(p) + " exact");
     }
   }
