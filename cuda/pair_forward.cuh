@@ -499,7 +499,7 @@ __global__ void __launch_bounds__(kMinBlocks == 2 ? 3 * 128 : kPairMaxWarpgroups
       auto epilogue_at = [&](auto tail, float& u, float& f) {
         constexpr bool kTail = decltype(tail)::value;
         if constexpr (kFactor) {
-          const EpilogueOutputs<float> o = kTail ? epilogue_value_and_derivative<float, true>(u, epi.multiply_value)
+          const EpilogueOutputs<float> o = kTail ? epilogue_value_and_derivative<float, kShortPhi>(u, epi.multiply_value)
                                                  : epilogue_at_nonnegative(u);
           u = o.value, f = o.factor;
         } else {
@@ -673,15 +673,14 @@ void launch_pair_forward(PairProblem pr, const Epilogue& epilogue, const T* inpu
     else if (pr.max_axis_taps == 2) run(pair_forward_kernel<T, N, 2, kRowPhases, kNhwc, kFactor, kMinBlocks, kParts>);
     else run(pair_forward_kernel<T, N, 3, kRowPhases, kNhwc, kFactor, kMinBlocks, kParts>);
   };
-  // Exact float's kernels only where plan_pair_forward takes it: 16-channel tiles, one row phase, no factor.
-  if (pr.k_parts != 1 && (pr.n_tile != 16 || pr.row_phases != 1))
-    throw std::logic_error("fused_convt: an exact float pair plan outside 16-channel, one-row-phase tiles");
+  // Exact float's kernels exist only for the tiles plan_pair_forward gives it: 16 channels, one row phase, no factor.
   auto with_row_phases = [&](auto n_tile, auto nhwc, auto factor, auto min_blocks, auto row_phases) {
     if constexpr (std::is_same<T, float>::value && decltype(n_tile)::value == 16 &&
                   decltype(row_phases)::value == 1 && !decltype(factor)::value) {
       if (pr.k_parts == 3)
         return with_parts(n_tile, nhwc, factor, min_blocks, row_phases, std::integral_constant<int, 3>{});
     }
+    if (pr.k_parts != 1) throw std::logic_error("fused_convt: no exact float pair kernel for this plan's tiles");
     with_parts(n_tile, nhwc, factor, min_blocks, row_phases, std::integral_constant<int, 1>{});
   };
   auto with_blocks = [&](auto n_tile, auto nhwc, auto factor, auto min_blocks) {

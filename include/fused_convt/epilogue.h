@@ -149,36 +149,36 @@ FCT_HD EpilogueOutputs<Acc> epilogue_at_nonnegative(Acc u) {
 // independent evaluations interleave. For u < 0 the value is m * u * Phi(u) and the derivative
 // m * (Phi(u) + u * phi(u)); for u >= 0, epilogue_at_nonnegative.
 
-// Phi(z) and phi(z) for z <= 0 in the form an output needs. kSixteenBitOutput: the value is rounded to float16 or
+// Phi(z) and phi(z) for z <= 0 in the form an output needs. kShortForm: the value is rounded to float16 or
 // bfloat16 afterwards, or comes from TF32 products, and a factor is stored in 16 bits (FactorType), so float's may be
 // the shorter normal_cdf_nonpositive_16bit and normal_density_16bit.
-template <bool kSixteenBitOutput, typename Acc>
+template <bool kShortForm, typename Acc>
 FCT_HD Acc output_normal_cdf(Acc z) {
-  if constexpr (kSixteenBitOutput && std::is_same<Acc, float>::value) return normal_cdf_nonpositive_16bit(z);
+  if constexpr (kShortForm && std::is_same<Acc, float>::value) return normal_cdf_nonpositive_16bit(z);
   else return normal_cdf_nonpositive(z);
 }
-template <bool kSixteenBitOutput, typename Acc>
+template <bool kShortForm, typename Acc>
 FCT_HD Acc output_normal_density(Acc z) {
-  if constexpr (kSixteenBitOutput && std::is_same<Acc, float>::value) return normal_density_16bit(z);
+  if constexpr (kShortForm && std::is_same<Acc, float>::value) return normal_density_16bit(z);
   else return normal_density(z);
 }
 
-// Value of the epilogue at the pre-activation u (bias and add_value already included); kSixteenBitOutput as for
+// Value of the epilogue at the pre-activation u (bias and add_value already included); kShortForm as for
 // output_normal_cdf.
-template <typename Acc, bool kSixteenBitOutput = false>
+template <typename Acc, bool kShortForm = false>
 FCT_HD Acc epilogue_from_preactivation(Acc u, Acc multiply_value) {
   const bool tail = u < Acc(0);
   const Acc z = tail ? u : Acc(0);
-  const Acc value = multiply_value * z * output_normal_cdf<kSixteenBitOutput>(z);
+  const Acc value = multiply_value * z * output_normal_cdf<kShortForm>(z);
   return tail ? value : value_at_nonnegative(u);
 }
 
 // The value and the saved factor at once, with Phi evaluated once: the training forward stores both.
-template <typename Acc, bool kSixteenBitOutput = false>
+template <typename Acc, bool kShortForm = false>
 FCT_HD EpilogueOutputs<Acc> epilogue_value_and_derivative(Acc u, Acc multiply_value) {
   const bool tail = u < Acc(0);
   const Acc z = tail ? u : Acc(0);
-  const Acc cdf = output_normal_cdf<kSixteenBitOutput>(z), density = output_normal_density<kSixteenBitOutput>(z);
+  const Acc cdf = output_normal_cdf<kShortForm>(z), density = output_normal_density<kShortForm>(z);
   const EpilogueOutputs<Acc> at_tail{multiply_value * z * cdf, cdf + z * density};
   return tail ? at_tail : epilogue_at_nonnegative(u);
 }
